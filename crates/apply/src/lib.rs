@@ -1,0 +1,1 @@
+//! The doctor: apply, unpatch and inspect live patches in a running process.

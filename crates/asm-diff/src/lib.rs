@@ -1,0 +1,1 @@
+//! GNU as (AT&T) assembly diff: the `kpatch_gensrc` job.

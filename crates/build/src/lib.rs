@@ -1,0 +1,1 @@
+//! Compiler wrapper stages and patch-build orchestration.

@@ -1,0 +1,51 @@
+//! One module per subcommand. Each has an `Args` (clap) and a `run`.
+
+pub mod build;
+pub mod cc;
+pub mod demo;
+pub mod gensrc;
+pub mod info;
+pub mod inspect;
+pub mod install_links;
+pub mod make;
+pub mod patch;
+pub mod patch_make;
+pub mod run;
+pub mod strip;
+pub mod unpatch;
+
+use std::process::ExitCode;
+
+/// Exit status for an error (nothing changed in any target).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status for a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status for partial success across several processes.
+#[allow(dead_code)] // used once `-p all` reports partial success
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// Which face the binary shows: its own, or LibCare's (output formats differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    /// `livecare ...`
+    Native,
+    /// Invoked as one of the LibCare tool names.
+    LibCare,
+}
+
+impl Face {
+    /// The face for a binary invoked as `name`.
+    pub fn from_tool_name(name: &str) -> Face {
+        if crate::multicall::TOOL_NAMES.contains(&name) {
+            Face::LibCare
+        } else {
+            Face::Native
+        }
+    }
+}
+
+/// The answer of a tool that is not built yet: a clear message and exit 2.
+pub fn not_implemented(tool: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("{tool}: not implemented yet");
+    Ok(ExitCode::from(EXIT_USAGE))
+}

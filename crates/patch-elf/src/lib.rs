@@ -1,0 +1,1 @@
+//! Post-link ELF transforms on the patched binary: the `kpatch_strip` job.

@@ -1,0 +1,1 @@
+//! A traced process: thread set, memory I/O, remote syscalls, maps and loaded objects.
