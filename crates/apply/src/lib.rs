@@ -1,1 +1,3 @@
 //! The doctor: apply, unpatch and inspect live patches in a running process.
+
+pub mod unwind;
