@@ -1,1 +1,949 @@
 //! CFI stack unwinding of a stopped thread (objects' `.eh_frame`, the vDSO, patch code).
+//!
+//! What it does: given a thread's `rip`/`rsp`/`rbp` and a way to read its stack, it walks
+//! the frames with DWARF call-frame information and returns every frame's PC, innermost
+//! first. The safety check of `apply`/`unpatch` uses it to prove that no thread is inside
+//! a function about to be replaced.
+//!
+//! What the caller is responsible for: describing every piece of code the target may be
+//! executing, as [`CodeModule`]s — each file-backed object (`from_elf`, with its bytes and
+//! load bias), the vDSO (`from_elf` on the bytes read from the `[vdso]` mapping), and each
+//! applied patch region (`from_eh_frame`, with the region's own relocated `.eh_frame`).
+//! Build the [`Unwinder`] while the target still runs; the unwind itself then only parses
+//! the FDE it needs and keeps the derived rules in a cache reused across calls.
+//!
+//! What it solves: it is *strict*. A stack is only reported when every step was derived
+//! from CFI, and the walk ended where CFI says the return address is undefined
+//! (`.cfi_undefined rip` in `_start` and `clone3`) or at a zero return address. A PC
+//! outside every module, an address without an FDE, an unreadable stack slot, a frame
+//! that does not move up the stack, or more than [`MAX_FRAMES`] frames is an error, which
+//! the caller must treat as "unsafe". There is no frame-pointer guessing.
+//!
+//! Why not framehop's iterator: framehop silently falls back to frame-pointer unwinding
+//! for PCs outside known modules, for addresses not covered by an FDE and for any CFI it
+//! cannot evaluate, and its results do not say which rule produced a frame. That is fine
+//! for a profiler but would let a guessed stack count as "safe" here (the LibCare vDSO
+//! bug in pitfalls.md). So this module drives gimli directly, following framehop's design
+//! for speed: only `rip`/`rsp`/`rbp` are tracked, section data is parsed zero-copy from
+//! the shared ELF bytes, FDE lookup is a binary search in an index built when the module
+//! is added (from `.eh_frame_hdr` when present), and derived rules are cached by address.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use gimli::{
+    BaseAddresses, CallFrameInstruction, CfaRule, DebugFrame, EhFrame, EhFrameHdr,
+    EndianSlice, EvaluationResult, LittleEndian, Location, Pointer, Register, RegisterRule,
+    UnwindContext, UnwindSection, UnwindTableRow, Value, X86_64,
+};
+use object::{Object, ObjectSection, ObjectSegment};
+
+/// At most this many frames are walked; a deeper stack is reported as an error.
+pub const MAX_FRAMES: usize = 1024;
+
+/// Slots in the direct-mapped rule cache (a prime, so aligned addresses spread well).
+const RULE_CACHE_SLOTS: usize = 1021;
+
+type R<'a> = EndianSlice<'a, LittleEndian>;
+
+/// Why an unwind (or building a module) failed. Every unwind failure means "unsafe".
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum UnwindError {
+    /// The ELF image of a module could not be parsed.
+    #[error("module {module}: bad ELF image: {reason}")]
+    BadElf {
+        /// Module name.
+        module: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A module has neither `.eh_frame` nor `.debug_frame`.
+    #[error("module {module}: no unwind information (.eh_frame or .debug_frame)")]
+    NoUnwindInfo {
+        /// Module name.
+        module: String,
+    },
+    /// The CFI section of a module is malformed.
+    #[error("module {module}: malformed CFI at section offset {offset:#x}: {reason}")]
+    BadCfiSection {
+        /// Module name.
+        module: String,
+        /// Offset in the CFI section where parsing failed.
+        offset: usize,
+        /// What gimli said.
+        reason: String,
+    },
+    /// A frame's PC lies in no known module.
+    #[error("frame {frame}: pc {pc:#x} is in no known code module")]
+    NoModule {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+    },
+    /// A frame's PC lies in a module, but no FDE covers it.
+    #[error("frame {frame}: pc {pc:#x} in {module} is not covered by any FDE")]
+    NoFde {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+        /// Module name.
+        module: String,
+    },
+    /// The CFI for a PC could not be parsed or uses something this unwinder cannot follow.
+    #[error("frame {frame}: pc {pc:#x} in {module}: cannot use CFI: {reason}")]
+    BadCfi {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+        /// Module name.
+        module: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A stack slot named by the CFI could not be read.
+    #[error("frame {frame}: pc {pc:#x}: cannot read the stack at {addr:#x}")]
+    StackRead {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+        /// The unreadable address.
+        addr: u64,
+    },
+    /// The CFA needs `rbp`, whose value in this frame is unknown.
+    #[error("frame {frame}: pc {pc:#x} in {module}: CFA needs rbp, which is not recoverable here")]
+    RbpUnknown {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+        /// Module name.
+        module: String,
+    },
+    /// The caller's frame is not above this one on the stack (a loop or a corrupt stack).
+    #[error("frame {frame}: pc {pc:#x}: CFA {cfa:#x} does not move up from rsp {rsp:#x}")]
+    NoProgress {
+        /// Frame index (0 = innermost).
+        frame: usize,
+        /// The PC.
+        pc: u64,
+        /// The computed CFA.
+        cfa: u64,
+        /// The frame's stack pointer.
+        rsp: u64,
+    },
+    /// The stack has more than [`MAX_FRAMES`] frames.
+    #[error("stack deeper than {limit} frames (innermost pc {pc:#x})")]
+    TooDeep {
+        /// The frame limit.
+        limit: usize,
+        /// The innermost PC.
+        pc: u64,
+    },
+}
+
+/// Register values of a stopped thread that the unwinder needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Regs {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Frame pointer (only used where CFI defines the CFA from it).
+    pub rbp: u64,
+}
+
+/// Which DWARF section holds a module's CFI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CfiKind {
+    EhFrame,
+    DebugFrame,
+}
+
+/// One piece of code in the target with the CFI that describes it.
+#[derive(Clone)]
+pub struct CodeModule {
+    name: String,
+    /// Runtime addresses this module answers for.
+    avma: Range<u64>,
+    /// runtime address = section address (svma) + bias.
+    bias: u64,
+    data: Arc<[u8]>,
+    /// Byte range of the CFI section inside `data`.
+    cfi: Range<usize>,
+    kind: CfiKind,
+    bases: BaseAddresses,
+    /// (first svma covered, FDE offset in the section), sorted by svma.
+    index: Vec<(u64, usize)>,
+}
+
+impl std::fmt::Debug for CodeModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeModule")
+            .field("name", &self.name)
+            .field("avma", &format_args!("{:#x}..{:#x}", self.avma.start, self.avma.end))
+            .field("bias", &format_args!("{:#x}", self.bias))
+            .field("kind", &self.kind)
+            .field("fdes", &self.index.len())
+            .finish()
+    }
+}
+
+impl CodeModule {
+    /// An ELF object mapped in the target: unwind info from its .eh_frame/.eh_frame_hdr (and .debug_frame if present).
+    ///
+    /// `load_bias` is added to the ELF's addresses to get runtime addresses; `avma_range`
+    /// is the runtime range of code this module answers for (usually its r-x mapping).
+    /// For the vDSO pass the bytes of the `[vdso]` mapping and `bias = mapping start -
+    /// first PT_LOAD p_vaddr` (the vDSO's vaddrs start at 0, so usually the start).
+    pub fn from_elf(
+        name: String,
+        elf: Arc<[u8]>,
+        load_bias: u64,
+        avma_range: Range<u64>,
+    ) -> Result<CodeModule, UnwindError> {
+        let bad = |reason: String| UnwindError::BadElf { module: name.clone(), reason };
+        let file = object::File::parse(&*elf).map_err(|e| bad(e.to_string()))?;
+        let in_file = |s: &object::Section<'_, '_>| -> Option<(u64, Range<usize>)> {
+            let (off, size) = s.file_range()?;
+            let start = usize::try_from(off).ok()?;
+            let end = start.checked_add(usize::try_from(size).ok()?)?;
+            (end <= elf.len() && size > 0).then_some((s.address(), start..end))
+        };
+        let eh_frame = file.section_by_name(".eh_frame").as_ref().and_then(in_file);
+        let eh_frame_hdr = file.section_by_name(".eh_frame_hdr").as_ref().and_then(in_file);
+        let debug_frame = file.section_by_name(".debug_frame").as_ref().and_then(in_file);
+        let text_svma = file.section_by_name(".text").map(|s| s.address()).unwrap_or(0);
+        let got_svma = file.section_by_name(".got").map(|s| s.address()).unwrap_or(0);
+        let (eh_frame, eh_frame_hdr) = match (eh_frame, eh_frame_hdr) {
+            (Some(f), h) => (Some(f), h),
+            // No section headers (a stripped image): find the CFI via PT_GNU_EH_FRAME.
+            (None, _) => match eh_frame_from_segments(&file, &elf) {
+                Some((f, h)) => (Some(f), Some(h)),
+                None => (None, None),
+            },
+        };
+        let module = match (eh_frame, debug_frame) {
+            (Some((eh_svma, eh_range)), _) => {
+                let mut bases = BaseAddresses::default()
+                    .set_eh_frame(eh_svma)
+                    .set_text(text_svma)
+                    .set_got(got_svma);
+                if let Some((hdr_svma, _)) = &eh_frame_hdr {
+                    bases = bases.set_eh_frame_hdr(*hdr_svma);
+                }
+                let mut m = CodeModule {
+                    name: name.clone(),
+                    avma: avma_range,
+                    bias: load_bias,
+                    data: elf.clone(),
+                    cfi: eh_range,
+                    kind: CfiKind::EhFrame,
+                    bases,
+                    index: Vec::new(),
+                };
+                let from_hdr = eh_frame_hdr.and_then(|(hdr_svma, hdr_range)| {
+                    m.index_from_hdr(&elf[hdr_range], hdr_svma, eh_svma)
+                });
+                match from_hdr {
+                    Some(index) => m.index = index,
+                    None => m.index = m.index_by_walking()?,
+                }
+                m
+            }
+            (None, Some((_, df_range))) => {
+                let mut m = CodeModule {
+                    name: name.clone(),
+                    avma: avma_range,
+                    bias: load_bias,
+                    data: elf.clone(),
+                    cfi: df_range,
+                    kind: CfiKind::DebugFrame,
+                    bases: BaseAddresses::default().set_text(text_svma),
+                    index: Vec::new(),
+                };
+                m.index = m.index_by_walking()?;
+                m
+            }
+            (None, None) => return Err(UnwindError::NoUnwindInfo { module: name }),
+        };
+        Ok(module)
+    }
+
+    /// Patch code in a region: an already-relocated .eh_frame located at eh_frame_avma, covering text_avma.
+    pub fn from_eh_frame(
+        name: String,
+        eh_frame: Vec<u8>,
+        eh_frame_avma: u64,
+        text_avma: Range<u64>,
+    ) -> Result<CodeModule, UnwindError> {
+        let cfi = 0..eh_frame.len();
+        let mut m = CodeModule {
+            name,
+            bases: BaseAddresses::default()
+                .set_eh_frame(eh_frame_avma)
+                .set_text(text_avma.start),
+            avma: text_avma,
+            bias: 0,
+            data: Arc::from(eh_frame),
+            cfi,
+            kind: CfiKind::EhFrame,
+            index: Vec::new(),
+        };
+        m.index = m.index_by_walking()?;
+        Ok(m)
+    }
+
+    /// The module's name, as given at construction.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The runtime address range this module answers for.
+    pub fn avma_range(&self) -> Range<u64> {
+        self.avma.clone()
+    }
+
+    /// Number of FDEs (functions with CFI) found in the module.
+    pub fn fde_count(&self) -> usize {
+        self.index.len()
+    }
+
+    fn eh_frame(&self) -> EhFrame<R<'_>> {
+        let mut s = EhFrame::new(&self.data[self.cfi.clone()], LittleEndian);
+        s.set_address_size(8);
+        s
+    }
+
+    fn debug_frame(&self) -> DebugFrame<R<'_>> {
+        let mut s = DebugFrame::new(&self.data[self.cfi.clone()], LittleEndian);
+        s.set_address_size(8);
+        s
+    }
+
+    /// The FDE index from `.eh_frame_hdr`'s sorted table, if it has a usable one.
+    fn index_from_hdr(&self, hdr: &[u8], hdr_svma: u64, eh_svma: u64) -> Option<Vec<(u64, usize)>> {
+        let bases = self.bases.clone().set_eh_frame_hdr(hdr_svma);
+        let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).ok()?;
+        let table = parsed.table()?;
+        let mut iter = table.iter(&bases);
+        let mut index = Vec::new();
+        let cfi_len = self.cfi.len() as u64;
+        while let Ok(Some((start, fde))) = iter.next() {
+            let (Pointer::Direct(start), Pointer::Direct(fde)) = (start, fde) else {
+                return None;
+            };
+            let off = fde.checked_sub(eh_svma).filter(|o| *o < cfi_len)?;
+            index.push((start, usize::try_from(off).ok()?));
+        }
+        // The table is sorted by definition; a broken one falls back to walking.
+        index
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0)
+            .then_some(index)
+            .filter(|i| !i.is_empty())
+    }
+
+    /// The FDE index built by walking every CIE/FDE of the section.
+    fn index_by_walking(&self) -> Result<Vec<(u64, usize)>, UnwindError> {
+        let index = match self.kind {
+            CfiKind::EhFrame => walk_fdes(&self.eh_frame(), &self.bases),
+            CfiKind::DebugFrame => walk_fdes(&self.debug_frame(), &self.bases),
+        };
+        index.map_err(|(offset, e)| UnwindError::BadCfiSection {
+            module: self.name.clone(),
+            offset,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// `.eh_frame` and `.eh_frame_hdr` (svma, byte range) found through `PT_GNU_EH_FRAME`.
+#[allow(clippy::type_complexity)]
+fn eh_frame_from_segments(
+    file: &object::File<'_>,
+    elf: &[u8],
+) -> Option<((u64, Range<usize>), (u64, Range<usize>))> {
+    let object::File::Elf64(elf_file) = file else {
+        return None;
+    };
+    use object::read::elf::ProgramHeader;
+    let endian = elf_file.endian();
+    let hdr_ph = elf_file
+        .elf_program_headers()
+        .iter()
+        .find(|ph| ph.p_type(endian) == object::elf::PT_GNU_EH_FRAME)?;
+    let hdr_svma = hdr_ph.p_vaddr(endian);
+    let hdr_off = usize::try_from(hdr_ph.p_offset(endian)).ok()?;
+    let hdr_len = usize::try_from(hdr_ph.p_filesz(endian)).ok()?;
+    let hdr_range = hdr_off..hdr_off.checked_add(hdr_len)?;
+    let hdr = elf.get(hdr_range.clone())?;
+    let parsed = EhFrameHdr::new(hdr, LittleEndian)
+        .parse(&BaseAddresses::default().set_eh_frame_hdr(hdr_svma), 8)
+        .ok()?;
+    let Pointer::Direct(eh_svma) = parsed.eh_frame_ptr() else {
+        return None;
+    };
+    // The section ends with the segment holding it (its size is not recorded anywhere).
+    let seg = file.segments().find(|s| {
+        let (a, len) = (s.address(), s.size());
+        eh_svma >= a && eh_svma < a + len
+    })?;
+    let (seg_off, seg_size) = seg.file_range();
+    let off = seg_off + (eh_svma - seg.address());
+    let end = (seg_off + seg_size).min(elf.len() as u64);
+    (off < end).then_some((
+        (eh_svma, usize::try_from(off).ok()?..usize::try_from(end).ok()?),
+        (hdr_svma, hdr_range),
+    ))
+}
+
+fn walk_fdes<'a, S: UnwindSection<R<'a>>>(
+    section: &S,
+    bases: &BaseAddresses,
+) -> Result<Vec<(u64, usize)>, (usize, gimli::Error)>
+where
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    let mut index = Vec::new();
+    let mut entries = section.entries(bases);
+    loop {
+        let entry = match entries.next() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(e) => return Err((0, e)),
+        };
+        if let gimli::CieOrFde::Fde(partial) = entry {
+            let fde = partial
+                .parse(S::cie_from_offset)
+                .map_err(|e| (0usize, e))?;
+            if fde.len() > 0 {
+                index.push((fde.initial_address(), fde.offset()));
+            }
+        }
+    }
+    index.sort_unstable();
+    Ok(index)
+}
+
+/// How to find the CFA of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CfaBase {
+    Rsp,
+    Rbp,
+}
+
+/// How the caller's `rbp` is recovered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RbpRule {
+    Same,
+    AtCfa(i64),
+    ValCfa(i64),
+    Lost,
+}
+
+/// A rule derived from CFI that needs no DWARF expression: what the cache holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FastRule {
+    cfa_base: CfaBase,
+    cfa_offset: i64,
+    /// `None`: CFI explicitly marks the return address undefined (outermost frame).
+    ra_at_cfa: Option<i64>,
+    rbp: RbpRule,
+    /// The FDE's CIE is a signal trampoline: the caller's PC is exact, not a return address.
+    signal: bool,
+}
+
+/// The caller's registers as computed by one unwind step.
+struct Step {
+    /// `None` at the legitimate end of the stack.
+    ra: Option<u64>,
+    cfa: u64,
+    rbp: Option<u64>,
+    signal: bool,
+}
+
+/// The state of the frame being unwound.
+struct FrameRegs {
+    index: usize,
+    pc: u64,
+    rsp: u64,
+    rbp: Option<u64>,
+}
+
+/// Walks thread stacks through a fixed set of code modules; reuse it across threads and calls.
+pub struct Unwinder {
+    /// Sorted by `avma.start`.
+    modules: Vec<CodeModule>,
+    ctx: Box<UnwindContext<usize>>,
+    /// Direct-mapped cache: (lookup address, rule); `u64::MAX` marks an empty slot.
+    cache: Box<[(u64, FastRule)]>,
+}
+
+const EMPTY_RULE: FastRule = FastRule {
+    cfa_base: CfaBase::Rsp,
+    cfa_offset: 0,
+    ra_at_cfa: None,
+    rbp: RbpRule::Same,
+    signal: false,
+};
+
+impl Unwinder {
+    /// An unwinder over `modules` (their address ranges should not overlap).
+    pub fn new(modules: Vec<CodeModule>) -> Unwinder {
+        let mut u = Unwinder {
+            modules: Vec::with_capacity(modules.len()),
+            ctx: Box::new(UnwindContext::new()),
+            cache: vec![(u64::MAX, EMPTY_RULE); RULE_CACHE_SLOTS].into_boxed_slice(),
+        };
+        for m in modules {
+            u.add_module(m);
+        }
+        u
+    }
+
+    /// Adds a module (e.g. a patch region applied after construction).
+    pub fn add_module(&mut self, m: CodeModule) {
+        let at = self.modules.partition_point(|x| x.avma.start <= m.avma.start);
+        self.modules.insert(at, m);
+        self.clear_cache();
+    }
+
+    /// Removes the module whose range starts at `avma_start` (e.g. an unmapped patch region).
+    pub fn remove_module(&mut self, avma_start: u64) -> Option<CodeModule> {
+        let at = self.modules.iter().position(|m| m.avma.start == avma_start)?;
+        self.clear_cache();
+        Some(self.modules.remove(at))
+    }
+
+    /// The modules, sorted by start address.
+    pub fn modules(&self) -> &[CodeModule] {
+        &self.modules
+    }
+
+    fn clear_cache(&mut self) {
+        self.cache.fill((u64::MAX, EMPTY_RULE));
+    }
+
+    /// Frame PCs (innermost first; the first is regs.rip). Err = could not prove the full stack: caller treats as UNSAFE.
+    pub fn unwind(
+        &mut self,
+        regs: Regs,
+        read_stack: &mut dyn FnMut(u64) -> Option<u64>,
+    ) -> Result<Vec<u64>, UnwindError> {
+        let mut frames = Vec::with_capacity(32);
+        frames.push(regs.rip);
+        if regs.rip == 0 {
+            return Ok(frames);
+        }
+        let mut cur = FrameRegs {
+            index: 0,
+            pc: regs.rip,
+            rsp: regs.rsp,
+            rbp: Some(regs.rbp),
+        };
+        // The first frame's PC is exact; callers' PCs are return addresses, which may
+        // point just past the end of a function (a noreturn call), so look up PC - 1.
+        let mut lookup = regs.rip;
+        loop {
+            let step = self.step(&cur, lookup, read_stack)?;
+            let Some(ra) = step.ra else {
+                return Ok(frames);
+            };
+            if !step.signal && step.cfa <= cur.rsp {
+                return Err(UnwindError::NoProgress {
+                    frame: cur.index,
+                    pc: cur.pc,
+                    cfa: step.cfa,
+                    rsp: cur.rsp,
+                });
+            }
+            if ra == 0 {
+                return Ok(frames);
+            }
+            if frames.len() >= MAX_FRAMES {
+                return Err(UnwindError::TooDeep {
+                    limit: MAX_FRAMES,
+                    pc: regs.rip,
+                });
+            }
+            if step.signal && step.cfa == cur.rsp && ra == cur.pc {
+                return Err(UnwindError::NoProgress {
+                    frame: cur.index,
+                    pc: cur.pc,
+                    cfa: step.cfa,
+                    rsp: cur.rsp,
+                });
+            }
+            frames.push(ra);
+            lookup = if step.signal { ra } else { ra - 1 };
+            cur = FrameRegs {
+                index: cur.index + 1,
+                pc: ra,
+                rsp: step.cfa,
+                rbp: step.rbp,
+            };
+        }
+    }
+
+    fn module_for(&self, addr: u64) -> Option<&CodeModule> {
+        let at = self.modules.partition_point(|m| m.avma.start <= addr);
+        let m = self.modules.get(at.checked_sub(1)?)?;
+        (addr < m.avma.end).then_some(m)
+    }
+
+    /// One unwind step for the frame `cur`, whose CFI is looked up at `lookup`.
+    fn step(
+        &mut self,
+        cur: &FrameRegs,
+        lookup: u64,
+        read_stack: &mut dyn FnMut(u64) -> Option<u64>,
+    ) -> Result<Step, UnwindError> {
+        let slot = (lookup % RULE_CACHE_SLOTS as u64) as usize;
+        let rule = if self.cache[slot].0 == lookup {
+            self.cache[slot].1
+        } else {
+            let Unwinder { modules, ctx, .. } = self;
+            let module = {
+                let at = modules.partition_point(|m| m.avma.start <= lookup);
+                at.checked_sub(1)
+                    .and_then(|i| modules.get(i))
+                    .filter(|m| lookup < m.avma.end)
+                    .ok_or(UnwindError::NoModule {
+                        frame: cur.index,
+                        pc: cur.pc,
+                    })?
+            };
+            let derived = match module.kind {
+                CfiKind::EhFrame => {
+                    derive(module, &module.eh_frame(), ctx, cur, lookup, read_stack)?
+                }
+                CfiKind::DebugFrame => {
+                    derive(module, &module.debug_frame(), ctx, cur, lookup, read_stack)?
+                }
+            };
+            match derived {
+                Derived::Fast(rule) => {
+                    self.cache[slot] = (lookup, rule);
+                    rule
+                }
+                Derived::Evaluated(step) => return Ok(step),
+            }
+        };
+        self.exec(rule, cur, read_stack)
+    }
+
+    fn exec(
+        &self,
+        rule: FastRule,
+        cur: &FrameRegs,
+        read_stack: &mut dyn FnMut(u64) -> Option<u64>,
+    ) -> Result<Step, UnwindError> {
+        let base = match rule.cfa_base {
+            CfaBase::Rsp => cur.rsp,
+            CfaBase::Rbp => cur.rbp.ok_or_else(|| UnwindError::RbpUnknown {
+                frame: cur.index,
+                pc: cur.pc,
+                module: self
+                    .module_for(cur.pc)
+                    .map_or_else(String::new, |m| m.name.clone()),
+            })?,
+        };
+        let cfa = base.wrapping_add_signed(rule.cfa_offset);
+        let Some(ra_off) = rule.ra_at_cfa else {
+            return Ok(Step {
+                ra: None,
+                cfa,
+                rbp: cur.rbp,
+                signal: rule.signal,
+            });
+        };
+        let read = |read_stack: &mut dyn FnMut(u64) -> Option<u64>, addr: u64| {
+            read_stack(addr).ok_or(UnwindError::StackRead {
+                frame: cur.index,
+                pc: cur.pc,
+                addr,
+            })
+        };
+        let ra = read(read_stack, cfa.wrapping_add_signed(ra_off))?;
+        let rbp = match rule.rbp {
+            RbpRule::Same => cur.rbp,
+            RbpRule::AtCfa(o) => Some(read(read_stack, cfa.wrapping_add_signed(o))?),
+            RbpRule::ValCfa(o) => Some(cfa.wrapping_add_signed(o)),
+            RbpRule::Lost => None,
+        };
+        Ok(Step {
+            ra: Some(ra),
+            cfa,
+            rbp,
+            signal: rule.signal,
+        })
+    }
+}
+
+/// What the CFI for one address turned into.
+enum Derived {
+    /// A rule with no DWARF expression; cacheable.
+    Fast(FastRule),
+    /// The CFI uses expressions (PLT stubs, signal trampolines): the step, computed now.
+    Evaluated(Step),
+}
+
+fn derive<'a, S: UnwindSection<R<'a>>>(
+    module: &CodeModule,
+    section: &S,
+    ctx: &mut UnwindContext<usize>,
+    cur: &FrameRegs,
+    lookup: u64,
+    read_stack: &mut dyn FnMut(u64) -> Option<u64>,
+) -> Result<Derived, UnwindError>
+where
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    let bad = |reason: String| UnwindError::BadCfi {
+        frame: cur.index,
+        pc: cur.pc,
+        module: module.name.clone(),
+        reason,
+    };
+    let no_fde = || UnwindError::NoFde {
+        frame: cur.index,
+        pc: cur.pc,
+        module: module.name.clone(),
+    };
+    let svma = lookup.wrapping_sub(module.bias);
+    let at = module.index.partition_point(|(start, _)| *start <= svma);
+    let &(_, fde_offset) = at
+        .checked_sub(1)
+        .and_then(|i| module.index.get(i))
+        .ok_or_else(no_fde)?;
+    let fde = section
+        .fde_from_offset(&module.bases, S::Offset::from(fde_offset), S::cie_from_offset)
+        .map_err(|e| bad(format!("FDE at {fde_offset:#x}: {e}")))?;
+    if !fde.contains(svma) {
+        return Err(no_fde());
+    }
+    let signal = fde.cie().is_signal_trampoline();
+    let row = fde
+        .unwind_info_for_address(section, &module.bases, ctx, svma)
+        .map_err(|e| bad(format!("CFI program of FDE at {fde_offset:#x}: {e}")))?;
+
+    let ra_rule = row.register(X86_64::RA);
+    if ra_rule == RegisterRule::Undefined {
+        // gimli reports unmentioned registers as Undefined too; only an explicit
+        // DW_CFA_undefined for the return address column ends the stack.
+        if explicit_undefined_ra(section, &module.bases, &fde) {
+            let cfa = match row.cfa() {
+                CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
+                    cur.rsp.wrapping_add_signed(*offset)
+                }
+                _ => cur.rsp,
+            };
+            return Ok(Derived::Evaluated(Step {
+                ra: None,
+                cfa,
+                rbp: cur.rbp,
+                signal,
+            }));
+        }
+        return Err(bad("return address has no rule".into()));
+    }
+    if let Some(rule) = fast_rule(row, signal) {
+        return Ok(Derived::Fast(rule));
+    }
+    let encoding = fde.cie().encoding();
+    let regs = EvalRegs {
+        rip: cur.pc,
+        rsp: cur.rsp,
+        rbp: cur.rbp,
+    };
+    let eval = |expr: &gimli::UnwindExpression<usize>,
+                initial: Option<u64>,
+                read_stack: &mut dyn FnMut(u64) -> Option<u64>| {
+        let expr = expr
+            .get(section)
+            .map_err(|e| bad(format!("expression: {e}")))?;
+        evaluate(expr, encoding, initial, &regs, read_stack).map_err(|why| match why {
+            EvalFail::Read(addr) => UnwindError::StackRead {
+                frame: cur.index,
+                pc: cur.pc,
+                addr,
+            },
+            EvalFail::Other(reason) => bad(reason),
+        })
+    };
+    let cfa = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => regs
+            .get(*register)
+            .ok_or_else(|| bad(format!("CFA based on unsupported register {}", register.0)))?
+            .wrapping_add_signed(*offset),
+        CfaRule::Expression(e) => eval(e, None, read_stack)?,
+    };
+    let mut recover = |rule: RegisterRule<usize>, what: &str| -> Result<Option<u64>, UnwindError> {
+        Ok(match rule {
+            RegisterRule::Undefined | RegisterRule::SameValue => None,
+            RegisterRule::Offset(o) => {
+                let addr = cfa.wrapping_add_signed(o);
+                Some(read_stack(addr).ok_or(UnwindError::StackRead {
+                    frame: cur.index,
+                    pc: cur.pc,
+                    addr,
+                })?)
+            }
+            RegisterRule::ValOffset(o) => Some(cfa.wrapping_add_signed(o)),
+            RegisterRule::Register(r) => Some(
+                regs.get(r)
+                    .ok_or_else(|| bad(format!("{what} kept in unsupported register {}", r.0)))?,
+            ),
+            RegisterRule::Expression(e) => {
+                let addr = eval(&e, Some(cfa), read_stack)?;
+                Some(read_stack(addr).ok_or(UnwindError::StackRead {
+                    frame: cur.index,
+                    pc: cur.pc,
+                    addr,
+                })?)
+            }
+            RegisterRule::ValExpression(e) => Some(eval(&e, Some(cfa), read_stack)?),
+            RegisterRule::Constant(c) => Some(c),
+            other => return Err(bad(format!("{what} rule {other:?} not supported"))),
+        })
+    };
+    let ra = recover(ra_rule, "return address")?
+        .ok_or_else(|| bad("return address has no value".into()))?;
+    let rbp = match row.register(X86_64::RBP) {
+        RegisterRule::Undefined | RegisterRule::SameValue => cur.rbp,
+        rule => recover(rule, "rbp")?,
+    };
+    Ok(Derived::Evaluated(Step {
+        ra: Some(ra),
+        cfa,
+        rbp,
+        signal,
+    }))
+}
+
+/// Whether the CIE's or FDE's instructions explicitly mark the return address undefined.
+fn explicit_undefined_ra<'a, S: UnwindSection<R<'a>>>(
+    section: &S,
+    bases: &BaseAddresses,
+    fde: &gimli::FrameDescriptionEntry<R<'a>>,
+) -> bool {
+    let is_undef_ra = |i: &CallFrameInstruction<usize>| {
+        matches!(i, CallFrameInstruction::Undefined { register } if *register == X86_64::RA)
+    };
+    let mut found = false;
+    let mut iter = fde.cie().instructions(section, bases);
+    while let Ok(Some(i)) = iter.next() {
+        found |= is_undef_ra(&i);
+    }
+    let mut iter = fde.instructions(section, bases);
+    while let Ok(Some(i)) = iter.next() {
+        found |= is_undef_ra(&i);
+    }
+    found
+}
+
+/// The cacheable form of a CFI row, if it needs no expression.
+fn fast_rule(row: &UnwindTableRow<usize>, signal: bool) -> Option<FastRule> {
+    let (cfa_base, cfa_offset) = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => match *register {
+            X86_64::RSP => (CfaBase::Rsp, *offset),
+            X86_64::RBP => (CfaBase::Rbp, *offset),
+            _ => return None,
+        },
+        CfaRule::Expression(_) => return None,
+    };
+    let ra_at_cfa = match row.register(X86_64::RA) {
+        RegisterRule::Offset(o) => Some(o),
+        _ => return None,
+    };
+    let rbp = match row.register(X86_64::RBP) {
+        RegisterRule::Undefined | RegisterRule::SameValue => RbpRule::Same,
+        RegisterRule::Offset(o) => RbpRule::AtCfa(o),
+        RegisterRule::ValOffset(o) => RbpRule::ValCfa(o),
+        RegisterRule::Register(r) if r == X86_64::RBP => RbpRule::Same,
+        RegisterRule::Register(_) => RbpRule::Lost,
+        _ => return None,
+    };
+    Some(FastRule {
+        cfa_base,
+        cfa_offset,
+        ra_at_cfa,
+        rbp,
+        signal,
+    })
+}
+
+/// The registers a DWARF expression may ask for.
+struct EvalRegs {
+    rip: u64,
+    rsp: u64,
+    rbp: Option<u64>,
+}
+
+impl EvalRegs {
+    fn get(&self, r: Register) -> Option<u64> {
+        match r {
+            X86_64::RA => Some(self.rip),
+            X86_64::RSP => Some(self.rsp),
+            X86_64::RBP => self.rbp,
+            _ => None,
+        }
+    }
+}
+
+enum EvalFail {
+    Read(u64),
+    Other(String),
+}
+
+/// Evaluates a CFI expression to its address/value (`initial` = the CFA, pushed first).
+fn evaluate(
+    expr: gimli::Expression<R<'_>>,
+    encoding: gimli::Encoding,
+    initial: Option<u64>,
+    regs: &EvalRegs,
+    read_stack: &mut dyn FnMut(u64) -> Option<u64>,
+) -> Result<u64, EvalFail> {
+    let other = |e: gimli::Error| EvalFail::Other(format!("expression: {e}"));
+    let mut ev = expr.evaluation(encoding);
+    if let Some(v) = initial {
+        ev.set_initial_value(v);
+    }
+    let mut res = ev.evaluate().map_err(other)?;
+    // Bounded: gimli itself limits the number of operations it executes.
+    loop {
+        res = match res {
+            EvaluationResult::Complete => break,
+            EvaluationResult::RequiresMemory { address, size, .. } => {
+                let word = read_stack(address).ok_or(EvalFail::Read(address))?;
+                let v = if size >= 8 {
+                    word
+                } else {
+                    word & ((1u64 << (u32::from(size) * 8)) - 1)
+                };
+                ev.resume_with_memory(Value::Generic(v)).map_err(other)?
+            }
+            EvaluationResult::RequiresRegister { register, .. } => {
+                let v = regs.get(register).ok_or_else(|| {
+                    EvalFail::Other(format!("expression needs register {}", register.0))
+                })?;
+                ev.resume_with_register(Value::Generic(v)).map_err(other)?
+            }
+            _ => return Err(EvalFail::Other("expression needs unsupported input".into())),
+        };
+    }
+    match ev.as_result() {
+        [piece] => match piece.location {
+            Location::Address { address } => Ok(address),
+            Location::Value { value } => value
+                .to_u64(u64::MAX)
+                .map_err(|e| EvalFail::Other(format!("expression value: {e}"))),
+            _ => Err(EvalFail::Other("expression gives no address".into())),
+        },
+        _ => Err(EvalFail::Other("expression gives several pieces".into())),
+    }
+}
