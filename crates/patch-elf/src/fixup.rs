@@ -1,0 +1,269 @@
+//! `--rel-fixup ORIG PATCH`: rewrite the relocations of the kept sections so that the
+//! applier can resolve them against the running original object.
+
+use object::build::elf::{Builder, Relocation, SectionData, SectionId, SymbolId};
+use object::elf;
+
+use crate::arch::x86_64::{self as arch, Class, GotLoad};
+use crate::original::{base_name, Original};
+use crate::{build_err, read_builder, write_builder, Error};
+
+/// Where a relocation sits, for error messages.
+struct Site {
+    r_type: u32,
+    section: String,
+    offset: u64,
+}
+
+impl Site {
+    fn unsupported(&self, why: &str) -> Error {
+        Error::UnsupportedRelocation {
+            r_type: arch::reloc_name(self.r_type),
+            section: self.section.clone(),
+            offset: self.offset,
+            why: why.to_string(),
+        }
+    }
+}
+
+pub(crate) fn rel_fixup(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
+    let original = Original::parse(orig)?;
+    let mut b: Builder<'_> = read_builder(patch, "patch")?;
+    if b.header.e_machine != elf::EM_X86_64 {
+        return Err(Error::UnsupportedMachine(b.header.e_machine));
+    }
+
+    // Relocation sections whose target still has bytes (after --strip: the .kpatch*
+    // sections and .eh_frame).
+    let work: Vec<(SectionId, SectionId)> = b
+        .sections
+        .iter()
+        .filter(|s| matches!(s.data, SectionData::Relocation(_)))
+        .filter_map(|s| Some((s.id(), s.sh_info_section?)))
+        .filter(|(_, t)| matches!(b.sections.get(*t).data, SectionData::Data(_)))
+        .collect();
+
+    for (rela_id, target) in work {
+        let relocs = match &mut b.sections.get_mut(rela_id).data {
+            SectionData::Relocation(r) => std::mem::take(r),
+            _ => continue,
+        };
+        let mut code = match &b.sections.get(target).data {
+            SectionData::Data(d) => d.to_vec(),
+            _ => continue,
+        };
+        let mut kept = Vec::with_capacity(relocs.len());
+        for r in relocs {
+            if let Some(r) = fix_one(&mut b, &original, target, &mut code, r)? {
+                kept.push(r);
+            }
+        }
+        b.sections.get_mut(rela_id).data = SectionData::Relocation(kept);
+        b.sections.get_mut(target).data = SectionData::Data(code.into());
+    }
+    write_builder(b).map_err(build_err)
+}
+
+/// The section symbol of `section`, added when the symbol table has none.
+fn section_symbol(b: &mut Builder<'_>, section: SectionId) -> SymbolId {
+    if let Some(s) = b
+        .symbols
+        .iter()
+        .find(|s| s.st_type() == elf::STT_SECTION && s.section == Some(section))
+    {
+        return s.id();
+    }
+    let addr = b.sections.get(section).sh_addr;
+    let sym = b.symbols.add();
+    sym.section = Some(section);
+    sym.set_st_info(elf::STB_LOCAL, elf::STT_SECTION);
+    sym.st_value = addr;
+    sym.id()
+}
+
+/// The placeholder section of the patch that stands for the original's section `name`.
+fn section_by_name(b: &Builder<'_>, name: &str) -> Option<SectionId> {
+    b.sections
+        .iter()
+        .find(|s| s.name.as_slice() == name.as_bytes())
+        .map(|s| s.id())
+}
+
+fn read_i32(code: &[u8], field: usize) -> Option<i32> {
+    let bytes = code.get(field..field.checked_add(4)?)?;
+    Some(i32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn fix_one(
+    b: &mut Builder<'_>,
+    original: &Original<'_>,
+    target: SectionId,
+    code: &mut [u8],
+    mut r: Relocation,
+) -> Result<Option<Relocation>, Error> {
+    let sec = b.sections.get(target);
+    let field = r.r_offset.wrapping_sub(sec.sh_addr);
+    let site = Site {
+        r_type: r.r_type,
+        section: sec.name.to_string(),
+        offset: field,
+    };
+    let width = match r.r_type {
+        elf::R_X86_64_64 | elf::R_X86_64_PC64 => 8,
+        elf::R_X86_64_NONE => 0,
+        _ => 4,
+    };
+    if field
+        .checked_add(width)
+        .is_none_or(|end| end > code.len() as u64)
+    {
+        return Err(Error::RelocationOutOfRange {
+            section: site.section,
+            offset: field,
+        });
+    }
+    let field = field as usize;
+
+    // Compiler-local labels (.LC0, .L3) are not meaningful outside their object file:
+    // refer to their section instead, the way the assembler does for local labels.
+    if let Some(sym_id) = r.symbol {
+        let sym = b.symbols.get(sym_id);
+        if sym.st_type() != elf::STT_SECTION && sym.name.starts_with(b".L") {
+            if let Some(section) = sym.section {
+                let delta = sym.st_value as i64 - b.sections.get(section).sh_addr as i64;
+                r.symbol = Some(section_symbol(b, section));
+                r.r_addend += delta;
+            }
+        }
+    }
+
+    match arch::classify(r.r_type) {
+        Class::Plain => Ok(Some(r)),
+        Class::Plt => {
+            r.r_type = arch::R_PC32;
+            Ok(Some(r))
+        }
+        Class::GotPcRel => {
+            let sym_id = r
+                .symbol
+                .ok_or_else(|| site.unsupported("it has no symbol"))?;
+            let sym = b.symbols.get(sym_id);
+            let defined = sym.section.is_some() || sym.st_shndx == elf::SHN_ABS;
+            if !defined {
+                // Imported: the applier's jump-table slot serves as its GOT entry.
+                return Ok(Some(r));
+            }
+            match arch::got_load_at(code, field) {
+                GotLoad::Lea => r.r_type = arch::R_PC32,
+                GotLoad::Mov => {
+                    arch::mov_to_lea(code, field);
+                    r.r_type = arch::R_PC32;
+                }
+                GotLoad::Other => {}
+            }
+            Ok(Some(r))
+        }
+        Class::TpOff32 => {
+            check_tpoff(b, original, code, field, &r, &site)?;
+            // The field already holds the original's offset; nothing is left to resolve.
+            Ok(None)
+        }
+        Class::GotTpOff => {
+            if !arch::gottpoff_uses_got(code, field) {
+                // The linker relaxed initial-exec to local-exec: a constant, like TPOFF32.
+                check_tpoff(b, original, code, field, &r, &site)?;
+                return Ok(None);
+            }
+            let sym_id = r
+                .symbol
+                .ok_or_else(|| site.unsupported("it has no symbol"))?;
+            let sym = b.symbols.get(sym_id);
+            if sym.st_type() == elf::STT_SECTION || sym.name.is_empty() {
+                return Err(site.unsupported("initial-exec TLS access needs a named symbol"));
+            }
+            let name = sym.name.to_vec();
+            let local_offset = original
+                .symbol(&name)
+                .filter(|s| s.is_tls)
+                .map(|s| s.value);
+            let slot = original
+                .tls_got_slot(&name, local_offset)
+                .ok_or_else(|| Error::NoGotSlot {
+                    symbol: String::from_utf8_lossy(base_name(&name)).into_owned(),
+                    section: site.section.clone(),
+                    offset: site.offset,
+                })?;
+            let (orig_sec, orig_sec_addr) = original.section_at(slot).ok_or_else(|| {
+                site.unsupported("the original's GOT slot lies outside every section")
+            })?;
+            let placeholder = section_by_name(b, &orig_sec).ok_or_else(|| {
+                site.unsupported("the patch has no placeholder for the original's GOT section")
+            })?;
+            r.symbol = Some(section_symbol(b, placeholder));
+            r.r_type = arch::R_PC32;
+            r.r_addend += (slot - orig_sec_addr) as i64;
+            Ok(Some(r))
+        }
+        Class::Unsupported => Err(site.unsupported(match r.r_type {
+            elf::R_X86_64_TLSGD | elf::R_X86_64_TLSLD | elf::R_X86_64_DTPOFF32 => {
+                "general- and local-dynamic TLS are not supported; build with -ftls-model=initial-exec"
+            }
+            _ => "the applier cannot resolve it",
+        })),
+    }
+}
+
+/// Checks that a local-exec TLS field holds the same thread-pointer offset the original
+/// uses for the same variable.
+fn check_tpoff(
+    b: &Builder<'_>,
+    original: &Original<'_>,
+    code: &[u8],
+    field: usize,
+    r: &Relocation,
+    site: &Site,
+) -> Result<(), Error> {
+    let tls = original
+        .tls()
+        .ok_or_else(|| site.unsupported("the original has no TLS segment"))?;
+    let sym_id = r
+        .symbol
+        .ok_or_else(|| site.unsupported("it has no symbol"))?;
+    let sym = b.symbols.get(sym_id);
+    let (name, tls_off) = if sym.st_type() == elf::STT_SECTION {
+        let sec = sym
+            .section
+            .map(|s| b.sections.get(s).name.to_string())
+            .unwrap_or_default();
+        let addr = original
+            .section_addr(sec.as_bytes())
+            .ok_or_else(|| site.unsupported("the original has no such TLS section"))?;
+        (sec, addr.wrapping_sub(tls.vaddr))
+    } else {
+        let name = String::from_utf8_lossy(base_name(&sym.name)).into_owned();
+        let o = original
+            .symbol(&sym.name)
+            .filter(|s| s.is_tls)
+            .ok_or_else(|| Error::TlsSymbolMissing {
+                symbol: name.clone(),
+                section: site.section.clone(),
+                offset: site.offset,
+            })?;
+        (name, o.value)
+    };
+    let expected = tls.tpoff(tls_off).wrapping_add(r.r_addend) as i32;
+    let found = read_i32(code, field).ok_or_else(|| Error::RelocationOutOfRange {
+        section: site.section.clone(),
+        offset: site.offset,
+    })?;
+    if found != expected {
+        return Err(Error::TlsOffsetMismatch {
+            symbol: name,
+            patched: found as i64,
+            original: expected as i64,
+            section: site.section.clone(),
+            offset: site.offset,
+        });
+    }
+    Ok(())
+}
