@@ -1,4 +1,216 @@
 //! The `.kpatch` container: a fixed header (LibCare 688-byte or LibcarePlus 504-byte
 //! layout) followed by a relocatable ELF, padded to 16 bytes.
 //!
-//! You give it bytes; it validates everything before use and never panics.
+//! What it does: reads both header layouts (telling them apart by where the build-id
+//! string sits), validates the header *and* the inner ELF completely (every offset,
+//! size, index and string), and writes containers in either layout ([`make`]).
+//! [`inspect::Report`] describes a parsed file for humans and JSON.
+//!
+//! What you are responsible for: getting the bytes (this crate does no I/O), and
+//! checking that the header's build-id matches the object you are about to patch.
+//!
+//! What it solves for you: after [`PatchFile::parse`] succeeds, every section's data
+//! lies inside the file, every `sh_link`/`sh_info`/`st_shndx`/relocation symbol index is
+//! in range and every name is NUL-terminated, so consumers can index the checked
+//! [`elf::ElfView`] without their own bounds checks. Corrupted input gives an [`Error`]
+//! naming the field and its absolute offset, never a panic (the crate denies indexing
+//! and unchecked arithmetic outside tests, and is fuzzed: see `fuzz/`).
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
+
+pub mod arch;
+mod bytes;
+pub mod elf;
+mod error;
+pub mod header;
+mod ids;
+pub mod inspect;
+
+pub use arch::Machine;
+pub use elf::ElfView;
+pub use error::{Error, Result};
+pub use header::{Header, Layout};
+pub use ids::{BuildId, PatchId, BUILD_ID_MAX_HEX, BUILD_ID_MIN_HEX, PATCH_ID_MAX};
+
+use bytes::to_u64;
+
+/// The ELF is padded to a multiple of this in the container.
+pub const ELF_ALIGN: usize = 16;
+
+/// A validated `.kpatch` file borrowed from its bytes.
+#[derive(Debug, Clone)]
+pub struct PatchFile<'a> {
+    bytes: &'a [u8],
+    header: Header,
+    elf: ElfView<'a>,
+}
+
+impl<'a> PatchFile<'a> {
+    /// Parses and fully validates a `.kpatch` file: header, offsets against the file
+    /// length, and the inner ELF.
+    pub fn parse(bytes: &'a [u8]) -> Result<PatchFile<'a>> {
+        let header = Header::parse(bytes)?;
+        let f = header.layout().fields();
+        let len = to_u64(bytes.len());
+        let size = to_u64(header.size());
+        let layout = header.layout();
+
+        let k = u64::from(header.kpatch_offset);
+        let k_at = to_u64(f.kpatch_offset);
+        if k > len {
+            return Err(past_end("header.kpatch_offset", k_at, k, "file", len));
+        }
+        if k < size {
+            return Err(invalid(
+                "header.kpatch_offset",
+                k_at,
+                format!("{k} points inside the {size}-byte {layout} header"),
+            ));
+        }
+        if k % 8 != 0 {
+            return Err(invalid(
+                "header.kpatch_offset",
+                k_at,
+                format!("{k} is not 8-byte aligned"),
+            ));
+        }
+        let total = u64::from(header.total_size);
+        let t_at = to_u64(f.total_size);
+        if total > len {
+            return Err(past_end("header.total_size", t_at, total, "file", len));
+        }
+        let elf_min = k.saturating_add(elf::EHDR_SIZE);
+        if total < elf_min {
+            return Err(invalid(
+                "header.total_size",
+                t_at,
+                format!("{total} leaves no room for a 64-byte ELF header after kpatch_offset {k}"),
+            ));
+        }
+        if total < len {
+            return Err(invalid(
+                "header.total_size",
+                t_at,
+                format!("{total} is less than the file size {len}: unexpected trailing data"),
+            ));
+        }
+        let rel = u64::from(header.rel_offset);
+        if rel > total {
+            let at = to_u64(f.rel_offset);
+            return Err(past_end(
+                "header.rel_offset",
+                at,
+                rel,
+                "patch (total_size)",
+                total,
+            ));
+        }
+        let range = usize::try_from(k).ok().zip(usize::try_from(total).ok());
+        let elf_bytes = range
+            .and_then(|(s, e)| bytes.get(s..e))
+            .ok_or_else(|| past_end("header.total_size", t_at, total, "file", len))?;
+        let elf = ElfView::parse(elf_bytes, k)?;
+        Ok(PatchFile { bytes, header, elf })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The header layout.
+    pub fn layout(&self) -> Layout {
+        self.header.layout()
+    }
+
+    /// The inner ELF bytes, from `kpatch_offset` to `total_size` (so it may end with up
+    /// to 15 bytes of padding).
+    pub fn elf(&self) -> &'a [u8] {
+        self.elf.data()
+    }
+
+    /// The validated view of the inner ELF.
+    pub fn elf_view(&self) -> &ElfView<'a> {
+        &self.elf
+    }
+
+    /// The whole file.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+fn past_end(field: &str, offset: u64, value: u64, region: &str, limit: u64) -> Error {
+    Error::PastEnd {
+        field: field.into(),
+        offset,
+        value,
+        region: region.into(),
+        limit,
+    }
+}
+
+fn invalid(field: &str, offset: u64, reason: String) -> Error {
+    Error::Invalid {
+        field: field.into(),
+        offset,
+        reason,
+    }
+}
+
+/// Wraps a relocatable ELF into a `.kpatch` container stamped with the current time.
+/// See [`make_at`].
+pub fn make(
+    elf: &[u8],
+    build_id: &BuildId,
+    patch_id: Option<&PatchId>,
+    layout: Layout,
+) -> Result<Vec<u8>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    make_at(elf, build_id, patch_id, layout, now)
+}
+
+/// Wraps a relocatable ELF into a `.kpatch` container: the header in `layout`
+/// (`kpatch_offset` = `rel_offset` = header size, `build_time` as given), then the ELF
+/// padded with zeros to 16 bytes. The ELF is validated first (error offsets are then
+/// relative to the ELF), and the result is parsed back before it is returned.
+pub fn make_at(
+    elf: &[u8],
+    build_id: &BuildId,
+    patch_id: Option<&PatchId>,
+    layout: Layout,
+    build_time: u64,
+) -> Result<Vec<u8>> {
+    ElfView::parse(elf, 0)?;
+    let mut header = Header::new(layout, build_id.clone(), patch_id.cloned())?;
+    header.build_time = build_time;
+    let size = layout.header_size();
+    let padding = elf.len().wrapping_neg() % ELF_ALIGN;
+    let total = size
+        .checked_add(elf.len())
+        .and_then(|n| n.checked_add(padding));
+    let total = total
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or_else(|| Error::Unwritable {
+            what: format!("an ELF of {} bytes", elf.len()),
+            reason: "header.total_size is 32 bits: the container would exceed 4 GiB".into(),
+        })?;
+    header.total_size = total;
+    let mut out = header.to_bytes();
+    out.extend_from_slice(elf);
+    out.resize(out.len().saturating_add(padding), 0);
+    PatchFile::parse(&out)?;
+    Ok(out)
+}
