@@ -25,8 +25,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(p) = args.strip.as_deref() {
         let input = read(&p[0])?;
-        let out = patch_elf::strip(&input)
-            .with_context(|| format!("stripping {}", p[0].display()))?;
+        let out =
+            patch_elf::strip(&input).with_context(|| format!("stripping {}", p[0].display()))?;
         write_atomically(&p[1], &out)?;
     } else if let Some(p) = args.rel_fixup.as_deref() {
         let orig = read(&p[0])?;

@@ -1,0 +1,411 @@
+//! One test per rel-fixup rule, on real gcc/ld output: an original program compiled from C,
+//! the same program plus a hand-written `.kpatch.text` body linked with `-Wl,-q`, then
+//! `strip` → system `strip --strip-unneeded` → `rel_fixup` (→ `undo_link`).
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use object::read::elf::{ElfFile64, ProgramHeader};
+use object::{
+    elf, Endianness, Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationFlags,
+    RelocationTarget,
+};
+use testkit::{gcc, run_ok, Link, Scratch};
+
+/// The `.kpatch.*` sections gensrc would add for `report()` around `body`.
+fn kpatch_part(body: &str, data: &str) -> String {
+    format!(
+        r#"
+	.section	.kpatch.text,"ax",@progbits
+	.globl	report.kpatch
+	.type	report.kpatch, @function
+report.kpatch:
+{body}
+.Lkp.end:
+	.size	report.kpatch, .-report.kpatch
+	.section	.kpatch.data,"aw",@progbits
+	.string	"pad"
+{data}
+	.section	.kpatch.strtab,"a",@progbits
+.Lkp.name:
+	.string	"report"
+	.section	.kpatch.info,"a",@progbits
+	.quad	report
+	.quad	report.kpatch
+	.long	0
+	.long	.Lkp.end - report.kpatch
+	.quad	.Lkp.name
+	.quad	0
+	.long	0
+	.long	0
+	.zero	48
+"#
+    )
+}
+
+/// A built case: the original object and the stripped patch, ready for rel-fixup.
+struct Case {
+    _dir: Scratch,
+    orig: Vec<u8>,
+    stripped: Vec<u8>,
+}
+
+/// Compiles `c` to assembly, builds the original from it and the patched binary from it
+/// plus `kpatch`, then strips the patched binary as the pipeline does.
+fn build(c: &str, kpatch: &str, link: Link, cflags: &[&str], ldflags: &[&str]) -> Result<Case> {
+    let dir = Scratch::new()?;
+    let src = dir.write("prog.c", c)?;
+    let orig_s = dir.join("orig.s");
+    let mut flags = vec!["-S", "-O0"];
+    flags.extend_from_slice(cflags);
+    let pic = if link == Link::Shared {
+        "-fPIC"
+    } else {
+        "-fPIE"
+    };
+    flags.push(pic);
+    run_ok(
+        Command::new("gcc")
+            .args(&flags)
+            .arg(&src)
+            .arg("-o")
+            .arg(&orig_s),
+    )?;
+    let orig_asm = std::fs::read_to_string(&orig_s)?;
+    let aug_s = dir.write("aug.s", format!("{orig_asm}\n{kpatch}"))?;
+    let out = |n: &str| dir.join(n);
+    let orig_o = gcc(&[&orig_s], &out("orig.o"), Link::Object, &[])?;
+    let aug_o = gcc(&[&aug_s], &out("aug.o"), Link::Object, &[])?;
+    let orig = gcc(&[&orig_o], &out("orig"), link, &[])?;
+    let mut ld = vec!["-Wl,-q"];
+    ld.extend_from_slice(ldflags);
+    let aug = gcc(&[&aug_o], &out("aug"), link, &ld)?;
+    let stripped = patch_elf::strip(&std::fs::read(&aug)?)?;
+    let s1 = dir.write("s1", &stripped)?;
+    run_ok(Command::new("strip").arg("--strip-unneeded").arg(&s1))?;
+    Ok(Case {
+        orig: std::fs::read(&orig)?,
+        stripped: std::fs::read(&s1)?,
+        _dir: dir,
+    })
+}
+
+/// A relocation of `.rela.kpatch.text` as seen by a reader.
+#[derive(Debug)]
+struct Rel {
+    offset: u64,
+    r_type: u32,
+    symbol: String,
+    symbol_is_section: bool,
+    addend: i64,
+}
+
+fn kpatch_text(data: &[u8]) -> Result<(Vec<u8>, u64, Vec<Rel>)> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    let text = file
+        .section_by_name(".kpatch.text")
+        .context("no .kpatch.text")?;
+    let mut rels = Vec::new();
+    for (offset, r) in text.relocations() {
+        let RelocationFlags::Elf { r_type } = r.flags() else {
+            unreachable!()
+        };
+        let (symbol, symbol_is_section) = match r.target() {
+            RelocationTarget::Symbol(idx) => {
+                let s = file.symbol_by_index(idx)?;
+                if s.kind() == object::SymbolKind::Section {
+                    let sec = file.section_by_index(s.section_index().context("section")?)?;
+                    (sec.name()?.to_string(), true)
+                } else {
+                    (s.name()?.to_string(), false)
+                }
+            }
+            _ => (String::new(), false),
+        };
+        rels.push(Rel {
+            // Section-relative, whether the file is still linked or already ET_REL.
+            offset: offset - text.address(),
+            r_type,
+            symbol,
+            symbol_is_section,
+            addend: r.addend(),
+        });
+    }
+    Ok((text.data()?.to_vec(), text.address(), rels))
+}
+
+const REPORT_C: &str = r#"
+#include <stdio.h>
+int counter;
+void report(int n) { counter++; printf("report %d\n", n); }
+int main(void) { report(1); return 0; }
+"#;
+
+#[test]
+fn plt32_calls_become_pc32() -> Result<()> {
+    let case = build(
+        REPORT_C,
+        &kpatch_part("\tcall\tputs@PLT\n\tret", ""),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    let (_, _, before) = kpatch_text(&case.stripped)?;
+    assert!(
+        before.iter().any(|r| r.r_type == elf::R_X86_64_PLT32),
+        "ld should emit PLT32 for the call: {before:?}"
+    );
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (_, _, after) = kpatch_text(&fixed)?;
+    assert!(after.iter().all(|r| r.r_type != elf::R_X86_64_PLT32));
+    let puts = after
+        .iter()
+        .find(|r| r.symbol.starts_with("puts"))
+        .context("no relocation against puts")?;
+    assert_eq!((puts.r_type, puts.addend), (elf::R_X86_64_PC32, -4));
+    Ok(())
+}
+
+#[test]
+fn compiler_local_symbol_becomes_section_relative() -> Result<()> {
+    // A global `.L` label keeps ld from resolving it to a section itself (as a
+    // --force-global build can); "pad\0" puts the label 4 bytes into .kpatch.data.
+    let case = build(
+        REPORT_C,
+        &kpatch_part(
+            "\tleaq\t.LC9.kpatch(%rip), %rdi\n\tret",
+            "\t.globl\t.LC9.kpatch\n.LC9.kpatch:\n\t.string\t\"patched\"",
+        ),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    let (_, _, before) = kpatch_text(&case.stripped)?;
+    assert!(
+        before.iter().any(|r| r.symbol == ".LC9.kpatch"),
+        "{before:?}"
+    );
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (_, _, after) = kpatch_text(&fixed)?;
+    assert!(
+        after.iter().all(|r| !r.symbol.starts_with(".L")),
+        "{after:?}"
+    );
+    let r = &after[0];
+    assert!(r.symbol_is_section && r.symbol == ".kpatch.data", "{r:?}");
+    assert_eq!((r.r_type, r.addend), (elf::R_X86_64_PC32, 4 - 4));
+    Ok(())
+}
+
+#[test]
+fn gotpcrel_load_of_original_symbol_becomes_lea_pc32() -> Result<()> {
+    // --no-relax keeps ld from turning the GOT load into a lea itself.
+    let case = build(
+        REPORT_C,
+        &kpatch_part(
+            "\tmovq\tcounter@GOTPCREL(%rip), %rax\n\tmovl\t(%rax), %eax\n\tret",
+            "",
+        ),
+        Link::Pie,
+        &[],
+        &["-Wl,--no-relax"],
+    )?;
+    let (code, _, before) = kpatch_text(&case.stripped)?;
+    let r = &before[0];
+    assert_eq!(r.r_type, elf::R_X86_64_REX_GOTPCRELX, "{before:?}");
+    let field = r.offset as usize;
+    assert_eq!(code[field - 2], 0x8b, "still a mov before rel-fixup");
+
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    let r = &after[0];
+    assert_eq!(
+        (r.r_type, r.symbol.as_str()),
+        (elf::R_X86_64_PC32, "counter")
+    );
+    assert_eq!(
+        &code[field - 3..field],
+        &[0x48, 0x8d, 0x05],
+        "mov became lea"
+    );
+    Ok(())
+}
+
+const TLS_C: &str = r#"
+__thread int tfirst;
+__thread int tcount = 7;
+int get(void) { return tfirst + tcount; }
+void report(int n) { tcount += n; }
+int main(void) { report(1); return get(); }
+"#;
+
+/// The thread-pointer offset of TLS symbol `name` in `data` (x86-64 variant II).
+fn tpoff_of(data: &[u8], name: &str) -> Result<i64> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    let e = file.endian();
+    let tls = file
+        .elf_program_headers()
+        .iter()
+        .find(|p| p.p_type(e) == elf::PT_TLS)
+        .context("no PT_TLS")?;
+    let sym = file
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .context("no such symbol")?;
+    let align = tls.p_align(e).max(1);
+    let size = tls.p_memsz(e).div_ceil(align) * align;
+    Ok(sym.address() as i64 - size as i64)
+}
+
+#[test]
+fn tpoff32_keeps_the_original_tls_offset() -> Result<()> {
+    let case = build(
+        TLS_C,
+        &kpatch_part("\tmovl\t%fs:tcount@tpoff, %eax\n\tret", ""),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    let (_, _, before) = kpatch_text(&case.stripped)?;
+    let field = before
+        .iter()
+        .find(|r| r.r_type == elf::R_X86_64_TPOFF32)
+        .with_context(|| format!("ld should emit TPOFF32: {before:?}"))?
+        .offset as usize;
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    assert!(after.iter().all(|r| r.r_type != elf::R_X86_64_TPOFF32));
+    let value = i32::from_le_bytes(code[field..field + 4].try_into()?);
+    assert_eq!(i64::from(value), tpoff_of(&case.orig, "tcount")?);
+    Ok(())
+}
+
+#[test]
+fn tpoff32_against_a_different_tls_layout_is_refused() -> Result<()> {
+    let case = build(
+        TLS_C,
+        &kpatch_part("\tmovl\t%fs:tcount@tpoff, %eax\n\tret", ""),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    // An "original" whose TLS block has one more variable: tcount moves.
+    let other = build(
+        &TLS_C.replace(
+            "__thread int tfirst;",
+            "__thread int tfirst, textra;\nint use(void) { return textra; }",
+        ),
+        &kpatch_part("\tret", ""),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    assert_ne!(
+        tpoff_of(&other.orig, "tcount")?,
+        tpoff_of(&case.orig, "tcount")?
+    );
+    let err = patch_elf::rel_fixup(&other.orig, &case.stripped).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, patch_elf::Error::TlsOffsetMismatch { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("tcount") && msg.contains(".kpatch.text"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+const EXTERN_TLS_C: &str = r#"
+extern __thread int ext_tls;
+int getx(void) { return ext_tls; }
+void report(int n) { ext_tls += n; }
+"#;
+
+/// Link-time address of the original's GOT slot for TLS symbol `name` (its TPOFF64).
+fn tpoff64_slot(data: &[u8], name: &str) -> Result<u64> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    let dynsyms = file.dynamic_symbol_table().context("no .dynsym")?;
+    for (offset, r) in file
+        .dynamic_relocations()
+        .context("no dynamic relocations")?
+    {
+        if r.flags()
+            != (RelocationFlags::Elf {
+                r_type: elf::R_X86_64_TPOFF64,
+            })
+        {
+            continue;
+        }
+        if let RelocationTarget::Symbol(idx) = r.target() {
+            if dynsyms.symbol_by_index(idx)?.name()? == name {
+                return Ok(offset);
+            }
+        }
+    }
+    anyhow::bail!("no TPOFF64 slot for {name}")
+}
+
+#[test]
+fn gottpoff_points_at_the_original_got_slot() -> Result<()> {
+    let case = build(
+        EXTERN_TLS_C,
+        &kpatch_part(
+            "\tmovq\text_tls@gottpoff(%rip), %rax\n\tmovl\t%fs:(%rax), %eax\n\tret",
+            "",
+        ),
+        Link::Shared,
+        &["-ftls-model=initial-exec"],
+        &[],
+    )?;
+    let (_, _, before) = kpatch_text(&case.stripped)?;
+    assert_eq!(before[0].r_type, elf::R_X86_64_GOTTPOFF, "{before:?}");
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (_, _, after) = kpatch_text(&fixed)?;
+    let r = &after[0];
+    assert_eq!(r.r_type, elf::R_X86_64_PC32, "{after:?}");
+    assert!(r.symbol_is_section && r.symbol == ".got", "{r:?}");
+
+    let orig = ElfFile64::<Endianness>::parse(&*case.orig)?;
+    let got = orig.section_by_name(".got").context("orig .got")?.address();
+    let slot = tpoff64_slot(&case.orig, "ext_tls")?;
+    assert_eq!(r.addend, (slot - got) as i64 - 4);
+
+    // After undo-link the .got placeholder carries the original's address.
+    let rel = patch_elf::undo_link(&case.orig, &fixed)?;
+    let relf = ElfFile64::<Endianness>::parse(&*rel)?;
+    assert_eq!(relf.section_by_name(".got").context(".got")?.address(), got);
+    let (_, _, fin) = kpatch_text(&rel)?;
+    assert_eq!((fin[0].symbol.as_str(), fin[0].addend), (".got", r.addend));
+    Ok(())
+}
+
+#[test]
+fn general_dynamic_tls_is_refused_naming_type_section_and_offset() -> Result<()> {
+    let body = "\t.byte\t0x66\n\tleaq\text_tls@tlsgd(%rip), %rdi\n\t.value\t0x6666\n\trex64\n\tcall\t__tls_get_addr@PLT\n\tmovl\t(%rax), %eax\n\tret";
+    let case = build(
+        EXTERN_TLS_C,
+        &kpatch_part(body, ""),
+        Link::Shared,
+        &["-ftls-model=initial-exec"],
+        &[],
+    )?;
+    let (_, _, before) = kpatch_text(&case.stripped)?;
+    let tlsgd = before
+        .iter()
+        .find(|r| r.r_type == elf::R_X86_64_TLSGD)
+        .with_context(|| format!("{before:?}"))?;
+    let err = patch_elf::rel_fixup(&case.orig, &case.stripped).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("R_X86_64_TLSGD"), "{msg}");
+    assert!(msg.contains(".kpatch.text"), "{msg}");
+    assert!(msg.contains(&format!("{:#x}", tlsgd.offset)), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn rel_fixup_reads_a_non_elf_original_as_an_error() {
+    let err = patch_elf::rel_fixup(b"not an elf", b"neither").unwrap_err();
+    assert!(err.to_string().contains("original"), "{err}");
+}
