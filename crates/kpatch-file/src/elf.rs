@@ -277,15 +277,13 @@ impl<'a> ElfView<'a> {
         let table_size = mul(&count_field, count_abs, count, SHDR_SIZE)?;
         let table_end = add(&count_field, count_abs, ehdr.e_shoff, table_size)?;
         if table_end > len {
-            return Err(Error::PastEnd {
+            return Err(Error::Invalid {
                 field: count_field.into(),
                 offset: count_abs,
-                value: table_end,
-                region: format!(
-                    "ELF (section header table of {count} entries at e_shoff {:#x})",
+                reason: format!(
+                    "{count} section headers at e_shoff {:#x} end at {table_end:#x}, past end of ELF ({len} bytes)",
                     ehdr.e_shoff
                 ),
-                limit: len,
             });
         }
         let (shstrndx, shstrndx_field, shstrndx_off) = if ehdr.e_shstrndx == SHN_XINDEX {
@@ -303,7 +301,7 @@ impl<'a> ElfView<'a> {
                 offset: shstrndx_off,
                 value: shstrndx,
                 count,
-                what: "sections (and 0 means no section names)".into(),
+                what: "sections; 0 would mean no names".into(),
             });
         }
 
@@ -623,12 +621,13 @@ fn section_data<'a>(r: &Region<'a>, sh: &Shdr, i: u64, at: u64) -> Result<Option
         }
         _ => {
             let field = format!("section[{i}].sh_size");
+            let region = format!("ELF from sh_offset {:#x}", sh.offset);
             Err(past_end(
                 r,
                 &field,
                 at.saturating_add(32),
-                end.unwrap_or(u64::MAX),
-                "ELF".into(),
+                sh.size,
+                region,
                 len,
             ))
         }
@@ -897,7 +896,8 @@ fn read_relocations(
                         offset: t.abs(at),
                         value: offset,
                         region: format!(
-                            "target section {target_i} ({})",
+                            "target section {target_i} for a {}-byte {}",
+                            machine.reloc_width(r_type),
                             machine.reloc_name(r_type)
                         ),
                         limit,

@@ -410,7 +410,9 @@ impl Header {
         let lc = &LIBCARE_FIELDS;
         let lcp = &LIBCAREPLUS_FIELDS;
         let hex_run = |off: usize| {
-            data.get(off..).map_or(0, |t| t.iter().take_while(|b| b.is_ascii_hexdigit()).count())
+            data.get(off..).map_or(0, |t| {
+                t.iter().take_while(|b| b.is_ascii_hexdigit()).count()
+            })
         };
         let u32_at = |off: usize| r.u32(&"", to_u64(off)).ok();
         let lcp_size = u32::try_from(lcp.size).ok();

@@ -106,13 +106,7 @@ impl<'a> PatchFile<'a> {
         let rel = u64::from(header.rel_offset);
         if rel > total {
             let at = to_u64(f.rel_offset);
-            return Err(past_end(
-                "header.rel_offset",
-                at,
-                rel,
-                "patch (total_size)",
-                total,
-            ));
+            return Err(past_end("header.rel_offset", at, rel, "patch", total));
         }
         let range = usize::try_from(k).ok().zip(usize::try_from(total).ok());
         let elf_bytes = range
