@@ -1,15 +1,61 @@
-//! `libcare-patch-make`.
+//! `libcare-patch-make` (`livecare patch-make`): LibCare's patch builder, with its
+//! stage banners; patches go to `patchroot/<buildid>.kpatch`, originals to `lpmake/`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use livecare_build::{Options, Progress, Session, Style};
 
 /// Flags of `libcare-patch-make`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Patches.
-    pub patches: Vec<std::path::PathBuf>,
+    /// Change to this directory before the build.
+    #[arg(short = 's', long = "srcdir", default_value = ".")]
+    pub srcdir: PathBuf,
+    /// Do a clean build (`make clean` first).
+    #[arg(short = 'c', long = "clean")]
+    pub clean: bool,
+    /// Only rebuild the patches, reusing the original build kept in lpmake/.
+    #[arg(short = 'u', long = "update")]
+    pub update: bool,
+    /// Install variable of the project (DESTDIR, or e.g. PREFIX): after each build,
+    /// `make install VAR=<dir>` runs into lpmake/ (original) and lpmake/patched.
+    #[arg(short = 'd', long = "destdir")]
+    pub destdir: Option<String>,
+    /// Patch id written into the .kpatch headers.
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// Source diffs, applied in order.
+    #[arg(required = true)]
+    pub patches: Vec<PathBuf>,
 }
 
 /// Runs `libcare-patch-make`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    super::not_implemented("libcare-patch-make")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let tool = std::env::current_exe()?;
+    let srcdir = std::path::absolute(&args.srcdir)?;
+    let patches = args
+        .patches
+        .iter()
+        .map(std::path::absolute)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut opts = Options::new(&srcdir, patches, &srcdir.join("patchroot"), &tool);
+    opts.workdir = srcdir.join("lpmake");
+    opts.clean = args.clean;
+    opts.patch_id = args.id;
+    if let Some(var) = args.destdir {
+        let dest = opts.workdir.join("install");
+        opts.build_cmd = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "{} && make install {var}=\"{}/$KPATCH_STAGE\"",
+                opts.build_cmd.join(" "),
+                dest.display()
+            ),
+        ];
+    }
+    let mut session = Session::new(opts, Progress::new(Style::LibCare))?;
+    session.run(args.update)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,783 @@
+//! Patch-build orchestration shared by `livecare build` and `libcare-patch-make`:
+//! build the original tree through the wrapper, apply the diffs, rebuild incrementally,
+//! turn every changed linked output into `<buildid>.kpatch`, and put the source back.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::pipeline::{self, PipelineError};
+use crate::progress::{Progress, Step};
+use crate::wrapper::{CHANGE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
+
+/// `SOURCE_DATE_EPOCH` used for both stages when the caller does not set one, so that
+/// `__DATE__`/`__TIME__` do not differ between the builds.
+pub const DEFAULT_SOURCE_DATE_EPOCH: &str = "1577836800";
+
+/// What to build and where the results go.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The project's source directory (the build runs there; diffs apply there with -p1).
+    pub srcdir: PathBuf,
+    /// The source diffs, applied in order.
+    pub patches: Vec<PathBuf>,
+    /// Where `<buildid>.kpatch` files are written.
+    pub outdir: PathBuf,
+    /// Where the wrapper scripts, kept assembly, original binaries and the log go.
+    pub workdir: PathBuf,
+    /// Patch id written into the `.kpatch` headers.
+    pub patch_id: Option<String>,
+    /// Run `clean_cmd` before the original build.
+    pub clean: bool,
+    /// The build command (run in `srcdir`, both stages).
+    pub build_cmd: Vec<String>,
+    /// The clean command.
+    pub clean_cmd: Vec<String>,
+    /// Only make patches for these linked outputs (all changed ones when empty).
+    pub targets: Vec<PathBuf>,
+    /// The `livecare` executable the wrapper scripts run.
+    pub tool: PathBuf,
+    /// `KPCC_PATCH_ARGS` when the environment does not set it.
+    pub diff_args: String,
+    /// Put the original binaries back into the tree at the end.
+    pub restore_outputs: bool,
+}
+
+impl Options {
+    /// Defaults for building `patches` in `srcdir`: `make -jN`, output in `outdir`,
+    /// work files in `outdir/.livecare`.
+    pub fn new(srcdir: &Path, patches: Vec<PathBuf>, outdir: &Path, tool: &Path) -> Options {
+        let jobs = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Options {
+            srcdir: srcdir.to_path_buf(),
+            patches,
+            outdir: outdir.to_path_buf(),
+            workdir: outdir.join(".livecare"),
+            patch_id: None,
+            clean: false,
+            build_cmd: vec!["make".into(), format!("-j{jobs}")],
+            clean_cmd: vec!["make".into(), "clean".into()],
+            targets: Vec::new(),
+            tool: tool.to_path_buf(),
+            diff_args: String::new(),
+            restore_outputs: true,
+        }
+    }
+}
+
+/// Errors of the orchestration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Bad options.
+    #[error("{0}")]
+    Usage(String),
+    /// A diff does not apply to the tree; nothing was built or changed.
+    #[error("patch {patch} does not apply to {srcdir} (nothing was built):\n{output}")]
+    PatchDoesNotApply {
+        /// The diff.
+        patch: PathBuf,
+        /// The tree.
+        srcdir: PathBuf,
+        /// What `patch` said.
+        output: String,
+    },
+    /// A command failed.
+    #[error("{stage}: `{cmd}` failed ({status}); full log: {log}\n{tail}")]
+    Command {
+        /// The stage.
+        stage: &'static str,
+        /// The command line.
+        cmd: String,
+        /// How it ended.
+        status: String,
+        /// The log file.
+        log: PathBuf,
+        /// The last lines of the log.
+        tail: String,
+    },
+    /// The original build linked nothing through the wrapper.
+    #[error("the original build linked no program or library through the wrapper (does the build use $CC / cc / gcc from PATH?); full log: {log}")]
+    NothingLinked {
+        /// The log file.
+        log: PathBuf,
+    },
+    /// No patch resulted; the reason says why.
+    #[error("no patch was produced: {reason}; full log: {log}")]
+    NoPatch {
+        /// Why.
+        reason: String,
+        /// The log file.
+        log: PathBuf,
+    },
+    /// The post-link pipeline failed for an output.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+fn io(path: &Path, source: std::io::Error) -> BuildError {
+    BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A linked output of the original build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalOutput {
+    /// Its path in the tree.
+    pub path: PathBuf,
+    /// Where the original binary is kept.
+    pub stash: PathBuf,
+    /// Its GNU build-id (hex).
+    pub build_id: String,
+}
+
+/// A `.kpatch` file that was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadePatch {
+    /// The linked output in the tree it patches.
+    pub object: PathBuf,
+    /// The original binary (kept copy) the patch applies to.
+    pub original: PathBuf,
+    /// The build-id of the original.
+    pub build_id: String,
+    /// The `.kpatch` file.
+    pub kpatch: PathBuf,
+    /// Functions replaced or added.
+    pub functions: Vec<String>,
+}
+
+/// One patch build, stage by stage. Dropping it puts the original source back.
+pub struct Session {
+    opts: Options,
+    progress: Progress,
+    originals: Vec<OriginalOutput>,
+    backups: Vec<(PathBuf, Option<PathBuf>)>,
+    log: PathBuf,
+}
+
+impl Session {
+    /// Prepares the work directory and the wrapper scripts.
+    pub fn new(mut opts: Options, progress: Progress) -> Result<Session, BuildError> {
+        let abs = |p: &Path| -> Result<PathBuf, BuildError> {
+            std::path::absolute(p).map_err(|e| io(p, e))
+        };
+        opts.srcdir = abs(&opts.srcdir)?;
+        opts.outdir = abs(&opts.outdir)?;
+        opts.workdir = abs(&opts.workdir)?;
+        opts.targets = opts
+            .targets
+            .iter()
+            .map(|t| abs(&opts.srcdir.join(t)))
+            .collect::<Result<_, _>>()?;
+        if !opts.srcdir.is_dir() {
+            return Err(BuildError::Usage(format!(
+                "{} is not a directory",
+                opts.srcdir.display()
+            )));
+        }
+        for p in &mut opts.patches {
+            *p = abs(p)?;
+            if !p.is_file() {
+                return Err(BuildError::Usage(format!(
+                    "patch {} does not exist",
+                    p.display()
+                )));
+            }
+        }
+        if opts.build_cmd.is_empty() {
+            return Err(BuildError::Usage("empty build command".into()));
+        }
+        for d in [&opts.outdir, &opts.workdir] {
+            std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
+        }
+        let log = opts.workdir.join("build.log");
+        let session = Session {
+            opts,
+            progress,
+            originals: Vec::new(),
+            backups: Vec::new(),
+            log,
+        };
+        session.install_wrapper()?;
+        Ok(session)
+    }
+
+    /// The log file with the full compiler output.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The options in effect (paths made absolute).
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The progress reporter (to add notes).
+    pub fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.opts.workdir.join("bin")
+    }
+
+    /// Writes `bin/libcare-cc` (a link to this tool) and `cc`/`gcc`/`c++`/`g++` scripts
+    /// that run it with the right real compiler.
+    fn install_wrapper(&self) -> Result<(), BuildError> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.bin_dir();
+        std::fs::create_dir_all(&bin).map_err(|e| io(&bin, e))?;
+        let link = bin.join("libcare-cc");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&self.opts.tool, &link).map_err(|e| io(&link, e))?;
+        let skip = Some(bin.as_path());
+        let gcc = crate::wrapper::find_real_compiler("gcc", skip).unwrap_or_else(|| "gcc".into());
+        let gxx = crate::wrapper::find_real_compiler("g++", skip).unwrap_or_else(|| "g++".into());
+        for (names, var, real) in [
+            (["cc", "gcc"], "KPCCREAL", &gcc),
+            (["c++", "g++"], "KPCCREAL_CXX", &gxx),
+        ] {
+            let script = format!(
+                "#!/bin/sh\nKPCCREAL=\"${{{var}:-{}}}\" exec '{}' \"$@\"\n",
+                real.display(),
+                link.display()
+            );
+            for name in names {
+                let p = bin.join(name);
+                std::fs::write(&p, &script).map_err(|e| io(&p, e))?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|e| io(&p, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link_log(&self, stage: &str) -> PathBuf {
+        self.opts.workdir.join(format!("links.{stage}"))
+    }
+
+    fn change_log(&self) -> PathBuf {
+        self.opts.workdir.join("changes.log")
+    }
+
+    /// Runs `cmd` in the tree with the wrapper environment for `stage`, output to the log.
+    fn run_build(&mut self, stage: &'static str, cmd: &[String]) -> Result<(), BuildError> {
+        let bin = self.bin_dir();
+        let mut log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| io(&self.log, e))?;
+        let _ = writeln!(log, "===== {stage}: {} =====", cmd.join(" "));
+        let err_log = log.try_clone().map_err(|e| io(&self.log, e))?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![bin.clone()];
+        paths.extend(std::env::split_paths(&path));
+        let mut c = Command::new(&cmd[0]);
+        c.args(&cmd[1..])
+            .current_dir(&self.opts.srcdir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .env("KPATCH_STAGE", stage)
+            .env("CC", bin.join("cc"))
+            .env("CXX", bin.join("c++"))
+            .env("PATH", std::env::join_paths(paths).unwrap_or(path))
+            .env(WRAPPER_DIR_ENV, &bin)
+            .env("KPATCH_ASM_DIR", self.opts.workdir.join("asm"))
+            .env(LINK_LOG_ENV, self.link_log(stage))
+            .env(CHANGE_LOG_ENV, self.change_log());
+        if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+            c.env("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH);
+        }
+        if std::env::var_os("KPCC_PATCH_ARGS").is_none() && !self.opts.diff_args.is_empty() {
+            c.env("KPCC_PATCH_ARGS", &self.opts.diff_args);
+        }
+        let status = c.status().map_err(|e| BuildError::Command {
+            stage,
+            cmd: cmd.join(" "),
+            status: e.to_string(),
+            log: self.log.clone(),
+            tail: String::new(),
+        })?;
+        if !status.success() {
+            return Err(BuildError::Command {
+                stage,
+                cmd: cmd.join(" "),
+                status: status.to_string(),
+                log: self.log.clone(),
+                tail: tail(&self.log, 20),
+            });
+        }
+        Ok(())
+    }
+
+    fn step<T>(
+        &mut self,
+        step: Step,
+        f: impl FnOnce(&mut Session) -> Result<(T, String), BuildError>,
+    ) -> Result<T, BuildError> {
+        self.progress.begin(step);
+        match f(self) {
+            Ok((v, summary)) => {
+                self.progress.end(true, &summary);
+                Ok(v)
+            }
+            Err(e) => {
+                self.progress.end(false, "");
+                Err(e)
+            }
+        }
+    }
+
+    /// The files each diff touches, relative to the tree (`-p1`).
+    fn touched_files(&self) -> Result<Vec<PathBuf>, BuildError> {
+        let mut files = Vec::new();
+        for p in &self.opts.patches {
+            let text = std::fs::read(p).map_err(|e| io(p, e))?;
+            for rel in diff_paths(&String::from_utf8_lossy(&text)) {
+                if !files.contains(&rel) {
+                    files.push(rel);
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Applies every diff to a scratch copy of the files it touches: a failure leaves
+    /// the tree untouched and nothing built.
+    pub fn check_patches(&mut self) -> Result<(), BuildError> {
+        self.step(Step::CheckPatches, |s| {
+            let scratch = tempfile::Builder::new()
+                .prefix("livecare-patchcheck-")
+                .tempdir()
+                .map_err(|e| io(Path::new("/tmp"), e))?;
+            for rel in s.touched_files()? {
+                let from = s.opts.srcdir.join(&rel);
+                if from.is_file() {
+                    let to = scratch.path().join(&rel);
+                    if let Some(d) = to.parent() {
+                        std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
+                    }
+                    std::fs::copy(&from, &to).map_err(|e| io(&from, e))?;
+                }
+            }
+            for p in &s.opts.patches {
+                patch_cmd(scratch.path(), p)?;
+            }
+            Ok(((), format!("{} patch(es) apply", s.opts.patches.len())))
+        })
+    }
+
+    /// Runs the clean command.
+    pub fn clean(&mut self) -> Result<(), BuildError> {
+        let cmd = self.opts.clean_cmd.clone();
+        self.step(Step::Clean, |s| {
+            s.run_build("configure", &cmd).map(|()| ((), String::new()))
+        })
+    }
+
+    /// Builds the original tree through the wrapper and keeps every linked output.
+    pub fn build_original(&mut self) -> Result<Vec<OriginalOutput>, BuildError> {
+        let cmd = self.opts.build_cmd.clone();
+        self.step(Step::Original, |s| {
+            for f in [
+                s.link_log("original"),
+                s.link_log("patched"),
+                s.change_log(),
+            ] {
+                let _ = std::fs::remove_file(f);
+            }
+            s.run_build("original", &cmd)?;
+            let linked = read_link_log(&s.link_log("original"));
+            if linked.is_empty() {
+                return Err(BuildError::NothingLinked { log: s.log.clone() });
+            }
+            let mut originals = Vec::new();
+            for path in linked {
+                let data = pipeline::read_file(&path)?;
+                let build_id = match pipeline::build_id(&path, &data) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        s.progress
+                            .note(&format!("skipping {}: {e}", path.display()));
+                        continue;
+                    }
+                };
+                let name = path.file_name().unwrap_or_default();
+                let stash = s.opts.workdir.join("original").join(&build_id).join(name);
+                if let Some(d) = stash.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
+                }
+                std::fs::write(&stash, &data).map_err(|e| io(&stash, e))?;
+                originals.push(OriginalOutput {
+                    path,
+                    stash,
+                    build_id,
+                });
+            }
+            s.originals = originals.clone();
+            s.save_originals()?;
+            let n = originals.len();
+            Ok((originals, format!("{n} linked output(s)")))
+        })
+    }
+
+    fn save_originals(&self) -> Result<(), BuildError> {
+        let p = self.opts.workdir.join("originals.tsv");
+        let text: String = self
+            .originals
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}\t{}\t{}\n",
+                    o.path.display(),
+                    o.stash.display(),
+                    o.build_id
+                )
+            })
+            .collect();
+        std::fs::write(&p, text).map_err(|e| io(&p, e))
+    }
+
+    /// Reloads the originals kept by an earlier original build (for `--update`).
+    pub fn load_originals(&mut self) -> Result<Vec<OriginalOutput>, BuildError> {
+        let p = self.opts.workdir.join("originals.tsv");
+        let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
+        self.originals = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                Some(OriginalOutput {
+                    path: f.next()?.into(),
+                    stash: f.next()?.into(),
+                    build_id: f.next()?.to_string(),
+                })
+            })
+            .collect();
+        Ok(self.originals.clone())
+    }
+
+    /// Applies the diffs to the tree, keeping copies of the files they touch.
+    pub fn apply_patches(&mut self) -> Result<(), BuildError> {
+        self.step(Step::ApplyPatches, |s| {
+            let backup = s.opts.workdir.join("backup");
+            let _ = std::fs::remove_dir_all(&backup);
+            for rel in s.touched_files()? {
+                let file = s.opts.srcdir.join(&rel);
+                if file.is_file() {
+                    let copy = backup.join(&rel);
+                    if let Some(d) = copy.parent() {
+                        std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
+                    }
+                    std::fs::copy(&file, &copy).map_err(|e| io(&file, e))?;
+                    s.backups.push((file, Some(copy)));
+                } else {
+                    s.backups.push((file, None));
+                }
+            }
+            for p in s.opts.patches.clone() {
+                patch_cmd(&s.opts.srcdir, &p)?;
+            }
+            Ok(((), format!("{} file(s) changed", s.backups.len())))
+        })
+    }
+
+    /// Rebuilds the patched tree incrementally.
+    pub fn build_patched(&mut self) -> Result<(), BuildError> {
+        let cmd = self.opts.build_cmd.clone();
+        self.step(Step::Patched, |s| {
+            let _ = std::fs::remove_file(s.link_log("patched"));
+            s.run_build("patched", &cmd)?;
+            let n = read_link_log(&s.link_log("patched")).len();
+            Ok(((), format!("{n} output(s) relinked")))
+        })
+    }
+
+    /// Makes `OUTDIR/<buildid>.kpatch` for every changed linked output.
+    pub fn make_patches(&mut self) -> Result<Vec<MadePatch>, BuildError> {
+        self.step(Step::MakePatches, |s| {
+            let made = s.make_patches_inner()?;
+            let summary = made
+                .iter()
+                .map(|m| format!("{} ({})", m.kpatch.display(), m.functions.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            Ok((made, summary))
+        })
+    }
+
+    fn make_patches_inner(&mut self) -> Result<Vec<MadePatch>, BuildError> {
+        let relinked = read_link_log(&self.link_log("patched"));
+        let originals: BTreeMap<PathBuf, OriginalOutput> = self
+            .originals
+            .iter()
+            .map(|o| (o.path.clone(), o.clone()))
+            .collect();
+        let mut made = Vec::new();
+        for path in &relinked {
+            if !self.opts.targets.is_empty() && !self.opts.targets.contains(path) {
+                continue;
+            }
+            let Some(orig) = originals.get(path) else {
+                self.progress.note(&format!(
+                    "{} was not linked by the original build; skipped",
+                    path.display()
+                ));
+                continue;
+            };
+            let data = pipeline::read_file(path)?;
+            let Some(functions) = pipeline::patched_functions(path, &data)? else {
+                continue;
+            };
+            let scratch = self.opts.workdir.join("kpatch").join(&orig.build_id);
+            let (bid, bytes) =
+                pipeline::make_kpatch(&orig.stash, path, self.opts.patch_id.as_deref(), &scratch)?;
+            let out = self.opts.outdir.join(format!("{bid}.kpatch"));
+            std::fs::write(&out, bytes).map_err(|e| io(&out, e))?;
+            self.progress.note(&format!(
+                "patch for {} is in {} ({} function(s): {})",
+                path.display(),
+                out.display(),
+                functions.len(),
+                functions.join(", ")
+            ));
+            made.push(MadePatch {
+                object: path.clone(),
+                original: orig.stash.clone(),
+                build_id: bid,
+                kpatch: out,
+                functions,
+            });
+        }
+        if made.is_empty() {
+            return Err(BuildError::NoPatch {
+                reason: self.no_patch_reason(&relinked),
+                log: self.log.clone(),
+            });
+        }
+        Ok(made)
+    }
+
+    /// Explains why no linked output carries patch code.
+    fn no_patch_reason(&self, relinked: &[PathBuf]) -> String {
+        let changes = std::fs::read_to_string(self.change_log()).unwrap_or_default();
+        let recompiled = changes.lines().count();
+        let changed: Vec<&str> = changes
+            .lines()
+            .filter(|l| l.split('\t').skip(1).any(|f| !f.is_empty()))
+            .filter_map(|l| l.split('\t').next())
+            .collect();
+        if recompiled == 0 {
+            "the patched build recompiled no C source through the wrapper (do the diffs touch \
+             files the build compiles?)"
+                .into()
+        } else if changed.is_empty() {
+            format!(
+                "the patched build recompiled {recompiled} object(s) but no function's code \
+                 changed (comment-only or data-only changes cannot be patched)"
+            )
+        } else if relinked.is_empty() {
+            format!(
+                "{} changed but no program or library was relinked",
+                changed.join(", ")
+            )
+        } else if !self.opts.targets.is_empty() {
+            format!(
+                "none of the --target outputs changed (changed objects: {})",
+                changed.join(", ")
+            )
+        } else {
+            format!(
+                "{} changed but no relinked output carries patch code",
+                changed.join(", ")
+            )
+        }
+    }
+
+    /// Puts the original source (and, if asked, the original binaries) back.
+    pub fn restore(&mut self) -> Result<(), BuildError> {
+        if self.backups.is_empty() {
+            return Ok(());
+        }
+        self.step(Step::Restore, |s| {
+            s.restore_files()?;
+            Ok(((), String::new()))
+        })
+    }
+
+    fn restore_files(&mut self) -> Result<(), BuildError> {
+        for (file, copy) in std::mem::take(&mut self.backups) {
+            match copy {
+                // A plain copy gives the file a new mtime, so a later `make` rebuilds
+                // what the patched stage compiled.
+                Some(copy) => {
+                    std::fs::copy(&copy, &file).map_err(|e| io(&file, e))?;
+                }
+                None => {
+                    let _ = std::fs::remove_file(&file);
+                }
+            }
+        }
+        if self.opts.restore_outputs {
+            for o in &self.originals {
+                if !o.path.exists() {
+                    continue;
+                }
+                // Rename over the output: a running copy of it keeps its inode.
+                let tmp = o.path.with_extension("livecare-restore");
+                std::fs::copy(&o.stash, &tmp).map_err(|e| io(&tmp, e))?;
+                std::fs::rename(&tmp, &o.path).map_err(|e| io(&o.path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole build: check, (clean), original, apply, patched, make patches, restore.
+    pub fn run(&mut self, update: bool) -> Result<Vec<MadePatch>, BuildError> {
+        self.check_patches()?;
+        if update {
+            self.load_originals()?;
+        } else {
+            if self.opts.clean {
+                self.clean()?;
+            }
+            self.build_original()?;
+        }
+        let result = self
+            .apply_patches()
+            .and_then(|()| self.build_patched())
+            .and_then(|()| self.make_patches());
+        let restored = self.restore();
+        let made = result?;
+        restored?;
+        Ok(made)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.backups.is_empty() {
+            let _ = self.restore_files();
+        }
+    }
+}
+
+/// Applies one diff in `dir`.
+fn patch_cmd(dir: &Path, patch: &Path) -> Result<(), BuildError> {
+    let mut c = Command::new("patch");
+    c.args([
+        "-p1",
+        "--forward",
+        "--batch",
+        "--no-backup-if-mismatch",
+        "-r",
+        "-",
+        "-i",
+    ])
+    .arg(patch)
+    .current_dir(dir);
+    let out = c.output().map_err(|e| io(Path::new("patch"), e))?;
+    if !out.status.success() {
+        return Err(BuildError::PatchDoesNotApply {
+            patch: patch.to_path_buf(),
+            srcdir: dir.to_path_buf(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The tree-relative paths named by a unified diff (`-p1`), old and new names.
+pub fn diff_paths(diff: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for line in diff.lines() {
+        let Some(rest) = line
+            .strip_prefix("+++ ")
+            .or_else(|| line.strip_prefix("--- "))
+        else {
+            continue;
+        };
+        let name = rest.split('\t').next().unwrap_or("").trim();
+        if name == "/dev/null" || name.is_empty() {
+            continue;
+        }
+        let Some((_, rel)) = name.split_once('/') else {
+            continue;
+        };
+        let rel = PathBuf::from(rel);
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            continue;
+        }
+        if !out.contains(&rel) {
+            out.push(rel);
+        }
+    }
+    out
+}
+
+fn read_link_log(path: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for line in text.lines() {
+        let Some((_, p)) = line.split_once('\t') else {
+            continue;
+        };
+        let p = PathBuf::from(p);
+        out.retain(|q| q != &p);
+        out.push(p);
+    }
+    out
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_paths_strip_one_component_and_skip_dev_null() {
+        let d = "--- a/src/x.c\t2020-01-01\n+++ b/src/x.c\t2020-01-01\n@@ -1 +1 @@\n-a\n+b\n\
+                 --- /dev/null\n+++ b/new.c\n--- a/../evil\n+++ b/../evil\n";
+        assert_eq!(
+            diff_paths(d),
+            [PathBuf::from("src/x.c"), PathBuf::from("new.c")]
+        );
+    }
+
+    #[test]
+    fn link_log_keeps_last_occurrence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        std::fs::write(&p, "original\t/a\noriginal\t/b\noriginal\t/a\n").unwrap();
+        assert_eq!(
+            read_link_log(&p),
+            [PathBuf::from("/b"), PathBuf::from("/a")]
+        );
+    }
+}

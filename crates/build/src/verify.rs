@@ -1,0 +1,171 @@
+//! Proof that a patched-stage object keeps the original code: every executable section
+//! outside `.kpatch*` has the same bytes as in the original object (relocated fields
+//! masked, since making a symbol global turns a resolved call into a relocation), and
+//! every original function is still there with the same place and size.
+
+use object::{Object, ObjectSection, ObjectSymbol, SectionFlags, SymbolKind};
+
+/// Why a patched object does not keep the original code.
+#[derive(Debug, thiserror::Error)]
+pub enum CodeMismatch {
+    /// An object could not be parsed.
+    #[error("cannot parse {which} object: {reason}")]
+    Parse {
+        /// "original" or "patched".
+        which: &'static str,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A code section is missing from the patched object.
+    #[error("code section {section} (#{index}) is missing")]
+    MissingSection {
+        /// Section name.
+        section: String,
+        /// Its occurrence among sections of that name.
+        index: usize,
+    },
+    /// A code section changed size.
+    #[error("code section {section} changed size from {orig} to {new} bytes")]
+    Size {
+        /// Section name.
+        section: String,
+        /// Original size.
+        orig: u64,
+        /// New size.
+        new: u64,
+    },
+    /// A code section's bytes differ.
+    #[error("code section {section} differs at offset {offset:#x}")]
+    Bytes {
+        /// Section name.
+        section: String,
+        /// First differing offset.
+        offset: usize,
+    },
+    /// An original function moved, changed size or disappeared.
+    #[error("function {name} ({section}+{value:#x}, {size} bytes) is not in the patched object unchanged")]
+    Function {
+        /// Symbol name.
+        name: String,
+        /// Section name.
+        section: String,
+        /// Offset in the section.
+        value: u64,
+        /// Size.
+        size: u64,
+    },
+}
+
+/// One executable section: name, bytes, and which bytes are relocated.
+struct CodeSection {
+    name: String,
+    data: Vec<u8>,
+    relocated: Vec<bool>,
+}
+
+fn code_sections(file: &object::File<'_>) -> Vec<CodeSection> {
+    let mut out = Vec::new();
+    for section in file.sections() {
+        let SectionFlags::Elf { sh_flags } = section.flags() else {
+            continue;
+        };
+        if sh_flags & u64::from(object::elf::SHF_EXECINSTR) == 0 {
+            continue;
+        }
+        let name = section.name().unwrap_or("").to_string();
+        if name.starts_with(".kpatch") {
+            continue;
+        }
+        let data = section.data().map(<[u8]>::to_vec).unwrap_or_default();
+        let mut relocated = vec![false; data.len()];
+        for (offset, reloc) in section.relocations() {
+            let width = usize::from(reloc.size() / 8).max(4);
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            for flag in relocated.iter_mut().skip(start).take(width) {
+                *flag = true;
+            }
+        }
+        out.push(CodeSection {
+            name,
+            data,
+            relocated,
+        });
+    }
+    out
+}
+
+type FuncKey = (String, String, u64, u64);
+
+fn functions(file: &object::File<'_>) -> Vec<FuncKey> {
+    file.symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+        .filter_map(|s| {
+            let section = file.section_by_index(s.section_index()?).ok()?;
+            let name = s.name().ok()?.to_string();
+            if name.ends_with(".kpatch") {
+                return None;
+            }
+            Some((
+                name,
+                section.name().ok()?.to_string(),
+                s.address(),
+                s.size(),
+            ))
+        })
+        .collect()
+}
+
+/// Checks that `patched` (a relocatable object) keeps every code byte and function of
+/// `original`, ignoring `.kpatch*` sections and relocated fields.
+pub fn same_code(original: &[u8], patched: &[u8]) -> Result<(), CodeMismatch> {
+    let parse = |which, data| {
+        object::File::parse(data).map_err(|e| CodeMismatch::Parse {
+            which,
+            reason: e.to_string(),
+        })
+    };
+    let orig = parse("original", original)?;
+    let new = parse("patched", patched)?;
+    let new_sections = code_sections(&new);
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for o in code_sections(&orig) {
+        let index = *seen
+            .entry(o.name.clone())
+            .and_modify(|n| *n += 1)
+            .or_insert(0);
+        let Some(n) = new_sections.iter().filter(|n| n.name == o.name).nth(index) else {
+            return Err(CodeMismatch::MissingSection {
+                section: o.name,
+                index,
+            });
+        };
+        if n.data.len() != o.data.len() {
+            return Err(CodeMismatch::Size {
+                section: o.name,
+                orig: o.data.len() as u64,
+                new: n.data.len() as u64,
+            });
+        }
+        let differs = (0..o.data.len())
+            .find(|&i| !o.relocated[i] && !n.relocated[i] && o.data[i] != n.data[i]);
+        if let Some(offset) = differs {
+            return Err(CodeMismatch::Bytes {
+                section: o.name,
+                offset,
+            });
+        }
+    }
+    let new_funcs = functions(&new);
+    for f in functions(&orig) {
+        if !new_funcs.contains(&f) {
+            let (name, section, value, size) = f;
+            return Err(CodeMismatch::Function {
+                name,
+                section,
+                value,
+                size,
+            });
+        }
+    }
+    Ok(())
+}
