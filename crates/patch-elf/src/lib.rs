@@ -23,7 +23,11 @@
 //!   same name and size, as `SHT_NOBITS` with no file bytes. An allocated placeholder's
 //!   `sh_addr` is the link-time address of the same-named section of ORIG (0 if ORIG has
 //!   none), as in LibCare's output; its address at run time is that plus the load bias.
-//!   Dropped relocation sections lose `SHF_INFO_LINK` (binutils 2.40 would revive them).
+//!   Dropped relocation sections (`.rela.text`, `.rela.dyn`, …) are NOBITS with
+//!   `SHF_ALLOC` and no `SHF_INFO_LINK`/`sh_link`/`sh_info`: binutils 2.40
+//!   `strip --strip-unneeded` revives any non-alloc `.rela*` as a live relocation section
+//!   full of `R_X86_64_NONE` (it keeps alloc ones NOBITS, but re-links them, which
+//!   undo-link cuts again). So every `SHT_RELA` in the output belongs to a patch section.
 //! - **Symbols**: `st_value` is relative to the symbol's section (section symbols: 0).
 //!   A named symbol in a placeholder gets ORIG's offset for the same name, so
 //!   `placeholder address + st_value` is the original's object. `STT_TLS` symbols hold

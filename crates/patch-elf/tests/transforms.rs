@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use object::read::elf::{ElfFile64, ProgramHeader};
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader};
 use object::{
     elf, Endianness, Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationFlags,
     RelocationTarget,
@@ -408,4 +408,95 @@ fn general_dynamic_tls_is_refused_naming_type_section_and_offset() -> Result<()>
 fn rel_fixup_reads_a_non_elf_original_as_an_error() {
     let err = patch_elf::rel_fixup(b"not an elf", b"neither").unwrap_err();
     assert!(err.to_string().contains("original"), "{err}");
+}
+
+#[test]
+fn strip_leaves_only_patch_bytes_even_after_system_strip() -> Result<()> {
+    let case = build(
+        REPORT_C,
+        &kpatch_part("\tcall\tputs@PLT\n\tret", ""),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    let file = ElfFile64::<Endianness>::parse(&*case.stripped)?;
+    let e = file.endian();
+    let table = file.elf_section_table();
+    for s in table.iter().skip(1) {
+        let name = String::from_utf8_lossy(table.section_name(e, s)?).into_owned();
+        let sh_type = s.sh_type(e);
+        let patch = name.starts_with(".kpatch") || name == ".eh_frame";
+        let patch_rela = name.starts_with(".rela.kpatch") || name == ".rela.eh_frame";
+        let tables = matches!(name.as_str(), ".symtab" | ".strtab" | ".shstrtab");
+        if sh_type == elf::SHT_RELA {
+            assert!(patch_rela, "strip --strip-unneeded revived {name}");
+        }
+        if !(patch || patch_rela || tables) {
+            assert_eq!(sh_type, elf::SHT_NOBITS, "{name} kept its bytes");
+        }
+    }
+    for name in [
+        ".kpatch.text",
+        ".kpatch.info",
+        ".eh_frame",
+        ".rela.kpatch.info",
+    ] {
+        let s = file.section_by_name(name).context(name)?;
+        assert!(!s.data()?.is_empty(), "{name} lost its bytes");
+    }
+    Ok(())
+}
+
+#[test]
+fn strip_refuses_a_binary_without_kpatch_info() -> Result<()> {
+    let dir = Scratch::new()?;
+    let src = dir.write("plain.c", REPORT_C)?;
+    let exe = gcc(&[&src], &dir.join("plain"), Link::Pie, &["-Wl,-q"])?;
+    let err = patch_elf::strip(&std::fs::read(exe)?).unwrap_err();
+    assert!(matches!(err, patch_elf::Error::NoPatchInfo), "{err}");
+    Ok(())
+}
+
+#[test]
+fn undo_link_makes_offsets_and_values_section_relative() -> Result<()> {
+    let case = build(
+        REPORT_C,
+        &kpatch_part("\tcall\tputs@PLT\n\tret", ""),
+        Link::NoPie,
+        &[],
+        &[],
+    )?;
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let rel = patch_elf::undo_link(&case.orig, &fixed)?;
+    let file = ElfFile64::<Endianness>::parse(&*rel)?;
+    assert_eq!(file.elf_header().e_type(file.endian()), elf::ET_REL);
+    assert!(file.elf_program_headers().is_empty());
+    let kp = file
+        .symbols()
+        .find(|s| s.name() == Ok("report.kpatch"))
+        .context("report.kpatch")?;
+    assert_eq!(kp.address(), 0, "first function of .kpatch.text");
+    // report() lives in the .text placeholder, which carries the original's address.
+    let orig = ElfFile64::<Endianness>::parse(&*case.orig)?;
+    let orig_report = orig
+        .symbols()
+        .find(|s| s.name() == Ok("report"))
+        .context("orig report")?
+        .address();
+    let report = file
+        .symbols()
+        .find(|s| s.name() == Ok("report"))
+        .context("report")?;
+    let text = file.section_by_index(report.section_index().context("defined")?)?;
+    assert_eq!(text.name()?, ".text");
+    assert_eq!(text.address() + report.address(), orig_report);
+    let (_, _, rels) = kpatch_text(&rel)?;
+    assert!(rels.iter().all(|r| r.offset < 16), "{rels:?}");
+
+    let again = patch_elf::undo_link(&case.orig, &rel).unwrap_err();
+    assert!(
+        matches!(again, patch_elf::Error::AlreadyRelocatable),
+        "{again}"
+    );
+    Ok(())
 }
