@@ -1,18 +1,37 @@
-//! `livecare inspect`.
+//! `livecare inspect`: validate a `.kpatch` file completely and print what it holds.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use kpatch_file::inspect::Report;
+use kpatch_file::PatchFile;
+
 /// Flags of `livecare inspect`.
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Exit status: 0 if the file is a valid patch (LibCare or LibcarePlus layout), \
+1 if not; the error names the field and its offset in the file."
+)]
 pub struct Args {
     /// The .kpatch file.
     pub file: std::path::PathBuf,
-    /// Print JSON.
+    /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 /// Runs `livecare inspect`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    super::not_implemented("livecare inspect")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let path = &args.file;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = PatchFile::parse(&bytes)
+        .with_context(|| format!("{} is not a valid patch file", path.display()))?;
+    let report = Report::new(&file);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}: valid patch file", path.display());
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
