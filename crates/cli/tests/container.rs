@@ -85,7 +85,8 @@ fn inspect_json_is_one_document() {
 fn inspect_rejects_corrupted_files_with_the_field_and_offset() {
     let s = Scratch::new().unwrap();
     let good = std::fs::read(interop(&s, "foo.libcareplus.kpatch")).unwrap();
-    let cases: [(&str, fn(&mut Vec<u8>)); 5] = [
+    type Corrupt = fn(&mut Vec<u8>);
+    let cases: [(&str, Corrupt); 5] = [
         ("header.kpatch_offset at 0x98", |b| {
             b[152..156].copy_from_slice(&16384u32.to_le_bytes())
         }),
