@@ -130,9 +130,9 @@ fn fix_one(
         let sym = b.symbols.get(sym_id);
         if sym.st_type() != elf::STT_SECTION && sym.name.starts_with(b".L") {
             if let Some(section) = sym.section {
-                let delta = sym.st_value as i64 - b.sections.get(section).sh_addr as i64;
+                let delta = sym.st_value.wrapping_sub(b.sections.get(section).sh_addr) as i64;
                 r.symbol = Some(section_symbol(b, section));
-                r.r_addend += delta;
+                r.r_addend = r.r_addend.wrapping_add(delta);
             }
         }
     }
@@ -201,7 +201,7 @@ fn fix_one(
             })?;
             r.symbol = Some(section_symbol(b, placeholder));
             r.r_type = arch::R_PC32;
-            r.r_addend += (slot - orig_sec_addr) as i64;
+            r.r_addend = r.r_addend.wrapping_add(slot.wrapping_sub(orig_sec_addr) as i64);
             Ok(Some(r))
         }
         Class::Unsupported => Err(site.unsupported(match r.r_type {

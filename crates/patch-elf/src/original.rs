@@ -36,8 +36,8 @@ impl TlsSegment {
     /// The x86-64 (variant II) thread-pointer offset of TLS offset `off`: the block ends at %fs.
     pub fn tpoff(&self, off: u64) -> i64 {
         let align = self.align.max(1);
-        let size = self.memsz.div_ceil(align) * align;
-        off as i64 - size as i64
+        let size = self.memsz.div_ceil(align).wrapping_mul(align);
+        (off as i64).wrapping_sub(size as i64)
     }
 }
 
@@ -77,7 +77,7 @@ impl<'a> Original<'a> {
         self.file
             .sections()
             .filter(|s| s.address() != 0 && s.size() != 0)
-            .find(|s| addr >= s.address() && addr < s.address() + s.size())
+            .find(|s| addr >= s.address() && addr - s.address() < s.size())
             .and_then(|s| Some((s.name().ok()?.to_string(), s.address())))
     }
 

@@ -60,7 +60,10 @@ pub(crate) fn undo_link(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
             !is_patch_section(&sec_name) && matches!(sec.data, SectionData::UninitializedData(_));
         let new_value = match sym.st_type() {
             elf::STT_SECTION => 0,
-            elf::STT_TLS => (sym.st_value + tls_start.unwrap_or(base)).wrapping_sub(base),
+            elf::STT_TLS => sym
+                .st_value
+                .wrapping_add(tls_start.unwrap_or(base))
+                .wrapping_sub(base),
             _ => {
                 let mut v = sym.st_value.wrapping_sub(base);
                 if placeholder && sym.st_bind() != elf::STB_LOCAL && !sym.name.is_empty() {

@@ -500,3 +500,48 @@ fn undo_link_makes_offsets_and_values_section_relative() -> Result<()> {
     );
     Ok(())
 }
+
+/// A small deterministic generator, so a failing mutation can be replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn corrupted_inputs_give_errors_not_panics() -> Result<()> {
+    let case = build(
+        TLS_C,
+        &kpatch_part(
+            "\tmovl\t%fs:tcount@tpoff, %eax\n\tcall\tputs@PLT\n\tret",
+            "",
+        ),
+        Link::Pie,
+        &[],
+        &[],
+    )?;
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for round in 0..400 {
+        let mut bad = fixed.clone();
+        // Hit the headers more often than the bodies: that is where the offsets live.
+        let span = if round % 2 == 0 { 0x40 } else { bad.len() };
+        for _ in 0..1 + rng.next() % 4 {
+            let at = (rng.next() as usize) % span;
+            bad[at] ^= 1 << (rng.next() % 8);
+        }
+        let res = std::panic::catch_unwind(|| {
+            let _ = patch_elf::strip(&bad);
+            let _ = patch_elf::rel_fixup(&case.orig, &bad);
+            let _ = patch_elf::undo_link(&case.orig, &bad);
+            let _ = patch_elf::rel_fixup(&bad, &fixed);
+        });
+        assert!(res.is_ok(), "round {round} panicked");
+    }
+    Ok(())
+}

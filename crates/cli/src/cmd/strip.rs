@@ -64,6 +64,13 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(data)
         .with_context(|| format!("writing {}", tmp.path().display()))?;
+    // Keep the mode of a file rewritten in place; a new file gets the usual 0644.
+    let perm = std::fs::metadata(path)
+        .map(|m| m.permissions())
+        .unwrap_or_else(|_| std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    tmp.as_file()
+        .set_permissions(perm)
+        .with_context(|| format!("setting the mode of {}", tmp.path().display()))?;
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())

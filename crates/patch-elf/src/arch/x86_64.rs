@@ -115,7 +115,9 @@ pub fn got_load_at(code: &[u8], field: usize) -> GotLoad {
     if field < 2 {
         return GotLoad::Other;
     }
-    let (opcode, modrm) = (code[field - 2], code[field - 1]);
+    let (Some(&opcode), Some(&modrm)) = (code.get(field - 2), code.get(field - 1)) else {
+        return GotLoad::Other;
+    };
     if !is_rip_relative(modrm) {
         return GotLoad::Other;
     }
@@ -128,12 +130,17 @@ pub fn got_load_at(code: &[u8], field: usize) -> GotLoad {
 
 /// Rewrites the `mov` in front of the field at `field` into a `lea` of the same operand.
 pub fn mov_to_lea(code: &mut [u8], field: usize) {
-    code[field - 2] = OPCODE_LEA;
+    if let Some(op) = field.checked_sub(2).and_then(|i| code.get_mut(i)) {
+        *op = OPCODE_LEA;
+    }
 }
 
 /// Whether an initial-exec TLS access at `field` still loads from the GOT
 /// (`mov x@gottpoff(%rip), %reg` / `add x@gottpoff(%rip), %reg`), rather than having been
 /// relaxed by the linker into a local-exec immediate (`mov $x@tpoff, %reg`).
 pub fn gottpoff_uses_got(code: &[u8], field: usize) -> bool {
-    field >= 1 && is_rip_relative(code[field - 1])
+    field
+        .checked_sub(1)
+        .and_then(|i| code.get(i))
+        .is_some_and(|&modrm| is_rip_relative(modrm))
 }
