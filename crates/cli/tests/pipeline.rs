@@ -142,17 +142,45 @@ fn section_name(file: &ElfFile64<'_, Endianness>, index: SectionIndex) -> Result
 /// `kpatch_make` output parses as a container holding exactly the pipeline's ELF.
 fn check_container(variant: Variant, built: &Built) -> Result<()> {
     let container = make_container(built)?;
-    let bytes = std::fs::read(container)?;
+    let bytes = std::fs::read(&container)?;
     let patch = kpatch_file::PatchFile::parse(&bytes)
         .map_err(|e| anyhow::anyhow!("{variant:?}: container does not parse: {e}"))?;
     ensure!(
         patch.header().build_id().as_str() == build_id_of(&built.orig)?,
         "build-id in the header"
     );
+    // The container pads the ELF with zeros to 16 bytes.
+    let ours = std::fs::read(&built.patch_elf)?;
+    let inner = patch.elf();
     ensure!(
-        patch.elf() == &std::fs::read(&built.patch_elf)?[..],
-        "the container holds the pipeline's ELF"
+        inner.starts_with(&ours)
+            && inner.len() - ours.len() < 16
+            && inner[ours.len()..].iter().all(|&b| b == 0),
+        "{variant:?}: the container holds the pipeline's ELF ({} vs {} bytes)",
+        inner.len(),
+        ours.len()
     );
+
+    // `inspect --json` reads the one hunk back: report() -> report.kpatch.
+    let out = run(Command::new(LIVECARE)
+        .args(["inspect", "--json"])
+        .arg(&container))?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["header"]["patch_id"], "0001", "{variant:?}");
+    let info = json["elf"]["kpatch_info"]
+        .as_array()
+        .context("kpatch_info array")?;
+    assert_eq!(info.len(), 1, "{variant:?}: one hunk: {info:?}");
+    assert_eq!(info[0]["daddr_symbol"], "report", "{variant:?}");
+    assert_eq!(info[0]["saddr_symbol"], "report.kpatch", "{variant:?}");
+    assert_eq!(info[0]["name"], "report", "{variant:?}");
+    let orig_bytes = std::fs::read(&built.orig)?;
+    let orig = ElfFile64::<Endianness>::parse(&*orig_bytes)?;
+    let report = orig
+        .symbols()
+        .find(|s| s.name() == Ok("report"))
+        .context("original has report")?;
+    assert_eq!(info[0]["dlen"], report.size(), "{variant:?}: dlen");
     Ok(())
 }
 
