@@ -452,3 +452,138 @@ fn kpatch_strip_reports_a_bad_input_and_leaves_no_output() -> Result<()> {
     assert!(!Path::new(&out).exists(), "no partial output");
     Ok(())
 }
+
+/// Where a relocation lands, independent of how a tool spelled it: an import by name,
+/// or a section name plus offset (symbol value + addend; section symbols count as 0,
+/// since LibCare leaves link-time garbage in their values).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
+enum Landing {
+    Import(String),
+    Section(String, i64),
+}
+
+/// The relocations of section `name`, keyed by offset: (normalised type, landing).
+/// A GOT-relative reference in front of a `lea` is a plain `PC32`, whoever rewrote it.
+fn landings(data: &[u8], name: &str) -> Result<std::collections::BTreeMap<u64, (u32, Landing)>> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    let sec = file.section_by_name(name).context(name.to_string())?;
+    let code = sec.data()?;
+    let mut out = std::collections::BTreeMap::new();
+    for (off, r) in sec.relocations() {
+        let RelocationFlags::Elf { mut r_type } = r.flags() else {
+            anyhow::bail!("not ELF")
+        };
+        let lea = off >= 2 && code.get(off as usize - 2) == Some(&0x8d);
+        if lea
+            && matches!(
+                r_type,
+                elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX
+            )
+        {
+            r_type = elf::R_X86_64_PC32;
+        }
+        let RelocationTarget::Symbol(idx) = r.target() else {
+            anyhow::bail!("relocation at {off:#x} has no symbol")
+        };
+        let sym = file.symbol_by_index(idx)?;
+        let landing = match sym.section_index() {
+            None => Landing::Import(
+                sym.name()?
+                    .split('@')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            Some(i) => {
+                let value = if sym.kind() == object::SymbolKind::Section {
+                    0
+                } else {
+                    sym.address() as i64
+                };
+                Landing::Section(section_name(&file, i)?, value + r.addend())
+            }
+        };
+        out.insert(off, (r_type, landing));
+    }
+    Ok(out)
+}
+
+fn section_bytes(data: &[u8], name: &str) -> Result<Vec<u8>> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    Ok(file
+        .section_by_name(name)
+        .context(name.to_string())?
+        .data()?
+        .to_vec())
+}
+
+#[test]
+fn pipeline_output_matches_the_libcare_patches_of_the_interop_vector() -> Result<()> {
+    let Some(interop) = testkit::interop_dir() else {
+        eprintln!("skipped: no interop vectors (../shared/interop)");
+        return Ok(());
+    };
+    let dir = Scratch::new()?;
+    dir.copy_fixture("strip-interop")?;
+    std::fs::copy(interop.join("foo.c"), dir.join("foo.c"))?;
+    let orig = dir.join("foo");
+    std::fs::copy(interop.join("foo"), &orig)?;
+
+    // The original stage, as LibCare ran it: gcc -S, then the .s is what got built.
+    run(Command::new("gcc")
+        .current_dir(dir.path())
+        .args(["-O0", "-S", "foo.c", "-o", "foo.s"]))?;
+    let rebuilt = gcc(
+        &[&dir.join("foo.s")],
+        &dir.join("foo.rebuilt"),
+        Link::Pie,
+        &[],
+    )?;
+    assert_eq!(
+        build_id_of(&rebuilt)?,
+        build_id_of(&orig)?,
+        "this toolchain rebuilds the interop foo bit for bit"
+    );
+    let aug = format!(
+        "{}\n{}",
+        std::fs::read_to_string(dir.join("foo.s"))?,
+        std::fs::read_to_string(dir.join("kpatch-part.s"))?
+    );
+    let aug_s = dir.write("foo.kpatch.s", aug)?;
+    let patched = gcc(&[&aug_s], &dir.join("patched"), Link::Pie, &["-Wl,-q"])?;
+    let tool = kpatch_strip(&dir)?;
+    let out = dir.join("patch.o");
+    run(Command::new(&tool).arg("--strip").arg(&patched).arg(&out))?;
+    run(Command::new("strip").arg("--strip-unneeded").arg(&out))?;
+    run(Command::new(&tool).arg("--rel-fixup").arg(&orig).arg(&out))?;
+    run(Command::new(&tool).arg("--undo-link").arg(&orig).arg(&out))?;
+    let ours = std::fs::read(&out)?;
+
+    for peer in ["foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
+        let bytes = std::fs::read(interop.join(peer))?;
+        let theirs = kpatch_file::PatchFile::parse(&bytes)
+            .map_err(|e| anyhow::anyhow!("{peer}: {e}"))?
+            .elf()
+            .to_vec();
+        for sec in [".kpatch.text", ".kpatch.info"] {
+            let (a, b) = (landings(&ours, sec)?, landings(&theirs, sec)?);
+            assert_eq!(a, b, "{peer}: relocations of {sec}");
+        }
+        assert_eq!(
+            section_bytes(&ours, ".kpatch.data")?,
+            section_bytes(&theirs, ".kpatch.data")?,
+            "{peer}: .kpatch.data"
+        );
+        // Same code, apart from the relocated fields (which hold link-time values).
+        let mut a = section_bytes(&ours, ".kpatch.text")?;
+        let mut b = section_bytes(&theirs, ".kpatch.text")?;
+        assert_eq!(a.len(), b.len(), "{peer}: .kpatch.text size");
+        for off in landings(&ours, ".kpatch.text")?.keys() {
+            let at = *off as usize;
+            a[at..at + 4].fill(0);
+            b[at..at + 4].fill(0);
+        }
+        assert_eq!(a, b, "{peer}: .kpatch.text code");
+    }
+    Ok(())
+}
