@@ -153,7 +153,22 @@ fn fix_one(
                 // Imported: the applier's jump-table slot serves as its GOT entry.
                 return Ok(Some(r));
             }
-            match arch::got_load_at(code, field) {
+            let load = arch::got_load_at(code, field);
+            if load != GotLoad::Lea
+                && original.is_shared_library()
+                && sym.st_bind() != elf::STB_LOCAL
+                && sym.st_other & 0x3 == elf::STV_DEFAULT
+            {
+                // A library's global may be interposed by the executable (copy
+                // relocation): keep loading its address from the original's GOT slot,
+                // which the dynamic linker filled, rather than pointing at our copy.
+                let name = sym.name.to_vec();
+                if let Some(slot) = original.got_slot(&name) {
+                    retarget_to_slot(b, original, &mut r, slot, &site)?;
+                    return Ok(Some(r));
+                }
+            }
+            match load {
                 GotLoad::Lea => r.r_type = arch::R_PC32,
                 GotLoad::Mov => {
                     arch::mov_to_lea(code, field);
@@ -193,15 +208,7 @@ fn fix_one(
                     section: site.section.clone(),
                     offset: site.offset,
                 })?;
-            let (orig_sec, orig_sec_addr) = original.section_at(slot).ok_or_else(|| {
-                site.unsupported("the original's GOT slot lies outside every section")
-            })?;
-            let placeholder = section_by_name(b, &orig_sec).ok_or_else(|| {
-                site.unsupported("the patch has no placeholder for the original's GOT section")
-            })?;
-            r.symbol = Some(section_symbol(b, placeholder));
-            r.r_type = arch::R_PC32;
-            r.r_addend = r.r_addend.wrapping_add(slot.wrapping_sub(orig_sec_addr) as i64);
+            retarget_to_slot(b, original, &mut r, slot, &site)?;
             Ok(Some(r))
         }
         Class::Unsupported => Err(site.unsupported(match r.r_type {
@@ -211,6 +218,29 @@ fn fix_one(
             _ => "the applier cannot resolve it",
         })),
     }
+}
+
+/// Makes `r` a `PC32` to the original's GOT slot at link-time address `slot`: section
+/// symbol of the placeholder of the slot's section, addend + the slot's offset in it.
+fn retarget_to_slot(
+    b: &mut Builder<'_>,
+    original: &Original<'_>,
+    r: &mut Relocation,
+    slot: u64,
+    site: &Site,
+) -> Result<(), Error> {
+    let (orig_sec, orig_sec_addr) = original
+        .section_at(slot)
+        .ok_or_else(|| site.unsupported("the original's GOT slot lies outside every section"))?;
+    let placeholder = section_by_name(b, &orig_sec).ok_or_else(|| {
+        site.unsupported("the patch has no placeholder for the original's GOT section")
+    })?;
+    r.symbol = Some(section_symbol(b, placeholder));
+    r.r_type = arch::R_PC32;
+    r.r_addend = r
+        .r_addend
+        .wrapping_add(slot.wrapping_sub(orig_sec_addr) as i64);
+    Ok(())
 }
 
 /// Checks that a local-exec TLS field holds the same thread-pointer offset the original

@@ -45,7 +45,10 @@
 //!   checked against ORIG's TLS layout and left in the code. No `GOTTPOFF`: an
 //!   initial-exec access becomes `PC32` against the placeholder of ORIG's GOT section
 //!   (`.got`) with addend = the slot's offset in that section + the original addend.
-//!   A `GOTPCREL` load of a defined symbol becomes `PC32` with `mov` rewritten to `lea`.
+//!   A `GOTPCREL` load of a defined symbol becomes `PC32` with `mov` rewritten to `lea`,
+//!   except for an interposable global of a shared library (the executable may hold the
+//!   live copy): that one becomes `PC32` against ORIG's GOT slot (`.got` placeholder +
+//!   slot offset), keeping the `mov`, so it reads the address ld.so put there.
 //!   References to compiler-local labels (`.L*`) are rewritten against section symbols.
 
 mod arch;

@@ -2,7 +2,7 @@
 //! rel-fixup and undo-link need from it (section addresses, symbols, TLS layout, GOT slots).
 
 use object::elf;
-use object::read::elf::{ElfFile64, ProgramHeader};
+use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader};
 use object::{
     Endianness, Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationFlags,
     RelocationTarget, SymbolSection,
@@ -44,6 +44,7 @@ impl TlsSegment {
 /// The original object, parsed once.
 pub struct Original<'a> {
     file: ElfFile64<'a, Endianness>,
+    data: &'a [u8],
 }
 
 /// A symbol name without its `@VERSION` / `@@VERSION` suffix (ld writes them into .symtab).
@@ -61,7 +62,30 @@ impl<'a> Original<'a> {
             what: "original",
             reason: e.to_string(),
         })?;
-        Ok(Original { file })
+        Ok(Original { file, data })
+    }
+
+    /// Whether the original is a shared library (ET_DYN without DF_1_PIE), whose global
+    /// symbols the executable may interpose (copy relocations).
+    pub fn is_shared_library(&self) -> bool {
+        let endian = self.file.endian();
+        if self.file.elf_header().e_type(endian) != elf::ET_DYN {
+            return false;
+        }
+        let table = self.file.elf_section_table();
+        let Ok(Some((dyns, _))) = table.dynamic(endian, self.data) else {
+            return true;
+        };
+        !dyns.iter().any(|d| {
+            d.d_tag(endian) == u64::from(elf::DT_FLAGS_1)
+                && d.d_val(endian) & u64::from(elf::DF_1_PIE) != 0
+        })
+    }
+
+    /// Link-time address of the GOT slot the dynamic linker fills with the address of
+    /// `name` (an `R_X86_64_GLOB_DAT` against it).
+    pub fn got_slot(&self, name: &[u8]) -> Option<u64> {
+        self.dynamic_reloc_slot(elf::R_X86_64_GLOB_DAT, name, None)
     }
 
     /// Link-time address of the section called `name`.
@@ -123,14 +147,21 @@ impl<'a> Original<'a> {
     /// symbol `name` (an `R_X86_64_TPOFF64` dynamic relocation against it, or against no
     /// symbol with addend `local_offset` when the variable is the object's own).
     pub fn tls_got_slot(&self, name: &[u8], local_offset: Option<u64>) -> Option<u64> {
+        self.dynamic_reloc_slot(elf::R_X86_64_TPOFF64, name, local_offset)
+    }
+
+    /// The `r_offset` of a dynamic relocation of type `r_type` against `name` (or against
+    /// no symbol with addend `local_addend`).
+    fn dynamic_reloc_slot(
+        &self,
+        r_type: u32,
+        name: &[u8],
+        local_addend: Option<u64>,
+    ) -> Option<u64> {
         let want = base_name(name);
         let dynsyms = self.file.dynamic_symbol_table();
         self.file.dynamic_relocations()?.find_map(|(offset, rel)| {
-            if rel.flags()
-                != (RelocationFlags::Elf {
-                    r_type: elf::R_X86_64_TPOFF64,
-                })
-            {
+            if rel.flags() != (RelocationFlags::Elf { r_type }) {
                 return None;
             }
             let hit = match rel.target() {
@@ -138,12 +169,12 @@ impl<'a> Original<'a> {
                     let sym = dynsyms.as_ref()?.symbol_by_index(idx).ok()?;
                     let n = sym.name_bytes().ok()?;
                     if n.is_empty() {
-                        local_offset == Some(rel.addend() as u64)
+                        local_addend == Some(rel.addend() as u64)
                     } else {
                         base_name(n) == want
                     }
                 }
-                RelocationTarget::Absolute => local_offset == Some(rel.addend() as u64),
+                RelocationTarget::Absolute => local_addend == Some(rel.addend() as u64),
                 _ => false,
             };
             hit.then_some(offset)

@@ -545,3 +545,58 @@ fn corrupted_inputs_give_errors_not_panics() -> Result<()> {
     }
     Ok(())
 }
+
+/// Link-time address of the original's GOT slot for `name` (its GLOB_DAT).
+fn glob_dat_slot(data: &[u8], name: &str) -> Result<u64> {
+    let file = ElfFile64::<Endianness>::parse(data)?;
+    let dynsyms = file.dynamic_symbol_table().context("no .dynsym")?;
+    for (offset, r) in file
+        .dynamic_relocations()
+        .context("no dynamic relocations")?
+    {
+        if r.flags()
+            != (RelocationFlags::Elf {
+                r_type: elf::R_X86_64_GLOB_DAT,
+            })
+        {
+            continue;
+        }
+        if let RelocationTarget::Symbol(idx) = r.target() {
+            if dynsyms.symbol_by_index(idx)?.name()? == name {
+                return Ok(offset);
+            }
+        }
+    }
+    anyhow::bail!("no GLOB_DAT slot for {name}")
+}
+
+#[test]
+fn gotpcrel_to_an_interposable_library_global_reads_the_original_got_slot() -> Result<()> {
+    // In a shared library, `shared_counter` may live in the executable (copy
+    // relocation): the patch must keep loading its address from the original's GOT.
+    let c = "int shared_counter;\nint get(void) { return shared_counter; }\nvoid report(int n) { shared_counter += n; }\n";
+    let case = build(
+        c,
+        &kpatch_part(
+            "\tmovq\tshared_counter@GOTPCREL(%rip), %rax\n\tmovl\t(%rax), %eax\n\tret",
+            "",
+        ),
+        Link::Shared,
+        &[],
+        &[],
+    )?;
+    let (code, _, before) = kpatch_text(&case.stripped)?;
+    let field = before[0].offset as usize;
+    assert_eq!(code[field - 2], 0x8b, "ld keeps the GOT load: {before:?}");
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    let r = &after[0];
+    assert_eq!(code[field - 2], 0x8b, "still a load from the GOT");
+    assert_eq!(r.r_type, elf::R_X86_64_PC32, "{r:?}");
+    assert!(r.symbol_is_section && r.symbol == ".got", "{r:?}");
+    let orig = ElfFile64::<Endianness>::parse(&*case.orig)?;
+    let got = orig.section_by_name(".got").context("orig .got")?.address();
+    let slot = glob_dat_slot(&case.orig, "shared_counter")?;
+    assert_eq!(r.addend, (slot - got) as i64 - 4);
+    Ok(())
+}
