@@ -343,7 +343,11 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
                 if a == b {
                     continue;
                 }
-                if let Some(delta) = line_macro_only(&a, &b) {
+                let shift = match (first_loc_line(&o, ofi), first_loc_line(&p, pfi)) {
+                    (Some(x), Some(y)) => Some(y - x),
+                    _ => None,
+                };
+                if let Some(delta) = line_macro_only(&a, &b).filter(|d| shift.map_or(true, |s| s == *d)) {
                     warnings.push(format!(
                         "function `{}` differs only in integer constants shifted by {delta} (a __LINE__ change?){}",
                         o.funcs[ofi].name,
@@ -416,4 +420,13 @@ fn line_macro_only(a: &[String], b: &[String]) -> Option<i64> {
         }
     }
     delta
+}
+
+/// Line number of the first `.loc` inside a function, when built with `-g`.
+fn first_loc_line(m: &Model, fi: usize) -> Option<i64> {
+    let f = &m.funcs[fi];
+    (f.start..=f.end)
+        .map(|i| m.stmt(i))
+        .find(|s| s.head == ".loc")
+        .and_then(|s| s.args().split_whitespace().nth(1)?.parse().ok())
 }

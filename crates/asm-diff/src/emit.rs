@@ -451,20 +451,44 @@ pub(crate) fn estimate_size(m: &Model, fi: usize) -> usize {
                 }
             }
             "jmp" | "call" if !args.starts_with('*') => 5,
-            _ => {
-                let mut n = 2;
-                if args.contains('$') {
-                    n += 1;
-                }
-                if args.contains("(%rip)") {
-                    n += 4;
-                }
-                n
-            }
+            _ => 2 + operand_bytes(args),
         };
         if s.text.starts_with("rep") {
             size += 1;
         }
     }
     size
+}
+
+/// Extra bytes that operands add to a two-byte opcode+ModRM: REX, SIB,
+/// displacement and immediate.
+fn operand_bytes(args: &str) -> usize {
+    let mut n = 0;
+    if args.contains("%r") {
+        n += 1;
+    }
+    if let Some(imm) = args.strip_prefix('$') {
+        let v: Option<i64> = imm.split(',').next().and_then(|x| x.trim().parse().ok());
+        n += match v {
+            Some(v) if (-128..128).contains(&v) => 1,
+            _ => 4,
+        };
+    }
+    if let Some(open) = args.find('(') {
+        let inner = &args[open..args[open..].find(')').map_or(args.len(), |c| open + c)];
+        if inner.contains("%rip") {
+            return n + 4;
+        }
+        if inner.contains(',') || inner.contains("%rsp") || inner.contains("%r12") {
+            n += 1;
+        }
+        let disp = args[..open].rsplit(|c: char| c == ',' || c == ' ').next().unwrap_or("");
+        if !disp.is_empty() {
+            n += match disp.parse::<i64>() {
+                Ok(v) if (-128..128).contains(&v) => 1,
+                _ => 4,
+            };
+        }
+    }
+    n
 }

@@ -91,6 +91,30 @@ pub struct Parsed<'a> {
     pub stmts: Vec<Stmt<'a>>,
 }
 
+impl Parsed<'_> {
+    /// Prints the statements back, one per line in canonical layout (labels at
+    /// column 0, everything else after a tab, comments dropped). Assembling the
+    /// result gives the same object as the input.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(self.src.len());
+        for s in &self.stmts {
+            match s.kind {
+                Kind::Blank => {}
+                Kind::Label => {
+                    out.push_str(s.text);
+                    out.push('\n');
+                }
+                Kind::Directive | Kind::Instruction => {
+                    out.push('\t');
+                    out.push_str(s.text);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Splits and classifies every statement of `src`. Never fails: anything that is
 /// not a label or a directive is an instruction, kept verbatim.
 pub fn parse(src: &str) -> Parsed<'_> {

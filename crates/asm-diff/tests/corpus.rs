@@ -1,0 +1,165 @@
+//! The fixture corpus: every `tests/fixtures/gensrc-*` case built at -O0, -O2 and
+//! -O2 -g, diffed, assembled and linked; the original code must survive intact and
+//! `.kpatch.info` must list exactly the expected functions.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use asm_diff::{gensrc, Options};
+use common::*;
+
+/// What a case expects for one variant.
+#[derive(Debug, Default)]
+struct Expect {
+    changed: BTreeSet<String>,
+    added: BTreeSet<String>,
+    refuse: Option<String>,
+    warn: Option<String>,
+}
+
+fn expectation(dir: &Path, variant: &str) -> Expect {
+    let text = std::fs::read_to_string(dir.join("expect")).unwrap();
+    let mut e = Expect::default();
+    let mut found = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        match k.trim() {
+            "refuse" => {
+                e.refuse = Some(v.trim().to_string());
+                found = true;
+            }
+            "warn" => e.warn = Some(v.trim().to_string()),
+            k if k == variant => {
+                let (c, a) = v.split_once(';').unwrap_or((v, ""));
+                e.changed = c.split_whitespace().map(str::to_string).collect();
+                e.added = a.split_whitespace().map(str::to_string).collect();
+                found = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(found, "{}: no expectation for {variant}", dir.display());
+    e
+}
+
+fn run_case(dir: &Path, variant: &Variant) {
+    let case = dir.file_name().unwrap().to_string_lossy().to_string();
+    let tmp = testkit::Scratch::new().unwrap();
+    let extra = case_flags(dir);
+    let shared = case_shared(dir);
+    let (os, ps) = (tmp.join("orig.s"), tmp.join("patched.s"));
+    compile_s(&dir.join("orig.c"), &os, variant.flags, &extra);
+    compile_s(&dir.join("patched.c"), &ps, variant.flags, &extra);
+    let (o, p) = (std::fs::read_to_string(&os).unwrap(), std::fs::read_to_string(&ps).unwrap());
+    let exp = expectation(dir, variant.name);
+    let ctx = format!("{case} [{}]", variant.name);
+
+    let result = gensrc(&o, &p, &Options::default());
+    if let Some(name) = &exp.refuse {
+        let err = result.expect_err(&format!("{ctx}: expected a refusal naming {name}"));
+        assert!(err.to_string().contains(name), "{ctx}: refusal `{err}` does not name {name}");
+        return;
+    }
+    let diff = result.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    let changed: BTreeSet<String> = diff.changed.iter().cloned().collect();
+    let added: BTreeSet<String> = diff.added.iter().cloned().collect();
+    assert_eq!(changed, exp.changed, "{ctx}: changed functions");
+    assert_eq!(added, exp.added, "{ctx}: added functions");
+    if let Some(w) = &exp.warn {
+        assert!(diff.warnings.iter().any(|x| x.contains(w.as_str())), "{ctx}: no warning naming {w}: {:?}", diff.warnings);
+    }
+
+    let out = tmp.write("out.s", &diff.asm).unwrap();
+    let (oo, ao) = (tmp.join("orig.o"), tmp.join("out.o"));
+    assemble(&os, &oo);
+    assemble(&out, &ao);
+    let new_sections = assert_same_except_kpatch(&oo, &ao);
+
+    if exp.changed.is_empty() && exp.added.is_empty() {
+        assert!(new_sections.is_empty(), "{ctx}: identical inputs emitted {new_sections:?}");
+        assert_eq!(diff.asm, o, "{ctx}: identical inputs must give the original back");
+    } else {
+        assert!(new_sections.iter().any(|s| s == ".kpatch.text"), "{ctx}: no .kpatch.text in {new_sections:?}");
+        let (info, names, rel) = kpatch_info(&ao).unwrap_or_else(|| panic!("{ctx}: no .kpatch.info"));
+        let names: BTreeSet<String> = names.into_iter().collect();
+        assert_eq!(names, exp.changed, "{ctx}: .kpatch.strtab names");
+        assert_eq!(info.len(), 48 * (exp.changed.len() + 1), "{ctx}: .kpatch.info records + terminator");
+        assert!(info[info.len() - 48..].iter().all(|&b| b == 0), "{ctx}: last record is not all-zero");
+        // Each record: daddr, saddr and symstr are relocated; dlen/slen are resolved.
+        for k in 0..exp.changed.len() as u64 {
+            let at = |off: u64| rel.iter().filter(|r| r.0 == 48 * k + off).count();
+            assert_eq!((at(0), at(8), at(16), at(24)), (1, 1, 0, 1), "{ctx}: relocations of record {k}");
+            let dlen = u32::from_le_bytes(info[48 * k as usize + 16..][..4].try_into().unwrap());
+            let slen = u32::from_le_bytes(info[48 * k as usize + 20..][..4].try_into().unwrap());
+            assert!(dlen >= 5 && slen >= 5, "{ctx}: record {k} sizes {dlen}/{slen}");
+        }
+    }
+
+    let (ob, ab) = (tmp.join("orig.bin"), tmp.join("out.bin"));
+    link(&oo, &ob, shared);
+    link(&ao, &ab, shared);
+    assert_original_symbols_kept(&ob, &ab);
+}
+
+#[test]
+fn every_fixture_keeps_original_code_and_lists_exactly_the_changed_functions() {
+    let cases = cases();
+    assert!(cases.len() >= 14, "fixture corpus incomplete: {cases:?}");
+    // Cases are independent; run them on all cores to keep the suite fast.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|dir| {
+                s.spawn(move || {
+                    for v in VARIANTS {
+                        run_case(dir, v);
+                    }
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for (h, dir) in handles.into_iter().zip(&cases) {
+            if let Err(e) = h.join() {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failures.push(format!("{}: {msg}", dir.display()));
+            }
+        }
+        assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+    });
+}
+
+#[test]
+fn parse_and_render_reassembles_every_corpus_file_identically() {
+    let tmp = testkit::Scratch::new().unwrap();
+    let mut n = 0;
+    for dir in cases() {
+        let extra = case_flags(&dir);
+        for v in VARIANTS {
+            for src in ["orig.c", "patched.c"] {
+                let s = tmp.join(format!("{n}.s"));
+                compile_s(&dir.join(src), &s, v.flags, &extra);
+                let text = std::fs::read_to_string(&s).unwrap();
+                let rendered = asm_diff::parse::parse(&text).render();
+                let r = tmp.write(&format!("{n}.r.s"), rendered).unwrap();
+                let (a, b) = (tmp.join(format!("{n}.o")), tmp.join(format!("{n}.r.o")));
+                assemble(&s, &a);
+                assemble(&r, &b);
+                assert_eq!(
+                    std::fs::read(&a).unwrap(),
+                    std::fs::read(&b).unwrap(),
+                    "{} {} [{}]: re-rendered assembly differs",
+                    dir.display(),
+                    src,
+                    v.name
+                );
+                n += 1;
+            }
+        }
+    }
+}
