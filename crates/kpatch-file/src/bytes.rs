@@ -107,7 +107,8 @@ pub(crate) fn mul(field: &dyn Display, offset: u64, a: u64, b: u64) -> Result<u6
     })
 }
 
-/// Writes `value` at `off` in `out` (which the caller sized to hold the whole struct).
+/// Writes `value` at `off` in `out`. Callers size `out` from the same raw struct the
+/// offsets come from, so the range always fits; the check only keeps this panic-free.
 pub(crate) fn put(out: &mut [u8], off: usize, value: &[u8]) {
     if let Some(end) = off.checked_add(value.len()) {
         if let Some(dst) = out.get_mut(off..end) {

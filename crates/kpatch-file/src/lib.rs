@@ -15,6 +15,10 @@
 //! [`elf::ElfView`] without their own bounds checks. Corrupted input gives an [`Error`]
 //! naming the field and its absolute offset, never a panic (the crate denies indexing
 //! and unchecked arithmetic outside tests, and is fuzzed: see `fuzz/`).
+//!
+//! Speed: parsing is zero-copy (names and section data borrow the input) and makes one
+//! pass over each table; a 8 KiB patch validates in microseconds, so callers can simply
+//! re-parse instead of caching.
 
 #![cfg_attr(
     not(test),

@@ -102,3 +102,21 @@ proptest! {
         });
     }
 }
+
+#[test]
+fn a_long_hex_module_name_does_not_make_libcareplus_look_like_libcare() {
+    let bid = BuildId::parse("0123456789abcdef").unwrap();
+    let mut h = Header::new(Layout::LibCarePlus, bid, None).unwrap();
+    // Runs from offset 24 up to 86, so offset 80 holds hex digits.
+    h.set_modulename(&[b'a'; 63]).unwrap();
+    h.kpatch_offset = 0;
+    assert_eq!(Header::detect(&h.to_bytes()).unwrap(), Layout::LibCarePlus);
+    assert_eq!(Header::parse(&h.to_bytes()).unwrap(), h);
+}
+
+#[test]
+fn a_short_libcare_build_id_is_still_libcare() {
+    let bid = BuildId::parse("deadbeef").unwrap();
+    let h = Header::new(Layout::LibCare, bid, None).unwrap();
+    assert_eq!(Header::detect(&h.to_bytes()).unwrap(), Layout::LibCare);
+}
