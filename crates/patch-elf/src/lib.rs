@@ -78,6 +78,11 @@ pub enum Error {
         "no .kpatch.info section: the input was not linked from augmented (kpatch_gensrc) assembly"
     )]
     NoPatchInfo,
+    /// The patched binary kept no relocations for `.kpatch.info`.
+    #[error(
+        "no relocations for .kpatch.info: link the patched binary with -Wl,-q (--emit-relocs)"
+    )]
+    NoRelocations,
     /// Rel-fixup only knows x86-64.
     #[error("unsupported machine {0} (only x86-64 is supported)")]
     UnsupportedMachine(u16),

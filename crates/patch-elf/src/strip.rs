@@ -46,6 +46,15 @@ pub(crate) fn strip(input: &[u8]) -> Result<Vec<u8>, Error> {
     {
         return Err(Error::NoPatchInfo);
     }
+    // Without `-Wl,-q` the linker drops the relocations the applier needs.
+    let info_has_relocs = b.sections.iter().any(|s| {
+        matches!(&s.data, SectionData::Relocation(r) if !r.is_empty())
+            && s.sh_info_section
+                .is_some_and(|t| b.sections.get(t).name.starts_with(b".kpatch.info"))
+    });
+    if !info_has_relocs {
+        return Err(Error::NoRelocations);
+    }
 
     for s in b.sections.iter_mut() {
         if keep.contains(&s.id().index()) {

@@ -600,3 +600,28 @@ fn gotpcrel_to_an_interposable_library_global_reads_the_original_got_slot() -> R
     assert_eq!(r.addend, (slot - got) as i64 - 4);
     Ok(())
 }
+
+#[test]
+fn strip_refuses_a_patched_binary_linked_without_emit_relocs() -> Result<()> {
+    let dir = Scratch::new()?;
+    let src = dir.write("prog.c", REPORT_C)?;
+    let s = dir.join("prog.s");
+    run_ok(
+        Command::new("gcc")
+            .args(["-S", "-O0"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&s),
+    )?;
+    let aug = format!(
+        "{}\n{}",
+        std::fs::read_to_string(&s)?,
+        kpatch_part("\tret", "")
+    );
+    let aug_s = dir.write("aug.s", aug)?;
+    let exe = gcc(&[&aug_s], &dir.join("aug"), Link::Pie, &[])?;
+    let err = patch_elf::strip(&std::fs::read(exe)?).unwrap_err();
+    assert!(matches!(err, patch_elf::Error::NoRelocations), "{err}");
+    assert!(err.to_string().contains("-Wl,-q"), "{err}");
+    Ok(())
+}
