@@ -71,8 +71,22 @@ struct Built {
     patch_elf: PathBuf,
 }
 
+/// Order of the middle steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Order {
+    /// system.md §1.5: strip, `strip --strip-unneeded`, rel-fixup, undo-link.
+    StripUnneededFirst,
+    /// libcare-patch-make's order: strip, rel-fixup, `strip --strip-unneeded`, undo-link.
+    RelFixupFirst,
+}
+
 /// Builds the original and the patched object and runs the whole pipeline.
 fn pipeline(variant: Variant) -> Result<Built> {
+    pipeline_in(variant, Order::StripUnneededFirst)
+}
+
+/// [`pipeline`] with the middle steps in `order`.
+fn pipeline_in(variant: Variant, order: Order) -> Result<Built> {
     let dir = Scratch::new()?;
     dir.copy_fixture("strip-manual")?;
     let orig_s = dir.join(variant.orig_asm());
@@ -98,9 +112,14 @@ fn pipeline(variant: Variant) -> Result<Built> {
     let tool = kpatch_strip(&dir)?;
     let out = dir.join("patch.o");
     run(Command::new(&tool).arg("--strip").arg(&patched).arg(&out))?;
+    if order == Order::RelFixupFirst {
+        run(Command::new(&tool).arg("--rel-fixup").arg(&orig).arg(&out))?;
+    }
     run(Command::new("strip").arg("--strip-unneeded").arg(&out))?;
     let stripped = std::fs::read(&out)?;
-    run(Command::new(&tool).arg("--rel-fixup").arg(&orig).arg(&out))?;
+    if order == Order::StripUnneededFirst {
+        run(Command::new(&tool).arg("--rel-fixup").arg(&orig).arg(&out))?;
+    }
     // The native face does the same job.
     run(Command::new(LIVECARE)
         .args(["strip", "--undo-link"])
@@ -584,6 +603,22 @@ fn pipeline_output_matches_the_libcare_patches_of_the_interop_vector() -> Result
             b[at..at + 4].fill(0);
         }
         assert_eq!(a, b, "{peer}: .kpatch.text code");
+    }
+    Ok(())
+}
+
+#[test]
+fn libcare_patch_make_step_order_gives_the_same_patch() -> Result<()> {
+    let a = pipeline_in(Variant::Pie, Order::StripUnneededFirst)?;
+    let b = pipeline_in(Variant::Pie, Order::RelFixupFirst)?;
+    check_stripped(Variant::Pie, &b.stripped)?;
+    check_patch_elf(Variant::Pie, &b)?;
+    let (ea, eb) = (std::fs::read(&a.patch_elf)?, std::fs::read(&b.patch_elf)?);
+    for sec in [".kpatch.text", ".kpatch.info", ".eh_frame"] {
+        assert_eq!(landings(&ea, sec)?, landings(&eb, sec)?, "{sec}");
+    }
+    for sec in [".kpatch.text", ".kpatch.data", ".kpatch.info", ".eh_frame"] {
+        assert_eq!(section_bytes(&ea, sec)?, section_bytes(&eb, sec)?, "{sec}");
     }
     Ok(())
 }
