@@ -94,6 +94,8 @@ fn read_i32(code: &[u8], field: usize) -> Option<i32> {
     Some(i32::from_le_bytes(bytes.try_into().ok()?))
 }
 
+/// Rewrites one relocation of `target` (whose bytes are `code`) by the rules in the crate
+/// doc; `None` means the field is final and the relocation is dropped.
 fn fix_one(
     b: &mut Builder<'_>,
     original: &Original<'_>,
