@@ -11,6 +11,7 @@ mod multicall;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     init_logging();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let outcome = multicall::dispatch(args);
@@ -32,4 +33,12 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .without_time()
         .try_init();
+}
+
+/// Output piped into `head` must end the program quietly, not panic on EPIPE.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
