@@ -451,6 +451,27 @@ impl<'a> ElfView<'a> {
     }
 }
 
+/// A field name such as `section[41].sym[7].st_name`, formatted only when an error needs
+/// it (formatting every field eagerly made parsing allocation-bound).
+struct FieldPath<'a> {
+    section: u64,
+    entry: Option<(&'a str, u64)>,
+    name: &'a str,
+}
+
+impl Display for FieldPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "section[{}]", self.section)?;
+        if let Some((kind, k)) = self.entry {
+            write!(f, ".{kind}[{k}]")?;
+        }
+        if !self.name.is_empty() {
+            write!(f, ".{}", self.name)?;
+        }
+        Ok(())
+    }
+}
+
 fn invalid(r: &Region<'_>, field: &str, off: u64, reason: String) -> Error {
     Error::Invalid {
         field: field.into(),
@@ -580,7 +601,11 @@ fn read_shdr(r: &Region<'_>, shoff: u64, i: u64) -> Result<Shdr> {
         shoff,
         mul(&"elf.e_shoff", r.abs(40), i, SHDR_SIZE)?,
     )?;
-    let f = |name: &str| format!("section[{i}].{name}");
+    let f = |name| FieldPath {
+        section: i,
+        entry: None,
+        name,
+    };
     let o = |d: u64| at.saturating_add(d);
     Ok(Shdr {
         name: r.u32(&f("sh_name"), o(0))?,
@@ -616,7 +641,11 @@ fn section_data<'a>(r: &Region<'a>, sh: &Shdr, i: u64, at: u64) -> Result<Option
     let end = sh.offset.checked_add(sh.size);
     match end {
         Some(end) if end <= len => {
-            let field = format!("section[{i}]");
+            let field = FieldPath {
+                section: i,
+                entry: None,
+                name: "",
+            };
             Ok(Some(r.bytes(&field, sh.offset, sh.size)?))
         }
         _ => {
@@ -755,7 +784,11 @@ fn read_symtabs<'a>(
         let mut symbols = Vec::new();
         for j in 0..count {
             let at = j.saturating_mul(SYM_SIZE);
-            let f = |name: &str| format!("section[{i}].sym[{j}].{name}");
+            let f = |name| FieldPath {
+                section: to_u64(i),
+                entry: Some(("sym", j)),
+                name,
+            };
             let st_name = t.u32(&f("st_name"), at)?;
             let info = t.u8(&f("st_info"), at.saturating_add(4))?;
             let other = t.u8(&f("st_other"), at.saturating_add(5))?;
@@ -790,11 +823,17 @@ fn read_symtabs<'a>(
     Ok(out)
 }
 
-fn check_shndx(t: &Region<'_>, shndx: u16, count: u64, field: &str, off: u64) -> Result<()> {
+fn check_shndx(
+    t: &Region<'_>,
+    shndx: u16,
+    count: u64,
+    field: &dyn Display,
+    off: u64,
+) -> Result<()> {
     if shndx < SHN_LORESERVE {
         if u64::from(shndx) >= count {
             return Err(Error::BadIndex {
-                field: field.into(),
+                field: field.to_string(),
                 offset: t.abs(off),
                 value: shndx.into(),
                 count,
@@ -812,7 +851,7 @@ fn check_shndx(t: &Region<'_>, shndx: u16, count: u64, field: &str, off: u64) ->
         "reserved section index (only SHN_ABS and SHN_COMMON are allowed)"
     };
     Err(Error::Unsupported {
-        field: field.into(),
+        field: field.to_string(),
         offset: t.abs(off),
         value: shndx.into(),
         reason: reason.into(),
@@ -869,7 +908,11 @@ fn read_relocations(
         let mut entries = Vec::new();
         for k in 0..s.size.checked_div(entsize).unwrap_or(0) {
             let at = k.saturating_mul(entsize);
-            let f = |name: &str| format!("section[{i}].{kind}[{k}].{name}");
+            let f = |name| FieldPath {
+                section: to_u64(i),
+                entry: Some((kind, k)),
+                name,
+            };
             let offset = t.u64(&f("r_offset"), at)?;
             let info = t.u64(&f("r_info"), at.saturating_add(8))?;
             let addend = if rela {
@@ -881,7 +924,7 @@ fn read_relocations(
             let r_type = u32::try_from(info & 0xffff_ffff).unwrap_or(u32::MAX);
             if u64::from(sym) >= nsyms {
                 return Err(Error::BadIndex {
-                    field: f("r_info"),
+                    field: f("r_info").to_string(),
                     offset: t.abs(at.saturating_add(8)),
                     value: sym.into(),
                     count: nsyms,
@@ -892,7 +935,7 @@ fn read_relocations(
                 let end = offset.checked_add(machine.reloc_width(r_type));
                 if end.is_none_or(|e| e > limit) {
                     return Err(Error::PastEnd {
-                        field: f("r_offset"),
+                        field: f("r_offset").to_string(),
                         offset: t.abs(at),
                         value: offset,
                         region: format!(
