@@ -395,6 +395,12 @@ fn line_macro_only(a: &[String], b: &[String]) -> Option<i64> {
         if x == y {
             continue;
         }
+        // __LINE__ reaches code as an argument or a stored value, not as an operand
+        // of arithmetic.
+        let head = x.split_whitespace().next().unwrap_or("");
+        if !(head.starts_with("mov") || head.starts_with("push") || crate::model::DATA_DIRECTIVES.contains(&head)) {
+            return None;
+        }
         let (tx, ty) = (tokenize(x), tokenize(y));
         if tx.len() != ty.len() {
             return None;

@@ -16,18 +16,57 @@ pub struct Variant {
     pub name: &'static str,
     /// gcc flags.
     pub flags: &'static [&'static str],
+    /// Extra link flags.
+    pub link: &'static [&'static str],
+    /// Variant whose expectation applies when the case gives none for this one.
+    pub fallback: &'static str,
 }
 
 /// The variants every fixture is built with.
 pub const VARIANTS: &[Variant] = &[
-    Variant { name: "O0", flags: &["-O0"] },
-    Variant { name: "O2", flags: &["-O2"] },
-    Variant { name: "O2g", flags: &["-O2", "-g"] },
+    Variant { name: "O0", flags: &["-O0"], link: &[], fallback: "O0" },
+    Variant { name: "O2", flags: &["-O2"], link: &[], fallback: "O2" },
+    Variant { name: "O2g", flags: &["-O2", "-g"], link: &[], fallback: "O2" },
+];
+
+/// More flag sets gcc users build with: -Os, per-function sections with
+/// CET, and non-PIC -O1 with -g3 macro info.
+pub const MORE_VARIANTS: &[Variant] = &[
+    Variant { name: "Os", flags: &["-Os"], link: &[], fallback: "O2" },
+    Variant {
+        name: "O2fs",
+        flags: &["-O2", "-g", "-ffunction-sections", "-fdata-sections", "-fcf-protection"],
+        link: &[],
+        fallback: "O2",
+    },
+    Variant { name: "O1np", flags: &["-O1", "-g3", "-fno-pic"], link: &["-no-pie"], fallback: "O2" },
 ];
 
 /// `gcc -S` of `src` into `out`.
 pub fn compile_s(src: &Path, out: &Path, flags: &[&str], extra: &[String]) {
     run_ok(Command::new("gcc").arg("-S").args(flags).args(extra).arg(src).arg("-o").arg(out)).unwrap();
+}
+
+/// The assembly gcc emits for `dir/src` under `variant` (computed once per test
+/// binary; several tests share the corpus).
+pub fn asm_of(dir: &Path, src: &str, variant: &Variant) -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Cache = Mutex<std::collections::HashMap<(PathBuf, String, &'static str), Arc<OnceLock<String>>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cell = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry((dir.to_path_buf(), src.to_string(), variant.name))
+        .or_default()
+        .clone();
+    cell.get_or_init(|| {
+        let tmp = testkit::Scratch::new().unwrap();
+        let out = tmp.join("out.s");
+        compile_s(&dir.join(src), &out, variant.flags, &case_flags(dir));
+        std::fs::read_to_string(&out).unwrap()
+    })
+    .clone()
 }
 
 /// `gcc -c` of an assembly file.
@@ -36,10 +75,12 @@ pub fn assemble(s: &Path, o: &Path) {
 }
 
 /// Links an object into an executable or (`shared`) a library.
-pub fn link(o: &Path, out: &Path, shared: bool) {
+pub fn link(o: &Path, out: &Path, shared: bool, flags: &[&str]) {
     let mut c = Command::new("gcc");
     if shared {
         c.arg("-shared");
+    } else {
+        c.args(flags);
     }
     run_ok(c.arg(o).arg("-o").arg(out)).unwrap();
 }
@@ -87,12 +128,16 @@ pub fn assert_same_except_kpatch(orig: &Path, aug: &Path) -> Vec<String> {
     let (od, ad) = (std::fs::read(orig).unwrap(), std::fs::read(aug).unwrap());
     let (of, af) = (object::File::parse(&*od).unwrap(), object::File::parse(&*ad).unwrap());
     let mut new = Vec::new();
+    // Sections are matched by name and occurrence: COMDAT groups (-g3
+    // `.debug_macro`) repeat names.
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for asec in af.sections() {
         let name = asec.name().unwrap().to_string();
         if matches!(asec.kind(), SectionKind::Metadata | SectionKind::Linker) && name != ".eh_frame" {
             continue; // symtab, strtab, relocation sections (compared via relocations())
         }
-        let Some(osec) = of.section_by_name(&name) else {
+        let k = *seen.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+        let Some(osec) = of.sections().filter(|s| s.name().ok() == Some(name.as_str())).nth(k) else {
             assert!(is_kpatch(&name), "{}: new non-kpatch section {name}", aug.display());
             new.push(name);
             continue;
