@@ -298,13 +298,14 @@ impl ElfReport {
             sections,
             symbols,
             relocations,
-            kpatch_info: info_records(view),
+            kpatch_info: kpatch_info_records(view),
         }
     }
 }
 
-/// Reads `.kpatch.info` up to its all-zero terminator (or its end).
-fn info_records(view: &ElfView<'_>) -> Vec<InfoRecord> {
+/// The `.kpatch.info` records of a validated ELF, up to the all-zero terminator (or the
+/// section's end), with the names of the symbols they are relocated against.
+pub fn kpatch_info_records(view: &ElfView<'_>) -> Vec<InfoRecord> {
     let Some(info) = view.section_by_name(".kpatch.info") else {
         return Vec::new();
     };

@@ -153,3 +153,22 @@ fn make_refuses_a_non_elf_input() {
 fn section_table_offset(elf: &[u8]) -> usize {
     u64::from_le_bytes(elf[40..48].try_into().unwrap()) as usize
 }
+
+#[test]
+fn an_aarch64_patch_is_accepted_and_named() {
+    let mut bytes = interop("foo.libcareplus.kpatch");
+    // e_machine = EM_AARCH64 (183).
+    bytes[504 + 18..504 + 20].copy_from_slice(&183u16.to_le_bytes());
+    let file = PatchFile::parse(&bytes).unwrap();
+    assert_eq!(file.elf_view().machine(), kpatch_file::Machine::Aarch64);
+    let report = Report::new(&file);
+    assert_eq!(report.elf.machine, "aarch64");
+    // x86_64 type 2 is not an aarch64 type: shown by number, not misnamed.
+    let rel = report
+        .elf
+        .relocations
+        .iter()
+        .find(|r| r.section == ".rela.kpatch.text")
+        .unwrap();
+    assert_eq!(rel.entries[0].type_name, "R_AARCH64_2");
+}
