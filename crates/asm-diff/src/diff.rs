@@ -22,7 +22,10 @@ pub(crate) struct Norm<'m, 'a> {
 
 impl<'m, 'a> Norm<'m, 'a> {
     pub(crate) fn new(m: &'m Model<'a>) -> Self {
-        Norm { m, data_cache: RefCell::new(HashMap::new()) }
+        Norm {
+            m,
+            data_cache: RefCell::new(HashMap::new()),
+        }
     }
 
     fn sym(&self, name: &str, locals: Option<&HashMap<&str, usize>>, depth: u8, out: &mut String) {
@@ -45,7 +48,12 @@ impl<'m, 'a> Norm<'m, 'a> {
     }
 
     /// Normalised text of one statement: prefix/mnemonic/directive, then tokens.
-    pub(crate) fn stmt(&self, s: &Stmt, locals: Option<&HashMap<&str, usize>>, depth: u8) -> String {
+    pub(crate) fn stmt(
+        &self,
+        s: &Stmt,
+        locals: Option<&HashMap<&str, usize>>,
+        depth: u8,
+    ) -> String {
         let args = s.args();
         let head_len = s.text.len() - args.len();
         let mut out = String::with_capacity(s.text.len());
@@ -70,7 +78,11 @@ impl<'m, 'a> Norm<'m, 'a> {
             return s.clone();
         }
         let d = &self.m.datas[di];
-        let mut out = format!("{}|{}|", self.m.sections[d.section].name, self.m.data_align(d));
+        let mut out = format!(
+            "{}|{}|",
+            self.m.sections[d.section].name,
+            self.m.data_align(d)
+        );
         for i in d.label + 1..d.end {
             let s = self.m.stmt(i);
             if s.kind != Kind::Blank {
@@ -102,7 +114,11 @@ impl<'m, 'a> Norm<'m, 'a> {
                 Kind::Directive if is_debug_directive(s.head) => {}
                 Kind::Directive if self.m.switch[i] => {
                     let sec = self.m.section(i);
-                    out.push(format!("section {:?} {}", sec.kind, section_flavour(&sec.name)));
+                    out.push(format!(
+                        "section {:?} {}",
+                        sec.kind,
+                        section_flavour(&sec.name)
+                    ));
                 }
                 _ => out.push(self.stmt(s, Some(&locals), 0)),
             }
@@ -133,7 +149,10 @@ pub(crate) fn section_flavour(name: &str) -> &'static str {
 
 /// Labels defined inside a function (numbered in order) and the symbols its
 /// code refers to.
-pub(crate) fn func_labels<'a>(m: &Model<'a>, fi: usize) -> (HashMap<&'a str, usize>, HashSet<&'a str>) {
+pub(crate) fn func_labels<'a>(
+    m: &Model<'a>,
+    fi: usize,
+) -> (HashMap<&'a str, usize>, HashSet<&'a str>) {
     let f = &m.funcs[fi];
     let mut locals = HashMap::new();
     let mut referenced = HashSet::new();
@@ -185,7 +204,12 @@ fn variables<'a>(m: &'a Model<'a>) -> Vec<(&'a str, &'a str, Var)> {
 /// Comparable shape of a variable: (section, alignment, size, content).
 fn var_sig(m: &Model, n: &Norm, v: Var) -> [String; 4] {
     match v {
-        Var::Comm(i) => [".bss(comm)".into(), String::new(), m.comms[i].shape.clone(), String::new()],
+        Var::Comm(i) => [
+            ".bss(comm)".into(),
+            String::new(),
+            m.comms[i].shape.clone(),
+            String::new(),
+        ],
         Var::Data(i) => {
             let d = &m.datas[i];
             let size = (d.start..d.label)
@@ -195,7 +219,12 @@ fn var_sig(m: &Model, n: &Norm, v: Var) -> [String; 4] {
                 .unwrap_or_default();
             let full = n.data(i, 0);
             let content = full.splitn(3, '|').nth(2).unwrap_or("").to_string();
-            [m.sections[d.section].name.clone(), m.data_align(d), size, content]
+            [
+                m.sections[d.section].name.clone(),
+                m.data_align(d),
+                size,
+                content,
+            ]
         }
     }
 }
@@ -245,7 +274,15 @@ pub fn filter(input: &str, opts: &Options) -> Result<String, Error> {
         let in_debug = m.section(i).kind == SecKind::Debug;
         let drop = match s.kind {
             Kind::Directive if s.head.starts_with(".loc") => true,
-            Kind::Directive if s.head == ".file" => s.args().starts_with(|c: char| c.is_ascii_digit()),
+            Kind::Directive if s.head == ".file" => {
+                s.args().starts_with(|c: char| c.is_ascii_digit())
+            }
+            // Section-independent directives (`.ident`, `.globl`) stay.
+            Kind::Directive if in_debug => {
+                m.switch[i]
+                    || crate::model::DATA_DIRECTIVES.contains(&s.head)
+                    || matches!(s.head, ".align" | ".p2align" | ".balign" | ".set" | ".equ")
+            }
             _ => in_debug,
         };
         if drop {
@@ -284,7 +321,10 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
     }
 
     // Variables: existing ones must be untouched; new ones are emitted.
-    let ovars: HashMap<&str, (&str, Var)> = variables(&o).into_iter().map(|(k, n, v)| (k, (n, v))).collect();
+    let ovars: HashMap<&str, (&str, Var)> = variables(&o)
+        .into_iter()
+        .map(|(k, n, v)| (k, (n, v)))
+        .collect();
     let mut var_map: HashMap<&str, String> = HashMap::new();
     let mut new_vars = Vec::new();
     for (key, name, pv) in variables(&p) {
@@ -293,20 +333,36 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
                 let (a, b) = (var_sig(&o, &no, ov), var_sig(&p, &np, pv));
                 if a != b {
                     if is_tls(&o, ov) || is_tls(&p, pv) {
-                        return Err(Error::TlsChanged { name: oname.to_string(), what: "changed" });
+                        return Err(Error::TlsChanged {
+                            name: oname.to_string(),
+                            what: "changed",
+                        });
                     }
                     let what = ["section", "alignment", "size", "initial value"]
                         [a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(3)];
-                    return Err(Error::VariableChanged { name: oname.to_string(), what });
+                    return Err(Error::VariableChanged {
+                        name: oname.to_string(),
+                        what,
+                    });
                 }
                 var_map.insert(name, oname.to_string());
             }
             None => {
                 if is_tls(&p, pv) {
-                    return Err(Error::TlsChanged { name: name.to_string(), what: "added" });
+                    return Err(Error::TlsChanged {
+                        name: name.to_string(),
+                        what: "added",
+                    });
                 }
                 let global = p.globals.contains(name);
-                var_map.insert(name, if global { name.to_string() } else { format!("{name}.kpatch") });
+                var_map.insert(
+                    name,
+                    if global {
+                        name.to_string()
+                    } else {
+                        format!("{name}.kpatch")
+                    },
+                );
                 new_vars.push(pv);
             }
         }
@@ -333,7 +389,12 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
     }
 
     // Functions.
-    let ofuncs: HashMap<&str, usize> = o.funcs.iter().enumerate().map(|(i, f)| (o.key(f.name), i)).collect();
+    let ofuncs: HashMap<&str, usize> = o
+        .funcs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (o.key(f.name), i))
+        .collect();
     let mut changed = Vec::new();
     let mut added = Vec::new();
     for (pfi, f) in p.funcs.iter().enumerate() {
@@ -347,7 +408,9 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
                     (Some(x), Some(y)) => Some(y - x),
                     _ => None,
                 };
-                if let Some(delta) = line_macro_only(&a, &b).filter(|d| shift.map_or(true, |s| s == *d)) {
+                if let Some(delta) =
+                    line_macro_only(&a, &b).filter(|d| !matches!(shift, Some(s) if s != *d))
+                {
                     warnings.push(format!(
                         "function `{}` differs only in integer constants shifted by {delta} (a __LINE__ change?){}",
                         o.funcs[ofi].name,
@@ -359,7 +422,10 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
                 }
                 let size = emit::estimate_size(&o, ofi);
                 if size < 5 {
-                    return Err(Error::FunctionTooShort { name: o.funcs[ofi].name.to_string(), size });
+                    return Err(Error::FunctionTooShort {
+                        name: o.funcs[ofi].name.to_string(),
+                        size,
+                    });
                 }
                 changed.push((ofi, pfi));
             }
@@ -368,8 +434,14 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
     }
 
     let mut diff = Diff {
-        changed: changed.iter().map(|&(ofi, _)| o.funcs[ofi].name.to_string()).collect(),
-        added: added.iter().map(|&pfi| p.funcs[pfi].name.to_string()).collect(),
+        changed: changed
+            .iter()
+            .map(|&(ofi, _)| o.funcs[ofi].name.to_string())
+            .collect(),
+        added: added
+            .iter()
+            .map(|&pfi| p.funcs[pfi].name.to_string())
+            .collect(),
         ..Diff::default()
     };
     // New variables only matter when code uses them.
@@ -378,7 +450,14 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
         diff.warnings = warnings;
         return Ok(diff);
     }
-    let plan = Plan { o: &o, p: &p, changed: &changed, added: &added, new_vars: &new_vars, var_map: &var_map };
+    let plan = Plan {
+        o: &o,
+        p: &p,
+        changed: &changed,
+        added: &added,
+        new_vars: &new_vars,
+        var_map: &var_map,
+    };
     diff.asm = emit::emit(&plan, opts, &mut warnings);
     diff.warnings = warnings;
     Ok(diff)
@@ -398,7 +477,10 @@ fn line_macro_only(a: &[String], b: &[String]) -> Option<i64> {
         // __LINE__ reaches code as an argument or a stored value, not as an operand
         // of arithmetic.
         let head = x.split_whitespace().next().unwrap_or("");
-        if !(head.starts_with("mov") || head.starts_with("push") || crate::model::DATA_DIRECTIVES.contains(&head)) {
+        if !(head.starts_with("mov")
+            || head.starts_with("push")
+            || crate::model::DATA_DIRECTIVES.contains(&head))
+        {
             return None;
         }
         let (tx, ty) = (tokenize(x), tokenize(y));

@@ -79,7 +79,12 @@ pub(crate) fn emit(plan: &Plan, opts: &Options, warnings: &mut Vec<String>) -> S
     let mut records = Vec::new();
     for (k, &(ofi, pfi)) in plan.changed.iter().enumerate() {
         let end = e.copy_function(pfi, &format!(".Lkpatch_nend{k}"));
-        records.push((o.funcs[ofi].name, e.copy_name[p.funcs[pfi].name].clone(), k, end));
+        records.push((
+            o.funcs[ofi].name,
+            e.copy_name[p.funcs[pfi].name].clone(),
+            k,
+            end,
+        ));
     }
     for (k, &pfi) in plan.added.iter().enumerate() {
         e.copy_function(pfi, &format!(".Lkpatch_aend{k}"));
@@ -166,7 +171,14 @@ impl<'x, 'a> Emitter<'x, 'a> {
         match p.defs.get(name) {
             None => true,
             Some(Def::Comm(_)) => self.plan.var_map.get(name).is_some_and(|n| n == name),
-            Some(Def::Data(_)) => !name.starts_with(".L") && self.plan.var_map.get(name).is_some_and(|n| !n.ends_with(".kpatch")),
+            Some(Def::Data(_)) => {
+                !name.starts_with(".L")
+                    && self
+                        .plan
+                        .var_map
+                        .get(name)
+                        .is_some_and(|n| !n.ends_with(".kpatch"))
+            }
             _ => false,
         }
     }
@@ -204,7 +216,11 @@ impl<'x, 'a> Emitter<'x, 'a> {
         let f = &p.funcs[pfi];
         let (locals, referenced) = func_labels(p, pfi);
         let start_sec = &p.sections[f.section];
-        let _ = writeln!(self.out, "{}", self.section_line(SecKind::Text, section_flavour(&start_sec.name)));
+        let _ = writeln!(
+            self.out,
+            "{}",
+            self.section_line(SecKind::Text, section_flavour(&start_sec.name))
+        );
         self.out.push_str("\t.p2align 4\n");
         let cname = self.copy_name[f.name].clone();
         let _ = writeln!(self.out, "\t.type\t{cname}, @function");
@@ -215,7 +231,9 @@ impl<'x, 'a> Emitter<'x, 'a> {
                 Kind::Blank => {}
                 Kind::Label => {
                     if i == f.start || f.parts.contains(&s.head) || referenced.contains(s.head) {
-                        let n = self.map_sym(s.head, Some(&locals)).unwrap_or_else(|| s.head.to_string());
+                        let n = self
+                            .map_sym(s.head, Some(&locals))
+                            .unwrap_or_else(|| s.head.to_string());
                         let _ = writeln!(self.out, "{n}:");
                     }
                 }
@@ -233,7 +251,15 @@ impl<'x, 'a> Emitter<'x, 'a> {
                     let args = s.args();
                     let head = &s.text[..s.text.len() - args.len()];
                     let renamed = self.rename(args, Some(&locals));
-                    let line = format!("{}{}", head.trim_end(), if renamed.is_empty() { String::new() } else { format!("\t{renamed}") });
+                    let line = format!(
+                        "{}{}",
+                        head.trim_end(),
+                        if renamed.is_empty() {
+                            String::new()
+                        } else {
+                            format!("\t{renamed}")
+                        }
+                    );
                     if self.opts.force_gotpcrel && s.kind == Kind::Instruction {
                         self.gotpcrel(s.head, head, args, &renamed, f.name);
                     } else {
@@ -259,7 +285,11 @@ impl<'x, 'a> Emitter<'x, 'a> {
             if t.kind != TokKind::Sym || !self.is_foreign_data(&orig_args[t.span.clone()]) {
                 continue;
             }
-            let txt = |j: usize| toks.get(j).map(|t| &orig_args[t.span.clone()]).unwrap_or("");
+            let txt = |j: usize| {
+                toks.get(j)
+                    .map(|t| &orig_args[t.span.clone()])
+                    .unwrap_or("")
+            };
             let mut j = k + 1;
             let mut off = String::new();
             while j < toks.len() && txt(j) != "(" && txt(j) != "," && txt(j) != "@" {
@@ -275,7 +305,9 @@ impl<'x, 'a> Emitter<'x, 'a> {
             self.out.push_str(&plain);
             return;
         };
-        let sym = self.map_sym(&orig_args[toks[k].span.clone()], None).unwrap_or_else(|| orig_args[toks[k].span.clone()].to_string());
+        let sym = self
+            .map_sym(&orig_args[toks[k].span.clone()], None)
+            .unwrap_or_else(|| orig_args[toks[k].span.clone()].to_string());
         let rest = orig_args[mem_end..].trim_start();
         let dest = rest.strip_prefix(',').map(str::trim);
         let before = orig_args[..toks[k].span.start].trim();
@@ -290,14 +322,22 @@ impl<'x, 'a> Emitter<'x, 'a> {
             (m, Some(d))
                 if before.is_empty()
                     && m.starts_with("mov")
-                    && !m.starts_with("movs") | m.starts_with("movsb") | m.starts_with("movsw") | m.starts_with("movsl")
+                    && !m.starts_with("movs")
+                        | m.starts_with("movsb")
+                        | m.starts_with("movsw")
+                        | m.starts_with("movsl")
                     && !m.contains("ap")
                     && !m.contains("up")
                     && !m.contains("dq") =>
             {
                 let dest = dest.unwrap_or_default();
                 let _ = writeln!(self.out, "\tmovq\t{sym}@GOTPCREL(%rip), {d}");
-                let _ = writeln!(self.out, "\t{}\t{}({d}), {dest}", head.trim(), off.trim_start_matches('+'));
+                let _ = writeln!(
+                    self.out,
+                    "\t{}\t{}({d}), {dest}",
+                    head.trim(),
+                    off.trim_start_matches('+')
+                );
             }
             _ => {
                 self.warnings.push(format!(
@@ -369,7 +409,9 @@ impl<'x, 'a> Emitter<'x, 'a> {
                 let size = it.next().unwrap_or("0").to_string();
                 let align = it.next().unwrap_or("1").to_string();
                 let _ = writeln!(self.out, "{}", self.section_line(SecKind::Bss, ""));
-                if p.globals.contains(c.name) || p.stmt(c.stmt).head == ".comm" && !new.ends_with(".kpatch") {
+                if p.globals.contains(c.name)
+                    || p.stmt(c.stmt).head == ".comm" && !new.ends_with(".kpatch")
+                {
                     let _ = writeln!(self.out, "\t.globl\t{new}");
                 }
                 let _ = writeln!(self.out, "\t.balign\t{align}\n\t.type\t{new}, @object\n\t.size\t{new}, {size}\n{new}:\n\t.zero\t{size}");
@@ -382,11 +424,13 @@ impl<'x, 'a> Emitter<'x, 'a> {
         if records.is_empty() {
             return;
         }
-        self.out.push_str("\t.section\t.kpatch.strtab,\"a\",@progbits\n");
+        self.out
+            .push_str("\t.section\t.kpatch.strtab,\"a\",@progbits\n");
         for (name, _, k, _) in records {
             let _ = writeln!(self.out, ".Lkpatch_str{k}:\n\t.string\t\"{name}\"");
         }
-        self.out.push_str("\t.section\t.kpatch.info,\"aw\",@progbits\n\t.balign\t8\n");
+        self.out
+            .push_str("\t.section\t.kpatch.info,\"aw\",@progbits\n\t.balign\t8\n");
         for (name, copy, k, end) in records {
             let _ = writeln!(
                 self.out,
@@ -440,7 +484,8 @@ pub(crate) fn estimate_size(m: &Model, fi: usize) -> usize {
         }
         let args = s.args();
         size += match s.head {
-            "ret" | "leave" | "nop" | "hlt" | "cltd" | "cwtl" | "int3" | "pushfq" | "popfq" | "cld" => 1,
+            "ret" | "leave" | "nop" | "hlt" | "cltd" | "cwtl" | "int3" | "pushfq" | "popfq"
+            | "cld" => 1,
             "endbr64" | "endbr32" => 4,
             "cltq" | "cqto" | "ud2" | "syscall" => 2,
             h if h.starts_with("push") || h.starts_with("pop") => {
@@ -482,7 +527,7 @@ fn operand_bytes(args: &str) -> usize {
         if inner.contains(',') || inner.contains("%rsp") || inner.contains("%r12") {
             n += 1;
         }
-        let disp = args[..open].rsplit(|c: char| c == ',' || c == ' ').next().unwrap_or("");
+        let disp = args[..open].rsplit([',', ' ']).next().unwrap_or("");
         if !disp.is_empty() {
             n += match disp.parse::<i64>() {
                 Ok(v) if (-128..128).contains(&v) => 1,

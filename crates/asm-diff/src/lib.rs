@@ -69,7 +69,9 @@ pub enum Error {
         what: &'static str,
     },
     /// Constructors or destructors changed.
-    #[error("section `{section}` changed; constructors/destructors cannot be changed by a live patch")]
+    #[error(
+        "section `{section}` changed; constructors/destructors cannot be changed by a live patch"
+    )]
     InitArrayChanged {
         /// Section name.
         section: String,

@@ -119,17 +119,77 @@ pub struct Model<'a> {
 
 /// Directives that emit data.
 pub const DATA_DIRECTIVES: &[&str] = &[
-    ".byte", ".short", ".value", ".word", ".hword", ".long", ".int", ".quad", ".octa", ".string", ".ascii", ".asciz",
-    ".string8", ".string16", ".zero", ".skip", ".space", ".float", ".double", ".single", ".uleb128", ".sleb128",
-    ".dc.a", ".dc.b", ".dc.w", ".dc.l", ".dc.d", ".dc.s", ".fill", ".base64", ".nops", ".reloc",
+    ".byte",
+    ".short",
+    ".value",
+    ".word",
+    ".hword",
+    ".long",
+    ".int",
+    ".quad",
+    ".octa",
+    ".string",
+    ".ascii",
+    ".asciz",
+    ".string8",
+    ".string16",
+    ".zero",
+    ".skip",
+    ".space",
+    ".float",
+    ".double",
+    ".single",
+    ".uleb128",
+    ".sleb128",
+    ".dc.a",
+    ".dc.b",
+    ".dc.w",
+    ".dc.l",
+    ".dc.d",
+    ".dc.s",
+    ".fill",
+    ".base64",
+    ".nops",
+    ".reloc",
 ];
 
 /// Directives whose meaning we know (others are reported with `--verbose`).
 pub const KNOWN_DIRECTIVES: &[&str] = &[
-    ".file", ".loc", ".loc_mark_labels", ".text", ".data", ".bss", ".section", ".pushsection", ".popsection",
-    ".previous", ".subsection", ".globl", ".global", ".local", ".weak", ".hidden", ".protected", ".internal",
-    ".type", ".size", ".align", ".p2align", ".balign", ".comm", ".lcomm", ".ident", ".set", ".equ", ".symver",
-    ".weakref", ".intel_syntax", ".att_syntax", ".code64", ".code32", ".code16",
+    ".file",
+    ".loc",
+    ".loc_mark_labels",
+    ".text",
+    ".data",
+    ".bss",
+    ".section",
+    ".pushsection",
+    ".popsection",
+    ".previous",
+    ".subsection",
+    ".globl",
+    ".global",
+    ".local",
+    ".weak",
+    ".hidden",
+    ".protected",
+    ".internal",
+    ".type",
+    ".size",
+    ".align",
+    ".p2align",
+    ".balign",
+    ".comm",
+    ".lcomm",
+    ".ident",
+    ".set",
+    ".equ",
+    ".symver",
+    ".weakref",
+    ".intel_syntax",
+    ".att_syntax",
+    ".code64",
+    ".code32",
+    ".code16",
 ];
 
 impl<'a> Model<'a> {
@@ -176,7 +236,11 @@ impl<'a> Model<'a> {
             return i;
         }
         let i = self.sections.len() as u32;
-        self.sections.push(Section { name: name.to_string(), kind: sec_kind(name, decl), decl: decl.to_string() });
+        self.sections.push(Section {
+            name: name.to_string(),
+            kind: sec_kind(name, decl),
+            decl: decl.to_string(),
+        });
         names.insert(name.to_string(), i);
         i
     }
@@ -216,7 +280,8 @@ impl<'a> Model<'a> {
                     _ => {}
                 }
             }
-            self.switch.push(before != cur || matches!(head, ".section" | ".text" | ".data" | ".bss"));
+            self.switch
+                .push(before != cur || matches!(head, ".section" | ".text" | ".data" | ".bss"));
             self.sec_of.push(cur);
         }
     }
@@ -261,17 +326,32 @@ impl<'a> Model<'a> {
                             self.defs.insert(name, Def::InFunc(f));
                         } else {
                             let section = self.sec_of[i] as usize;
-                            self.funcs.push(Func { name, start: i, end: i, parts: Vec::new(), section });
+                            self.funcs.push(Func {
+                                name,
+                                start: i,
+                                end: i,
+                                parts: Vec::new(),
+                                section,
+                            });
                             let fi = self.funcs.len() - 1;
                             self.defs.insert(name, Def::Func(fi));
                             open = Some(fi);
                         }
                     } else if let Some(f) = open {
                         self.defs.insert(name, Def::InFunc(f));
-                    } else if matches!(kind, SecKind::Data | SecKind::Bss | SecKind::Tls | SecKind::InitArray) {
+                    } else if matches!(
+                        kind,
+                        SecKind::Data | SecKind::Bss | SecKind::Tls | SecKind::InitArray
+                    ) {
                         let end = self.data_end(i + 1);
                         let start = self.preamble_start(i);
-                        self.datas.push(Data { name, label: i, start, end, section: self.sec_of[i] as usize });
+                        self.datas.push(Data {
+                            name,
+                            label: i,
+                            start,
+                            end,
+                            section: self.sec_of[i] as usize,
+                        });
                         self.defs.insert(name, Def::Data(self.datas.len() - 1));
                     } else {
                         self.defs.entry(name).or_insert(Def::Other);
@@ -290,7 +370,11 @@ impl<'a> Model<'a> {
                         let a = s.args();
                         if let Some(n) = first_sym(a) {
                             let shape = a[a.find(',').unwrap_or(a.len())..].replace(' ', "");
-                            self.comms.push(Comm { name: n, stmt: i, shape });
+                            self.comms.push(Comm {
+                                name: n,
+                                stmt: i,
+                                shape,
+                            });
                             self.defs.insert(n, Def::Comm(self.comms.len() - 1));
                         }
                     }
@@ -330,7 +414,15 @@ impl<'a> Model<'a> {
                 Kind::Blank => true,
                 Kind::Directive => matches!(
                     s.head,
-                    ".align" | ".p2align" | ".balign" | ".type" | ".size" | ".globl" | ".global" | ".local" | ".weak"
+                    ".align"
+                        | ".p2align"
+                        | ".balign"
+                        | ".type"
+                        | ".size"
+                        | ".globl"
+                        | ".global"
+                        | ".local"
+                        | ".weak"
                 ),
                 _ => false,
             };
@@ -347,7 +439,11 @@ impl<'a> Model<'a> {
     /// digits replaced and the rank among same-pattern names.
     fn canonicalise(&mut self) {
         let mut groups: HashMap<String, Vec<(Vec<u64>, &'a str)>> = HashMap::new();
-        for (&name, _) in self.defs.iter().filter(|(n, d)| !n.starts_with(".L") && **d != Def::Other) {
+        for (&name, _) in self
+            .defs
+            .iter()
+            .filter(|(n, d)| !n.starts_with(".L") && **d != Def::Other)
+        {
             if let Some((pat, nums)) = numbered_pattern(name) {
                 groups.entry(pat).or_default().push((nums, name));
             }
@@ -397,7 +493,16 @@ fn sec_kind(name: &str, decl: &str) -> SecKind {
         SecKind::Text
     } else if name.starts_with(".tbss") || name.starts_with(".tdata") || flags.contains('T') {
         SecKind::Tls
-    } else if [".init_array", ".fini_array", ".ctors", ".dtors", ".preinit_array"].iter().any(|p| name.starts_with(p)) {
+    } else if [
+        ".init_array",
+        ".fini_array",
+        ".ctors",
+        ".dtors",
+        ".preinit_array",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+    {
         SecKind::InitArray
     } else if name.starts_with(".bss") || decl.contains("@nobits") {
         SecKind::Bss
@@ -410,7 +515,10 @@ fn sec_kind(name: &str, decl: &str) -> SecKind {
 
 /// The first symbol token of a directive's arguments.
 pub fn first_sym(args: &str) -> Option<&str> {
-    crate::parse::tokenize(args).into_iter().find(|t| t.kind == TokKind::Sym).map(|t| &args[t.span])
+    crate::parse::tokenize(args)
+        .into_iter()
+        .find(|t| t.kind == TokKind::Sym)
+        .map(|t| &args[t.span])
 }
 
 /// `foo.part.3` → (`foo.part.#`, [3]); `None` without numeric segments.

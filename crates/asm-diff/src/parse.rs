@@ -63,7 +63,8 @@ impl<'a> Stmt<'a> {
     pub fn args(&self) -> &'a str {
         match self.kind {
             Kind::Directive | Kind::Instruction => {
-                let start = self.head.as_ptr() as usize - self.text.as_ptr() as usize + self.head.len();
+                let start =
+                    self.head.as_ptr() as usize - self.text.as_ptr() as usize + self.head.len();
                 self.text[start..].trim()
             }
             _ => "",
@@ -78,7 +79,8 @@ impl<'a> Stmt<'a> {
 
 /// Instruction prefixes written as separate words by gcc.
 const PREFIXES: &[&str] = &[
-    "rep", "repe", "repz", "repne", "repnz", "lock", "notrack", "data16", "rex64", "addr32", "bnd", "cs", "ds",
+    "rep", "repe", "repz", "repne", "repnz", "lock", "notrack", "data16", "rex64", "addr32", "bnd",
+    "cs", "ds",
 ];
 
 /// A whole parsed file.
@@ -128,7 +130,12 @@ pub fn parse(src: &str) -> Parsed<'_> {
             // Labels may be followed by a statement on the same line.
             while let Some(len) = label_len(rest) {
                 let name = &rest[..len];
-                stmts.push(Stmt { text: &rest[..len + 1], kind: Kind::Label, head: name, line: ln });
+                stmts.push(Stmt {
+                    text: &rest[..len + 1],
+                    kind: Kind::Label,
+                    head: name,
+                    line: ln,
+                });
                 any = true;
                 rest = rest[len + 1..].trim_start();
             }
@@ -139,7 +146,12 @@ pub fn parse(src: &str) -> Parsed<'_> {
             stmts.push(classify(rest, ln));
         }
         if !any {
-            stmts.push(Stmt { text: line.trim(), kind: Kind::Blank, head: "", line: ln });
+            stmts.push(Stmt {
+                text: line.trim(),
+                kind: Kind::Blank,
+                head: "",
+                line: ln,
+            });
         }
     }
     Parsed { src, lines, stmts }
@@ -149,7 +161,12 @@ fn classify(text: &str, line: usize) -> Stmt<'_> {
     let first_end = text.find(|c: char| c.is_whitespace()).unwrap_or(text.len());
     let first = &text[..first_end];
     if first.starts_with('.') {
-        return Stmt { text, kind: Kind::Directive, head: first, line };
+        return Stmt {
+            text,
+            kind: Kind::Directive,
+            head: first,
+            line,
+        };
     }
     // Skip prefixes to find the mnemonic.
     let mut head = first;
@@ -169,7 +186,12 @@ fn classify(text: &str, line: usize) -> Stmt<'_> {
         }
         break;
     }
-    Stmt { text, kind: Kind::Instruction, head, line }
+    Stmt {
+        text,
+        kind: Kind::Instruction,
+        head,
+        line,
+    }
 }
 
 /// Length of a leading `name:` label, if any.
@@ -280,7 +302,11 @@ pub fn tokenize(s: &str) -> Vec<Token> {
             while i < b.len() && is_sym_char(b[i]) {
                 i += 1;
             }
-            if out.last().map(|t: &Token| t.kind == TokKind::Punct && &s[t.span.clone()] == "@") == Some(true) {
+            if out
+                .last()
+                .map(|t: &Token| t.kind == TokKind::Punct && &s[t.span.clone()] == "@")
+                == Some(true)
+            {
                 TokKind::At
             } else {
                 TokKind::Sym
@@ -289,7 +315,10 @@ pub fn tokenize(s: &str) -> Vec<Token> {
             i += 1;
             TokKind::Punct
         };
-        out.push(Token { kind, span: start..i });
+        out.push(Token {
+            kind,
+            span: start..i,
+        });
     }
     out
 }

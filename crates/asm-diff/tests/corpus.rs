@@ -31,7 +31,9 @@ fn expectation_for(dir: &Path, variant: &str) -> Option<Expect> {
     let mut e = Expect::default();
     let mut found = false;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         match k.trim() {
             "refuse" => {
                 e.refuse = Some(v.trim().to_string());
@@ -54,7 +56,10 @@ fn run_case(dir: &Path, variant: &Variant) {
     let case = dir.file_name().unwrap().to_string_lossy().to_string();
     let tmp = testkit::Scratch::new().unwrap();
     let shared = case_shared(dir);
-    let (o, p) = (asm_of(dir, "orig.c", variant), asm_of(dir, "patched.c", variant));
+    let (o, p) = (
+        asm_of(dir, "orig.c", variant),
+        asm_of(dir, "patched.c", variant),
+    );
     let os = tmp.write("orig.s", &o).unwrap();
     let exp = expectation(dir, variant);
     let ctx = format!("{case} [{}]", variant.name);
@@ -62,7 +67,10 @@ fn run_case(dir: &Path, variant: &Variant) {
     let result = gensrc(&o, &p, &Options::default());
     if let Some(name) = &exp.refuse {
         let err = result.expect_err(&format!("{ctx}: expected a refusal naming {name}"));
-        assert!(err.to_string().contains(name), "{ctx}: refusal `{err}` does not name {name}");
+        assert!(
+            err.to_string().contains(name),
+            "{ctx}: refusal `{err}` does not name {name}"
+        );
         return;
     }
     let diff = result.unwrap_or_else(|e| panic!("{ctx}: {e}"));
@@ -71,7 +79,11 @@ fn run_case(dir: &Path, variant: &Variant) {
     assert_eq!(changed, exp.changed, "{ctx}: changed functions");
     assert_eq!(added, exp.added, "{ctx}: added functions");
     if let Some(w) = &exp.warn {
-        assert!(diff.warnings.iter().any(|x| x.contains(w.as_str())), "{ctx}: no warning naming {w}: {:?}", diff.warnings);
+        assert!(
+            diff.warnings.iter().any(|x| x.contains(w.as_str())),
+            "{ctx}: no warning naming {w}: {:?}",
+            diff.warnings
+        );
     }
 
     let out = tmp.write("out.s", &diff.asm).unwrap();
@@ -81,22 +93,46 @@ fn run_case(dir: &Path, variant: &Variant) {
     let new_sections = assert_same_except_kpatch(&oo, &ao);
 
     if exp.changed.is_empty() && exp.added.is_empty() {
-        assert!(new_sections.is_empty(), "{ctx}: identical inputs emitted {new_sections:?}");
-        assert_eq!(diff.asm, o, "{ctx}: identical inputs must give the original back");
+        assert!(
+            new_sections.is_empty(),
+            "{ctx}: identical inputs emitted {new_sections:?}"
+        );
+        assert_eq!(
+            diff.asm, o,
+            "{ctx}: identical inputs must give the original back"
+        );
     } else {
-        assert!(new_sections.iter().any(|s| s == ".kpatch.text"), "{ctx}: no .kpatch.text in {new_sections:?}");
-        let (info, names, rel) = kpatch_info(&ao).unwrap_or_else(|| panic!("{ctx}: no .kpatch.info"));
+        assert!(
+            new_sections.iter().any(|s| s == ".kpatch.text"),
+            "{ctx}: no .kpatch.text in {new_sections:?}"
+        );
+        let (info, names, rel) =
+            kpatch_info(&ao).unwrap_or_else(|| panic!("{ctx}: no .kpatch.info"));
         let names: BTreeSet<String> = names.into_iter().collect();
         assert_eq!(names, exp.changed, "{ctx}: .kpatch.strtab names");
-        assert_eq!(info.len(), 48 * (exp.changed.len() + 1), "{ctx}: .kpatch.info records + terminator");
-        assert!(info[info.len() - 48..].iter().all(|&b| b == 0), "{ctx}: last record is not all-zero");
+        assert_eq!(
+            info.len(),
+            48 * (exp.changed.len() + 1),
+            "{ctx}: .kpatch.info records + terminator"
+        );
+        assert!(
+            info[info.len() - 48..].iter().all(|&b| b == 0),
+            "{ctx}: last record is not all-zero"
+        );
         // Each record: daddr, saddr and symstr are relocated; dlen/slen are resolved.
         for k in 0..exp.changed.len() as u64 {
             let at = |off: u64| rel.iter().filter(|r| r.0 == 48 * k + off).count();
-            assert_eq!((at(0), at(8), at(16), at(24)), (1, 1, 0, 1), "{ctx}: relocations of record {k}");
+            assert_eq!(
+                (at(0), at(8), at(16), at(24)),
+                (1, 1, 0, 1),
+                "{ctx}: relocations of record {k}"
+            );
             let dlen = u32::from_le_bytes(info[48 * k as usize + 16..][..4].try_into().unwrap());
             let slen = u32::from_le_bytes(info[48 * k as usize + 20..][..4].try_into().unwrap());
-            assert!(dlen >= 5 && slen >= 5, "{ctx}: record {k} sizes {dlen}/{slen}");
+            assert!(
+                dlen >= 5 && slen >= 5,
+                "{ctx}: record {k} sizes {dlen}/{slen}"
+            );
         }
     }
 
@@ -142,7 +178,11 @@ fn run_corpus(variants: &'static [Variant]) {
                 failures.push(format!("{}: {msg}", dir.display()));
             }
         }
-        assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "failing cases:\n{}",
+            failures.join("\n")
+        );
     });
 }
 
@@ -153,24 +193,23 @@ fn parse_and_render_reassembles_every_corpus_file_identically() {
     for dir in cases() {
         for v in VARIANTS.iter().chain(MORE_VARIANTS) {
             // The patched files differ only where the diff already reads them.
-            for src in ["orig.c"] {
-                let text = asm_of(&dir, src, v);
-                let s = tmp.write(&format!("{n}.s"), &text).unwrap();
-                let rendered = asm_diff::parse::parse(&text).render();
-                let r = tmp.write(&format!("{n}.r.s"), rendered).unwrap();
-                let (a, b) = (tmp.join(format!("{n}.o")), tmp.join(format!("{n}.r.o")));
-                assemble(&s, &a);
-                assemble(&r, &b);
-                assert_eq!(
-                    std::fs::read(&a).unwrap(),
-                    std::fs::read(&b).unwrap(),
-                    "{} {} [{}]: re-rendered assembly differs",
-                    dir.display(),
-                    src,
-                    v.name
-                );
-                n += 1;
-            }
+            let src = "orig.c";
+            let text = asm_of(&dir, src, v);
+            let s = tmp.write(&format!("{n}.s"), &text).unwrap();
+            let rendered = asm_diff::parse::parse(&text).render();
+            let r = tmp.write(&format!("{n}.r.s"), rendered).unwrap();
+            let (a, b) = (tmp.join(format!("{n}.o")), tmp.join(format!("{n}.r.o")));
+            assemble(&s, &a);
+            assemble(&r, &b);
+            assert_eq!(
+                std::fs::read(&a).unwrap(),
+                std::fs::read(&b).unwrap(),
+                "{} {} [{}]: re-rendered assembly differs",
+                dir.display(),
+                src,
+                v.name
+            );
+            n += 1;
         }
     }
 }

@@ -24,34 +24,75 @@ pub struct Variant {
 
 /// The variants every fixture is built with.
 pub const VARIANTS: &[Variant] = &[
-    Variant { name: "O0", flags: &["-O0"], link: &[], fallback: "O0" },
-    Variant { name: "O2", flags: &["-O2"], link: &[], fallback: "O2" },
-    Variant { name: "O2g", flags: &["-O2", "-g"], link: &[], fallback: "O2" },
+    Variant {
+        name: "O0",
+        flags: &["-O0"],
+        link: &[],
+        fallback: "O0",
+    },
+    Variant {
+        name: "O2",
+        flags: &["-O2"],
+        link: &[],
+        fallback: "O2",
+    },
+    Variant {
+        name: "O2g",
+        flags: &["-O2", "-g"],
+        link: &[],
+        fallback: "O2",
+    },
 ];
 
 /// More flag sets gcc users build with: -Os, per-function sections with
 /// CET, and non-PIC -O1 with -g3 macro info.
 pub const MORE_VARIANTS: &[Variant] = &[
-    Variant { name: "Os", flags: &["-Os"], link: &[], fallback: "O2" },
     Variant {
-        name: "O2fs",
-        flags: &["-O2", "-g", "-ffunction-sections", "-fdata-sections", "-fcf-protection"],
+        name: "Os",
+        flags: &["-Os"],
         link: &[],
         fallback: "O2",
     },
-    Variant { name: "O1np", flags: &["-O1", "-g3", "-fno-pic"], link: &["-no-pie"], fallback: "O2" },
+    Variant {
+        name: "O2fs",
+        flags: &[
+            "-O2",
+            "-g",
+            "-ffunction-sections",
+            "-fdata-sections",
+            "-fcf-protection",
+        ],
+        link: &[],
+        fallback: "O2",
+    },
+    Variant {
+        name: "O1np",
+        flags: &["-O1", "-g3", "-fno-pic"],
+        link: &["-no-pie"],
+        fallback: "O2",
+    },
 ];
 
 /// `gcc -S` of `src` into `out`.
 pub fn compile_s(src: &Path, out: &Path, flags: &[&str], extra: &[String]) {
-    run_ok(Command::new("gcc").arg("-S").args(flags).args(extra).arg(src).arg("-o").arg(out)).unwrap();
+    run_ok(
+        Command::new("gcc")
+            .arg("-S")
+            .args(flags)
+            .args(extra)
+            .arg(src)
+            .arg("-o")
+            .arg(out),
+    )
+    .unwrap();
 }
 
 /// The assembly gcc emits for `dir/src` under `variant` (computed once per test
 /// binary; several tests share the corpus).
 pub fn asm_of(dir: &Path, src: &str, variant: &Variant) -> String {
     use std::sync::{Arc, Mutex, OnceLock};
-    type Cache = Mutex<std::collections::HashMap<(PathBuf, String, &'static str), Arc<OnceLock<String>>>>;
+    type Cache =
+        Mutex<std::collections::HashMap<(PathBuf, String, &'static str), Arc<OnceLock<String>>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cell = CACHE
         .get_or_init(Default::default)
@@ -71,7 +112,14 @@ pub fn asm_of(dir: &Path, src: &str, variant: &Variant) -> String {
 
 /// `gcc -c` of an assembly file.
 pub fn assemble(s: &Path, o: &Path) {
-    run_ok(Command::new("gcc").args(["-c", "-x", "assembler"]).arg(s).arg("-o").arg(o)).unwrap();
+    run_ok(
+        Command::new("gcc")
+            .args(["-c", "-x", "assembler"])
+            .arg(s)
+            .arg("-o")
+            .arg(o),
+    )
+    .unwrap();
 }
 
 /// Links an object into an executable or (`shared`) a library.
@@ -93,12 +141,21 @@ fn target_name(f: &object::File, t: RelocationTarget) -> String {
         RelocationTarget::Symbol(i) => match f.symbol_by_index(i) {
             Ok(s) if s.kind() == object::SymbolKind::Section => {
                 let sec = s.section_index().and_then(|i| f.section_by_index(i).ok());
-                format!("[{}]", sec.and_then(|s| s.name().ok().map(str::to_string)).unwrap_or_default())
+                format!(
+                    "[{}]",
+                    sec.and_then(|s| s.name().ok().map(str::to_string))
+                        .unwrap_or_default()
+                )
             }
             Ok(s) => s.name().unwrap_or("?").to_string(),
             Err(_) => "?".into(),
         },
-        RelocationTarget::Section(i) => format!("[{}]", f.section_by_index(i).and_then(|s| s.name().map(str::to_string)).unwrap_or_default()),
+        RelocationTarget::Section(i) => format!(
+            "[{}]",
+            f.section_by_index(i)
+                .and_then(|s| s.name().map(str::to_string))
+                .unwrap_or_default()
+        ),
         _ => "absolute".into(),
     }
 }
@@ -126,19 +183,34 @@ pub fn is_kpatch(name: &str) -> bool {
 /// the patch copies). Returns the section names of `aug` that are new.
 pub fn assert_same_except_kpatch(orig: &Path, aug: &Path) -> Vec<String> {
     let (od, ad) = (std::fs::read(orig).unwrap(), std::fs::read(aug).unwrap());
-    let (of, af) = (object::File::parse(&*od).unwrap(), object::File::parse(&*ad).unwrap());
+    let (of, af) = (
+        object::File::parse(&*od).unwrap(),
+        object::File::parse(&*ad).unwrap(),
+    );
     let mut new = Vec::new();
     // Sections are matched by name and occurrence: COMDAT groups (-g3
     // `.debug_macro`) repeat names.
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for asec in af.sections() {
         let name = asec.name().unwrap().to_string();
-        if matches!(asec.kind(), SectionKind::Metadata | SectionKind::Linker) && name != ".eh_frame" {
+        if matches!(asec.kind(), SectionKind::Metadata | SectionKind::Linker) && name != ".eh_frame"
+        {
             continue; // symtab, strtab, relocation sections (compared via relocations())
         }
-        let k = *seen.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
-        let Some(osec) = of.sections().filter(|s| s.name().ok() == Some(name.as_str())).nth(k) else {
-            assert!(is_kpatch(&name), "{}: new non-kpatch section {name}", aug.display());
+        let k = *seen
+            .entry(name.clone())
+            .and_modify(|n| *n += 1)
+            .or_insert(0);
+        let Some(osec) = of
+            .sections()
+            .filter(|s| s.name().ok() == Some(name.as_str()))
+            .nth(k)
+        else {
+            assert!(
+                is_kpatch(&name),
+                "{}: new non-kpatch section {name}",
+                aug.display()
+            );
             new.push(name);
             continue;
         };
@@ -149,19 +221,40 @@ pub fn assert_same_except_kpatch(orig: &Path, aug: &Path) -> Vec<String> {
         let (or, ar) = (relocs(&of, &osec), relocs(&af, &asec));
         if name == ".eh_frame" {
             assert_eh_frame_prefix(ob, ab, &format!("{}", aug.display()));
-            assert!(ar.starts_with(&or), "{}: relocations of {name} of the original are not a prefix", aug.display());
+            assert!(
+                ar.starts_with(&or),
+                "{}: relocations of {name} of the original are not a prefix",
+                aug.display()
+            );
         } else if name.starts_with(".debug_line") {
-            assert!(ab.starts_with(ob), "{}: {name} of the original is not a prefix", aug.display());
-            assert!(ar.starts_with(&or), "{}: relocations of {name} of the original are not a prefix", aug.display());
+            assert!(
+                ab.starts_with(ob),
+                "{}: {name} of the original is not a prefix",
+                aug.display()
+            );
+            assert!(
+                ar.starts_with(&or),
+                "{}: relocations of {name} of the original are not a prefix",
+                aug.display()
+            );
         } else {
             assert_eq!(ob, ab, "{}: section {name} differs", aug.display());
             assert_eq!(or, ar, "{}: relocations of {name} differ", aug.display());
-            assert_eq!(osec.size(), asec.size(), "{}: size of {name} differs", aug.display());
+            assert_eq!(
+                osec.size(),
+                asec.size(),
+                "{}: size of {name} differs",
+                aug.display()
+            );
         }
     }
     for osec in of.sections() {
         let name = osec.name().unwrap();
-        assert!(af.section_by_name(name).is_some(), "{}: section {name} vanished", aug.display());
+        assert!(
+            af.section_by_name(name).is_some(),
+            "{}: section {name} vanished",
+            aug.display()
+        );
     }
     new
 }
@@ -191,7 +284,10 @@ fn assert_eh_frame_prefix(ob: &[u8], ab: &[u8], ctx: &str) {
     for (k, (x, y)) in o.iter().zip(&a).enumerate() {
         let trim = |r: &[u8]| r.len() - r.iter().rev().take_while(|&&b| b == 0).count();
         let (tx, ty) = (trim(x), trim(y));
-        assert!(tx == ty && x[..tx] == y[..ty], "{ctx}: .eh_frame record {k} differs");
+        assert!(
+            tx == ty && x[..tx] == y[..ty],
+            "{ctx}: .eh_frame record {k} differs"
+        );
     }
 }
 
@@ -215,7 +311,11 @@ pub fn assert_original_symbols_kept(orig: &Path, aug: &Path) {
     let (o, a) = (symbol_sizes(orig), symbol_sizes(aug));
     for ((name, size), n) in &o {
         let got = a.get(&(name.clone(), *size)).copied().unwrap_or(0);
-        assert!(got >= *n, "{}: symbol {name} (size {size}) missing or resized", aug.display());
+        assert!(
+            got >= *n,
+            "{}: symbol {name} (size {size}) missing or resized",
+            aug.display()
+        );
     }
 }
 
@@ -239,14 +339,18 @@ pub fn kpatch_info(obj: &Path) -> Option<(Vec<u8>, Vec<String>, Vec<Reloc>)> {
 pub fn section_names(obj: &Path) -> Vec<String> {
     let d = std::fs::read(obj).unwrap();
     let f = object::File::parse(&*d).unwrap();
-    f.sections().map(|s| s.name().unwrap_or("").to_string()).collect()
+    f.sections()
+        .map(|s| s.name().unwrap_or("").to_string())
+        .collect()
 }
 
 /// Bytes of one section of a file.
 pub fn section_bytes(path: &Path, name: &str) -> Vec<u8> {
     let d = std::fs::read(path).unwrap();
     let f = object::File::parse(&*d).unwrap();
-    let s = f.section_by_name(name).unwrap_or_else(|| panic!("{}: no {name}", path.display()));
+    let s = f
+        .section_by_name(name)
+        .unwrap_or_else(|| panic!("{}: no {name}", path.display()));
     s.data().unwrap().to_vec()
 }
 
@@ -256,7 +360,12 @@ pub fn cases() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("gensrc-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("gensrc-")
+        })
         .collect();
     v.sort();
     v
@@ -271,5 +380,7 @@ pub fn case_flags(dir: &Path) -> Vec<String> {
 
 /// Whether a case links as a shared library (`link` file says `shared`).
 pub fn case_shared(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("link")).map(|s| s.trim() == "shared").unwrap_or(false)
+    std::fs::read_to_string(dir.join("link"))
+        .map(|s| s.trim() == "shared")
+        .unwrap_or(false)
 }

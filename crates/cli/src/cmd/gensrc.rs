@@ -44,7 +44,9 @@ pub struct Args {
 fn read_input(p: &Path) -> anyhow::Result<String> {
     if p == Path::new("-") {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
         return Ok(s);
     }
     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -68,8 +70,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bail!("--dbg-filter takes exactly one input");
             }
             let (a, b) = (read_input(orig)?, read_input(patched)?);
-            let diff = asm_diff::gensrc(&a, &b, &opts)
-                .with_context(|| format!("diffing {} against {}", orig.display(), patched.display()))?;
+            let diff = asm_diff::gensrc(&a, &b, &opts).with_context(|| {
+                format!("diffing {} against {}", orig.display(), patched.display())
+            })?;
             for w in &diff.warnings {
                 eprintln!("warning: {w}");
             }
@@ -79,11 +82,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             diff.asm
         }
-        _ => bail!("expected one (-i IN) or two (-i ORIG -i PATCHED) inputs, got {}", args.inputs.len()),
+        _ => bail!(
+            "expected one (-i IN) or two (-i ORIG -i PATCHED) inputs, got {}",
+            args.inputs.len()
+        ),
     };
     match args.output.as_deref() {
-        None => std::io::stdout().write_all(out.as_bytes()).context("writing stdout")?,
-        Some(p) if p == Path::new("-") => std::io::stdout().write_all(out.as_bytes()).context("writing stdout")?,
+        None => std::io::stdout()
+            .write_all(out.as_bytes())
+            .context("writing stdout")?,
+        Some(p) if p == Path::new("-") => std::io::stdout()
+            .write_all(out.as_bytes())
+            .context("writing stdout")?,
         Some(p) => std::fs::write(p, out).with_context(|| format!("writing {}", p.display()))?,
     }
     Ok(ExitCode::SUCCESS)
