@@ -1,3 +1,658 @@
 //! The doctor: apply, unpatch and inspect live patches in a running process.
+//!
+//! You give it a pid and patches (see [`load_patches`]); it finds the object with the
+//! patch's build-id, and does everything else. Work is split in two phases so the
+//! target is paused only briefly: **prepare** (parse, resolve symbols, map a region
+//! within ±2 GiB with one remote `mmap`, relocate, write the body and the undo data)
+//! runs while the target runs; **commit** stops every thread at once, checks that no
+//! thread is inside a function being replaced, writes the 5-byte jumps and resumes.
+//! All state lives in the target (a header at the start of each region), so `info` and
+//! `unpatch` need nothing on the host. Every failure before the jumps leaves nothing
+//! behind but an unmapped region, and every thread is detached on every path.
 
+pub mod arch;
+mod container;
+mod error;
+mod prepare;
+mod region;
+mod safety;
 pub mod unwind;
+
+use std::time::{Duration, Instant};
+
+use livecare_process::arch::x86_64::{SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP};
+use livecare_process::{
+    loaded_objects, read_maps, LoadedObject, MapEntry, Pid, RemoteMemory, ThreadSet,
+};
+
+use arch::{Native, PatchArch};
+pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch};
+pub use error::Error;
+use prepare::{ObjectView, PatchElf};
+pub use region::{find_regions, Hunk, RegionHeader, RegionState};
+use safety::Busy;
+
+/// Knobs of apply and unpatch.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long to wait for threads to leave the functions being replaced.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What one applied patch did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyReport {
+    /// Process.
+    pub pid: i32,
+    /// Process name.
+    pub comm: String,
+    /// Patched object's path.
+    pub object: String,
+    /// Its build-id.
+    pub build_id: String,
+    /// Patch id.
+    pub patch_id: String,
+    /// Region address.
+    pub region: u64,
+    /// Replaced functions.
+    pub hunks: Vec<Hunk>,
+    /// Length of the stop in which the jumps were written, in µs.
+    pub pause_us: u64,
+    /// Commit attempts (1 = safe at first try).
+    pub attempts: u32,
+}
+
+/// What one removed patch did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UnpatchReport {
+    /// Process.
+    pub pid: i32,
+    /// Build-id of the object.
+    pub build_id: String,
+    /// Patch id.
+    pub patch_id: String,
+    /// Restored functions.
+    pub hunks: usize,
+    /// Pause in µs.
+    pub pause_us: u64,
+}
+
+/// One object of a process with the patches applied to it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ObjectInfo {
+    /// Path.
+    pub path: String,
+    /// Build-id.
+    pub build_id: String,
+    /// Applied patches, oldest first.
+    pub patches: Vec<RegionHeader>,
+}
+
+/// `info` for one process.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessInfo {
+    /// Process.
+    pub pid: i32,
+    /// Name.
+    pub comm: String,
+    /// Objects with build-ids (patched ones carry their patches).
+    pub objects: Vec<ObjectInfo>,
+}
+
+/// Reads the patch state of `pid` (no ptrace needed, only /proc access).
+pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
+    check_pid(pid)?;
+    let objects = loaded_objects(pid)?;
+    let regions = find_regions(pid)?;
+    let mut out = ProcessInfo {
+        pid: pid.0,
+        comm: pid.comm(),
+        objects: Vec::new(),
+    };
+    for o in objects {
+        let Some(bid) = o.build_id.clone() else {
+            continue;
+        };
+        let patches = regions
+            .iter()
+            .filter(|r| r.build_id == bid && r.state == RegionState::Applied)
+            .cloned()
+            .collect();
+        out.objects.push(ObjectInfo {
+            path: o.path,
+            build_id: bid,
+            patches,
+        });
+    }
+    Ok(out)
+}
+
+/// A process we can work on: it exists and is not a kernel thread.
+fn check_pid(pid: Pid) -> Result<(), Error> {
+    if pid.0 <= 0 || !std::path::Path::new(&format!("/proc/{}/maps", pid.0)).exists() {
+        return Err(livecare_process::Error::NoSuchProcess(pid).into());
+    }
+    if pid.is_kernel_thread() {
+        return Err(livecare_process::Error::KernelThread(pid).into());
+    }
+    Ok(())
+}
+
+fn hole_near(maps: &[MapEntry], obj: &LoadedObject, size: u64) -> Option<u64> {
+    const GAP: u64 = 0x1000; // keeps regions from merging with neighbours in /proc/PID/maps
+    const RANGE: u64 = 0x7fff_0000;
+    let mut spans: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+    spans.sort();
+    let lo_limit = obj.end().saturating_sub(RANGE).max(0x10000);
+    let hi_limit = obj.start().saturating_add(RANGE).min(0x7fff_ffff_f000);
+    let free = |a: u64| -> bool {
+        a >= lo_limit
+            && a + size <= hi_limit
+            && spans
+                .iter()
+                .all(|&(s, e)| a + size + GAP <= s || a >= e + GAP)
+    };
+    // After the object's last mapping, then after every later mapping, then before.
+    let mut cands = vec![obj.end() + GAP];
+    cands.extend(spans.iter().filter(|s| s.1 >= obj.end()).map(|s| s.1 + GAP));
+    cands.extend(
+        spans
+            .iter()
+            .rev()
+            .filter(|s| s.0 <= obj.start())
+            .map(|s| s.0.saturating_sub(size + GAP) & !0xfff),
+    );
+    cands.into_iter().find(|&a| free(a))
+}
+
+/// Parses every loaded object we can, for symbol lookup.
+fn views(objects: &[LoadedObject]) -> Vec<(LoadedObject, ObjectView)> {
+    objects
+        .iter()
+        .filter_map(|o| ObjectView::new(o).ok().map(|v| (o.clone(), v)))
+        .collect()
+}
+
+const PROT_RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+const PROT_RX: u64 = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+
+/// Applies every patch whose build-id matches a loaded object of `pid`. Patches with
+/// no matching object are skipped; if none matches, that is an error. If one patch
+/// fails, those applied before it in this call are removed again.
+pub fn apply(pid: Pid, patches: &[Patch], opts: &Options) -> Result<Vec<ApplyReport>, Error> {
+    check_pid(pid)?;
+    let objects = loaded_objects(pid)?;
+    let matching: Vec<&Patch> = patches
+        .iter()
+        .filter(|p| {
+            objects
+                .iter()
+                .any(|o| o.build_id.as_deref() == Some(&p.build_id))
+        })
+        .collect();
+    if matching.is_empty() {
+        let loaded = objects
+            .iter()
+            .filter_map(|o| o.build_id.as_ref().map(|b| format!("{} {}", o.name(), b)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let wanted = patches
+            .iter()
+            .map(|p| p.build_id.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::NoMatchingObject {
+            pid: pid.0,
+            build_id: wanted,
+            loaded,
+        });
+    }
+    let mut threads = ThreadSet::seize(pid)?;
+    let mut done: Vec<ApplyReport> = Vec::new();
+    for p in matching {
+        match apply_one(&mut threads, p, &objects, opts) {
+            Ok(r) => done.push(r),
+            Err(e) => {
+                for r in done.iter().rev() {
+                    let _ = unpatch_regions(&mut threads, &[r.region], opts);
+                }
+                return Err(e);
+            }
+        }
+    }
+    threads.detach_all()?;
+    Ok(done)
+}
+
+fn apply_one(
+    threads: &mut ThreadSet,
+    patch: &Patch,
+    objects: &[LoadedObject],
+    opts: &Options,
+) -> Result<ApplyReport, Error> {
+    let pid = threads.pid();
+    let target = objects
+        .iter()
+        .find(|o| o.build_id.as_deref() == Some(&patch.build_id))
+        .ok_or_else(|| Error::NoMatchingObject {
+            pid: pid.0,
+            build_id: patch.build_id.clone(),
+            loaded: String::new(),
+        })?;
+    let existing: Vec<RegionHeader> = find_regions(pid)?
+        .into_iter()
+        .filter(|r| r.state == RegionState::Applied)
+        .collect();
+    let display_id = if patch.patch_id.is_empty() {
+        patch.source.display().to_string()
+    } else {
+        patch.patch_id.clone()
+    };
+    if existing.iter().any(|r| {
+        r.build_id == patch.build_id
+            && (r.hash == patch.hash
+                || (!patch.patch_id.is_empty() && r.patch_id == patch.patch_id))
+    }) {
+        return Err(Error::AlreadyApplied {
+            pid: pid.0,
+            patch_id: display_id,
+            build_id: patch.build_id.clone(),
+        });
+    }
+    let mem = RemoteMemory::open(pid)?;
+    let view = ObjectView::new(target)?;
+    let all = views(objects);
+    let elf = PatchElf::parse(patch)?;
+    let read_u64 = |a: u64| mem.read_u64(a).ok();
+    let lay = {
+        let mut call = |addr: u64| threads.call_function(addr).map_err(Error::from);
+        elf.layout(patch, target, &view, &all, &mut call, &read_u64)?
+    };
+    let maps = read_maps(pid)?;
+    let base = hole_near(&maps, target, lay.size).ok_or_else(|| Error::NoHole {
+        object: target.path.clone(),
+        size: lay.size,
+    })?;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    let got = threads.syscall(
+        "mmap",
+        SYS_MMAP,
+        [base, lay.size, PROT_RW, flags, u64::MAX, 0],
+    )?;
+    if got != base {
+        // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
+        let _ = threads.syscall("munmap", SYS_MUNMAP, [got, lay.size, 0, 0, 0, 0]);
+        return Err(Error::NoHole {
+            object: target.path.clone(),
+            size: lay.size,
+        });
+    }
+    let result = fill_and_commit(
+        threads, &mem, patch, target, &view, &elf, &lay, base, &existing, objects, opts,
+    );
+    if result.is_err() {
+        // Nothing jumps into the region yet (commit restores its jumps on failure).
+        let _ = threads.syscall("munmap", SYS_MUNMAP, [base, lay.size, 0, 0, 0, 0]);
+    }
+    let (hunks, pause, attempts) = result?;
+    Ok(ApplyReport {
+        pid: pid.0,
+        comm: pid.comm(),
+        object: target.path.clone(),
+        build_id: patch.build_id.clone(),
+        patch_id: patch.patch_id.clone(),
+        region: base,
+        hunks,
+        pause_us: pause.as_micros() as u64,
+        attempts,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill_and_commit(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    patch: &Patch,
+    target: &LoadedObject,
+    view: &ObjectView,
+    elf: &PatchElf,
+    lay: &prepare::Layout,
+    base: u64,
+    existing: &[RegionHeader],
+    objects: &[LoadedObject],
+    opts: &Options,
+) -> Result<(Vec<Hunk>, Duration, u32), Error> {
+    let relerr = |what: String| Error::Relocate {
+        path: patch.source.clone(),
+        what,
+    };
+    let (mut image, mut hunks, eh) = elf.relocate(lay, base).map_err(relerr)?;
+    // Verify the target is what the patch was made for, before writing anything.
+    for h in &mut hunks {
+        let verr = |what: String| Error::Verify {
+            function: h.name.clone(),
+            addr: h.daddr,
+            object: target.path.clone(),
+            what,
+        };
+        if !target.contains(h.daddr) || !target.contains(h.daddr + h.dlen as u64 - 1) {
+            return Err(verr("address outside the object".into()));
+        }
+        if view.has_symtab {
+            match view.funcs_by_addr.get(&h.daddr) {
+                Some((n, sz)) if *n == h.name && *sz == h.dlen as u64 => {}
+                Some((n, sz)) => {
+                    return Err(verr(format!(
+                        "the object has {n} ({sz} bytes) there, the patch expects {} ({} bytes)",
+                        h.name, h.dlen
+                    )))
+                }
+                None => return Err(verr("no function starts there in the object".into())),
+            }
+        }
+        let disk = ObjectView::file_bytes(target, h.daddr, h.dlen as usize)
+            .ok_or_else(|| verr("not in the file's loaded segments".into()))?;
+        let live = mem.read_vec(h.daddr, h.dlen as usize)?;
+        let jl = Native::JUMP_LEN;
+        if live[jl..] != disk[jl..] {
+            return Err(verr("code in memory differs from the file".into()));
+        }
+        if live[..jl] != disk[..jl] {
+            // Only acceptable as the jump of an earlier patch of ours.
+            let top = existing
+                .iter()
+                .rev()
+                .flat_map(|r| r.hunks.iter())
+                .find(|x| x.daddr == h.daddr);
+            let ok = top
+                .and_then(|t| Native::jump(h.daddr, t.saddr))
+                .is_some_and(|j| j[..] == live[..jl]);
+            if !ok {
+                return Err(verr("entry bytes were modified by someone else".into()));
+            }
+        }
+        Native::jump(h.daddr, h.saddr).ok_or_else(|| verr("new body out of jump range".into()))?;
+        let n = region::SAVED_LEN.min(live.len());
+        h.saved[..n].copy_from_slice(&live[..n]);
+    }
+    let mut header = RegionHeader {
+        addr: base,
+        total_len: lay.size,
+        seq: existing.iter().map(|r| r.seq).max().unwrap_or(0) + 1,
+        build_id: patch.build_id.clone(),
+        patch_id: if patch.patch_id.is_empty() {
+            format!("{:016x}", patch.hash)
+        } else {
+            patch.patch_id.clone()
+        },
+        hash: patch.hash,
+        level: patch.level,
+        eh_frame: eh.map(|e| e.0).unwrap_or(0),
+        eh_frame_len: eh.map(|e| e.1).unwrap_or(0),
+        load_bias: target.load_bias,
+        exec_len: lay.exec_len,
+        state: RegionState::Prepared,
+        hunks: hunks.clone(),
+    };
+    let hb = header.encode();
+    if hb.len() as u64 > PatchElf::header_len(lay) {
+        return Err(relerr("region header does not fit".into()));
+    }
+    image[..hb.len()].copy_from_slice(&hb);
+    mem.write(base, &image)?;
+    threads.syscall(
+        "mprotect",
+        SYS_MPROTECT,
+        [base, lay.exec_len, PROT_RX, 0, 0, 0],
+    )?;
+
+    let busy: Vec<Busy> = hunks
+        .iter()
+        .map(|h| Busy {
+            range: h.daddr..h.daddr + h.dlen as u64,
+            name: h.name.clone(),
+        })
+        .collect();
+    let writes: Vec<(u64, Vec<u8>, Vec<u8>)> = hunks
+        .iter()
+        .map(|h| {
+            (
+                h.daddr,
+                Native::jump(h.daddr, h.saddr).unwrap_or_default(),
+                h.saved[..Native::JUMP_LEN].to_vec(),
+            )
+        })
+        .collect();
+    header.state = RegionState::Applied;
+    let maps = read_maps(threads.pid())?;
+    let mut unwinder = safety::build_unwinder(mem, &maps, objects, existing);
+    let (pause, attempts) = commit(
+        threads,
+        mem,
+        &mut unwinder,
+        &busy,
+        &writes,
+        Some(base),
+        "patch",
+        opts,
+    )?;
+    Ok((hunks, pause, attempts))
+}
+
+/// Stops all threads, checks `busy`, writes `(addr, new, expected_old)` and the state
+/// word of `region`, resumes; retries with backoff until the timeout.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    unwinder: &mut unwind::Unwinder,
+    busy: &[Busy],
+    writes: &[(u64, Vec<u8>, Vec<u8>)],
+    region_state: Option<u64>,
+    action: &'static str,
+    opts: &Options,
+) -> Result<(Duration, u32), Error> {
+    let pid = threads.pid();
+    let start = Instant::now();
+    let mut backoff = Duration::from_micros(500);
+    let mut attempts = 0u32;
+    let maps = read_maps(pid)?;
+    loop {
+        attempts += 1;
+        threads.interrupt_all()?;
+        let res = (|| -> Result<Option<(livecare_process::Tid, String)>, Error> {
+            for (addr, _, old) in writes {
+                if mem.read_vec(*addr, old.len())? != *old {
+                    return Err(Error::Verify {
+                        function: "?".into(),
+                        addr: *addr,
+                        object: String::new(),
+                        what: "code changed while preparing".into(),
+                    });
+                }
+            }
+            if let Some(off) = safety::first_offender(threads, mem, &maps, unwinder, busy)? {
+                return Ok(Some(off));
+            }
+            let mut written = Vec::new();
+            for (addr, new, old) in writes {
+                if let Err(e) = mem.write(*addr, new) {
+                    for (a, o) in written {
+                        let _ = mem.write(a, o);
+                    }
+                    return Err(e.into());
+                }
+                written.push((*addr, &old[..]));
+            }
+            if let Some(base) = region_state {
+                mem.write(base + RegionHeader::STATE_OFFSET, &1u32.to_le_bytes())?;
+            }
+            Ok(None)
+        })();
+        match res {
+            Ok(None) => {
+                threads.resume_all()?;
+                return Ok((threads.watch.last.unwrap_or_default(), attempts));
+            }
+            Ok(Some((tid, function))) => {
+                threads.resume_all()?;
+                if start.elapsed() >= opts.timeout {
+                    return Err(Error::Unsafe {
+                        action,
+                        pid: pid.0,
+                        tid: tid.0,
+                        function,
+                        secs: start.elapsed().as_secs_f64(),
+                    });
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => {
+                threads.resume_all()?;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Which patches to remove.
+#[derive(Debug, Clone, Default)]
+pub struct UnpatchSelect {
+    /// Only the patch with this id.
+    pub patch_id: Option<String>,
+    /// Only patches of objects with these build-ids (the latest of each).
+    pub build_ids: Vec<String>,
+}
+
+/// Removes patches from `pid`: by default the most recent one; last-in first-out per
+/// object (removing an older patch under a newer one is refused).
+pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<UnpatchReport>, Error> {
+    check_pid(pid)?;
+    let regions: Vec<RegionHeader> = find_regions(pid)?
+        .into_iter()
+        .filter(|r| r.state == RegionState::Applied)
+        .collect();
+    if regions.is_empty() {
+        return Err(Error::Unpatch(format!("no patches applied to pid {pid}")));
+    }
+    let mut chosen: Vec<&RegionHeader> = Vec::new();
+    if let Some(id) = &sel.patch_id {
+        chosen.extend(regions.iter().filter(|r| {
+            &r.patch_id == id && (sel.build_ids.is_empty() || sel.build_ids.contains(&r.build_id))
+        }));
+        if chosen.is_empty() {
+            return Err(Error::Unpatch(format!(
+                "patch {id} is not applied to pid {pid}"
+            )));
+        }
+    } else if !sel.build_ids.is_empty() {
+        for b in &sel.build_ids {
+            match regions
+                .iter()
+                .filter(|r| &r.build_id == b)
+                .max_by_key(|r| r.seq)
+            {
+                Some(r) => chosen.push(r),
+                None => {
+                    return Err(Error::Unpatch(format!(
+                        "no patch applied to build-id {b} in pid {pid}"
+                    )))
+                }
+            }
+        }
+    } else if let Some(r) = regions.iter().max_by_key(|r| r.seq) {
+        chosen.push(r);
+    }
+    for r in &chosen {
+        if let Some(later) = regions
+            .iter()
+            .filter(|x| x.build_id == r.build_id && x.seq > r.seq)
+            .max_by_key(|x| x.seq)
+        {
+            if !chosen.iter().any(|c| c.seq == later.seq) {
+                return Err(Error::Unpatch(format!(
+                    "patch {} must be removed before patch {} (build-id {}): patches are removed last-in, first-out",
+                    later.patch_id, r.patch_id, r.build_id
+                )));
+            }
+        }
+    }
+    chosen.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    let mut threads = ThreadSet::seize(pid)?;
+    let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
+    let out = unpatch_regions(&mut threads, &addrs, opts)?;
+    threads.detach_all()?;
+    Ok(out)
+}
+
+fn unpatch_regions(
+    threads: &mut ThreadSet,
+    addrs: &[u64],
+    opts: &Options,
+) -> Result<Vec<UnpatchReport>, Error> {
+    let pid = threads.pid();
+    let mem = RemoteMemory::open(pid)?;
+    let all = find_regions(pid)?;
+    let maps = read_maps(pid)?;
+    let objects = loaded_objects(pid)?;
+    let mut unwinder = safety::build_unwinder(&mem, &maps, &objects, &all);
+    let mut out = Vec::new();
+    for addr in addrs {
+        let Some(r) = all.iter().find(|r| r.addr == *addr) else {
+            continue;
+        };
+        let mut writes = Vec::new();
+        for h in &r.hunks {
+            let jump = Native::jump(h.daddr, h.saddr).unwrap_or_default();
+            writes.push((h.daddr, h.saved[..Native::JUMP_LEN].to_vec(), jump));
+        }
+        let mut busy = vec![Busy {
+            range: r.addr..r.addr + r.exec_len,
+            name: format!("patch {} code", r.patch_id),
+        }];
+        for h in &r.hunks {
+            busy.insert(
+                0,
+                Busy {
+                    range: h.saddr..h.saddr + h.slen as u64,
+                    name: format!("{} (patched)", h.name),
+                },
+            );
+        }
+        let (pause, _) = commit_unpatch(threads, &mem, &mut unwinder, &busy, &writes, r, opts)?;
+        out.push(UnpatchReport {
+            pid: pid.0,
+            build_id: r.build_id.clone(),
+            patch_id: r.patch_id.clone(),
+            hunks: r.hunks.len(),
+            pause_us: pause.as_micros() as u64,
+        });
+    }
+    Ok(out)
+}
+
+fn commit_unpatch(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    unwinder: &mut unwind::Unwinder,
+    busy: &[Busy],
+    writes: &[(u64, Vec<u8>, Vec<u8>)],
+    r: &RegionHeader,
+    opts: &Options,
+) -> Result<(Duration, u32), Error> {
+    // Mark the region inactive together with the restore, then unmap it once no
+    // thread can be inside (the safety check covered the whole region's code).
+    let res = commit(threads, mem, unwinder, busy, writes, None, "unpatch", opts)?;
+    let _ = mem.write(r.addr + RegionHeader::STATE_OFFSET, &0u32.to_le_bytes());
+    threads.syscall("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0])?;
+    Ok(res)
+}

@@ -1,1 +1,103 @@
-//! A traced process: thread set, memory I/O, remote syscalls, maps and loaded objects.
+//! A traced process: the thread set, memory I/O, remote syscalls, `/proc/PID/maps`,
+//! auxv and the loaded objects with their load bias and GNU build-id.
+//!
+//! You are responsible for deciding *when* to stop threads and what to write; this
+//! crate solves seizing every thread (including threads born while we hold them, via
+//! `PTRACE_O_TRACECLONE`), interrupting all of them at once, fast bulk memory access
+//! (`process_vm_readv` for reads, `/proc/PID/mem` for writes, which also works on
+//! read-only code pages), executing syscalls inside the target with its registers
+//! saved and restored, and detaching every thread on every exit path (the
+//! [`ThreadSet`] guard detaches in `Drop`).
+
+pub mod arch;
+mod error;
+mod maps;
+mod mem;
+mod objects;
+mod threads;
+
+pub use arch::Regs;
+pub use error::Error;
+pub use maps::{auxv, read_maps, MapEntry, AT_ENTRY, AT_PHDR};
+pub use mem::RemoteMemory;
+pub use objects::{loaded_objects, ElfKind, LoadedObject};
+pub use threads::{StopWatch, ThreadSet};
+
+use std::fmt;
+
+/// A process id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pid(pub i32);
+
+/// A thread id (a task of a process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tid(pub i32);
+
+impl fmt::Display for Pid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for Tid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Pid {
+    /// The short command name (`/proc/PID/comm`), empty when unreadable.
+    pub fn comm(self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/comm", self.0))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// True for kernel threads (no address space: empty `/proc/PID/cmdline` and no exe).
+    pub fn is_kernel_thread(self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+        // Field 9 (flags) carries PF_KTHREAD (0x00200000); comm may contain spaces, so
+        // split after the closing parenthesis.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            if let Some(flags) = rest
+                .split_whitespace()
+                .nth(6)
+                .and_then(|f| f.parse::<u64>().ok())
+            {
+                return flags & 0x0020_0000 != 0;
+            }
+        }
+        false
+    }
+
+    /// Thread ids currently listed in `/proc/PID/task`.
+    pub fn tasks(self) -> Result<Vec<Tid>, Error> {
+        let dir = format!("/proc/{}/task", self.0);
+        let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            if let Some(t) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.push(Tid(t));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every process id on the system (from `/proc`).
+    pub fn all() -> Vec<Pid> {
+        let mut out: Vec<Pid> = std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                    .map(Pid)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}

@@ -1,16 +1,110 @@
-//! `info`.
+//! `info`: list each process's objects and the patches applied to them.
 
 use std::process::ExitCode;
+
+use livecare_apply::ProcessInfo;
+use livecare_process::Pid;
 
 /// Flags of `info`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Process id or `all`.
+    /// Process id or `all` (default: all).
     #[arg(short = 'p')]
     pub pid: Option<String>,
+    /// Only objects with this build-id.
+    #[arg(short = 'b')]
+    pub build_id: Option<String>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// LibCare storage directory (accepted for compatibility; state is read from the target).
+    #[arg(short = 's')]
+    pub storage: Option<std::path::PathBuf>,
+    /// LibCare: only objects whose path matches (substring).
+    #[arg(short = 'r')]
+    pub regexp: Option<String>,
+    /// LibCare: do not print unpatched objects (the default here).
+    #[arg(short = 'n')]
+    pub no_unpatched: bool,
 }
 
 /// Runs `info`.
-pub fn run(_args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
-    super::not_implemented("info")
+pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
+    let spec = args.pid.clone().unwrap_or_else(|| "all".into());
+    let (pids, all) = super::patch::targets(&spec)?;
+    let mut infos: Vec<ProcessInfo> = Vec::new();
+    for pid in pids {
+        match livecare_apply::info(pid) {
+            Ok(mut i) => {
+                i.objects.retain(|o| {
+                    args.build_id.as_ref().is_none_or(|b| &o.build_id == b)
+                        && args
+                            .regexp
+                            .as_ref()
+                            .is_none_or(|r| o.path.contains(r.as_str()))
+                });
+                if all {
+                    i.objects.retain(|o| !o.patches.is_empty());
+                    if i.objects.is_empty() {
+                        continue;
+                    }
+                }
+                infos.push(i);
+            }
+            Err(e) if !all => {
+                return Err(anyhow::Error::new(e).context(format!("reading pid {pid}")))
+            }
+            Err(_) => {}
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for i in &infos {
+        print_info(i, face);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_info(i: &ProcessInfo, face: super::Face) {
+    match face {
+        super::Face::LibCare => {
+            for o in i.objects.iter().filter(|o| !o.patches.is_empty()) {
+                println!("Pid: {}", i.pid);
+                println!("Target: {}", o.path.rsplit('/').next().unwrap_or(&o.path));
+                println!("Build id: {}", o.build_id);
+                println!("Applied patch number: {}", o.patches.len());
+                for p in &o.patches {
+                    println!("Patch id: {}", p.patch_id);
+                }
+                println!();
+            }
+        }
+        super::Face::Native => {
+            println!("pid {} ({})", i.pid, Pid(i.pid).comm());
+            for o in &i.objects {
+                if o.patches.is_empty() {
+                    println!("  {}  build-id {}  not patched", o.path, o.build_id);
+                    continue;
+                }
+                println!(
+                    "  {}  build-id {}  {} patch(es)",
+                    o.path,
+                    o.build_id,
+                    o.patches.len()
+                );
+                for p in &o.patches {
+                    let fns: Vec<&str> = p.hunks.iter().map(|h| h.name.as_str()).collect();
+                    println!(
+                        "    patch {}: {} hunk(s): {}  (region {:#x})",
+                        p.patch_id,
+                        p.hunks.len(),
+                        fns.join(", "),
+                        p.addr
+                    );
+                }
+            }
+        }
+    }
 }

@@ -1,6 +1,11 @@
-//! `patch`.
+//! `patch`: apply a patch file or directory to one process or to all of them.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use livecare_apply::{ApplyReport, Error as ApplyError, Options};
+use livecare_process::Pid;
 
 /// Flags of `patch`.
 #[derive(clap::Args, Debug)]
@@ -8,11 +13,120 @@ pub struct Args {
     /// Process id or `all`.
     #[arg(short = 'p', required = true)]
     pub pid: String,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for threads to leave the functions being replaced.
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
     /// Patch file or directory.
     pub patch: std::path::PathBuf,
 }
 
+/// The processes `-p` names: one pid, or every process but ourselves, init and
+/// kernel threads.
+pub(crate) fn targets(spec: &str) -> anyhow::Result<(Vec<Pid>, bool)> {
+    if spec == "all" {
+        let me = std::process::id() as i32;
+        let pids = Pid::all()
+            .into_iter()
+            .filter(|p| p.0 != me && p.0 != 1 && !p.is_kernel_thread())
+            .collect();
+        return Ok((pids, true));
+    }
+    let n: i32 = spec
+        .parse()
+        .with_context(|| format!("-p {spec:?}: expected a process id or `all`"))?;
+    Ok((vec![Pid(n)], false))
+}
+
+/// A shortened build-id for human output.
+pub(crate) fn short_id(b: &str) -> String {
+    if b.len() > 8 {
+        format!("{}…", &b[..8])
+    } else {
+        b.to_string()
+    }
+}
+
+fn print_report(r: &ApplyReport, face: super::Face) {
+    match face {
+        super::Face::LibCare => {
+            println!(
+                "{} patch hunk(s) have been successfully applied to PID '{}'",
+                r.hunks.len(),
+                r.pid
+            )
+        }
+        super::Face::Native => {
+            let names: Vec<&str> = r.hunks.iter().map(|h| h.name.as_str()).collect();
+            println!(
+                "patched {} function{} ({}) in pid {} ({}, build-id {}), paused {} µs",
+                r.hunks.len(),
+                if r.hunks.len() == 1 { "" } else { "s" },
+                names.join(", "),
+                r.pid,
+                r.comm,
+                short_id(&r.build_id),
+                r.pause_us
+            );
+        }
+    }
+}
+
 /// Runs `patch`.
-pub fn run(_args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
-    super::not_implemented("patch")
+pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
+    let patches = livecare_apply::load_patches(&args.patch)
+        .with_context(|| format!("loading {}", args.patch.display()))?;
+    if patches.is_empty() {
+        anyhow::bail!("no patches found in {}", args.patch.display());
+    }
+    let opts = Options {
+        timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
+    };
+    let (pids, all) = targets(&args.pid)?;
+    let mut ok: Vec<ApplyReport> = Vec::new();
+    let mut failed: Vec<(Pid, String)> = Vec::new();
+    for pid in pids {
+        match livecare_apply::apply(pid, &patches, &opts) {
+            Ok(reports) => ok.extend(reports),
+            Err(ApplyError::NoMatchingObject { .. }) if all => {}
+            Err(e)
+                if all
+                    && matches!(e, ApplyError::Process(_))
+                    && !std::path::Path::new(&format!("/proc/{}", pid.0)).exists() => {}
+            Err(e) => {
+                if !all {
+                    return Err(anyhow::Error::new(e).context(format!("patching pid {pid}")));
+                }
+                failed.push((pid, format!("{e}")));
+            }
+        }
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "patched": ok,
+            "failed": failed.iter().map(|(p, e)| serde_json::json!({"pid": p.0, "error": e})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for r in &ok {
+            print_report(r, face);
+        }
+        for (p, e) in &failed {
+            eprintln!("pid {p} ({}): {e}", p.comm());
+        }
+    }
+    if all && ok.is_empty() && failed.is_empty() {
+        let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
+        anyhow::bail!("no process has an object with build-id {}", ids.join(", "));
+    }
+    if !failed.is_empty() {
+        return Ok(ExitCode::from(if ok.is_empty() {
+            super::EXIT_ERROR
+        } else {
+            super::EXIT_PARTIAL
+        }));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,10 @@
-//! `unpatch`.
+//! `unpatch`: remove applied patches, last-in first-out.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use livecare_apply::{Options, UnpatchSelect};
 
 /// Flags of `unpatch`.
 #[derive(clap::Args, Debug)]
@@ -8,9 +12,81 @@ pub struct Args {
     /// Process id or `all`.
     #[arg(short = 'p', required = true)]
     pub pid: String,
+    /// Only the patch with this id.
+    #[arg(short = 'i')]
+    pub patch_id: Option<String>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for threads to leave the patched code.
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
+    /// Only patches of objects with these build-ids.
+    pub build_ids: Vec<String>,
 }
 
 /// Runs `unpatch`.
-pub fn run(_args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
-    super::not_implemented("unpatch")
+pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
+    let (pids, all) = super::patch::targets(&args.pid)?;
+    let sel = UnpatchSelect {
+        patch_id: args.patch_id.clone(),
+        build_ids: args.build_ids.clone(),
+    };
+    let opts = Options {
+        timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
+    };
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for pid in pids {
+        if all
+            && livecare_apply::find_regions(pid)
+                .map(|r| r.is_empty())
+                .unwrap_or(true)
+        {
+            continue;
+        }
+        match livecare_apply::unpatch(pid, &sel, &opts) {
+            Ok(r) => reports.extend(r),
+            Err(e) if !all => {
+                return Err(anyhow::Error::new(e).context(format!("unpatching pid {pid}")))
+            }
+            Err(e) => failed.push((pid, e.to_string())),
+        }
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "unpatched": reports,
+            "failed": failed.iter().map(|(p, e)| serde_json::json!({"pid": p.0, "error": e})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).context("json")?);
+    } else {
+        for r in &reports {
+            match face {
+                super::Face::LibCare => println!(
+                    "{} patch hunk(s) were successfully cancelled from PID '{}'",
+                    r.hunks, r.pid
+                ),
+                super::Face::Native => println!(
+                    "unpatched {} ({} function{}) from pid {} (build-id {}), paused {} µs",
+                    r.patch_id,
+                    r.hunks,
+                    if r.hunks == 1 { "" } else { "s" },
+                    r.pid,
+                    super::patch::short_id(&r.build_id),
+                    r.pause_us
+                ),
+            }
+        }
+        for (p, e) in &failed {
+            eprintln!("pid {p}: {e}");
+        }
+    }
+    if !failed.is_empty() {
+        return Ok(ExitCode::from(if reports.is_empty() {
+            super::EXIT_ERROR
+        } else {
+            super::EXIT_PARTIAL
+        }));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,198 @@
+//! Loading patches: a `.kpatch` file, a directory of `<buildid>.kpatch`, or LibCare
+//! storage (`<buildid>/latest/kpatch.bin`, levels `<buildid>/<N>/kpatch.bin`).
+
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// A patch read from disk: which object it is for, its id and the relocatable ELF.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// GNU build-id (hex) of the object the patch applies to.
+    pub build_id: String,
+    /// Patch id from the header (LibcarePlus), or empty.
+    pub patch_id: String,
+    /// Patch level (LibCare storage `<buildid>/<N>/`), 0 when not from storage.
+    pub level: u32,
+    /// The inner relocatable ELF.
+    pub elf: Vec<u8>,
+    /// Where it came from.
+    pub source: PathBuf,
+    /// FNV-1a hash of the ELF, to detect applying the same patch twice.
+    pub hash: u64,
+}
+
+const MAGIC: &[u8; 8] = b"KPATCH1\0";
+
+fn is_hex_id(b: &[u8]) -> bool {
+    b.len() >= 40 && b[..40].iter().all(|c| c.is_ascii_hexdigit())
+}
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// FNV-1a, 64 bit.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Parses a `.kpatch` container (both LibCare and LibcarePlus header layouts).
+pub fn parse_container(bytes: &[u8], source: &Path) -> Result<Patch, Error> {
+    let bad = |what: String| Error::BadPatch {
+        path: source.to_path_buf(),
+        what,
+    };
+    if bytes.len() < 504 || &bytes[..8] != MAGIC {
+        return Err(bad(
+            "not a .kpatch file (magic KPATCH1 missing or file too short)".into(),
+        ));
+    }
+    let u32_at =
+        |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default()) as usize;
+    // Tell the layouts apart by where the 40-hex-digit build-id sits.
+    let (build_id, patch_id, kpatch_offset) = if is_hex_id(&bytes[88..]) {
+        (cstr(&bytes[88..129]), cstr(&bytes[8..16]), u32_at(152))
+    } else if bytes.len() >= 688 && is_hex_id(&bytes[80..]) {
+        (
+            bytes[80..120].iter().map(|&c| c as char).collect(),
+            String::new(),
+            u32_at(352),
+        )
+    } else {
+        return Err(bad(
+            "no 40-hex-digit build-id at offset 80 (LibCare) or 88 (LibcarePlus)".into(),
+        ));
+    };
+    if build_id.len() != 40 {
+        return Err(bad(format!("build-id {build_id:?} is not 40 hex digits")));
+    }
+    if kpatch_offset == 0 || kpatch_offset >= bytes.len() {
+        return Err(bad(format!(
+            "kpatch_offset {kpatch_offset:#x} outside the file ({} bytes)",
+            bytes.len()
+        )));
+    }
+    let elf = bytes[kpatch_offset..].to_vec();
+    if !elf.starts_with(b"\x7fELF") {
+        return Err(bad(format!("no ELF at kpatch_offset {kpatch_offset:#x}")));
+    }
+    let patch_id = patch_id.trim().to_string();
+    let hash = fnv1a(&elf);
+    Ok(Patch {
+        build_id: build_id.to_ascii_lowercase(),
+        patch_id,
+        level: 0,
+        elf,
+        source: source.to_path_buf(),
+        hash,
+    })
+}
+
+/// Reads one patch file.
+pub fn read_patch_file(path: &Path) -> Result<Patch, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    parse_container(&bytes, path)
+}
+
+/// Loads every patch at `path`: a file, a directory of `<buildid>.kpatch`, or LibCare
+/// storage (for each build-id the highest level, or `latest`).
+pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if meta.is_file() {
+        return Ok(vec![read_patch_file(path)?]);
+    }
+    let rd = std::fs::read_dir(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    let mut out = Vec::new();
+    for p in entries {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if p.is_file() && name.ends_with(".kpatch") {
+            out.push(read_patch_file(&p)?);
+        } else if p.is_dir() && is_hex_id(name.as_bytes()) {
+            if let Some(patch) = load_storage_entry(&p)? {
+                out.push(patch);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `<buildid>/` in LibCare storage: the highest numbered level (or `latest`).
+fn load_storage_entry(dir: &Path) -> Result<Option<Patch>, Error> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut best: Option<(u32, PathBuf)> = None;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(level) = name.parse::<u32>() {
+            let f = e.path().join("kpatch.bin");
+            if f.is_file() && best.as_ref().is_none_or(|(l, _)| level > *l) {
+                best = Some((level, f));
+            }
+        }
+    }
+    if best.is_none() {
+        let latest = dir.join("latest").join("kpatch.bin");
+        if latest.is_file() {
+            let level = std::fs::read_link(dir.join("latest"))
+                .ok()
+                .and_then(|t| {
+                    t.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.parse().ok())
+                })
+                .unwrap_or(0);
+            best = Some((level, latest));
+        }
+    }
+    let Some((level, f)) = best else {
+        return Ok(None);
+    };
+    let mut p = read_patch_file(&f)?;
+    p.level = level;
+    if p.patch_id.is_empty() {
+        p.patch_id = format!("level-{level}");
+    }
+    Ok(Some(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_short_and_unmagic_input() {
+        assert!(parse_container(b"KPATCH1\0", Path::new("x")).is_err());
+        assert!(parse_container(&[0u8; 1024], Path::new("x")).is_err());
+        let mut lp = vec![0u8; 1024];
+        lp[..8].copy_from_slice(MAGIC);
+        lp[88..128].copy_from_slice(&[b'a'; 40]);
+        lp[152..156].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        let e = parse_container(&lp, Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kpatch_offset"), "{e}");
+    }
+}

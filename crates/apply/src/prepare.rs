@@ -1,0 +1,773 @@
+//! The host-side half of applying: parse the patch ELF, lay out the region, resolve
+//! symbols against the target's loaded objects, and relocate into an image.
+
+use std::collections::HashMap;
+
+use object::read::elf::{FileHeader, ProgramHeader, Rela as _, SectionHeader, Sym as _};
+use object::{elf, LittleEndian as LE};
+
+use livecare_process::LoadedObject;
+
+use crate::arch::{Native, PatchArch, RelocInput};
+use crate::container::Patch;
+use crate::region::{Hunk, RegionHeader, SAVED_LEN};
+use crate::Error;
+
+type Hdr = elf::FileHeader64<LE>;
+type Shdr = elf::SectionHeader64<LE>;
+type Sym = elf::Sym64<LE>;
+
+/// Size of one `.kpatch.info` record (LibCare `struct kpatch_info`, 64-bit).
+const KPATCH_INFO_LEN: usize = 48;
+/// Page size used for region layout.
+const PAGE: u64 = 4096;
+
+fn align(v: u64, a: u64) -> u64 {
+    let a = a.max(1);
+    v.div_ceil(a) * a
+}
+
+/// Strips a symbol version (`printf@GLIBC_2.2.5` → `printf`).
+pub fn base_name(name: &str) -> &str {
+    name.split('@').next().unwrap_or(name)
+}
+
+/// A defined symbol of a loaded object.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjSym {
+    /// Runtime address (bias applied), or TLS segment offset for STT_TLS.
+    pub addr: u64,
+    /// Size.
+    pub size: u64,
+    /// ELF st_type.
+    pub st_type: u8,
+}
+
+/// Runtime view of an object's ELF: sections by name, symbols by name, TLS layout.
+pub struct ObjectView {
+    /// Section name → runtime address.
+    pub sections: HashMap<String, u64>,
+    /// `.symtab` symbols (may be empty for stripped objects).
+    pub symtab: HashMap<String, ObjSym>,
+    /// `.dynsym` symbols that are defined and global/weak.
+    pub dynsym: HashMap<String, ObjSym>,
+    /// Symbols by runtime address (from .symtab, FUNC only).
+    pub funcs_by_addr: HashMap<u64, (String, u64)>,
+    /// True if the object has a `.symtab`.
+    pub has_symtab: bool,
+    /// (p_memsz, p_align) of PT_TLS.
+    pub tls: Option<(u64, u64)>,
+    /// Runtime GOT slot of each TLS symbol's TPOFF64 dynamic relocation.
+    pub tpoff_slots: HashMap<String, u64>,
+    /// Runtime GOT slot of each symbol's GLOB_DAT/JUMP_SLOT relocation.
+    pub got_slots: HashMap<String, u64>,
+}
+
+impl ObjectView {
+    /// Parses `obj`'s file.
+    pub fn new(obj: &LoadedObject) -> Result<ObjectView, Error> {
+        let data: &[u8] = &obj.data;
+        let bad = |what: String| Error::Object {
+            path: obj.path.clone(),
+            what,
+        };
+        let hdr = Hdr::parse(data).map_err(|e| bad(e.to_string()))?;
+        let e = hdr.endian().map_err(|e| bad(e.to_string()))?;
+        let bias = obj.load_bias;
+        let secs = hdr.sections(e, data).map_err(|e| bad(e.to_string()))?;
+        let mut v = ObjectView {
+            sections: HashMap::new(),
+            symtab: HashMap::new(),
+            dynsym: HashMap::new(),
+            funcs_by_addr: HashMap::new(),
+            has_symtab: false,
+            tls: None,
+            tpoff_slots: HashMap::new(),
+            got_slots: HashMap::new(),
+        };
+        for s in secs.iter() {
+            let name =
+                String::from_utf8_lossy(secs.section_name(e, s).unwrap_or_default()).into_owned();
+            if s.sh_flags(e) & elf::SHF_ALLOC as u64 != 0 {
+                v.sections.insert(name, s.sh_addr(e).wrapping_add(bias));
+            }
+        }
+        if let Ok(phs) = hdr.program_headers(e, data) {
+            for ph in phs {
+                if ph.p_type(e) == elf::PT_TLS {
+                    v.tls = Some((ph.p_memsz(e), ph.p_align(e)));
+                }
+            }
+        }
+        for (kind, map_is_dyn) in [(elf::SHT_SYMTAB, false), (elf::SHT_DYNSYM, true)] {
+            let Ok(tab) = secs.symbols(e, data, kind) else {
+                continue;
+            };
+            if !map_is_dyn && !tab.is_empty() {
+                v.has_symtab = true;
+            }
+            for sym in tab.iter() {
+                if sym.st_shndx(e) == elf::SHN_UNDEF {
+                    continue;
+                }
+                let t = sym.st_type();
+                if t == elf::STT_SECTION || t == elf::STT_FILE {
+                    continue;
+                }
+                let Ok(n) = tab.symbol_name(e, sym) else {
+                    continue;
+                };
+                let name = base_name(&String::from_utf8_lossy(n)).to_string();
+                if name.is_empty() {
+                    continue;
+                }
+                let addr = if t == elf::STT_TLS {
+                    sym.st_value(e)
+                } else {
+                    sym.st_value(e).wrapping_add(bias)
+                };
+                let os = ObjSym {
+                    addr,
+                    size: sym.st_size(e),
+                    st_type: t,
+                };
+                if map_is_dyn {
+                    if sym.st_bind() != elf::STB_LOCAL && sym.st_visibility() != elf::STV_HIDDEN {
+                        v.dynsym.entry(name).or_insert(os);
+                    }
+                } else {
+                    if t == elf::STT_FUNC {
+                        v.funcs_by_addr.insert(addr, (name.clone(), os.size));
+                    }
+                    // Prefer globals over same-named locals of other files.
+                    if sym.st_bind() != elf::STB_LOCAL || !v.symtab.contains_key(&name) {
+                        v.symtab.insert(name, os);
+                    }
+                }
+            }
+        }
+        // Dynamic relocations: GOT slots of imported symbols and of IE TLS variables.
+        if let Ok(dynsyms) = secs.symbols(e, data, elf::SHT_DYNSYM) {
+            for s in secs.iter() {
+                let Ok(Some((relas, _))) = s.rela(e, data) else {
+                    continue;
+                };
+                if s.sh_flags(e) & elf::SHF_ALLOC as u64 == 0 {
+                    continue;
+                }
+                for r in relas {
+                    let idx = r.r_sym(e, false) as usize;
+                    let Ok(sym) = dynsyms.symbol(object::SymbolIndex(idx)) else {
+                        continue;
+                    };
+                    let name = base_name(&String::from_utf8_lossy(
+                        dynsyms.symbol_name(e, sym).unwrap_or_default(),
+                    ))
+                    .to_string();
+                    let slot = r.r_offset(e).wrapping_add(bias);
+                    match r.r_type(e, false) {
+                        elf::R_X86_64_TPOFF64 => {
+                            v.tpoff_slots.insert(name, slot);
+                        }
+                        elf::R_X86_64_GLOB_DAT | elf::R_X86_64_JUMP_SLOT => {
+                            v.got_slots.insert(name, slot);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// bytes of the file at runtime address `addr` (for comparing code).
+    pub fn file_bytes(obj: &LoadedObject, addr: u64, len: usize) -> Option<&[u8]> {
+        let data: &[u8] = &obj.data;
+        let hdr = Hdr::parse(data).ok()?;
+        let e = hdr.endian().ok()?;
+        let vaddr = addr.wrapping_sub(obj.load_bias);
+        for ph in hdr.program_headers(e, data).ok()? {
+            if ph.p_type(e) != elf::PT_LOAD {
+                continue;
+            }
+            let (pv, po, fsz) = (ph.p_vaddr(e), ph.p_offset(e), ph.p_filesz(e));
+            if vaddr >= pv && vaddr + len as u64 <= pv + fsz {
+                let o = (po + vaddr - pv) as usize;
+                return data.get(o..o + len);
+            }
+        }
+        None
+    }
+}
+
+/// How a patch symbol resolves.
+#[derive(Debug, Clone, Copy)]
+enum SymVal {
+    /// Offset inside the region (patch sections).
+    Region(u64),
+    /// An absolute address inside the original object (local).
+    Local(u64),
+    /// An absolute address elsewhere (another library): reached via jump-table entry.
+    External(u64),
+    /// A TLS variable with its thread-pointer offset.
+    Tls(i64),
+    /// Absolute value (SHN_ABS).
+    Abs(u64),
+}
+
+/// A patch laid out and resolved, waiting for a base address.
+pub struct Layout {
+    /// Total region size (page multiple).
+    pub size: u64,
+    /// Length of the read+exec part (header, code, read-only data, jump table).
+    pub exec_len: u64,
+    header_len: u64,
+    /// Section index → region offset of loaded sections.
+    sec_off: HashMap<usize, u64>,
+    syms: Vec<Option<SymVal>>,
+    sym_names: Vec<String>,
+    /// Jump-table slot per symbol index that needs one.
+    slots: HashMap<usize, usize>,
+    jt_off: u64,
+    info_sec: Option<usize>,
+    eh_frame_sec: Option<(usize, u64)>,
+}
+
+/// A relocated region image, its hunks (saved bytes not yet filled) and the
+/// location and length of the patch's relocated `.eh_frame`, if any.
+pub type Relocated = (Vec<u8>, Vec<Hunk>, Option<(u64, u64)>);
+
+/// One relocation, decoded.
+struct Reloc {
+    target_sec: usize,
+    offset: u64,
+    r_type: u32,
+    sym: usize,
+    addend: i64,
+}
+
+/// The parsed patch ELF.
+pub struct PatchElf<'a> {
+    data: &'a [u8],
+    secs: Vec<(String, &'a Shdr)>,
+    syms: Vec<(String, &'a Sym)>,
+    relocs: Vec<Reloc>,
+}
+
+fn is_loaded(name: &str, s: &Shdr) -> bool {
+    let e = LE;
+    let alloc = s.sh_flags(e) & elf::SHF_ALLOC as u64 != 0;
+    let ty = s.sh_type(e);
+    alloc
+        && ((ty == elf::SHT_PROGBITS && s.sh_size(e) > 0)
+            || (ty == elf::SHT_NOBITS && name.starts_with(".kpatch")))
+}
+
+impl<'a> PatchElf<'a> {
+    /// Parses and validates the patch's relocatable ELF.
+    pub fn parse(patch: &'a Patch) -> Result<PatchElf<'a>, Error> {
+        let data = &patch.elf[..];
+        let bad = |what: String| Error::BadPatch {
+            path: patch.source.clone(),
+            what,
+        };
+        let hdr = Hdr::parse(data).map_err(|e| bad(format!("ELF header: {e}")))?;
+        let e = LE;
+        if hdr.e_machine(e) != elf::EM_X86_64 {
+            return Err(bad(format!("e_machine {} is not x86_64", hdr.e_machine(e))));
+        }
+        let st = hdr.sections(e, data).map_err(|er| {
+            bad(format!(
+                "section headers (e_shoff {:#x}): {er}",
+                hdr.e_shoff(e)
+            ))
+        })?;
+        let mut secs = Vec::new();
+        for s in st.iter() {
+            let name = String::from_utf8_lossy(
+                st.section_name(e, s)
+                    .map_err(|er| bad(format!("section name: {er}")))?,
+            )
+            .into_owned();
+            if s.sh_type(e) != elf::SHT_NOBITS {
+                let end = s.sh_offset(e).checked_add(s.sh_size(e));
+                if end.is_none_or(|end| end > data.len() as u64) {
+                    return Err(bad(format!(
+                        "section {name}: offset {:#x} size {:#x} beyond the file",
+                        s.sh_offset(e),
+                        s.sh_size(e)
+                    )));
+                }
+            }
+            if s.sh_flags(e) & elf::SHF_TLS as u64 != 0 && is_loaded(&name, s) {
+                return Err(bad(format!(
+                    "section {name}: new thread-local variables are not supported"
+                )));
+            }
+            secs.push((name, s));
+        }
+        let symtab = st
+            .symbols(e, data, elf::SHT_SYMTAB)
+            .map_err(|er| bad(format!("symbol table: {er}")))?;
+        if symtab.is_empty() {
+            return Err(bad("no symbol table".into()));
+        }
+        let mut syms = Vec::new();
+        for sym in symtab.iter() {
+            let name = String::from_utf8_lossy(
+                symtab
+                    .symbol_name(e, sym)
+                    .map_err(|er| bad(format!("symbol name: {er}")))?,
+            )
+            .into_owned();
+            let shndx = sym.st_shndx(e) as usize;
+            if shndx != 0 && shndx < elf::SHN_LORESERVE as usize && shndx >= secs.len() {
+                return Err(bad(format!(
+                    "symbol {name}: section index {shndx} out of range"
+                )));
+            }
+            syms.push((name, sym));
+        }
+        let mut relocs = Vec::new();
+        for (name, s) in secs.iter() {
+            if s.sh_type(e) == elf::SHT_REL {
+                return Err(bad(format!(
+                    "{name}: SHT_REL relocations are not supported"
+                )));
+            }
+            if s.sh_type(e) != elf::SHT_RELA {
+                continue;
+            }
+            let target = s.sh_info(e) as usize;
+            let Some((tname, ts)) = secs.get(target) else {
+                return Err(bad(format!("{name}: sh_info {target} is not a section")));
+            };
+            if !is_loaded(tname, ts) {
+                continue; // relocations of sections we do not load
+            }
+            let (relas, _) = s
+                .rela(e, data)
+                .map_err(|er| bad(format!("{name}: {er}")))?
+                .ok_or_else(|| bad(format!("{name}: not RELA")))?;
+            for r in relas {
+                let sym = r.r_sym(e, false) as usize;
+                if sym >= syms.len() {
+                    return Err(bad(format!("{name}: symbol index {sym} out of range")));
+                }
+                let offset = r.r_offset(e);
+                if offset >= ts.sh_size(e) {
+                    return Err(bad(format!(
+                        "{name}: r_offset {offset:#x} outside {tname} (size {:#x})",
+                        ts.sh_size(e)
+                    )));
+                }
+                relocs.push(Reloc {
+                    target_sec: target,
+                    offset,
+                    r_type: r.r_type(e, false),
+                    sym,
+                    addend: r.r_addend(e),
+                });
+            }
+        }
+        if !secs.iter().any(|(n, _)| n == ".kpatch.info") {
+            return Err(bad("no .kpatch.info section".into()));
+        }
+        let pe = PatchElf {
+            data,
+            secs,
+            syms,
+            relocs,
+        };
+        Ok(pe)
+    }
+
+    /// Lays out the region and resolves every symbol that does not depend on it.
+    pub fn layout(
+        &self,
+        patch: &Patch,
+        target: &LoadedObject,
+        view: &ObjectView,
+        objects: &[(LoadedObject, ObjectView)],
+        call_resolver: &mut dyn FnMut(u64) -> Result<u64, Error>,
+        read_u64: &dyn Fn(u64) -> Option<u64>,
+    ) -> Result<Layout, Error> {
+        let e = LE;
+        let bad = |what: String| Error::BadPatch {
+            path: patch.source.clone(),
+            what,
+        };
+        let info_sec = self.secs.iter().position(|(n, _)| n == ".kpatch.info");
+        let strtab_len = self
+            .secs
+            .iter()
+            .find(|(n, _)| n == ".kpatch.strtab")
+            .map(|(_, s)| s.sh_size(e))
+            .unwrap_or(0);
+        let max_hunks = info_sec
+            .map(|i| self.secs[i].1.sh_size(e) as usize / KPATCH_INFO_LEN + 1)
+            .unwrap_or(0);
+        let header_len =
+            RegionHeader::encoded_len(max_hunks, strtab_len as usize + 64 * max_hunks) as u64;
+
+        // Symbols needing a jump-table slot: undefined, TLS, or GOT-relative referenced.
+        let mut slots = HashMap::new();
+        for r in &self.relocs {
+            let sym = self.syms[r.sym].1;
+            let needs = sym.st_shndx(e) == elf::SHN_UNDEF && r.sym != 0
+                || Native::needs_got(r.r_type)
+                || r.r_type == elf::R_X86_64_GOTTPOFF;
+            if needs && !slots.contains_key(&r.sym) {
+                let n = slots.len();
+                slots.insert(r.sym, n);
+            }
+        }
+
+        // Sections: read+exec part first (after the header), then writable data on its own pages.
+        let mut sec_off = HashMap::new();
+        let mut off = header_len;
+        for pass_writable in [false, true] {
+            if pass_writable {
+                off = align(off + (slots.len() * Native::JUMP_TABLE_ENTRY) as u64, PAGE);
+            }
+            for (i, (name, s)) in self.secs.iter().enumerate() {
+                if !is_loaded(name, s) {
+                    continue;
+                }
+                let writable = s.sh_flags(e) & elf::SHF_WRITE as u64 != 0;
+                if writable != pass_writable {
+                    continue;
+                }
+                off = align(off, s.sh_addralign(e).clamp(1, PAGE));
+                sec_off.insert(i, off);
+                off += s.sh_size(e);
+            }
+            if !pass_writable {
+                off = align(off, 16);
+            }
+        }
+        // The jump table sits right after the read+exec sections.
+        let exec_end_no_jt = {
+            let mut m = header_len;
+            for (i, o) in &sec_off {
+                let s = self.secs[*i].1;
+                if s.sh_flags(e) & elf::SHF_WRITE as u64 == 0 {
+                    m = m.max(o + s.sh_size(e));
+                }
+            }
+            align(m, 16)
+        };
+        let jt_off = exec_end_no_jt;
+        let exec_len = align(
+            jt_off + (slots.len() * Native::JUMP_TABLE_ENTRY) as u64,
+            PAGE,
+        );
+        let size = align(off.max(exec_len), PAGE);
+
+        // Resolve symbols.
+        let mut syms = Vec::with_capacity(self.syms.len());
+        let mut names = Vec::with_capacity(self.syms.len());
+        for (idx, (name, sym)) in self.syms.iter().enumerate() {
+            names.push(name.clone());
+            if idx == 0 {
+                syms.push(None);
+                continue;
+            }
+            let shndx = sym.st_shndx(e);
+            let ty = sym.st_type();
+            let val = sym.st_value(e);
+            let bname = base_name(name);
+            let resolved = if shndx == elf::SHN_ABS {
+                Some(SymVal::Abs(val))
+            } else if shndx == elf::SHN_UNDEF {
+                if !slots.contains_key(&idx) && !self.relocs.iter().any(|r| r.sym == idx) {
+                    None
+                } else {
+                    Some(resolve_undefined(bname, view, objects, call_resolver).map_err(bad)?)
+                }
+            } else if shndx >= elf::SHN_LORESERVE {
+                return Err(bad(format!(
+                    "symbol {name}: unsupported section index {shndx:#x}"
+                )));
+            } else if let Some(o) = sec_off.get(&(shndx as usize)) {
+                Some(SymVal::Region(if ty == elf::STT_SECTION {
+                    *o
+                } else {
+                    o + val
+                }))
+            } else {
+                let (sname, _) = &self.secs[shndx as usize];
+                if ty == elf::STT_TLS || sname.starts_with(".tbss") || sname.starts_with(".tdata") {
+                    Some(resolve_tls(name, ty, sname, target, view, read_u64).map_err(bad)?)
+                } else {
+                    let base = *view.sections.get(sname).ok_or_else(|| {
+                        bad(format!(
+                            "symbol {name}: section {sname} does not exist in {}",
+                            target.path
+                        ))
+                    })?;
+                    Some(SymVal::Local(if ty == elf::STT_SECTION {
+                        base
+                    } else {
+                        base.wrapping_add(val)
+                    }))
+                }
+            };
+            syms.push(resolved);
+        }
+        let eh_frame_sec = self
+            .secs
+            .iter()
+            .enumerate()
+            .find(|(i, (n, _))| {
+                (n == ".eh_frame" || n == ".kpatch.eh_frame") && sec_off.contains_key(i)
+            })
+            .map(|(i, (_, s))| (i, s.sh_size(e)));
+        Ok(Layout {
+            size,
+            exec_len,
+            header_len,
+            sec_off,
+            syms,
+            sym_names: names,
+            slots,
+            jt_off,
+            info_sec,
+            eh_frame_sec,
+        })
+    }
+
+    /// Builds the region image at `base`: sections, jump table, relocations; returns
+    /// the image (header area left zero) and the hunks (saved bytes not yet filled).
+    pub fn relocate(&self, lay: &Layout, base: u64) -> Result<Relocated, String> {
+        let e = LE;
+        let mut image = vec![0u8; lay.size as usize];
+        for (i, o) in &lay.sec_off {
+            let s = self.secs[*i].1;
+            if s.sh_type(e) == elf::SHT_NOBITS {
+                continue;
+            }
+            let src = &self.data[s.sh_offset(e) as usize..(s.sh_offset(e) + s.sh_size(e)) as usize];
+            image[*o as usize..*o as usize + src.len()].copy_from_slice(src);
+        }
+        let abs = |v: &SymVal| -> (u64, bool) {
+            match *v {
+                SymVal::Region(o) => (base + o, true),
+                SymVal::Local(a) => (a, true),
+                SymVal::External(a) => (a, false),
+                SymVal::Tls(_) => (0, false),
+                SymVal::Abs(a) => (a, true),
+            }
+        };
+        // Jump table: entries jump to (and slots hold) the symbol's address, or the TLS offset.
+        for (sym, slot) in &lay.slots {
+            let o = (lay.jt_off + (*slot * Native::JUMP_TABLE_ENTRY) as u64) as usize;
+            let entry = match lay.syms[*sym] {
+                Some(SymVal::Tls(t)) => Native::jump_table_entry(t as u64),
+                Some(ref v) => Native::jump_table_entry(abs(v).0),
+                None => return Err(format!("symbol {} unresolved", lay.sym_names[*sym])),
+            };
+            image[o..o + entry.len()].copy_from_slice(&entry);
+        }
+        for r in &self.relocs {
+            let sec_o = lay.sec_off[&r.target_sec];
+            let place = (sec_o + r.offset) as usize;
+            let val = lay.syms[r.sym].as_ref().ok_or_else(|| {
+                format!(
+                    "relocation against unresolved symbol {}",
+                    lay.sym_names[r.sym]
+                )
+            })?;
+            let (s, local) = abs(val);
+            let slot_addr = lay.slots.get(&r.sym).map(|n| {
+                base + lay.jt_off + (*n * Native::JUMP_TABLE_ENTRY + Native::JUMP_TABLE_SLOT) as u64
+            });
+            let tpoff = match val {
+                SymVal::Tls(t) => Some(*t),
+                _ => None,
+            };
+            let input = RelocInput {
+                s,
+                a: r.addend,
+                p: base + sec_o + r.offset,
+                local,
+                got: slot_addr,
+                tpoff,
+                tpoff_slot: if tpoff.is_some() { slot_addr } else { None },
+            };
+            if Native::is_tls(r.r_type) && tpoff.is_none() {
+                return Err(format!(
+                    "{} against non-TLS symbol {}",
+                    Native::reloc_name(r.r_type),
+                    lay.sym_names[r.sym]
+                ));
+            }
+            Native::apply(&mut image, place, r.r_type, &input).map_err(|m| {
+                format!(
+                    "{} at {}+{:#x} (symbol {}): {m}",
+                    Native::reloc_name(r.r_type),
+                    self.secs[r.target_sec].0,
+                    r.offset,
+                    lay.sym_names[r.sym]
+                )
+            })?;
+        }
+        // Hunks from the relocated .kpatch.info.
+        let mut hunks = Vec::new();
+        if let Some(i) = lay.info_sec {
+            let o = lay
+                .sec_off
+                .get(&i)
+                .copied()
+                .ok_or(".kpatch.info not loaded")? as usize;
+            let len = self.secs[i].1.sh_size(e) as usize;
+            let rd64 =
+                |a: usize| u64::from_le_bytes(image[a..a + 8].try_into().unwrap_or_default());
+            let rd32 =
+                |a: usize| u32::from_le_bytes(image[a..a + 4].try_into().unwrap_or_default());
+            let mut p = o;
+            while p + KPATCH_INFO_LEN <= o + len {
+                let (daddr, saddr) = (rd64(p), rd64(p + 8));
+                if daddr == 0 {
+                    break;
+                }
+                let (dlen, slen, symstr) = (rd32(p + 16), rd32(p + 20), rd64(p + 24));
+                let name = symstr
+                    .checked_sub(base)
+                    .and_then(|so| image.get(so as usize..))
+                    .map(|s| {
+                        let end = s.iter().position(|&c| c == 0).unwrap_or(0).min(200);
+                        String::from_utf8_lossy(&s[..end]).into_owned()
+                    })
+                    .unwrap_or_default();
+                let name = name.strip_suffix(".kpatch").unwrap_or(&name).to_string();
+                if (dlen as usize) < Native::JUMP_LEN {
+                    return Err(format!(
+                        "function {name} is {dlen} bytes, too short for a {}-byte jump",
+                        Native::JUMP_LEN
+                    ));
+                }
+                if !(base..base + lay.size).contains(&saddr) {
+                    return Err(format!(
+                        "new body of {name} at {saddr:#x} is not in the patch"
+                    ));
+                }
+                hunks.push(Hunk {
+                    daddr,
+                    saddr,
+                    dlen,
+                    slen,
+                    saved: [0; SAVED_LEN],
+                    name,
+                });
+                p += KPATCH_INFO_LEN;
+            }
+        }
+        if hunks.is_empty() {
+            return Err("the patch has no hunks in .kpatch.info".into());
+        }
+        let eh = lay
+            .eh_frame_sec
+            .map(|(i, len)| (base + lay.sec_off[&i], len));
+        Ok((image, hunks, eh))
+    }
+
+    /// Length of the header area at the start of the region.
+    pub fn header_len(lay: &Layout) -> u64 {
+        lay.header_len
+    }
+}
+
+fn resolve_undefined(
+    name: &str,
+    view: &ObjectView,
+    objects: &[(LoadedObject, ObjectView)],
+    call_resolver: &mut dyn FnMut(u64) -> Result<u64, Error>,
+) -> Result<SymVal, String> {
+    if let Some(s) = view.symtab.get(name).or_else(|| view.dynsym.get(name)) {
+        if s.st_type == elf::STT_TLS {
+            return Err(format!("TLS symbol {name} referenced as undefined"));
+        }
+        if s.st_type != elf::STT_GNU_IFUNC {
+            return Ok(SymVal::Local(s.addr));
+        }
+    }
+    // The executable first, then libraries in load order, like the dynamic linker.
+    let mut order: Vec<&(LoadedObject, ObjectView)> = objects
+        .iter()
+        .filter(|(o, _)| o.kind == livecare_process::ElfKind::Executable)
+        .collect();
+    order.extend(
+        objects
+            .iter()
+            .filter(|(o, _)| o.kind != livecare_process::ElfKind::Executable),
+    );
+    for (o, v) in order {
+        let Some(s) = v.dynsym.get(name) else {
+            continue;
+        };
+        if s.st_type == elf::STT_TLS {
+            let slot = v.tpoff_slots.get(name);
+            return Err(format!(
+                "TLS symbol {name} of {} (slot {slot:?}) cannot be imported",
+                o.path
+            ));
+        }
+        if s.st_type == elf::STT_GNU_IFUNC {
+            // The resolver picks the implementation for this CPU; run it in the target.
+            let real = call_resolver(s.addr)
+                .map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))?;
+            return Ok(SymVal::External(real));
+        }
+        return Ok(SymVal::External(s.addr));
+    }
+    Err(format!(
+        "undefined symbol {name} not found in any loaded object"
+    ))
+}
+
+fn resolve_tls(
+    name: &str,
+    ty: u8,
+    sname: &str,
+    target: &LoadedObject,
+    view: &ObjectView,
+    read_u64: &dyn Fn(u64) -> Option<u64>,
+) -> Result<SymVal, String> {
+    let bname = base_name(name);
+    if target.kind == livecare_process::ElfKind::Executable {
+        let (memsz, al) = view
+            .tls
+            .ok_or_else(|| format!("{} has no TLS segment for {name}", target.path))?;
+        let block = align(memsz, al);
+        let seg_off = if ty == elf::STT_SECTION {
+            // Section symbol: offset of the section inside the TLS segment.
+            let tdata = view.sections.get(".tdata").copied();
+            let tbss = view.sections.get(".tbss").copied();
+            let seg = [tdata, tbss]
+                .into_iter()
+                .flatten()
+                .min()
+                .ok_or("no .tdata/.tbss")?;
+            view.sections
+                .get(sname)
+                .ok_or_else(|| format!("no section {sname}"))?
+                - seg
+        } else {
+            view.symtab
+                .get(bname)
+                .filter(|s| s.st_type == elf::STT_TLS)
+                .map(|s| s.addr)
+                .ok_or_else(|| format!("TLS symbol {name} not in {}", target.path))?
+        };
+        return Ok(SymVal::Tls(seg_off as i64 - block as i64));
+    }
+    // A library's static TLS offset is only known at run time: take it from the
+    // library's own GOT slot (initial-exec TPOFF64), which ld.so has filled.
+    let slot = view.tpoff_slots.get(bname).ok_or_else(|| {
+        format!("TLS variable {name} of library {} has no initial-exec GOT slot to read its offset from", target.path)
+    })?;
+    let v =
+        read_u64(*slot).ok_or_else(|| format!("reading the TLS offset of {name} at {slot:#x}"))?;
+    Ok(SymVal::Tls(v as i64))
+}

@@ -1,0 +1,268 @@
+//! The in-target state: each applied patch's region starts with a header (magic,
+//! version, patch id, build-id, hunks with saved original bytes) that later
+//! invocations read back from the target's own memory.
+
+use livecare_process::{read_maps, Pid, RemoteMemory};
+
+use crate::Error;
+
+/// Magic at the start of every patch region.
+pub const REGION_MAGIC: &[u8; 8] = b"LVCARE\x01\0";
+/// Format version of the region header.
+pub const REGION_VERSION: u32 = 1;
+/// Size of the fixed part of the header.
+pub const FIXED_LEN: usize = 192;
+/// Size of one hunk record.
+pub const HUNK_LEN: usize = 48;
+/// Bytes of saved original code per hunk.
+pub const SAVED_LEN: usize = 8;
+
+/// Field offsets of the fixed header, named once.
+mod off {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_LEN: usize = 12;
+    pub const TOTAL_LEN: usize = 16;
+    pub const SEQ: usize = 24;
+    pub const BUILD_ID: usize = 32; // 64 bytes
+    pub const PATCH_ID: usize = 96; // 32 bytes
+    pub const HASH: usize = 128;
+    pub const NHUNKS: usize = 136;
+    pub const LEVEL: usize = 140;
+    pub const EH_FRAME: usize = 144;
+    pub const EH_FRAME_LEN: usize = 152;
+    pub const LOAD_BIAS: usize = 160;
+    pub const EXEC_LEN: usize = 168;
+    pub const STATE: usize = 176;
+    pub const NAMES: usize = 180; // u32 offset of the name strings
+}
+
+/// One replaced function.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Hunk {
+    /// Address of the original function.
+    pub daddr: u64,
+    /// Address of the new body.
+    pub saddr: u64,
+    /// Size of the original function.
+    pub dlen: u32,
+    /// Size of the new body.
+    pub slen: u32,
+    /// The bytes at `daddr` before our jump (original code, or an older patch's jump).
+    pub saved: [u8; SAVED_LEN],
+    /// Function name.
+    pub name: String,
+}
+
+/// Whether a region's jumps are live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RegionState {
+    /// Body written, jumps not yet (or no longer) in place.
+    Prepared,
+    /// Jumps written: the patch is active.
+    Applied,
+}
+
+/// The header of a patch region.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegionHeader {
+    /// Region start in the target.
+    pub addr: u64,
+    /// Region length (for munmap).
+    pub total_len: u64,
+    /// Application order within the process (higher = later).
+    pub seq: u64,
+    /// Build-id of the patched object.
+    pub build_id: String,
+    /// Patch id.
+    pub patch_id: String,
+    /// Hash of the patch ELF.
+    pub hash: u64,
+    /// Patch level (storage), 0 otherwise.
+    pub level: u32,
+    /// Relocated `.eh_frame` of the patch code in the region (0 if none).
+    pub eh_frame: u64,
+    /// Its length.
+    pub eh_frame_len: u64,
+    /// Load bias of the patched object.
+    pub load_bias: u64,
+    /// Length of the read+exec part (header, code, jump table).
+    pub exec_len: u64,
+    /// Active or not.
+    pub state: RegionState,
+    /// The hunks.
+    pub hunks: Vec<Hunk>,
+}
+
+fn put_str(buf: &mut [u8], at: usize, len: usize, s: &str) {
+    let b = s.as_bytes();
+    let n = b.len().min(len - 1);
+    buf[at..at + n].copy_from_slice(&b[..n]);
+}
+
+fn get_str(buf: &[u8], at: usize, len: usize) -> String {
+    let s = &buf[at..at + len];
+    let end = s.iter().position(|&c| c == 0).unwrap_or(len);
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
+
+fn rd32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default())
+}
+
+fn rd64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default())
+}
+
+impl RegionHeader {
+    /// Bytes needed to encode a header with these hunks.
+    pub fn encoded_len(nhunks: usize, names_len: usize) -> usize {
+        (FIXED_LEN + nhunks * HUNK_LEN + names_len).div_ceil(16) * 16
+    }
+
+    /// Encodes the header.
+    pub fn encode(&self) -> Vec<u8> {
+        let names_len: usize = self.hunks.iter().map(|h| h.name.len() + 1).sum();
+        let len = Self::encoded_len(self.hunks.len(), names_len);
+        let mut b = vec![0u8; len];
+        b[off::MAGIC..off::MAGIC + 8].copy_from_slice(REGION_MAGIC);
+        b[off::VERSION..off::VERSION + 4].copy_from_slice(&REGION_VERSION.to_le_bytes());
+        b[off::HEADER_LEN..off::HEADER_LEN + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        b[off::TOTAL_LEN..off::TOTAL_LEN + 8].copy_from_slice(&self.total_len.to_le_bytes());
+        b[off::SEQ..off::SEQ + 8].copy_from_slice(&self.seq.to_le_bytes());
+        put_str(&mut b, off::BUILD_ID, 64, &self.build_id);
+        put_str(&mut b, off::PATCH_ID, 32, &self.patch_id);
+        b[off::HASH..off::HASH + 8].copy_from_slice(&self.hash.to_le_bytes());
+        b[off::NHUNKS..off::NHUNKS + 4].copy_from_slice(&(self.hunks.len() as u32).to_le_bytes());
+        b[off::LEVEL..off::LEVEL + 4].copy_from_slice(&self.level.to_le_bytes());
+        b[off::EH_FRAME..off::EH_FRAME + 8].copy_from_slice(&self.eh_frame.to_le_bytes());
+        b[off::EH_FRAME_LEN..off::EH_FRAME_LEN + 8]
+            .copy_from_slice(&self.eh_frame_len.to_le_bytes());
+        b[off::LOAD_BIAS..off::LOAD_BIAS + 8].copy_from_slice(&self.load_bias.to_le_bytes());
+        b[off::EXEC_LEN..off::EXEC_LEN + 8].copy_from_slice(&self.exec_len.to_le_bytes());
+        let state = matches!(self.state, RegionState::Applied) as u32;
+        b[off::STATE..off::STATE + 4].copy_from_slice(&state.to_le_bytes());
+        let names_at = FIXED_LEN + self.hunks.len() * HUNK_LEN;
+        b[off::NAMES..off::NAMES + 4].copy_from_slice(&(names_at as u32).to_le_bytes());
+        let mut name_pos = names_at;
+        for (i, h) in self.hunks.iter().enumerate() {
+            let o = FIXED_LEN + i * HUNK_LEN;
+            b[o..o + 8].copy_from_slice(&h.daddr.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&h.saddr.to_le_bytes());
+            b[o + 16..o + 20].copy_from_slice(&h.dlen.to_le_bytes());
+            b[o + 20..o + 24].copy_from_slice(&h.slen.to_le_bytes());
+            b[o + 24..o + 32].copy_from_slice(&h.saved);
+            b[o + 32..o + 36].copy_from_slice(&((name_pos - names_at) as u32).to_le_bytes());
+            b[name_pos..name_pos + h.name.len()].copy_from_slice(h.name.as_bytes());
+            name_pos += h.name.len() + 1;
+        }
+        b
+    }
+
+    /// Offset of the state word (rewritten at commit).
+    pub const STATE_OFFSET: u64 = off::STATE as u64;
+
+    /// Reads the header of the region at `addr`, if it carries our magic.
+    pub fn read(mem: &RemoteMemory, addr: u64, map_len: u64) -> Option<RegionHeader> {
+        let fixed = mem.read_vec(addr, FIXED_LEN).ok()?;
+        if &fixed[..8] != REGION_MAGIC || rd32(&fixed, off::VERSION) != REGION_VERSION {
+            return None;
+        }
+        let len = rd32(&fixed, off::HEADER_LEN) as usize;
+        let nh = rd32(&fixed, off::NHUNKS) as usize;
+        let names_at = rd32(&fixed, off::NAMES) as usize;
+        if len as u64 > map_len || FIXED_LEN + nh * HUNK_LEN > len || names_at > len {
+            return None;
+        }
+        let b = mem.read_vec(addr, len).ok()?;
+        let mut hunks = Vec::with_capacity(nh);
+        for i in 0..nh {
+            let o = FIXED_LEN + i * HUNK_LEN;
+            let name_off = names_at + rd32(&b, o + 32) as usize;
+            let name = b
+                .get(name_off..)
+                .map(|s| get_str(s, 0, s.len()))
+                .unwrap_or_default();
+            hunks.push(Hunk {
+                daddr: rd64(&b, o),
+                saddr: rd64(&b, o + 8),
+                dlen: rd32(&b, o + 16),
+                slen: rd32(&b, o + 20),
+                saved: b[o + 24..o + 32].try_into().unwrap_or_default(),
+                name,
+            });
+        }
+        Some(RegionHeader {
+            addr,
+            total_len: rd64(&b, off::TOTAL_LEN),
+            seq: rd64(&b, off::SEQ),
+            build_id: get_str(&b, off::BUILD_ID, 64),
+            patch_id: get_str(&b, off::PATCH_ID, 32),
+            hash: rd64(&b, off::HASH),
+            level: rd32(&b, off::LEVEL),
+            eh_frame: rd64(&b, off::EH_FRAME),
+            eh_frame_len: rd64(&b, off::EH_FRAME_LEN),
+            load_bias: rd64(&b, off::LOAD_BIAS),
+            exec_len: rd64(&b, off::EXEC_LEN),
+            state: if rd32(&b, off::STATE) == 1 {
+                RegionState::Applied
+            } else {
+                RegionState::Prepared
+            },
+            hunks,
+        })
+    }
+}
+
+/// Every patch region in `pid`, by scanning anonymous mappings for the magic; in
+/// application order.
+pub fn find_regions(pid: Pid) -> Result<Vec<RegionHeader>, Error> {
+    let mem = RemoteMemory::open(pid)?;
+    let mut out = Vec::new();
+    for m in read_maps(pid)? {
+        if !m.is_anonymous() || !m.read {
+            continue;
+        }
+        if let Some(h) = RegionHeader::read(&mem, m.start, m.end - m.start) {
+            out.push(h);
+        }
+    }
+    out.sort_by_key(|h| h.seq);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_through_bytes() {
+        let h = RegionHeader {
+            addr: 0,
+            total_len: 0x3000,
+            seq: 7,
+            build_id: "ab".repeat(20),
+            patch_id: "0001".into(),
+            hash: 42,
+            level: 2,
+            eh_frame: 0x10,
+            eh_frame_len: 0x20,
+            load_bias: 0x5555_0000,
+            exec_len: 0x2000,
+            state: RegionState::Applied,
+            hunks: vec![Hunk {
+                daddr: 1,
+                saddr: 2,
+                dlen: 3,
+                slen: 4,
+                saved: [9; 8],
+                name: "report".into(),
+            }],
+        };
+        let b = h.encode();
+        assert_eq!(b.len() % 16, 0);
+        assert_eq!(&b[..8], REGION_MAGIC);
+        assert_eq!(rd64(&b, off::SEQ), 7);
+        assert_eq!(get_str(&b, off::PATCH_ID, 32), "0001");
+    }
+}

@@ -1,0 +1,152 @@
+//! The safety check: is any thread executing, or due to return into, code we are
+//! about to replace?
+//!
+//! Each stopped thread's stack (from its stack pointer to the end of its stack mapping)
+//! is read in one bulk read. It is then judged two ways, and it is safe if either
+//! proves it:
+//! 1. a strict CFI unwind ([`crate::unwind`], tables built before the stop) yields every
+//!    frame and none is inside a busy range;
+//! 2. no word of the live stack points into a busy range and the PC is outside them.
+//!    This scan is conservative (it cannot miss a return address, so it is sound even
+//!    where CFI is missing, e.g. patch code made without `.eh_frame`), but stale words
+//!    left in live frames' padding can make it report false positives, which is why the
+//!    unwind comes first.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use livecare_process::{LoadedObject, MapEntry, RemoteMemory, ThreadSet, Tid};
+
+use crate::region::RegionHeader;
+use crate::unwind::{CodeModule, Regs, Unwinder};
+use crate::Error;
+
+/// A code range that must not be in use, with the function's name.
+#[derive(Debug, Clone)]
+pub struct Busy {
+    /// Addresses.
+    pub range: Range<u64>,
+    /// Function (for messages).
+    pub name: String,
+}
+
+fn stack_map(maps: &[MapEntry], sp: u64) -> Option<&MapEntry> {
+    maps.iter().find(|m| m.start <= sp && sp < m.end)
+}
+
+/// Unwind tables for every piece of code in the target, built while it runs.
+pub fn build_unwinder(
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    objects: &[LoadedObject],
+    regions: &[RegionHeader],
+) -> Unwinder {
+    let mut modules = Vec::new();
+    for o in objects {
+        if o.data.is_empty() {
+            continue;
+        }
+        for m in maps.iter().filter(|m| m.exec && m.path == o.path) {
+            if let Ok(cm) =
+                CodeModule::from_elf(o.path.clone(), o.data.clone(), o.load_bias, m.start..m.end)
+            {
+                modules.push(cm);
+            }
+        }
+    }
+    if let Some(v) = maps.iter().find(|m| m.path == "[vdso]") {
+        if let Ok(bytes) = mem.read_vec(v.start, (v.end - v.start) as usize) {
+            if let Ok(cm) =
+                CodeModule::from_elf("[vdso]".into(), Arc::from(bytes), v.start, v.start..v.end)
+            {
+                modules.push(cm);
+            }
+        }
+    }
+    for r in regions {
+        if r.eh_frame == 0 || r.eh_frame_len == 0 {
+            continue;
+        }
+        if let Ok(eh) = mem.read_vec(r.eh_frame, r.eh_frame_len as usize) {
+            if let Ok(cm) = CodeModule::from_eh_frame(
+                format!("patch {}", r.patch_id),
+                eh,
+                r.eh_frame,
+                r.addr..r.addr + r.exec_len,
+            ) {
+                modules.push(cm);
+            }
+        }
+    }
+    Unwinder::new(modules)
+}
+
+/// Returns the first thread found (possibly) inside a busy range, with the function.
+pub fn first_offender(
+    threads: &ThreadSet,
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    unwinder: &mut Unwinder,
+    busy: &[Busy],
+) -> Result<Option<(Tid, String)>, Error> {
+    let in_busy_exact = |pc: u64| busy.iter().find(|b| b.range.contains(&pc));
+    // A return address points just after a call: inside (start, end].
+    let in_busy_ret = |v: u64| busy.iter().find(|b| v > b.range.start && v <= b.range.end);
+    for tid in threads.tids() {
+        if !threads.is_stopped(tid) {
+            continue;
+        }
+        let regs = threads.regs(tid)?;
+        if let Some(b) = in_busy_exact(regs.rip) {
+            return Ok(Some((tid, b.name.clone())));
+        }
+        let fresh;
+        let map = match stack_map(maps, regs.rsp) {
+            Some(m) => m,
+            None => {
+                fresh = livecare_process::read_maps(threads.pid())?;
+                match stack_map(&fresh, regs.rsp) {
+                    Some(m) => m,
+                    None => return Ok(Some((tid, "an unknown stack".into()))),
+                }
+            }
+        };
+        let lo = regs.rsp & !7;
+        let Ok(stack) = mem.read_vec(lo, (map.end - lo) as usize) else {
+            return Ok(Some((tid, "an unreadable stack".into())));
+        };
+        let mut read = |addr: u64| -> Option<u64> {
+            if addr >= lo && addr + 8 <= map.end {
+                let o = (addr - lo) as usize;
+                return Some(u64::from_le_bytes(stack[o..o + 8].try_into().ok()?));
+            }
+            mem.read_u64(addr).ok()
+        };
+        let unwound = unwinder.unwind(
+            Regs {
+                rip: regs.rip,
+                rsp: regs.rsp,
+                rbp: regs.rbp,
+            },
+            &mut read,
+        );
+        if let Ok(frames) = &unwound {
+            match frames.iter().skip(1).find_map(|&pc| in_busy_ret(pc)) {
+                Some(b) => return Ok(Some((tid, b.name.clone()))),
+                None => continue,
+            }
+        }
+        // No complete unwind: fall back to the conservative scan.
+        for w in stack.chunks_exact(8) {
+            let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+            if let Some(b) = in_busy_ret(v) {
+                let why = unwound
+                    .err()
+                    .map(|e| format!(" (stack not unwindable: {e})"))
+                    .unwrap_or_default();
+                return Ok(Some((tid, format!("{}{why}", b.name))));
+            }
+        }
+    }
+    Ok(None)
+}

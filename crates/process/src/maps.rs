@@ -1,0 +1,134 @@
+//! `/proc/PID/maps` and `/proc/PID/auxv`.
+
+use crate::{Error, Pid};
+
+/// auxv key of the program entry point.
+pub const AT_ENTRY: u64 = 9;
+/// auxv key of the program headers' address.
+pub const AT_PHDR: u64 = 3;
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Device, as printed.
+    pub dev: String,
+    /// Inode (0 for anonymous).
+    pub inode: u64,
+    /// Path or pseudo-name (`[heap]`, `[vdso]`), empty for anonymous mappings.
+    pub path: String,
+}
+
+impl MapEntry {
+    /// True for a mapping backed by a regular file.
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    /// True for an anonymous mapping without a name.
+    pub fn is_anonymous(&self) -> bool {
+        self.inode == 0 && self.path.is_empty()
+    }
+}
+
+fn parse_line(line: &str) -> Option<MapEntry> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let dev = it.next()?.to_string();
+    let inode = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (lo, hi) = range.split_once('-')?;
+    if perms.len() < 4 {
+        return None;
+    }
+    Some(MapEntry {
+        start: u64::from_str_radix(lo, 16).ok()?,
+        end: u64::from_str_radix(hi, 16).ok()?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        offset,
+        dev,
+        inode,
+        path,
+    })
+}
+
+/// Parses `/proc/PID/maps`.
+pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
+    let path = format!("/proc/{}/maps", pid.0);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NoSuchProcess(pid)
+        } else {
+            Error::Proc {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    text.lines()
+        .map(|l| {
+            parse_line(l).ok_or_else(|| Error::Parse {
+                path: path.clone(),
+                what: format!("bad line {l:?}"),
+            })
+        })
+        .collect()
+}
+
+/// Parses `/proc/PID/auxv` into (key, value) pairs.
+pub fn auxv(pid: Pid) -> Result<Vec<(u64, u64)>, Error> {
+    let path = format!("/proc/{}/auxv", pid.0);
+    let data = std::fs::read(&path).map_err(|e| Error::Proc {
+        path: path.clone(),
+        source: e,
+    })?;
+    let mut out = Vec::new();
+    for c in data.chunks_exact(16) {
+        let k = u64::from_le_bytes(c[..8].try_into().unwrap_or_default());
+        let v = u64::from_le_bytes(c[8..].try_into().unwrap_or_default());
+        if k == 0 {
+            break;
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines_with_and_without_path() {
+        let e = parse_line("7f00-7f10 r-xp 00001000 08:01 1234    /usr/lib/libc.so.6").unwrap();
+        assert_eq!(
+            (e.start, e.end, e.offset, e.inode),
+            (0x7f00, 0x7f10, 0x1000, 1234)
+        );
+        assert!(e.read && e.exec && !e.write && e.is_file());
+        assert_eq!(e.path, "/usr/lib/libc.so.6");
+        let a = parse_line("1000-2000 rw-p 00000000 00:00 0 ").unwrap();
+        assert!(a.is_anonymous());
+        let own = read_maps(Pid(std::process::id() as i32)).unwrap();
+        assert!(own.iter().any(|m| m.path == "[stack]"));
+        assert!(auxv(Pid(std::process::id() as i32))
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == AT_ENTRY));
+    }
+}

@@ -1,0 +1,98 @@
+//! Target memory: bulk reads with `process_vm_readv`, writes through `/proc/PID/mem`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::{Error, Pid};
+
+/// Read/write access to a process's memory.
+pub struct RemoteMemory {
+    pid: Pid,
+    mem: File,
+}
+
+impl RemoteMemory {
+    /// Opens `/proc/PID/mem` read-write (needs ptrace permission on the process).
+    pub fn open(pid: Pid) -> Result<RemoteMemory, Error> {
+        let path = format!("/proc/{}/mem", pid.0);
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::NoSuchProcess(pid)
+                } else {
+                    Error::Proc {
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+        Ok(RemoteMemory { pid, mem })
+    }
+
+    /// The process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Reads `buf.len()` bytes at `addr`; fails unless all of them were read.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: one local iovec covering exactly `buf`, which we own mutably.
+        let n = unsafe { libc::process_vm_readv(self.pid.0, &local, 1, &remote, 1, 0) };
+        if n == buf.len() as isize {
+            return Ok(());
+        }
+        // Partial or refused (e.g. a PROT_NONE page): /proc/PID/mem reads with FOLL_FORCE.
+        self.mem
+            .read_exact_at(buf, addr)
+            .map_err(|e| Error::Memory {
+                op: "read",
+                pid: self.pid,
+                addr,
+                len: buf.len(),
+                source: e,
+            })
+    }
+
+    /// Reads `len` bytes at `addr` into a new vector.
+    pub fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Error> {
+        let mut v = vec![0u8; len];
+        self.read(addr, &mut v)?;
+        Ok(v)
+    }
+
+    /// Reads a little-endian u64 at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, Error> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes `data` at `addr`, also into read-only or executable pages.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
+        // process_vm_writev fails with EFAULT on r-x pages; /proc/PID/mem writes with
+        // FOLL_FORCE, like a debugger's breakpoint.
+        self.mem
+            .write_all_at(data, addr)
+            .map_err(|e| Error::Memory {
+                op: "write",
+                pid: self.pid,
+                addr,
+                len: data.len(),
+                source: e,
+            })
+    }
+}

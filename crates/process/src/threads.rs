@@ -1,0 +1,552 @@
+//! The thread set of a traced process: seize, interrupt, resume, detach, remote syscalls.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::arch::{Native, ProcessArch, Regs};
+use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
+
+/// How long we wait for threads to report a stop before giving up.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadState {
+    stopped: bool,
+    /// A signal that arrived while we held the thread; re-injected on resume.
+    pending_sig: i32,
+}
+
+/// Pause measurement: first thread stopped → last thread resumed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StopWatch {
+    started: Option<Instant>,
+    /// The last complete pause.
+    pub last: Option<Duration>,
+}
+
+/// Every thread of one process, seized with ptrace. Dropping it detaches them all.
+pub struct ThreadSet {
+    pid: Pid,
+    threads: BTreeMap<Tid, ThreadState>,
+    syscall_pc: Option<u64>,
+    /// Pause timing of the last interrupt/resume cycle.
+    pub watch: StopWatch,
+}
+
+fn waitpid(tid: i32, flags: i32) -> Result<Option<(Tid, i32)>, Error> {
+    let mut status = 0;
+    // SAFETY: plain syscall wrapper writing into a local int.
+    let r = unsafe { libc::waitpid(tid, &mut status, flags | libc::__WALL) };
+    if r < 0 {
+        return Err(Error::Wait(std::io::Error::last_os_error()));
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    Ok(Some((Tid(r), status)))
+}
+
+fn ptrace(req: libc::c_uint, tid: Tid, addr: u64, data: u64) -> i64 {
+    // SAFETY: requests used here take integers or pointers to locals owned by the caller.
+    unsafe {
+        libc::ptrace(
+            req,
+            tid.0,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+impl ThreadSet {
+    /// Seizes every thread of `pid` (re-scanning `/proc/PID/task` until stable). The
+    /// threads keep running; new threads they create are traced too.
+    pub fn seize(pid: Pid) -> Result<ThreadSet, Error> {
+        if pid.0 <= 0 || !std::path::Path::new(&format!("/proc/{}", pid.0)).exists() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        if pid.is_kernel_thread() {
+            return Err(Error::KernelThread(pid));
+        }
+        if pid.0 as u32 == std::process::id() {
+            return Err(Error::Parse {
+                path: format!("/proc/{pid}"),
+                what: "cannot trace ourselves".into(),
+            });
+        }
+        let mut set = ThreadSet {
+            pid,
+            threads: BTreeMap::new(),
+            syscall_pc: None,
+            watch: StopWatch::default(),
+        };
+        set.seize_new_tasks()?;
+        if set.threads.is_empty() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        Ok(set)
+    }
+
+    /// Seizes tasks listed in /proc that we do not hold yet; returns how many.
+    fn seize_new_tasks(&mut self) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let mut new = 0;
+            for tid in self.pid.tasks()? {
+                if self.threads.contains_key(&tid) {
+                    continue;
+                }
+                // SEIZE (not ATTACH) leaves the thread running and lets us INTERRUPT it
+                // later; TRACECLONE makes threads it creates ours from their first
+                // instruction, so none can run into a breakpoint untraced.
+                if ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACECLONE as u64) < 0 {
+                    match errno() {
+                        libc::ESRCH => continue, // it exited meanwhile
+                        _ => return Err(Error::ptrace("SEIZE", tid)),
+                    }
+                }
+                self.threads.insert(tid, ThreadState::default());
+                new += 1;
+            }
+            total += new;
+            if new == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The threads we hold, in tid order.
+    pub fn tids(&self) -> Vec<Tid> {
+        self.threads.keys().copied().collect()
+    }
+
+    /// True if we hold `tid` and it is stopped.
+    pub fn is_stopped(&self, tid: Tid) -> bool {
+        self.threads.get(&tid).is_some_and(|t| t.stopped)
+    }
+
+    /// Records a wait status for `tid`; returns false if the thread is gone.
+    fn note_status(&mut self, tid: Tid, status: i32) -> bool {
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.threads.remove(&tid);
+            return false;
+        }
+        if !libc::WIFSTOPPED(status) {
+            return true;
+        }
+        if self.watch.started.is_none() {
+            self.watch.started = Some(Instant::now());
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        let st = self.threads.entry(tid).or_default();
+        st.stopped = true;
+        if event == libc::PTRACE_EVENT_CLONE {
+            let mut msg: libc::c_ulong = 0;
+            // GETEVENTMSG at a clone stop yields the new thread's id.
+            if ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as u64) == 0 {
+                self.threads.entry(Tid(msg as i32)).or_default();
+            }
+        } else if event == 0 && sig != libc::SIGTRAP && sig != libc::SIGSTOP {
+            st.pending_sig = sig;
+        }
+        true
+    }
+
+    /// Waits until every thread we hold is stopped (new threads included).
+    fn wait_all_stopped(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut spins = 0u32;
+        while self.threads.values().any(|t| !t.stopped) {
+            match waitpid(-1, libc::WNOHANG) {
+                Ok(Some((tid, status))) => {
+                    self.note_status(tid, status);
+                    spins = 0;
+                }
+                Ok(None) => {
+                    if Instant::now() > deadline {
+                        let running: Vec<_> = self
+                            .threads
+                            .iter()
+                            .filter(|t| !t.1.stopped)
+                            .map(|t| t.0 .0)
+                            .collect();
+                        return Err(Error::Timeout(format!("threads {running:?} did not stop")));
+                    }
+                    // Spin briefly (stops usually arrive within microseconds), then sleep.
+                    spins += 1;
+                    if spins < 200 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    // Threads whose task vanished will never report: drop them.
+                    if spins.is_multiple_of(1000) {
+                        let pid = self.pid.0;
+                        self.threads.retain(|t, s| {
+                            s.stopped
+                                || std::path::Path::new(&format!("/proc/{pid}/task/{}", t.0))
+                                    .exists()
+                        });
+                    }
+                }
+                Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    // No traced children left: every remaining thread is gone.
+                    self.threads.retain(|_, s| s.stopped);
+                    if self.threads.is_empty() {
+                        return Err(Error::NoSuchProcess(self.pid));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every thread: sends every interrupt first, then waits for all of them,
+    /// then re-scans `/proc/PID/task` until no untraced thread remains.
+    pub fn interrupt_all(&mut self) -> Result<(), Error> {
+        self.watch.started = None;
+        loop {
+            let tids: Vec<Tid> = self
+                .threads
+                .iter()
+                .filter(|t| !t.1.stopped)
+                .map(|t| *t.0)
+                .collect();
+            // All INTERRUPTs before any wait: the threads stop in parallel.
+            for tid in tids {
+                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 && errno() == libc::ESRCH {
+                    self.threads.remove(&tid);
+                }
+            }
+            self.wait_all_stopped()?;
+            if self.seize_new_tasks()? == 0 {
+                break;
+            }
+        }
+        if self.threads.is_empty() {
+            return Err(Error::NoSuchProcess(self.pid));
+        }
+        Ok(())
+    }
+
+    /// Stops one thread (the lowest tid still alive) and returns it.
+    pub fn stop_one(&mut self) -> Result<Tid, Error> {
+        if let Some((tid, _)) = self.threads.iter().find(|t| t.1.stopped) {
+            return Ok(*tid);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while let Some(tid) = self.threads.keys().next().copied() {
+            if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                self.threads.remove(&tid);
+                continue;
+            }
+            loop {
+                // Other threads' events queue up for later; we only need this one.
+                match waitpid(tid.0, 0) {
+                    Ok(Some((t, status))) => {
+                        if !self.note_status(t, status) {
+                            break;
+                        }
+                        if self.is_stopped(tid) {
+                            return Ok(tid);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        self.threads.remove(&tid);
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Timeout(format!("thread {tid} did not stop")));
+                }
+            }
+        }
+        Err(Error::NoSuchProcess(self.pid))
+    }
+
+    /// Resumes one stopped thread (re-injecting a signal that arrived meanwhile).
+    pub fn resume(&mut self, tid: Tid) -> Result<(), Error> {
+        let Some(st) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
+        if !st.stopped {
+            return Ok(());
+        }
+        let sig = std::mem::take(&mut st.pending_sig);
+        // CONT from any ptrace-stop; the signal (if any) is delivered as if never held.
+        if ptrace(libc::PTRACE_CONT, tid, 0, sig as u64) < 0 {
+            if errno() == libc::ESRCH {
+                self.threads.remove(&tid);
+                return Ok(());
+            }
+            return Err(Error::ptrace("CONT", tid));
+        }
+        st.stopped = false;
+        Ok(())
+    }
+
+    /// Resumes every stopped thread and records the pause length.
+    pub fn resume_all(&mut self) -> Result<(), Error> {
+        let mut first_err = None;
+        for tid in self.tids() {
+            if let Err(e) = self.resume(tid) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.end_pause();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn end_pause(&mut self) {
+        if let Some(s) = self.watch.started.take() {
+            self.watch.last = Some(s.elapsed());
+        }
+    }
+
+    /// Reads the registers of a stopped thread.
+    pub fn regs(&self, tid: Tid) -> Result<Regs, Error> {
+        // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
+        let mut regs: Regs = unsafe { std::mem::zeroed() };
+        // GETREGS fills the struct whose address we pass.
+        if ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut Regs as u64) < 0 {
+            return Err(Error::ptrace("GETREGS", tid));
+        }
+        Ok(regs)
+    }
+
+    /// Writes the registers of a stopped thread.
+    pub fn set_regs(&self, tid: Tid, regs: &Regs) -> Result<(), Error> {
+        // SETREGS reads the struct at the address we pass.
+        if ptrace(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as u64) < 0 {
+            return Err(Error::ptrace("SETREGS", tid));
+        }
+        Ok(())
+    }
+
+    /// Address of a syscall instruction in one of the target's executable mappings.
+    fn syscall_pc(&mut self, mem: &RemoteMemory) -> Result<u64, Error> {
+        if let Some(pc) = self.syscall_pc {
+            return Ok(pc);
+        }
+        let insn = Native::SYSCALL_INSN;
+        for m in read_maps(self.pid)? {
+            if !m.exec || !m.read || m.path == "[vsyscall]" {
+                continue;
+            }
+            let mut addr = m.start;
+            while addr < m.end {
+                let len = (m.end - addr).min(1 << 16) as usize;
+                let Ok(chunk) = mem.read_vec(addr, len) else {
+                    break;
+                };
+                if let Some(i) = chunk.windows(insn.len()).position(|w| w == insn) {
+                    self.syscall_pc = Some(addr + i as u64);
+                    return Ok(addr + i as u64);
+                }
+                if addr + len as u64 >= m.end {
+                    break;
+                }
+                // Overlap chunks so an instruction straddling a boundary is found.
+                addr += len as u64 - (insn.len() as u64 - 1);
+            }
+        }
+        Err(Error::RemoteSyscall {
+            name: "any",
+            tid: Tid(self.pid.0),
+            what: "no syscall instruction in any executable mapping".into(),
+        })
+    }
+
+    /// Runs syscall `nr` in stopped thread `tid` at a syscall instruction found in the
+    /// target; all registers are restored afterwards. Returns the raw result.
+    pub fn remote_syscall(
+        &mut self,
+        tid: Tid,
+        name: &'static str,
+        nr: u64,
+        args: [u64; 6],
+    ) -> Result<i64, Error> {
+        let mem = RemoteMemory::open(self.pid)?;
+        let pc = self.syscall_pc(&mem)?;
+        let saved = self.regs(tid)?;
+        let mut r = saved;
+        Native::prepare_syscall(&mut r, pc, nr, &args);
+        self.set_regs(tid, &r)?;
+        let result = self.step_over_syscall(tid, pc, name);
+        // Restoring the saved registers (orig_rax included) lets the kernel restart
+        // the syscall the thread was interrupted in exactly as it would have.
+        let restored = self.set_regs(tid, &saved);
+        let res = result?;
+        restored?;
+        Ok(res)
+    }
+
+    fn step_over_syscall(&mut self, tid: Tid, pc: u64, name: &'static str) -> Result<i64, Error> {
+        let fail = |what: String| Error::RemoteSyscall { name, tid, what };
+        for _ in 0..16 {
+            // SINGLESTEP executes exactly the syscall instruction and traps after it.
+            if ptrace(libc::PTRACE_SINGLESTEP, tid, 0, 0) < 0 {
+                return Err(Error::ptrace("SINGLESTEP", tid));
+            }
+            if let Some(st) = self.threads.get_mut(&tid) {
+                st.stopped = false;
+            }
+            let (_, status) = waitpid(tid.0, 0)?.ok_or_else(|| fail("no status".into()))?;
+            if !self.note_status(tid, status) {
+                return Err(Error::ThreadGone(tid));
+            }
+            let r = self.regs(tid)?;
+            if Native::pc(&r) == pc + Native::SYSCALL_INSN.len() as u64 {
+                return Ok(Native::syscall_result(&r));
+            }
+            if Native::pc(&r) != pc {
+                return Err(fail(format!(
+                    "thread left the syscall instruction (pc {:#x})",
+                    Native::pc(&r)
+                )));
+            }
+            // A stale interrupt stop before the step: step again.
+        }
+        Err(fail("did not complete".into()))
+    }
+
+    /// Runs syscall `nr` in some thread (stopping one briefly if none is stopped) and
+    /// turns negative results into errors.
+    pub fn syscall(&mut self, name: &'static str, nr: u64, args: [u64; 6]) -> Result<u64, Error> {
+        let had_stopped = self.threads.values().any(|t| t.stopped);
+        let tid = self.stop_one()?;
+        let res = self.remote_syscall(tid, name, nr, args);
+        if !had_stopped {
+            self.resume(tid)?;
+            self.end_pause();
+        }
+        let v = res?;
+        if (-4095..0).contains(&v) {
+            return Err(Error::RemoteSyscall {
+                name,
+                tid,
+                what: std::io::Error::from_raw_os_error(-v as i32).to_string(),
+            });
+        }
+        Ok(v as u64)
+    }
+
+    /// Calls the function at `addr` (no arguments) in a stopped thread and returns rax;
+    /// used for IFUNC resolvers. Registers are restored afterwards.
+    pub fn call_function(&mut self, addr: u64) -> Result<u64, Error> {
+        let had_stopped = self.threads.values().any(|t| t.stopped);
+        let tid = self.stop_one()?;
+        let res = self.call_in(tid, addr);
+        if !had_stopped {
+            self.resume(tid)?;
+            self.end_pause();
+        }
+        res
+    }
+
+    fn call_in(&mut self, tid: Tid, addr: u64) -> Result<u64, Error> {
+        let mem = RemoteMemory::open(self.pid)?;
+        let saved = self.regs(tid)?;
+        let mut r = saved;
+        // Below the red zone, 16-byte aligned, with a return address of 0: the return
+        // faults at pc 0 and we take that SIGSEGV stop instead of delivering it.
+        let sp = ((saved.rsp - 1024) & !0xf) - 8;
+        mem.write(sp, &0u64.to_le_bytes())?;
+        r.rsp = sp;
+        r.rip = addr;
+        r.orig_rax = u64::MAX;
+        r.rax = 0;
+        self.set_regs(tid, &r)?;
+        let fail = |what: String| Error::RemoteSyscall {
+            name: "call",
+            tid,
+            what,
+        };
+        let mut result = Err(fail("did not return".into()));
+        // CONT runs the function; it ends in the fault at address 0 (or crashes).
+        if ptrace(libc::PTRACE_CONT, tid, 0, 0) < 0 {
+            result = Err(Error::ptrace("CONT", tid));
+        } else {
+            if let Some(st) = self.threads.get_mut(&tid) {
+                st.stopped = false;
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            loop {
+                match waitpid(tid.0, libc::WNOHANG)? {
+                    Some((_, status)) => {
+                        if !self.note_status(tid, status) {
+                            return Err(Error::ThreadGone(tid));
+                        }
+                        let sig = libc::WSTOPSIG(status);
+                        let regs = self.regs(tid)?;
+                        if let Some(st) = self.threads.get_mut(&tid) {
+                            if sig == libc::SIGSEGV {
+                                st.pending_sig = 0;
+                            }
+                        }
+                        if sig == libc::SIGSEGV && regs.rip == 0 {
+                            result = Ok(regs.rax);
+                        } else if status >> 16 != 0 {
+                            // An interrupt stop: keep going.
+                            if ptrace(libc::PTRACE_CONT, tid, 0, 0) == 0 {
+                                continue;
+                            }
+                        } else {
+                            result = Err(fail(format!("signal {sig} at {:#x}", regs.rip)));
+                        }
+                        break;
+                    }
+                    None if Instant::now() > deadline => {
+                        let _ = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0);
+                        if let Ok(Some((_, status))) = waitpid(tid.0, 0) {
+                            self.note_status(tid, status);
+                        }
+                        break;
+                    }
+                    None => std::thread::sleep(Duration::from_micros(20)),
+                }
+            }
+        }
+        self.set_regs(tid, &saved)?;
+        result
+    }
+
+    /// Detaches every thread (stopping running ones first, as DETACH needs a stop).
+    pub fn detach_all(&mut self) -> Result<(), Error> {
+        if self.threads.values().any(|t| !t.stopped) {
+            let _ = self.interrupt_all();
+        }
+        let mut first_err = None;
+        for (tid, st) in std::mem::take(&mut self.threads) {
+            if !st.stopped {
+                continue;
+            }
+            // DETACH resumes the thread, delivering a signal that arrived while held.
+            if ptrace(libc::PTRACE_DETACH, tid, 0, st.pending_sig as u64) < 0
+                && errno() != libc::ESRCH
+            {
+                first_err.get_or_insert(Error::ptrace("DETACH", tid));
+            }
+        }
+        self.end_pause();
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for ThreadSet {
+    fn drop(&mut self) {
+        let _ = self.detach_all();
+    }
+}
