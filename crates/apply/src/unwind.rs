@@ -32,9 +32,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use gimli::{
-    BaseAddresses, CallFrameInstruction, CfaRule, DebugFrame, EhFrame, EhFrameHdr,
-    EndianSlice, EvaluationResult, LittleEndian, Location, Pointer, Register, RegisterRule,
-    UnwindContext, UnwindSection, UnwindTableRow, Value, X86_64,
+    BaseAddresses, CallFrameInstruction, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EndianSlice,
+    EvaluationResult, LittleEndian, Location, Pointer, Register, RegisterRule, UnwindContext,
+    UnwindSection, UnwindTableRow, Value, X86_64,
 };
 use object::{Object, ObjectSection, ObjectSegment};
 
@@ -163,6 +163,98 @@ enum CfiKind {
     DebugFrame,
 }
 
+/// One CFI section of a module with its FDE index.
+#[derive(Clone)]
+struct CfiTable {
+    data: Arc<[u8]>,
+    /// Byte range of the section inside `data`.
+    range: Range<usize>,
+    kind: CfiKind,
+    bases: BaseAddresses,
+    /// (first svma covered, FDE offset in the section), sorted by svma.
+    index: Vec<(u64, usize)>,
+}
+
+impl CfiTable {
+    fn eh_frame(&self) -> EhFrame<R<'_>> {
+        let mut s = EhFrame::new(&self.data[self.range.clone()], LittleEndian);
+        s.set_address_size(8);
+        s
+    }
+
+    fn debug_frame(&self) -> DebugFrame<R<'_>> {
+        let mut s = DebugFrame::new(&self.data[self.range.clone()], LittleEndian);
+        s.set_address_size(8);
+        s
+    }
+
+    /// A table whose index comes from `hdr` (an `.eh_frame_hdr`) or, failing that, from
+    /// walking every CIE/FDE of the section.
+    fn build(
+        module: &str,
+        data: Arc<[u8]>,
+        range: Range<usize>,
+        kind: CfiKind,
+        bases: BaseAddresses,
+        hdr: Option<(u64, Range<usize>)>,
+    ) -> Result<CfiTable, UnwindError> {
+        let mut t = CfiTable {
+            data,
+            range,
+            kind,
+            bases,
+            index: Vec::new(),
+        };
+        let from_hdr = hdr.and_then(|(svma, r)| t.index_from_hdr(r, svma));
+        t.index = match from_hdr {
+            Some(index) => index,
+            None => t.index_by_walking(module)?,
+        };
+        Ok(t)
+    }
+
+    /// The FDE index from `.eh_frame_hdr`'s sorted table, if it has a usable one.
+    fn index_from_hdr(&self, hdr: Range<usize>, hdr_svma: u64) -> Option<Vec<(u64, usize)>> {
+        let eh_svma = self.bases.eh_frame.section?;
+        let bases = self.bases.clone().set_eh_frame_hdr(hdr_svma);
+        let parsed = EhFrameHdr::new(self.data.get(hdr)?, LittleEndian)
+            .parse(&bases, 8)
+            .ok()?;
+        let table = parsed.table()?;
+        let mut iter = table.iter(&bases);
+        let mut index = Vec::new();
+        let cfi_len = self.range.len() as u64;
+        loop {
+            match iter.next() {
+                Ok(Some((Pointer::Direct(start), Pointer::Direct(fde)))) => {
+                    let off = fde.checked_sub(eh_svma).filter(|o| *o < cfi_len)?;
+                    index.push((start, usize::try_from(off).ok()?));
+                }
+                Ok(None) => break,
+                _ => return None,
+            }
+        }
+        // The table is sorted by definition; a broken one falls back to walking.
+        index
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0)
+            .then_some(index)
+            .filter(|i| !i.is_empty())
+    }
+
+    fn index_by_walking(&self, module: &str) -> Result<Vec<(u64, usize)>, UnwindError> {
+        let index = match self.kind {
+            CfiKind::EhFrame => walk_fdes(&self.eh_frame(), &self.bases),
+            CfiKind::DebugFrame => walk_fdes(&self.debug_frame(), &self.bases),
+        };
+        index.map_err(|(offset, e)| UnwindError::BadCfiSection {
+            module: module.to_string(),
+            offset,
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// One piece of code in the target with the CFI that describes it.
 #[derive(Clone)]
 pub struct CodeModule {
@@ -171,23 +263,27 @@ pub struct CodeModule {
     avma: Range<u64>,
     /// runtime address = section address (svma) + bias.
     bias: u64,
-    data: Arc<[u8]>,
-    /// Byte range of the CFI section inside `data`.
-    cfi: Range<usize>,
-    kind: CfiKind,
-    bases: BaseAddresses,
-    /// (first svma covered, FDE offset in the section), sorted by svma.
-    index: Vec<(u64, usize)>,
+    /// `.eh_frame` first, then `.debug_frame`: an address is looked up in order.
+    tables: Vec<CfiTable>,
 }
 
 impl std::fmt::Debug for CodeModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CodeModule")
             .field("name", &self.name)
-            .field("avma", &format_args!("{:#x}..{:#x}", self.avma.start, self.avma.end))
+            .field(
+                "avma",
+                &format_args!("{:#x}..{:#x}", self.avma.start, self.avma.end),
+            )
             .field("bias", &format_args!("{:#x}", self.bias))
-            .field("kind", &self.kind)
-            .field("fdes", &self.index.len())
+            .field(
+                "tables",
+                &self
+                    .tables
+                    .iter()
+                    .map(|t| (t.kind, t.index.len()))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -205,72 +301,72 @@ impl CodeModule {
         load_bias: u64,
         avma_range: Range<u64>,
     ) -> Result<CodeModule, UnwindError> {
-        let bad = |reason: String| UnwindError::BadElf { module: name.clone(), reason };
+        let bad = |reason: String| UnwindError::BadElf {
+            module: name.clone(),
+            reason,
+        };
         let file = object::File::parse(&*elf).map_err(|e| bad(e.to_string()))?;
+        if file.architecture() != object::Architecture::X86_64 {
+            return Err(bad(format!("architecture {:?}", file.architecture())));
+        }
         let in_file = |s: &object::Section<'_, '_>| -> Option<(u64, Range<usize>)> {
             let (off, size) = s.file_range()?;
             let start = usize::try_from(off).ok()?;
             let end = start.checked_add(usize::try_from(size).ok()?)?;
             (end <= elf.len() && size > 0).then_some((s.address(), start..end))
         };
-        let eh_frame = file.section_by_name(".eh_frame").as_ref().and_then(in_file);
-        let eh_frame_hdr = file.section_by_name(".eh_frame_hdr").as_ref().and_then(in_file);
-        let debug_frame = file.section_by_name(".debug_frame").as_ref().and_then(in_file);
-        let text_svma = file.section_by_name(".text").map(|s| s.address()).unwrap_or(0);
-        let got_svma = file.section_by_name(".got").map(|s| s.address()).unwrap_or(0);
-        let (eh_frame, eh_frame_hdr) = match (eh_frame, eh_frame_hdr) {
-            (Some(f), h) => (Some(f), h),
+        let section = |n: &str| file.section_by_name(n).as_ref().and_then(in_file);
+        let text_svma = file
+            .section_by_name(".text")
+            .map(|s| s.address())
+            .unwrap_or(0);
+        let got_svma = file
+            .section_by_name(".got")
+            .map(|s| s.address())
+            .unwrap_or(0);
+        let (eh_frame, eh_frame_hdr) = match section(".eh_frame") {
+            Some(f) => (Some(f), section(".eh_frame_hdr")),
             // No section headers (a stripped image): find the CFI via PT_GNU_EH_FRAME.
-            (None, _) => match eh_frame_from_segments(&file, &elf) {
+            None => match eh_frame_from_segments(&file, &elf) {
                 Some((f, h)) => (Some(f), Some(h)),
                 None => (None, None),
             },
         };
-        let module = match (eh_frame, debug_frame) {
-            (Some((eh_svma, eh_range)), _) => {
-                let mut bases = BaseAddresses::default()
-                    .set_eh_frame(eh_svma)
-                    .set_text(text_svma)
-                    .set_got(got_svma);
-                if let Some((hdr_svma, _)) = &eh_frame_hdr {
-                    bases = bases.set_eh_frame_hdr(*hdr_svma);
-                }
-                let mut m = CodeModule {
-                    name: name.clone(),
-                    avma: avma_range,
-                    bias: load_bias,
-                    data: elf.clone(),
-                    cfi: eh_range,
-                    kind: CfiKind::EhFrame,
-                    bases,
-                    index: Vec::new(),
-                };
-                let from_hdr = eh_frame_hdr.and_then(|(hdr_svma, hdr_range)| {
-                    m.index_from_hdr(&elf[hdr_range], hdr_svma, eh_svma)
-                });
-                match from_hdr {
-                    Some(index) => m.index = index,
-                    None => m.index = m.index_by_walking()?,
-                }
-                m
-            }
-            (None, Some((_, df_range))) => {
-                let mut m = CodeModule {
-                    name: name.clone(),
-                    avma: avma_range,
-                    bias: load_bias,
-                    data: elf.clone(),
-                    cfi: df_range,
-                    kind: CfiKind::DebugFrame,
-                    bases: BaseAddresses::default().set_text(text_svma),
-                    index: Vec::new(),
-                };
-                m.index = m.index_by_walking()?;
-                m
-            }
-            (None, None) => return Err(UnwindError::NoUnwindInfo { module: name }),
-        };
-        Ok(module)
+        let mut tables = Vec::new();
+        if let Some((eh_svma, eh_range)) = eh_frame {
+            let bases = BaseAddresses::default()
+                .set_eh_frame(eh_svma)
+                .set_text(text_svma)
+                .set_got(got_svma);
+            tables.push(CfiTable::build(
+                &name,
+                elf.clone(),
+                eh_range,
+                CfiKind::EhFrame,
+                bases,
+                eh_frame_hdr,
+            )?);
+        }
+        if let Some((_, df_range)) = section(".debug_frame") {
+            let bases = BaseAddresses::default().set_text(text_svma);
+            tables.push(CfiTable::build(
+                &name,
+                elf.clone(),
+                df_range,
+                CfiKind::DebugFrame,
+                bases,
+                None,
+            )?);
+        }
+        if tables.is_empty() {
+            return Err(UnwindError::NoUnwindInfo { module: name });
+        }
+        Ok(CodeModule {
+            name,
+            avma: avma_range,
+            bias: load_bias,
+            tables,
+        })
     }
 
     /// Patch code in a region: an already-relocated .eh_frame located at eh_frame_avma, covering text_avma.
@@ -280,21 +376,24 @@ impl CodeModule {
         eh_frame_avma: u64,
         text_avma: Range<u64>,
     ) -> Result<CodeModule, UnwindError> {
-        let cfi = 0..eh_frame.len();
-        let mut m = CodeModule {
+        let range = 0..eh_frame.len();
+        let bases = BaseAddresses::default()
+            .set_eh_frame(eh_frame_avma)
+            .set_text(text_avma.start);
+        let table = CfiTable::build(
+            &name,
+            Arc::from(eh_frame),
+            range,
+            CfiKind::EhFrame,
+            bases,
+            None,
+        )?;
+        Ok(CodeModule {
             name,
-            bases: BaseAddresses::default()
-                .set_eh_frame(eh_frame_avma)
-                .set_text(text_avma.start),
             avma: text_avma,
             bias: 0,
-            data: Arc::from(eh_frame),
-            cfi,
-            kind: CfiKind::EhFrame,
-            index: Vec::new(),
-        };
-        m.index = m.index_by_walking()?;
-        Ok(m)
+            tables: vec![table],
+        })
     }
 
     /// The module's name, as given at construction.
@@ -309,55 +408,7 @@ impl CodeModule {
 
     /// Number of FDEs (functions with CFI) found in the module.
     pub fn fde_count(&self) -> usize {
-        self.index.len()
-    }
-
-    fn eh_frame(&self) -> EhFrame<R<'_>> {
-        let mut s = EhFrame::new(&self.data[self.cfi.clone()], LittleEndian);
-        s.set_address_size(8);
-        s
-    }
-
-    fn debug_frame(&self) -> DebugFrame<R<'_>> {
-        let mut s = DebugFrame::new(&self.data[self.cfi.clone()], LittleEndian);
-        s.set_address_size(8);
-        s
-    }
-
-    /// The FDE index from `.eh_frame_hdr`'s sorted table, if it has a usable one.
-    fn index_from_hdr(&self, hdr: &[u8], hdr_svma: u64, eh_svma: u64) -> Option<Vec<(u64, usize)>> {
-        let bases = self.bases.clone().set_eh_frame_hdr(hdr_svma);
-        let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).ok()?;
-        let table = parsed.table()?;
-        let mut iter = table.iter(&bases);
-        let mut index = Vec::new();
-        let cfi_len = self.cfi.len() as u64;
-        while let Ok(Some((start, fde))) = iter.next() {
-            let (Pointer::Direct(start), Pointer::Direct(fde)) = (start, fde) else {
-                return None;
-            };
-            let off = fde.checked_sub(eh_svma).filter(|o| *o < cfi_len)?;
-            index.push((start, usize::try_from(off).ok()?));
-        }
-        // The table is sorted by definition; a broken one falls back to walking.
-        index
-            .windows(2)
-            .all(|w| w[0].0 <= w[1].0)
-            .then_some(index)
-            .filter(|i| !i.is_empty())
-    }
-
-    /// The FDE index built by walking every CIE/FDE of the section.
-    fn index_by_walking(&self) -> Result<Vec<(u64, usize)>, UnwindError> {
-        let index = match self.kind {
-            CfiKind::EhFrame => walk_fdes(&self.eh_frame(), &self.bases),
-            CfiKind::DebugFrame => walk_fdes(&self.debug_frame(), &self.bases),
-        };
-        index.map_err(|(offset, e)| UnwindError::BadCfiSection {
-            module: self.name.clone(),
-            offset,
-            reason: e.to_string(),
-        })
+        self.tables.iter().map(|t| t.index.len()).sum()
     }
 }
 
@@ -396,7 +447,10 @@ fn eh_frame_from_segments(
     let off = seg_off + (eh_svma - seg.address());
     let end = (seg_off + seg_size).min(elf.len() as u64);
     (off < end).then_some((
-        (eh_svma, usize::try_from(off).ok()?..usize::try_from(end).ok()?),
+        (
+            eh_svma,
+            usize::try_from(off).ok()?..usize::try_from(end).ok()?,
+        ),
         (hdr_svma, hdr_range),
     ))
 }
@@ -417,9 +471,7 @@ where
             Err(e) => return Err((0, e)),
         };
         if let gimli::CieOrFde::Fde(partial) = entry {
-            let fde = partial
-                .parse(S::cie_from_offset)
-                .map_err(|e| (0usize, e))?;
+            let fde = partial.parse(S::cie_from_offset).map_err(|e| (0usize, e))?;
             if fde.len() > 0 {
                 index.push((fde.initial_address(), fde.offset()));
             }
@@ -507,14 +559,19 @@ impl Unwinder {
 
     /// Adds a module (e.g. a patch region applied after construction).
     pub fn add_module(&mut self, m: CodeModule) {
-        let at = self.modules.partition_point(|x| x.avma.start <= m.avma.start);
+        let at = self
+            .modules
+            .partition_point(|x| x.avma.start <= m.avma.start);
         self.modules.insert(at, m);
         self.clear_cache();
     }
 
     /// Removes the module whose range starts at `avma_start` (e.g. an unmapped patch region).
     pub fn remove_module(&mut self, avma_start: u64) -> Option<CodeModule> {
-        let at = self.modules.iter().position(|m| m.avma.start == avma_start)?;
+        let at = self
+            .modules
+            .iter()
+            .position(|m| m.avma.start == avma_start)?;
         self.clear_cache();
         Some(self.modules.remove(at))
     }
@@ -617,14 +674,37 @@ impl Unwinder {
                         pc: cur.pc,
                     })?
             };
-            let derived = match module.kind {
-                CfiKind::EhFrame => {
-                    derive(module, &module.eh_frame(), ctx, cur, lookup, read_stack)?
+            let mut derived = None;
+            for table in &module.tables {
+                derived = match table.kind {
+                    CfiKind::EhFrame => derive(
+                        module,
+                        table,
+                        &table.eh_frame(),
+                        ctx,
+                        cur,
+                        lookup,
+                        read_stack,
+                    )?,
+                    CfiKind::DebugFrame => derive(
+                        module,
+                        table,
+                        &table.debug_frame(),
+                        ctx,
+                        cur,
+                        lookup,
+                        read_stack,
+                    )?,
+                };
+                if derived.is_some() {
+                    break;
                 }
-                CfiKind::DebugFrame => {
-                    derive(module, &module.debug_frame(), ctx, cur, lookup, read_stack)?
-                }
-            };
+            }
+            let derived = derived.ok_or_else(|| UnwindError::NoFde {
+                frame: cur.index,
+                pc: cur.pc,
+                module: module.name.clone(),
+            })?;
             match derived {
                 Derived::Fast(rule) => {
                     self.cache[slot] = (lookup, rule);
@@ -692,14 +772,16 @@ enum Derived {
     Evaluated(Step),
 }
 
+/// The step for `lookup` from `table`'s CFI; `None` when no FDE of the table covers it.
 fn derive<'a, S: UnwindSection<R<'a>>>(
     module: &CodeModule,
+    table: &CfiTable,
     section: &S,
     ctx: &mut UnwindContext<usize>,
     cur: &FrameRegs,
     lookup: u64,
     read_stack: &mut dyn FnMut(u64) -> Option<u64>,
-) -> Result<Derived, UnwindError>
+) -> Result<Option<Derived>, UnwindError>
 where
     S::Offset: gimli::UnwindOffset<usize>,
 {
@@ -709,50 +791,48 @@ where
         module: module.name.clone(),
         reason,
     };
-    let no_fde = || UnwindError::NoFde {
-        frame: cur.index,
-        pc: cur.pc,
-        module: module.name.clone(),
-    };
     let svma = lookup.wrapping_sub(module.bias);
-    let at = module.index.partition_point(|(start, _)| *start <= svma);
-    let &(_, fde_offset) = at
-        .checked_sub(1)
-        .and_then(|i| module.index.get(i))
-        .ok_or_else(no_fde)?;
+    let at = table.index.partition_point(|(start, _)| *start <= svma);
+    let Some(&(_, fde_offset)) = at.checked_sub(1).and_then(|i| table.index.get(i)) else {
+        return Ok(None);
+    };
     let fde = section
-        .fde_from_offset(&module.bases, S::Offset::from(fde_offset), S::cie_from_offset)
+        .fde_from_offset(
+            &table.bases,
+            S::Offset::from(fde_offset),
+            S::cie_from_offset,
+        )
         .map_err(|e| bad(format!("FDE at {fde_offset:#x}: {e}")))?;
     if !fde.contains(svma) {
-        return Err(no_fde());
+        return Ok(None);
     }
     let signal = fde.cie().is_signal_trampoline();
     let row = fde
-        .unwind_info_for_address(section, &module.bases, ctx, svma)
+        .unwind_info_for_address(section, &table.bases, ctx, svma)
         .map_err(|e| bad(format!("CFI program of FDE at {fde_offset:#x}: {e}")))?;
 
     let ra_rule = row.register(X86_64::RA);
     if ra_rule == RegisterRule::Undefined {
         // gimli reports unmentioned registers as Undefined too; only an explicit
         // DW_CFA_undefined for the return address column ends the stack.
-        if explicit_undefined_ra(section, &module.bases, &fde) {
+        if explicit_undefined_ra(section, &table.bases, &fde) {
             let cfa = match row.cfa() {
                 CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
                     cur.rsp.wrapping_add_signed(*offset)
                 }
                 _ => cur.rsp,
             };
-            return Ok(Derived::Evaluated(Step {
+            return Ok(Some(Derived::Evaluated(Step {
                 ra: None,
                 cfa,
                 rbp: cur.rbp,
                 signal,
-            }));
+            })));
         }
         return Err(bad("return address has no rule".into()));
     }
     if let Some(rule) = fast_rule(row, signal) {
-        return Ok(Derived::Fast(rule));
+        return Ok(Some(Derived::Fast(rule)));
     }
     let encoding = fde.cie().encoding();
     let regs = EvalRegs {
@@ -817,12 +897,12 @@ where
         RegisterRule::Undefined | RegisterRule::SameValue => cur.rbp,
         rule => recover(rule, "rbp")?,
     };
-    Ok(Derived::Evaluated(Step {
+    Ok(Some(Derived::Evaluated(Step {
         ra: Some(ra),
         cfa,
         rbp,
         signal,
-    }))
+    })))
 }
 
 /// Whether the CIE's or FDE's instructions explicitly mark the return address undefined.
@@ -831,9 +911,7 @@ fn explicit_undefined_ra<'a, S: UnwindSection<R<'a>>>(
     bases: &BaseAddresses,
     fde: &gimli::FrameDescriptionEntry<R<'a>>,
 ) -> bool {
-    let is_undef_ra = |i: &CallFrameInstruction<usize>| {
-        matches!(i, CallFrameInstruction::Undefined { register } if *register == X86_64::RA)
-    };
+    let is_undef_ra = |i: &CallFrameInstruction<usize>| matches!(i, CallFrameInstruction::Undefined { register } if *register == X86_64::RA);
     let mut found = false;
     let mut iter = fde.cie().instructions(section, bases);
     while let Ok(Some(i)) = iter.next() {
