@@ -499,6 +499,10 @@ impl<'a> PatchElf<'a> {
                 let (sname, _) = &self.secs[shndx as usize];
                 if ty == elf::STT_TLS || sname.starts_with(".tbss") || sname.starts_with(".tdata") {
                     Some(resolve_tls(name, ty, sname, target, view, read_u64).map_err(bad)?)
+                } else if name.contains('@') && ty != elf::STT_SECTION {
+                    // A versioned import the patched binary copy-relocated into its own
+                    // .bss: the original has it only if it imported it too.
+                    Some(resolve_undefined(bname, view, objects, call_resolver).map_err(bad)?)
                 } else {
                     let base = *view.sections.get(sname).ok_or_else(|| {
                         bad(format!(

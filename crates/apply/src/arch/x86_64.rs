@@ -116,8 +116,16 @@ impl PatchArch for Native {
                     return put(image, off, &pc32(direct, "GOTPCREL")?);
                 }
                 if opcode == Some(OP_LEA) {
-                    // The linker already relaxed it to a lea of the symbol itself.
-                    return put(image, off, &pc32(direct, "GOTPCREL (relaxed lea)")?);
+                    if i.local && fits {
+                        // The linker already relaxed it to a lea of the symbol itself.
+                        return put(image, off, &pc32(direct, "GOTPCREL (relaxed lea)")?);
+                    }
+                    // Relaxed against a copy in the patched binary, but the symbol
+                    // lives elsewhere here: load its address from the GOT slot again.
+                    if let Some(g) = i.got {
+                        image[off - 2] = OP_MOV;
+                        return put(image, off, &pc32(g as i128 + a - p, "GOTPCREL")?);
+                    }
                 }
                 let g = i.got.ok_or("no GOT slot reserved")?;
                 put(image, off, &pc32(g as i128 + a - p, "GOTPCREL")?)
