@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::emit::{self, Plan};
-use crate::model::{Def, Model, SecKind, KNOWN_DIRECTIVES};
+use crate::model::{section_key, Def, Model, SecKind, KNOWN_DIRECTIVES};
 use crate::parse::{tokenize, Kind, Stmt, TokKind};
 use crate::{Diff, Error, Options};
 
@@ -80,7 +80,7 @@ impl<'m, 'a> Norm<'m, 'a> {
         let d = &self.m.datas[di];
         let mut out = format!(
             "{}|{}|",
-            self.m.sections[d.section].name,
+            section_key(&self.m.sections[d.section].name),
             self.m.data_align(d)
         );
         for i in d.label + 1..d.end {
@@ -220,7 +220,7 @@ fn var_sig(m: &Model, n: &Norm, v: Var) -> [String; 4] {
             let full = n.data(i, 0);
             let content = full.splitn(3, '|').nth(2).unwrap_or("").to_string();
             [
-                m.sections[d.section].name.clone(),
+                section_key(&m.sections[d.section].name),
                 m.data_align(d),
                 size,
                 content,

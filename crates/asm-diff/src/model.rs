@@ -538,3 +538,11 @@ fn numbered_pattern(name: &str) -> Option<(String, Vec<u64>)> {
     }
     (!nums.is_empty()).then_some((pat, nums))
 }
+
+/// A section name with compiler numbers masked (`.bss.seen.3` → `.bss.seen.#`):
+/// with `-fdata-sections` the name carries the symbol's number.
+pub fn section_key(name: &str) -> String {
+    numbered_pattern(name)
+        .map(|(p, _)| p)
+        .unwrap_or_else(|| name.to_string())
+}
