@@ -124,7 +124,7 @@ fn make_rewraps_an_extracted_elf_with_a_new_patch_id() {
     let out_path = s.join("rewrapped.kpatch");
     let out = run(livecare()
         .env("SOURCE_DATE_EPOCH", time.to_string())
-        .args(["make", "-b", BUILD_ID, "-i", "0002", "-o"])
+        .args(["make", "--no-csum", "-b", BUILD_ID, "-i", "0002", "-o"])
         .arg(&out_path)
         .arg(&elf));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -167,7 +167,7 @@ fn kpatch_make_symlink_reproduces_the_libcare_file() {
     let out_path = s.join("out.kpatch");
     let out = run(Command::new(&tool)
         .env("SOURCE_DATE_EPOCH", time.to_string())
-        .args(["--format", "libcare", "-b", BUILD_ID, "-o"])
+        .args(["--format", "libcare", "--no-csum", "-b", BUILD_ID, "-o"])
         .arg(&out_path)
         .arg(&elf));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -191,6 +191,11 @@ fn make_writes_buildid_kpatch_by_default() {
     let patch = kpatch_file::PatchFile::parse(&bytes).unwrap();
     assert_eq!(patch.layout(), kpatch_file::Layout::LibCarePlus);
     assert_eq!(patch.header().patch_id(), None);
+    assert_eq!(
+        patch.header().csum,
+        kpatch_file::crc32(patch.elf()),
+        "no checksum by default"
+    );
 }
 
 #[test]

@@ -33,6 +33,7 @@
 
 pub mod arch;
 mod bytes;
+mod checksum;
 pub mod elf;
 mod error;
 pub mod header;
@@ -46,6 +47,7 @@ pub use header::{Header, Layout};
 pub use ids::{BuildId, PatchId, BUILD_ID_MAX_HEX, BUILD_ID_MIN_HEX, PATCH_ID_MAX};
 
 use bytes::to_u64;
+pub use checksum::crc32;
 
 /// The ELF is padded to a multiple of this in the container.
 pub const ELF_ALIGN: usize = 16;
@@ -117,6 +119,19 @@ impl<'a> PatchFile<'a> {
             .and_then(|(s, e)| bytes.get(s..e))
             .ok_or_else(|| past_end("header.total_size", t_at, total, "file", len))?;
         let elf = ElfView::parse(elf_bytes, k)?;
+        if header.csum != 0 {
+            let actual = crc32(elf_bytes);
+            if actual != header.csum {
+                return Err(invalid(
+                    "header.csum",
+                    to_u64(f.csum),
+                    format!(
+                        "{:#010x} does not match the CRC-32 of the ELF ({actual:#010x}): the file is corrupted",
+                        header.csum
+                    ),
+                ));
+            }
+        }
         Ok(PatchFile { bytes, header, elf })
     }
 
@@ -165,8 +180,19 @@ fn invalid(field: &str, offset: u64, reason: String) -> Error {
     }
 }
 
-/// Wraps a relocatable ELF into a `.kpatch` container stamped with the current time.
-/// See [`make_at`].
+/// How [`make_with`] fills the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MakeOptions {
+    /// Header layout.
+    pub layout: Layout,
+    /// `build_time`, seconds since the epoch.
+    pub build_time: u64,
+    /// Store the CRC-32 of the ELF in `csum` (the peers leave it 0).
+    pub checksum: bool,
+}
+
+/// Wraps a relocatable ELF into a `.kpatch` container stamped with the current time,
+/// with a checksum. See [`make_with`].
 pub fn make(
     elf: &[u8],
     build_id: &BuildId,
@@ -180,10 +206,7 @@ pub fn make(
     make_at(elf, build_id, patch_id, layout, now)
 }
 
-/// Wraps a relocatable ELF into a `.kpatch` container: the header in `layout`
-/// (`kpatch_offset` = `rel_offset` = header size, `build_time` as given), then the ELF
-/// padded with zeros to 16 bytes. The ELF is validated first (error offsets are then
-/// relative to the ELF), and the result is parsed back before it is returned.
+/// [`make`] with a given `build_time` (for reproducible output).
 pub fn make_at(
     elf: &[u8],
     build_id: &BuildId,
@@ -191,9 +214,30 @@ pub fn make_at(
     layout: Layout,
     build_time: u64,
 ) -> Result<Vec<u8>> {
+    let options = MakeOptions {
+        layout,
+        build_time,
+        checksum: true,
+    };
+    make_with(elf, build_id, patch_id, &options)
+}
+
+/// Wraps a relocatable ELF into a `.kpatch` container: the header in `options.layout`
+/// (`kpatch_offset` = `rel_offset` = header size), then the ELF padded with zeros to a
+/// multiple of 16 bytes. The ELF is validated first (error offsets are then relative to
+/// the ELF), and the result is parsed back before it is returned. With
+/// `checksum: false` the output is byte-for-byte what LibCare's or LibcarePlus'
+/// `kpatch_make` writes.
+pub fn make_with(
+    elf: &[u8],
+    build_id: &BuildId,
+    patch_id: Option<&PatchId>,
+    options: &MakeOptions,
+) -> Result<Vec<u8>> {
     ElfView::parse(elf, 0)?;
+    let layout = options.layout;
     let mut header = Header::new(layout, build_id.clone(), patch_id.cloned())?;
-    header.build_time = build_time;
+    header.build_time = options.build_time;
     let size = layout.header_size();
     let padding = elf.len().wrapping_neg() % ELF_ALIGN;
     let total = size
@@ -206,9 +250,13 @@ pub fn make_at(
             reason: "header.total_size is 32 bits: the container would exceed 4 GiB".into(),
         })?;
     header.total_size = total;
+    let mut padded = elf.to_vec();
+    padded.resize(elf.len().saturating_add(padding), 0);
+    if options.checksum {
+        header.csum = crc32(&padded);
+    }
     let mut out = header.to_bytes();
-    out.extend_from_slice(elf);
-    out.resize(out.len().saturating_add(padding), 0);
+    out.extend_from_slice(&padded);
     PatchFile::parse(&out)?;
     Ok(out)
 }

@@ -1,7 +1,7 @@
 //! The container against the files LibCare and LibcarePlus made themselves.
 
 use kpatch_file::inspect::Report;
-use kpatch_file::{make_at, BuildId, Header, Layout, PatchFile, PatchId};
+use kpatch_file::{make_at, make_with, BuildId, Header, Layout, MakeOptions, PatchFile, PatchId};
 
 const BUILD_ID: &str = "7788a89bcdbac583d60693ece924593d0d07e6a9";
 
@@ -99,14 +99,13 @@ fn make_rebuilds_both_peer_files_byte_for_byte() {
         let file = PatchFile::parse(&bytes).unwrap();
         let id = id.map(|i| PatchId::parse(i).unwrap());
         let bid = BuildId::parse(BUILD_ID).unwrap();
-        let made = make_at(
-            file.elf(),
-            &bid,
-            id.as_ref(),
+        let build_time = file.header().build_time;
+        let options = MakeOptions {
             layout,
-            file.header().build_time,
-        )
-        .unwrap();
+            build_time,
+            checksum: false,
+        };
+        let made = make_with(file.elf(), &bid, id.as_ref(), &options).unwrap();
         assert_eq!(made, bytes, "{name}");
     }
 }
@@ -171,4 +170,28 @@ fn an_aarch64_patch_is_accepted_and_named() {
         .find(|r| r.section == ".rela.kpatch.text")
         .unwrap();
     assert_eq!(rel.entries[0].type_name, "R_AARCH64_2");
+}
+
+#[test]
+fn the_checksum_catches_a_flipped_code_bit_the_peers_format_cannot() {
+    let bytes = interop("foo.libcareplus.kpatch");
+    let file = PatchFile::parse(&bytes).unwrap();
+    let text = file.elf_view().section_by_name(".kpatch.text").unwrap();
+    let code_byte = 504 + text.offset as usize + 4;
+    let bid = BuildId::parse(BUILD_ID).unwrap();
+
+    // The peers leave csum 0: a flipped instruction bit is indistinguishable from a patch.
+    let mut flipped = bytes.clone();
+    flipped[code_byte] ^= 0x10;
+    assert!(PatchFile::parse(&flipped).is_ok());
+
+    // livecare's own output carries a CRC-32 of the ELF, so the same flip is refused.
+    let made = make_at(file.elf(), &bid, None, Layout::LibCarePlus, 0).unwrap();
+    let csum = PatchFile::parse(&made).unwrap().header().csum;
+    assert_eq!(csum, kpatch_file::crc32(file.elf()));
+    let mut flipped = made.clone();
+    flipped[code_byte] ^= 0x10;
+    let err = PatchFile::parse(&flipped).unwrap_err();
+    assert_eq!(err.field(), Some("header.csum"), "{err}");
+    assert!(err.to_string().contains("corrupted"), "{err}");
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use kpatch_file::{BuildId, Layout, PatchId};
+use kpatch_file::{BuildId, Layout, MakeOptions, PatchId};
 
 /// Header layout to write.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,10 @@ pub struct Args {
     /// Header layout.
     #[arg(long = "format", value_enum, default_value = "libcareplus")]
     pub format: Format,
+    /// Leave header.csum 0, as LibCare and LibcarePlus do (by default it holds the ELF's
+    /// CRC-32, which `livecare` verifies before using a patch).
+    #[arg(long = "no-csum")]
+    pub no_csum: bool,
     /// The relocatable patch ELF (output of `kpatch_strip --undo-link`).
     #[arg(value_name = "IN")]
     pub input: PathBuf,
@@ -66,7 +70,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let elf =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let build_time = build_time()?;
-    let bytes = kpatch_file::make_at(&elf, &build_id, patch_id.as_ref(), layout, build_time)
+    let options = MakeOptions {
+        layout,
+        build_time,
+        checksum: !args.no_csum,
+    };
+    let bytes = kpatch_file::make_with(&elf, &build_id, patch_id.as_ref(), &options)
         .with_context(|| format!("making a patch container from {}", args.input.display()))?;
     let output = args
         .output
