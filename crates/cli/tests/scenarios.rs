@@ -1,0 +1,713 @@
+//! End-to-end apply scenarios (issue 4): a gcc-built fixture process is started, a patch
+//! built through the manual pipeline (testkit::patchbuild) is applied with
+//! `livecare patch -p PID`, the visible output change is checked, `livecare info` must
+//! show it, `livecare unpatch` must restore the original output, and the process must
+//! be alive and not left stopped or traced. Failure cases must exit 1 with a message and
+//! leave the target's maps and code bytes as they were.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use testkit::patchbuild::{Builder, Flags, Object, Patch};
+use testkit::{fixture_dir, Link, MemorySnapshot, Running, Scratch};
+
+const LIVECARE: &str = env!("CARGO_BIN_EXE_livecare");
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A scratch directory and a builder for fixture `case`.
+fn setup(case: &str, flags: Flags) -> Result<(Scratch, Builder)> {
+    let dir = Scratch::new()?;
+    let b = Builder::new(
+        Path::new(LIVECARE),
+        &fixture_dir(case),
+        &dir.join("build"),
+        flags,
+    )?;
+    Ok((dir, b))
+}
+
+fn flags(link: Link, opt: &str) -> Flags {
+    Flags {
+        exe_link: link,
+        opt: opt.to_string(),
+        ..Flags::default()
+    }
+}
+
+/// Exit code and output of one `livecare` run.
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn livecare<I, S>(args: I) -> Result<Out>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(LIVECARE);
+    cmd.args(args);
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Runs livecare, requires exit 0, returns stdout.
+fn lc_ok<I, S>(args: I) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let o = livecare(&args)?;
+    ensure!(
+        o.code == Some(0),
+        "livecare {args:?} exited {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    Ok(o.stdout)
+}
+
+/// Runs livecare, requires exit 1 and an `error:` message, returns stderr.
+fn lc_fails<I, S>(args: I) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let o = livecare(&args)?;
+    ensure!(
+        o.code == Some(1),
+        "livecare {args:?} should fail with 1, exited {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    ensure!(o.stderr.contains("error"), "no error message: {}", o.stderr);
+    Ok(o.stderr)
+}
+
+fn pid_s(p: &Running) -> String {
+    p.pid().to_string()
+}
+
+fn patch(p: &Running, file: &Path) -> Result<String> {
+    lc_ok([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(p)),
+        file.as_os_str(),
+    ])
+}
+
+fn unpatch(p: &Running, extra: &[&str]) -> Result<String> {
+    let mut args = vec!["unpatch".to_string(), "-p".into(), pid_s(p)];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    lc_ok(args)
+}
+
+fn info(p: &Running) -> Result<String> {
+    lc_ok(["info", "-p", &pid_s(p)])
+}
+
+/// Waits until every needle has been seen in new output (any order).
+fn see_all(p: &mut Running, needles: &[&str]) -> Result<()> {
+    p.drain();
+    let mut left: Vec<&str> = needles.to_vec();
+    let deadline = Instant::now() + WAIT;
+    while !left.is_empty() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = p
+            .wait_for_match(|l| left.iter().any(|n| l.contains(n)), remaining)
+            .with_context(|| format!("waiting for {left:?}"))?;
+        left.retain(|n| !line.contains(n));
+    }
+    Ok(())
+}
+
+fn see(p: &mut Running, needle: &str) -> Result<()> {
+    see_all(p, &[needle])
+}
+
+/// The thread ids of `pid`.
+fn tids(pid: u32) -> Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Ok(t) = e?.file_name().to_string_lossy().parse() {
+            v.push(t);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// The process is alive, and none of its threads is stopped or traced.
+fn assert_clean(p: &mut Running) -> Result<()> {
+    ensure!(p.is_alive(), "target died; last lines {:?}", p.tail(5));
+    let (state, tracer) = p.proc_state()?;
+    ensure!(
+        !state.starts_with('t') && !state.starts_with('T') && tracer == 0,
+        "target left {state}, TracerPid {tracer}"
+    );
+    for t in tids(p.pid())? {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{t}/status", p.pid()))
+        else {
+            continue; // the thread exited meanwhile
+        };
+        for l in status.lines() {
+            if let Some(s) = l.strip_prefix("State:") {
+                let s = s.trim();
+                ensure!(!s.starts_with('t') && !s.starts_with('T'), "thread {t} left {s}");
+            }
+            if let Some(s) = l.strip_prefix("TracerPid:") {
+                ensure!(s.trim() == "0", "thread {t} still traced by {}", s.trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The whole cycle on one process: patch, see `after`, info names the patch, unpatch,
+/// see `before`, clean, and (if `same_after`) maps and code bytes as before the patch.
+fn cycle(
+    p: &mut Running,
+    patch_: &Patch,
+    hunk: &str,
+    after: &[&str],
+    before: &[&str],
+    same_after: bool,
+) -> Result<()> {
+    see_all(p, before)?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    let out = patch(p, &patch_.path)?;
+    ensure!(out.contains(hunk), "patch output names {hunk}: {out}");
+    see_all(p, after)?;
+    assert_clean(p)?;
+    let i = info(p)?;
+    ensure!(
+        i.contains(&patch_.build_id) && i.contains(hunk) && i.contains(&patch_.patch_id),
+        "info shows build-id {}, patch {} and {hunk}:\n{i}",
+        patch_.build_id,
+        patch_.patch_id
+    );
+    unpatch(p, &[])?;
+    see_all(p, before)?;
+    assert_clean(p)?;
+    let i = info(p)?;
+    ensure!(
+        !i.contains(&format!("patch {}:", patch_.patch_id)),
+        "info after unpatch still lists the patch:\n{i}"
+    );
+    if same_after {
+        MemorySnapshot::take(p.pid())?
+            .assert_same(&snap)
+            .context("maps and code after unpatch")?;
+    }
+    Ok(())
+}
+
+/// scenario-exe with `flags`: build the program, patch from `patched`, run the cycle.
+fn exe_case(flags: Flags, patched: &str, hunk: &str, after: &str, before: &str) -> Result<()> {
+    let (_d, b) = setup("scenario-exe", flags)?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, patched, "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    cycle(&mut p, &patch_, hunk, &[after], &[before], true)
+}
+
+#[test]
+fn builder_output_passes_livecare_inspect() -> Result<()> {
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let out = lc_ok([OsStr::new("inspect"), patch_.path.as_os_str()])?;
+    ensure!(out.contains(&exe.build_id), "{out}");
+    ensure!(out.contains("value"), "{out}");
+    // A failing step names the command and carries its stderr.
+    let err = format!("{:#}", b.patch(&exe, "orig.c", "0002").unwrap_err());
+    ensure!(err.contains("gensrc") && err.contains("stderr"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn patch_one_function_pie_o2() -> Result<()> {
+    exe_case(flags(Link::Pie, "-O2"), "patched-basic.c", "value", "t0 value=2", "t0 value=1")
+}
+
+#[test]
+fn patch_one_function_no_pie_o2() -> Result<()> {
+    exe_case(flags(Link::NoPie, "-O2"), "patched-basic.c", "value", "t0 value=2", "t0 value=1")
+}
+
+#[test]
+fn patch_one_function_pie_o0_from_diff() -> Result<()> {
+    exe_case(flags(Link::Pie, "-O0"), "basic.diff", "value", "t0 value=2", "t0 value=1")
+}
+
+#[test]
+fn patch_one_function_no_pie_o0() -> Result<()> {
+    exe_case(flags(Link::NoPie, "-O0"), "patched-basic.c", "value", "t0 value=2", "t0 value=1")
+}
+
+#[test]
+fn patch_adds_a_new_function() -> Result<()> {
+    exe_case(Flags::default(), "patched-newfn.c", "value", "t0 value=42", "t0 value=1")
+}
+
+#[test]
+fn patched_code_calls_unchanged_original_function() -> Result<()> {
+    exe_case(Flags::default(), "patched-callorig.c", "value", "t0 value=53", "t0 value=1")
+}
+
+#[test]
+fn patched_code_calls_unchanged_original_function_in_three_threads() -> Result<()> {
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-callorig.c", "0001")?;
+    let mut p = Running::start(&exe.path, &["3"])?;
+    cycle(
+        &mut p,
+        &patch_,
+        "value",
+        &["t0 value=53", "t1 value=53", "t2 value=53"],
+        &["t0 value=1", "t1 value=1", "t2 value=1"],
+        true,
+    )
+}
+
+#[test]
+fn patched_code_reads_a_new_rodata_string() -> Result<()> {
+    exe_case(
+        Flags::default(),
+        "patched-rodata.c",
+        "message",
+        "msg=patched rodata string",
+        "msg=hello",
+    )
+}
+
+#[test]
+fn patched_code_calls_into_glibc() -> Result<()> {
+    exe_case(Flags::default(), "patched-glibc.c", "value", "t0 value=77", "t0 value=1")
+}
+
+#[test]
+fn patched_code_references_glibc_data_symbol_stderr() -> Result<()> {
+    exe_case(Flags::default(), "patched-stderr.c", "value", "t0 value=42", "t0 value=1")?;
+    // Without PIE, stderr is a copy relocation in the executable.
+    exe_case(flags(Link::NoPie, "-O2"), "patched-stderr.c", "value", "t0 value=42", "t0 value=1")
+}
+
+#[test]
+fn patched_code_calls_glibc_ifuncs_strlen_memcpy() -> Result<()> {
+    exe_case(Flags::default(), "patched-ifunc.c", "value", "t0 value=112", "t0 value=1")
+}
+
+#[test]
+fn patched_code_reads_executable_tls_variable() -> Result<()> {
+    exe_case(Flags::default(), "patched-tls.c", "value", "t0 value=42", "t0 value=1")
+}
+
+/// scenario-lib: the library, the program linked against it, and the running process.
+fn lib_setup(flags: Flags) -> Result<(Scratch, Builder, Object, Object)> {
+    let (d, b) = setup("scenario-lib", flags)?;
+    let lib = b.library("lib.c", "scen")?;
+    let exe = b.executable("orig.c", "prog", &[&lib])?;
+    Ok((d, b, lib, exe))
+}
+
+fn lib_case(patched: &str, after: &str) -> Result<()> {
+    let (_d, b, lib, exe) = lib_setup(Flags::default())?;
+    let patch_ = b.patch(&lib, patched, "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("started tls=9", WAIT)?;
+    cycle(&mut p, &patch_, "lib_value", &[after], &["exe=1 lib=1"], true)
+}
+
+#[test]
+fn patch_a_shared_library_function() -> Result<()> {
+    lib_case("lib-patched.c", "exe=1 lib=2")
+}
+
+#[test]
+fn library_patch_calls_into_glibc() -> Result<()> {
+    lib_case("lib-glibc.c", "exe=1 lib=33")
+}
+
+#[test]
+fn library_patch_reads_library_tls_variable() -> Result<()> {
+    lib_case("lib-tls.c", "exe=1 lib=18")
+}
+
+#[test]
+fn executable_and_library_patched_together() -> Result<()> {
+    let (d, b, lib, exe) = lib_setup(Flags::default())?;
+    let exe_patch = b.patch(&exe, "patched.c", "0001")?;
+    let lib_patch = b.patch(&lib, "lib-patched.c", "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    see(&mut p, "exe=1 lib=1")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+
+    // Two patch files, one after the other; unpatch each object by build-id.
+    patch(&p, &exe_patch.path)?;
+    see(&mut p, "exe=2 lib=1")?;
+    patch(&p, &lib_patch.path)?;
+    see(&mut p, "exe=2 lib=2")?;
+    let i = info(&p)?;
+    ensure!(i.contains(&exe.build_id) && i.contains(&lib.build_id), "{i}");
+    unpatch(&p, &[&lib.build_id])?;
+    see(&mut p, "exe=2 lib=1")?;
+    unpatch(&p, &[&exe.build_id])?;
+    see(&mut p, "exe=1 lib=1")?;
+    assert_clean(&mut p)?;
+
+    // One directory holding both `<buildid>.kpatch`.
+    let dir = d.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    for pt in [&exe_patch, &lib_patch] {
+        std::fs::copy(&pt.path, dir.join(format!("{}.kpatch", pt.build_id)))?;
+    }
+    patch(&p, &dir)?;
+    see(&mut p, "exe=2 lib=2")?;
+    assert_clean(&mut p)?;
+    unpatch(&p, &[&lib.build_id])?;
+    unpatch(&p, &[&exe.build_id])?;
+    see(&mut p, "exe=1 lib=1")?;
+    assert_clean(&mut p)?;
+    MemorySnapshot::take(p.pid())?.assert_same(&snap)
+}
+
+/// scenario-safety in `mode` with `workers` threads, and its patch from `patched`.
+fn safety_setup(mode: &str, workers: u32, patched: &str) -> Result<(Scratch, Patch, Running)> {
+    let (d, b) = setup("scenario-safety", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, patched, "0001")?;
+    let p = Running::start(&exe.path, &[mode, &workers.to_string()])?;
+    Ok((d, patch_, p))
+}
+
+#[test]
+fn patch_waits_for_a_thread_to_leave_the_function() -> Result<()> {
+    let (_d, patch_, mut p) = safety_setup("hold", 1, "patched.c")?;
+    p.wait_for("inside", WAIT)?;
+    let t0 = Instant::now();
+    let out = patch(&p, &patch_.path)?;
+    ensure!(out.contains("value"), "{out}");
+    // Thread 1 sleeps 1.5 s inside value(): the patch had to wait for it.
+    ensure!(t0.elapsed() > Duration::from_millis(500), "patched after {:?} while a thread was inside", t0.elapsed());
+    see(&mut p, "value=2")?;
+    assert_clean(&mut p)?;
+    unpatch(&p, &[])?;
+    see(&mut p, "value=1")?;
+    assert_clean(&mut p)
+}
+
+/// A patch that can never be safe fails with exit 1 naming a stuck thread and the
+/// function, and leaves the target untouched.
+fn never_safe(mode: &str, workers: u32, ready: &str) -> Result<()> {
+    let (_d, patch_, mut p) = safety_setup(mode, workers, "patched.c")?;
+    for w in 1..=workers {
+        p.wait_for(&format!("{ready} {w}"), WAIT)?;
+    }
+    see(&mut p, "value=1")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    let main = p.pid();
+    let err = lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("--timeout"),
+        OsStr::new("1"),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(&p)),
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(err.contains("value"), "message names the function: {err}");
+    let workers_tids: Vec<u32> = tids(main)?.into_iter().filter(|&t| t != main).collect();
+    ensure!(
+        workers_tids.iter().any(|t| err.contains(&t.to_string())),
+        "message names a stuck thread (one of {workers_tids:?}): {err}"
+    );
+    MemorySnapshot::take(p.pid())?.assert_same(&snap)?;
+    see(&mut p, "value=1")?;
+    assert_clean(&mut p)
+}
+
+#[test]
+fn patch_fails_cleanly_when_a_thread_never_leaves_the_function() -> Result<()> {
+    never_safe("stuck", 1, "stuck")
+}
+
+#[test]
+fn patch_fails_cleanly_when_a_thread_spins_in_the_function_top_frame() -> Result<()> {
+    never_safe("spin", 1, "spinning")
+}
+
+#[test]
+fn patch_fails_cleanly_when_several_threads_never_leave() -> Result<()> {
+    never_safe("stuck", 3, "stuck")
+}
+
+#[test]
+fn patch_while_threads_keep_creating_threads() -> Result<()> {
+    let (_d, patch_, mut p) = safety_setup("churn", 2, "patched.c")?;
+    see(&mut p, "value=1")?;
+    patch(&p, &patch_.path)?;
+    see(&mut p, "value=2")?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_clean(&mut p)?;
+    unpatch(&p, &[])?;
+    see(&mut p, "value=1")?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_clean(&mut p)
+}
+
+#[test]
+fn unpatch_refused_while_new_code_never_returns() -> Result<()> {
+    let (_d, patch_, mut p) = safety_setup("normal", 1, "patched-never.c")?;
+    see(&mut p, "value=1")?;
+    patch(&p, &patch_.path)?;
+    p.wait_for("trapped 1", WAIT)?;
+    see(&mut p, "value=2")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    let err = lc_fails(["unpatch", "--timeout", "1", "-p", &pid_s(&p)])?;
+    ensure!(err.contains("value"), "message names the function: {err}");
+    MemorySnapshot::take(p.pid())?.assert_same(&snap)?;
+    see(&mut p, "value=2")?;
+    assert_clean(&mut p)
+}
+
+#[test]
+fn stacked_patches_unpatch_last_in_first_out() -> Result<()> {
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let first = b.patch(&exe, "patched-basic.c", "0001")?;
+    let second = b.patch(&exe, "patched-stack2.c", "0002")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    see(&mut p, "t0 value=1")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    patch(&p, &first.path)?;
+    see(&mut p, "t0 value=2")?;
+    patch(&p, &second.path)?;
+    see(&mut p, "t0 value=3")?;
+    let i = info(&p)?;
+    ensure!(i.contains("0001") && i.contains("0002"), "{i}");
+
+    let err = lc_fails(["unpatch", "-p", &pid_s(&p), "-i", "0001"])?;
+    ensure!(err.contains("0002"), "message names the patch to remove first: {err}");
+    see(&mut p, "t0 value=3")?;
+    unpatch(&p, &[])?;
+    see(&mut p, "t0 value=2")?;
+    unpatch(&p, &[])?;
+    see(&mut p, "t0 value=1")?;
+    assert_clean(&mut p)?;
+    MemorySnapshot::take(p.pid())?.assert_same(&snap)
+}
+
+/// LibCare storage: `<buildid>/<level>/kpatch.bin` and `<buildid>/latest`.
+fn store_level(root: &Path, patch_: &Patch, level: u32) -> Result<()> {
+    let dir = root.join(&patch_.build_id);
+    std::fs::create_dir_all(dir.join(level.to_string()))?;
+    std::fs::copy(&patch_.path, dir.join(level.to_string()).join("kpatch.bin"))?;
+    let latest = dir.join("latest");
+    let _ = std::fs::remove_file(&latest);
+    std::os::unix::fs::symlink(level.to_string(), &latest)?;
+    Ok(())
+}
+
+#[test]
+fn patch_levels_from_libcare_storage() -> Result<()> {
+    let (d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let level1 = b.patch(&exe, "patched-basic.c", "1")?;
+    let level2 = b.patch(&exe, "patched-stack2.c", "2")?;
+    let storage = d.join("storage");
+    let mut p = Running::start(&exe.path, &[])?;
+    see(&mut p, "t0 value=1")?;
+
+    store_level(&storage, &level1, 1)?;
+    patch(&p, &storage)?;
+    see(&mut p, "t0 value=2")?;
+    store_level(&storage, &level2, 2)?;
+    patch(&p, &storage)?;
+    see(&mut p, "t0 value=3")?;
+    assert_clean(&mut p)?;
+
+    // Unpatch everything that was applied, most recent first.
+    for _ in 0..2 {
+        if !info(&p)?.contains("patch ") {
+            break;
+        }
+        unpatch(&p, &[])?;
+    }
+    see(&mut p, "t0 value=1")?;
+    assert_clean(&mut p)
+}
+
+#[test]
+fn patch_from_a_directory() -> Result<()> {
+    let (d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let dir = d.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
+    let moved = Patch {
+        path: dir,
+        ..patch_
+    };
+    let mut p = Running::start(&exe.path, &[])?;
+    cycle(&mut p, &moved, "value", &["t0 value=2"], &["t0 value=1"], true)
+}
+
+#[test]
+fn patch_all_patches_only_matching_processes() -> Result<()> {
+    let (d, b) = setup("scenario-all", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched.c", "0001")?;
+    let dir = d.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
+    // A bystander: another program, which has no object with that build-id.
+    let (_d2, b2) = setup("scenario-exe", flags(Link::Pie, "-O1"))?;
+    let other = b2.executable("orig.c", "other", &[])?;
+
+    let mut a = Running::start(&exe.path, &[])?;
+    let mut c = Running::start(&exe.path, &[])?;
+    let mut o = Running::start(&other.path, &[])?;
+    see(&mut a, "value=1")?;
+    see(&mut c, "value=1")?;
+    see(&mut o, "t0 value=1")?;
+    let snap_o = MemorySnapshot::take(o.pid())?;
+
+    let out = lc_ok([OsStr::new("patch"), OsStr::new("-p"), OsStr::new("all"), dir.as_os_str()])?;
+    ensure!(
+        out.contains(&a.pid().to_string()) && out.contains(&c.pid().to_string()),
+        "both matching processes reported: {out}"
+    );
+    ensure!(!out.contains(&format!("pid {} ", o.pid())), "bystander reported: {out}");
+    see(&mut a, "all-scenario value=2")?;
+    see(&mut c, "all-scenario value=2")?;
+    see(&mut o, "t0 value=1")?;
+    MemorySnapshot::take(o.pid())?.assert_same(&snap_o)?;
+    for p in [&mut a, &mut c, &mut o] {
+        assert_clean(p)?;
+    }
+    unpatch(&a, &[])?;
+    unpatch(&c, &[])?;
+    see(&mut a, "all-scenario value=1")?;
+    see(&mut c, "all-scenario value=1")
+}
+
+#[test]
+fn run_applies_patches_before_main() -> Result<()> {
+    let (d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let dir = d.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
+    let mut cmd = Command::new(LIVECARE);
+    cmd.arg("run").arg("-P").arg(&dir).arg("--").arg(&exe.path);
+    let mut p = Running::spawn(cmd)?;
+    // The very first value the program prints is the patched one.
+    let first = p.wait_for_match(|l| l.starts_with("t0 value="), WAIT)?;
+    ensure!(first.starts_with("t0 value=2"), "first line: {first}");
+    see(&mut p, "t0 value=2")?;
+    ensure!(p.is_alive(), "livecare run ended: {:?}", p.tail(5));
+    Ok(())
+}
+
+/// A target started from scenario-exe, its build, and the state to compare against.
+fn bad_input_target() -> Result<(Scratch, Builder, Object, Running, MemorySnapshot)> {
+    let (d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let mut p = Running::start(&exe.path, &[])?;
+    see(&mut p, "t0 value=1")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    Ok((d, b, exe, p, snap))
+}
+
+fn patch_fails(p: &mut Running, file: &Path, snap: &MemorySnapshot) -> Result<String> {
+    let err = lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(p)),
+        file.as_os_str(),
+    ])?;
+    MemorySnapshot::take(p.pid())?.assert_same(snap)?;
+    see(p, "t0 value=1")?;
+    assert_clean(p)?;
+    Ok(err)
+}
+
+#[test]
+fn wrong_build_id_is_refused_and_target_unchanged() -> Result<()> {
+    let (d, b, exe, mut p, snap) = bad_input_target()?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let wrong = d.join("wrong.kpatch");
+    b.make(&patch_.elf, &"ab".repeat(20), "0001", &wrong)?;
+    let err = patch_fails(&mut p, &wrong, &snap)?;
+    ensure!(err.contains(&"ab".repeat(20)), "message names the build-id: {err}");
+    Ok(())
+}
+
+#[test]
+fn forged_build_id_is_refused_and_target_unchanged() -> Result<()> {
+    let (d, _b, exe, mut p, snap) = bad_input_target()?;
+    // A patch made for another build of the same program (-O0: same function names,
+    // other offsets and code), whose header claims the running binary's build-id.
+    let (_d2, other_b) = setup("scenario-exe", flags(Link::Pie, "-O0"))?;
+    let other = other_b.executable("orig.c", "prog", &[])?;
+    ensure!(other.build_id != exe.build_id, "the two builds differ");
+    let real = other_b.patch(&other, "patched-basic.c", "0001")?;
+    let forged = d.join("forged.kpatch");
+    other_b.make(&real.elf, &exe.build_id, "0001", &forged)?;
+    patch_fails(&mut p, &forged, &snap)?;
+    Ok(())
+}
+
+#[test]
+fn dead_pid_is_refused() -> Result<()> {
+    let mut child = Command::new("true").spawn()?;
+    let pid = child.id();
+    child.wait()?;
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let err = lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new(&pid.to_string()),
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(err.contains(&pid.to_string()), "message names pid {pid}: {err}");
+    Ok(())
+}
+
+#[test]
+fn kernel_thread_pid_2_is_refused() -> Result<()> {
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let stat = std::fs::read_to_string("/proc/2/stat").unwrap_or_default();
+    if !stat.contains("kthreadd") {
+        // In a pid namespace without kthreadd, pid 2 may be an ordinary process.
+        bail!("pid 2 is not kthreadd here ({stat:?}); cannot run this scenario");
+    }
+    let err = lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new("2"),
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(err.contains('2'), "message names pid 2: {err}");
+    Ok(())
+}
