@@ -1,0 +1,133 @@
+//! The safety check: threads inside a function being replaced (or inside patch code
+//! being removed) delay the commit; if they never leave, the operation fails cleanly
+//! and the target is left byte-identical.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use common::*;
+use testkit::patchbuild::{Builder, Flags, Object, Patch};
+use testkit::{MemorySnapshot, Running, Scratch};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn build(s: &Scratch, patched: &str) -> Result<(Object, Patch)> {
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-safety"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "safety", &[])?;
+    let patch = b.patch(&exe, patched, "0001")?;
+    Ok((exe, patch))
+}
+
+fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
+}
+
+#[test]
+fn thread_inside_patched_function_for_a_while_is_waited_for() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "patched.c")?;
+    let mut t = Running::start(&exe.path, &["hold", "1"])?;
+    t.wait_for("inside", WAIT)?;
+    let start = Instant::now();
+    let out = ok(&lc(&["patch", "-p", &t.pid().to_string(), p(&patch.path)]))?;
+    assert!(
+        start.elapsed() > Duration::from_millis(300),
+        "did not wait: {out}"
+    );
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    Ok(())
+}
+
+fn refused_cleanly(mode: &str, workers: &str, needle: &str) -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "patched.c")?;
+    let mut t = Running::start(&exe.path, &[mode, workers])?;
+    t.wait_for(needle, WAIT)?;
+    t.wait_for("value=1", WAIT)?;
+    let before = MemorySnapshot::take(t.pid())?;
+    let out = lc(&[
+        "patch",
+        "-p",
+        &t.pid().to_string(),
+        "--timeout",
+        "0.5",
+        p(&patch.path),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unsafe to patch") && err.contains("inside value"),
+        "{err}"
+    );
+    MemorySnapshot::take(t.pid())?.assert_same(&before)?;
+    t.drain();
+    t.wait_for("value=1", WAIT)?;
+    assert_eq!(t.proc_state()?.1, 0, "left traced");
+    Ok(())
+}
+
+#[test]
+fn thread_that_never_leaves_makes_patch_fail_with_target_unchanged() -> Result<()> {
+    refused_cleanly("stuck", "1", "stuck 1")
+}
+
+#[test]
+fn thread_spinning_in_patched_function_as_top_frame_fails_cleanly() -> Result<()> {
+    refused_cleanly("spin", "1", "spinning 1")
+}
+
+#[test]
+fn several_stuck_threads_fail_cleanly() -> Result<()> {
+    refused_cleanly("stuck", "3", "stuck 3")
+}
+
+#[test]
+fn threads_creating_threads_while_patching() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "patched.c")?;
+    let mut t = Running::start(&exe.path, &["churn", "2"])?;
+    t.wait_for("value=1", WAIT)?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&patch.path)]))?;
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    t.drain();
+    t.wait_for("value=1", WAIT)?;
+    assert!(t.is_alive());
+    Ok(())
+}
+
+#[test]
+fn unpatch_is_refused_while_new_code_never_returns() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "patched-never.c")?;
+    let mut t = Running::start(&exe.path, &["normal", "2"])?;
+    t.wait_for("value=1", WAIT)?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&patch.path)]))?;
+    t.wait_for("trapped", WAIT)?;
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    let out = lc(&["unpatch", "-p", &pid, "--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("unsafe to unpatch"),
+        "{}",
+        stderr(&out)
+    );
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    let info = ok(&lc(&["info", "-p", &pid]))?;
+    assert!(info.contains("1 hunk(s): value"), "{info}");
+    Ok(())
+}
