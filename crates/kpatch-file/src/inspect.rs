@@ -486,7 +486,12 @@ impl fmt::Display for Report {
         writeln!(f, "  flags:          {:#x}", h.flags)?;
         writeln!(f, "  safety_method:  {}", h.safety_method)?;
         writeln!(f, "  build_time:     {}", h.build_time)?;
-        writeln!(f, "  csum:           {:#x}", h.csum)?;
+        let csum_note = if h.csum == 0 {
+            "none (as LibCare/LibcarePlus write)"
+        } else {
+            "CRC-32 of the ELF, verified"
+        };
+        writeln!(f, "  csum:           {:#x} ({csum_note})", h.csum)?;
         writeln!(f, "  nr_reloc:       {}", h.nr_reloc)?;
         writeln!(f, "  kpatch_offset:  {:#x}", h.kpatch_offset)?;
         writeln!(f, "  rel_offset:     {:#x}", h.rel_offset)?;
