@@ -140,6 +140,69 @@ fn run_case(dir: &Path, variant: &Variant) {
     link(&oo, &ob, shared, variant.link);
     link(&ao, &ab, shared, variant.link);
     assert_original_symbols_kept(&ob, &ab);
+
+    if !shared && !exp.changed.is_empty() {
+        // Apply the patch on disk the way the applier does in memory (a jump
+        // from each original function to its copy) and check the program now
+        // behaves like the patched build.
+        let (ps, po, pb) = (
+            tmp.write("patched.s", &p).unwrap(),
+            tmp.join("patched.o"),
+            tmp.join("patched.bin"),
+        );
+        assemble(&ps, &po);
+        link(&po, &pb, false, variant.link);
+        let jumped = tmp.join("jumped.bin");
+        write_jumps(&ab, &jumped, &diff.changed);
+        let (want, got, before) = (run_bin(&pb), run_bin(&jumped), run_bin(&ob));
+        assert_eq!(
+            got, want,
+            "{ctx}: patched-in-place binary does not behave like the patched build"
+        );
+        assert_ne!(before, want, "{ctx}: fixture change is not observable");
+    }
+}
+
+/// Runs a fixture program; its stdout, stderr and exit status.
+fn run_bin(path: &Path) -> (String, String, Option<i32>) {
+    let out = std::process::Command::new(path).output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
+}
+
+/// Copies `bin` to `out` with `jmp <fn>.kpatch` written at the entry of each
+/// function in `funcs`.
+fn write_jumps(bin: &Path, out: &Path, funcs: &[String]) {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let mut data = std::fs::read(bin).unwrap();
+    let mut writes = Vec::new();
+    {
+        let f = object::File::parse(&*data).unwrap();
+        let sym = |n: &str| {
+            f.symbols()
+                .find(|s| s.name() == Ok(n))
+                .unwrap_or_else(|| panic!("{}: no symbol {n}", bin.display()))
+        };
+        for name in funcs {
+            let (from, to) = (sym(name), sym(&format!("{name}.kpatch")));
+            let sec = f.section_by_index(from.section_index().unwrap()).unwrap();
+            let (file_off, _) = sec.file_range().unwrap();
+            let at = (file_off + from.address() - sec.address()) as usize;
+            let rel = to.address() as i64 - (from.address() as i64 + 5);
+            let mut jmp = vec![0xe9];
+            jmp.extend_from_slice(&i32::try_from(rel).unwrap().to_le_bytes());
+            writes.push((at, jmp));
+        }
+    }
+    for (at, bytes) in writes {
+        data[at..at + 5].copy_from_slice(&bytes);
+    }
+    std::fs::write(out, &data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 #[test]
