@@ -195,3 +195,17 @@ fn the_checksum_catches_a_flipped_code_bit_the_peers_format_cannot() {
     assert_eq!(err.field(), Some("header.csum"), "{err}");
     assert!(err.to_string().contains("corrupted"), "{err}");
 }
+
+#[test]
+fn extended_section_count_and_string_index_are_followed() {
+    let mut bytes = interop("foo.libcareplus.kpatch");
+    let shoff = 504 + u64::from_le_bytes(bytes[504 + 40..504 + 48].try_into().unwrap()) as usize;
+    // e_shnum 0 and e_shstrndx SHN_XINDEX: the real values live in section 0.
+    bytes[504 + 60..504 + 62].copy_from_slice(&0u16.to_le_bytes());
+    bytes[504 + 62..504 + 64].copy_from_slice(&0xffffu16.to_le_bytes());
+    bytes[shoff + 32..shoff + 40].copy_from_slice(&44u64.to_le_bytes());
+    bytes[shoff + 40..shoff + 44].copy_from_slice(&43u32.to_le_bytes());
+    let file = PatchFile::parse(&bytes).unwrap();
+    assert_eq!(file.elf_view().sections().len(), 44);
+    assert!(file.elf_view().section_by_name(".kpatch.info").is_some());
+}
