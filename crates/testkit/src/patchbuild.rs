@@ -254,7 +254,10 @@ impl Builder {
     pub fn patch(&self, orig: &Object, patched: &str, patch_id: &str) -> Result<Patch> {
         let tag = format!(
             "{}-{}-{patch_id}",
-            orig.path.file_name().and_then(|s| s.to_str()).unwrap_or("obj"),
+            orig.path
+                .file_name()
+                .and_then(|s| s.to_str())
+                .unwrap_or("obj"),
             stem_of(patched)
         );
         let dir = self.work.join(&tag);
@@ -269,7 +272,13 @@ impl Builder {
         if orig.shared || self.flags.force_gotpcrel {
             gensrc.arg("--force-gotpcrel");
         }
-        gensrc.arg("-i").arg(&orig.asm).arg("-i").arg(&patched_s).arg("-o").arg(&aug);
+        gensrc
+            .arg("-i")
+            .arg(&orig.asm)
+            .arg("-i")
+            .arg(&patched_s)
+            .arg("-o")
+            .arg(&aug);
         step("livecare gensrc", &mut gensrc)?;
         let linked = dir.join("linked");
         self.assemble_link(&aug, &linked, orig.shared, &orig.link_args, true)?;
@@ -336,7 +345,11 @@ mod tests {
         let exe = b.executable("orig.c", "prog", &[])?;
         let patch = b.patch(&exe, "patched-basic.c", "0001")?;
         assert_eq!(patch.build_id, exe.build_id);
-        let out = run_ok(Command::new(&livecare).args(["inspect", "--json"]).arg(&patch.path))?;
+        let out = run_ok(
+            Command::new(&livecare)
+                .args(["inspect", "--json"])
+                .arg(&patch.path),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(&exe.build_id), "{text}");
         assert!(text.contains("\"value\""), "hunk for value(): {text}");
