@@ -816,17 +816,11 @@ where
         // gimli reports unmentioned registers as Undefined too; only an explicit
         // DW_CFA_undefined for the return address column ends the stack.
         if explicit_undefined_ra(section, &table.bases, &fde) {
-            let cfa = match row.cfa() {
-                CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
-                    cur.rsp.wrapping_add_signed(*offset)
-                }
-                _ => cur.rsp,
-            };
-            return Ok(Some(Derived::Evaluated(Step {
-                ra: None,
-                cfa,
-                rbp: cur.rbp,
+            // The outermost frame: nothing of it is used but the verdict, so cache it.
+            return Ok(Some(Derived::Fast(FastRule {
+                ra_at_cfa: None,
                 signal,
+                ..EMPTY_RULE
             })));
         }
         return Err(bad("return address has no rule".into()));

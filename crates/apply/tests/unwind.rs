@@ -687,3 +687,33 @@ fn bench_unwind_time_per_thread() {
         first / regs.len() as u32
     );
 }
+
+#[test]
+fn unwinds_through_a_signal_frame() {
+    let scratch = Scratch::new().unwrap();
+    let src = fixture_dir("unwind-signal").join("signal.c");
+    let exe = gcc(&[&src], &scratch.join("signal"), Link::Pie, &["-O2"]).unwrap();
+    let (res, names, _run) = unwind_chain(&exe, &[]);
+    let frames = res.unwrap_or_else(|e| panic!("unwind through the signal frame: {e}"));
+    let want = [
+        "handler_spin",
+        "on_usr1",
+        "raiser",
+        "outer",
+        "main",
+        "_start",
+    ];
+    let at: Vec<usize> = want
+        .iter()
+        .map(|w| {
+            names
+                .iter()
+                .position(|n| n == w)
+                .unwrap_or_else(|| panic!("{w} missing from {names:?}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    // Between the handler and raiser: __restore_rt and raise's libc frames.
+    assert!(at[2] - at[1] >= 2, "no signal frame between: {names:?}");
+    assert_eq!(at[5], frames.len() - 1);
+}
