@@ -37,12 +37,16 @@ use safety::Busy;
 pub struct Options {
     /// How long to wait for threads to leave the functions being replaced.
     pub timeout: Duration,
+    /// Keep every thread stopped after the commit (for `run`, which patches a
+    /// program stopped at its entry point and lets it go only at the end).
+    pub hold: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             timeout: Duration::from_secs(3),
+            hold: false,
         }
     }
 }
@@ -216,19 +220,38 @@ pub fn apply(pid: Pid, patches: &[Patch], opts: &Options) -> Result<Vec<ApplyRep
         });
     }
     let mut threads = ThreadSet::seize(pid)?;
+    let done = apply_held(&mut threads, patches, opts)?;
+    threads.detach_all()?;
+    Ok(done)
+}
+
+/// Like [`apply`], on threads the caller already holds (they stay held).
+pub fn apply_held(
+    threads: &mut ThreadSet,
+    patches: &[Patch],
+    opts: &Options,
+) -> Result<Vec<ApplyReport>, Error> {
+    let objects = loaded_objects(threads.pid())?;
+    let matching: Vec<&Patch> = patches
+        .iter()
+        .filter(|p| {
+            objects
+                .iter()
+                .any(|o| o.build_id.as_deref() == Some(&p.build_id))
+        })
+        .collect();
     let mut done: Vec<ApplyReport> = Vec::new();
     for p in matching {
-        match apply_one(&mut threads, p, &objects, opts) {
+        match apply_one(threads, p, &objects, opts) {
             Ok(r) => done.push(r),
             Err(e) => {
                 for r in done.iter().rev() {
-                    let _ = unpatch_regions(&mut threads, &[r.region], opts);
+                    let _ = unpatch_regions(threads, &[r.region], opts);
                 }
                 return Err(e);
             }
         }
     }
-    threads.detach_all()?;
     Ok(done)
 }
 
@@ -266,6 +289,33 @@ fn apply_one(
             patch_id: display_id,
             build_id: patch.build_id.clone(),
         });
+    }
+    // Patch levels (LibCare storage): a higher level replaces the applied lower one.
+    if patch.level > 0 {
+        if let Some(old) = existing
+            .iter()
+            .filter(|r| r.build_id == patch.build_id && r.level > 0)
+            .max_by_key(|r| r.seq)
+        {
+            if old.level >= patch.level {
+                return Err(Error::AlreadyApplied {
+                    pid: pid.0,
+                    patch_id: format!("level {} (have level {})", patch.level, old.level),
+                    build_id: patch.build_id.clone(),
+                });
+            }
+            if let Some(later) = existing
+                .iter()
+                .find(|r| r.build_id == patch.build_id && r.seq > old.seq)
+            {
+                return Err(Error::Unpatch(format!(
+                    "cannot replace level {} with level {}: patch {} was applied on top of it and must be removed first",
+                    old.level, patch.level, later.patch_id
+                )));
+            }
+            unpatch_regions(threads, &[old.addr], opts)?;
+            return apply_one(threads, patch, objects, opts);
+        }
     }
     let mem = RemoteMemory::open(pid)?;
     let view = ObjectView::new(target)?;
@@ -499,6 +549,9 @@ fn commit(
         })();
         match res {
             Ok(None) => {
+                if opts.hold {
+                    return Ok((Duration::ZERO, attempts));
+                }
                 threads.resume_all()?;
                 return Ok((threads.watch.last.unwrap_or_default(), attempts));
             }

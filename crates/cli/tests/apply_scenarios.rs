@@ -198,3 +198,201 @@ fn patched_code_reads_executable_tls_variable() -> Result<()> {
         "t1 value=42",
     )
 }
+
+/// The library scenario: libscen.so + the executable using it.
+fn lib_setup(s: &Scratch) -> Result<(Builder, Object, Object)> {
+    let b = builder(s, "scenario-lib", Link::Pie, "-O2")?;
+    let lib = b.library("lib.c", "scen")?;
+    let exe = b.executable("orig.c", "libprog", &[&lib])?;
+    Ok((b, lib, exe))
+}
+
+#[test]
+fn patch_a_shared_library_function() -> Result<()> {
+    let s = Scratch::new()?;
+    let (b, lib, exe) = lib_setup(&s)?;
+    let patch = b.patch(&lib, "lib-patched.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=2")
+}
+
+#[test]
+fn library_patch_calls_glibc() -> Result<()> {
+    let s = Scratch::new()?;
+    let (b, lib, exe) = lib_setup(&s)?;
+    let patch = b.patch(&lib, "lib-glibc.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=33")
+}
+
+#[test]
+fn library_patch_reads_library_tls_variable() -> Result<()> {
+    let s = Scratch::new()?;
+    // Initial-exec TLS: the library's GOT holds the variable's offset, which the
+    // patch's GOTTPOFF slot copies (general-dynamic TLS is refused by rel-fixup).
+    let flags = Flags {
+        opt: "-O2".into(),
+        force_gotpcrel: true,
+        extra: vec!["-ftls-model=initial-exec".into()],
+        ..Flags::default()
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-lib"),
+        s.path(),
+        flags,
+    )?;
+    let lib = b.library("lib.c", "scen")?;
+    let exe = b.executable("orig.c", "libprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-tls.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=18")
+}
+
+/// A directory with `<buildid>.kpatch` for the executable and the library.
+fn exe_and_lib_dir(s: &Scratch) -> Result<(Object, std::path::PathBuf)> {
+    let (b, lib, exe) = lib_setup(s)?;
+    let pl = b.patch(&lib, "lib-patched.c", "0001")?;
+    let pe = b.patch(&exe, "patched.c", "0001")?;
+    let dir = s.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&pl.path, dir.join(format!("{}.kpatch", lib.build_id)))?;
+    std::fs::copy(&pe.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
+    Ok((exe, dir))
+}
+
+#[test]
+fn patch_directory_patches_executable_and_library_together() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, dir) = exe_and_lib_dir(&s)?;
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("exe=1 lib=1", WAIT)?;
+    let pid = p.pid().to_string();
+    let out = ok(&lc(&["patch", "-p", &pid, path(&dir)]))?;
+    assert_eq!(out.matches("patched 1 function").count(), 2, "{out}");
+    p.drain();
+    p.wait_for("exe=2 lib=2", WAIT)?;
+    // LIFO: the most recent first, then the other.
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    p.drain();
+    p.wait_for("exe=1 lib=1", WAIT)?;
+    let none = lc(&["unpatch", "-p", &pid]);
+    assert_eq!(none.status.code(), Some(1));
+    Ok(())
+}
+
+#[test]
+fn run_patches_a_program_at_start() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, dir) = exe_and_lib_dir(&s)?;
+    let mut cmd = std::process::Command::new(livecare());
+    cmd.args(["run", "-P", path(&dir), "--", path(&exe.path)]);
+    let mut p = Running::spawn(cmd)?;
+    // The very first report line is already patched.
+    let first = p.wait_for("exe=", WAIT)?;
+    assert_eq!(first, "exe=2 lib=2");
+    p.wait_for("exe=2 lib=2", WAIT)?;
+    Ok(())
+}
+
+#[test]
+fn two_stacked_patches_on_one_function_unpatch_last_in_first_out() -> Result<()> {
+    let s = Scratch::new()?;
+    let b = builder(&s, "scenario-exe", Link::Pie, "-O2")?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let p1 = b.patch(&exe, "patched-basic.c", "0001")?;
+    let p2 = b.patch(&exe, "patched-stack2.c", "0002")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("value=1", WAIT)?;
+    let pid = p.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, path(&p1.path)]))?;
+    p.drain();
+    p.wait_for("value=2", WAIT)?;
+    ok(&lc(&["patch", "-p", &pid, path(&p2.path)]))?;
+    p.drain();
+    p.wait_for("value=3", WAIT)?;
+    let wrong = lc(&["unpatch", "-p", &pid, "-i", "0001"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        stderr(&wrong).contains("patch 0002 must be removed before patch 0001"),
+        "{}",
+        stderr(&wrong)
+    );
+    p.drain();
+    p.wait_for("value=3", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid, "-i", "0002"]))?;
+    p.drain();
+    p.wait_for("value=2", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    p.drain();
+    p.wait_for("value=1", WAIT)?;
+    assert!(p.is_alive());
+    Ok(())
+}
+
+#[test]
+fn patch_level_two_replaces_level_one() -> Result<()> {
+    let s = Scratch::new()?;
+    let b = builder(&s, "scenario-exe", Link::Pie, "-O2")?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let p1: Patch = b.patch(&exe, "patched-basic.c", "0001")?;
+    let p2: Patch = b.patch(&exe, "patched-stack2.c", "0002")?;
+    let storage = s.join("storage");
+    let lvl = |n: u32, p: &Patch| -> Result<()> {
+        let d = storage.join(&exe.build_id).join(n.to_string());
+        std::fs::create_dir_all(&d)?;
+        std::fs::copy(&p.path, d.join("kpatch.bin"))?;
+        Ok(())
+    };
+    lvl(1, &p1)?;
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("value=1", WAIT)?;
+    let pid = p.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, path(&storage)]))?;
+    p.drain();
+    p.wait_for("value=2", WAIT)?;
+    lvl(2, &p2)?;
+    ok(&lc(&["patch", "-p", &pid, path(&storage)]))?;
+    p.drain();
+    p.wait_for("value=3", WAIT)?;
+    let info = ok(&lc(&["info", "-p", &pid]))?;
+    assert!(
+        info.contains("1 patch(es)") && info.contains("patch 0002"),
+        "{info}"
+    );
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    p.drain();
+    p.wait_for("value=1", WAIT)?;
+    Ok(())
+}
+
+#[test]
+fn patch_all_processes_patches_every_matching_one() -> Result<()> {
+    let s = Scratch::new()?;
+    // -O1: a build-id no other (parallel) test uses, so `-p all` touches only ours.
+    let b = builder(&s, "scenario-exe", Link::Pie, "-O1")?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch = b.patch(&exe, "patched-basic.c", "0001")?;
+    let mut a = Running::start(&exe.path, &[])?;
+    let mut c = Running::start(&exe.path, &[])?;
+    a.wait_for("value=1", WAIT)?;
+    c.wait_for("value=1", WAIT)?;
+    let out = ok(&lc(&["patch", "-p", "all", path(&patch.path)]))?;
+    for r in [&a, &c] {
+        assert!(out.contains(&format!("in pid {} ", r.pid())), "{out}");
+    }
+    a.drain();
+    c.drain();
+    a.wait_for("value=2", WAIT)?;
+    c.wait_for("value=2", WAIT)?;
+    let info = ok(&lc(&["info", "-p", "all", "-b", &exe.build_id]))?;
+    assert!(
+        info.contains(&format!("pid {}", a.pid())) && info.contains(&format!("pid {}", c.pid())),
+        "{info}"
+    );
+    ok(&lc(&["unpatch", "-p", "all", &exe.build_id]))?;
+    a.drain();
+    c.drain();
+    a.wait_for("value=1", WAIT)?;
+    c.wait_for("value=1", WAIT)?;
+    let _ = MemorySnapshot::take(a.pid())?;
+    Ok(())
+}

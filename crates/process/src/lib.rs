@@ -11,6 +11,7 @@
 
 pub mod arch;
 mod error;
+mod launch;
 mod maps;
 mod mem;
 mod objects;
@@ -18,6 +19,7 @@ mod threads;
 
 pub use arch::Regs;
 pub use error::Error;
+pub use launch::launch_at_entry;
 pub use maps::{auxv, read_maps, MapEntry, AT_ENTRY, AT_PHDR};
 pub use mem::RemoteMemory;
 pub use objects::{loaded_objects, ElfKind, LoadedObject};

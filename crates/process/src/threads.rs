@@ -91,6 +91,36 @@ impl ThreadSet {
         Ok(set)
     }
 
+    /// Takes over a single-threaded process we already trace (PTRACE_TRACEME child)
+    /// that is in a ptrace-stop now.
+    pub fn adopt_stopped(pid: Pid) -> Result<ThreadSet, Error> {
+        let tid = Tid(pid.0);
+        // SETOPTIONS on a stopped tracee: threads it creates from now on are ours too.
+        if ptrace(
+            libc::PTRACE_SETOPTIONS,
+            tid,
+            0,
+            libc::PTRACE_O_TRACECLONE as u64,
+        ) < 0
+        {
+            return Err(Error::ptrace("SETOPTIONS", tid));
+        }
+        let mut threads = BTreeMap::new();
+        threads.insert(
+            tid,
+            ThreadState {
+                stopped: true,
+                pending_sig: 0,
+            },
+        );
+        Ok(ThreadSet {
+            pid,
+            threads,
+            syscall_pc: None,
+            watch: StopWatch::default(),
+        })
+    }
+
     /// Seizes tasks listed in /proc that we do not hold yet; returns how many.
     fn seize_new_tasks(&mut self) -> Result<usize, Error> {
         let mut total = 0;

@@ -83,11 +83,26 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     }
     let opts = Options {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
+        hold: false,
     };
     let (pids, all) = targets(&args.pid)?;
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();
     for pid in pids {
+        if all {
+            // Only processes with an object some patch is for count; the others
+            // (including ones we cannot read or that exit meanwhile) are skipped.
+            let Ok(objects) = livecare_process::loaded_objects(pid) else {
+                continue;
+            };
+            if !objects.iter().any(|o| {
+                patches
+                    .iter()
+                    .any(|p| o.build_id.as_deref() == Some(p.build_id.as_str()))
+            }) {
+                continue;
+            }
+        }
         match livecare_apply::apply(pid, &patches, &opts) {
             Ok(reports) => ok.extend(reports),
             Err(ApplyError::NoMatchingObject { .. }) if all => {}

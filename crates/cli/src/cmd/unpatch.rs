@@ -34,6 +34,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     };
     let opts = Options {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
+        hold: false,
     };
     let mut reports = Vec::new();
     let mut failed = Vec::new();
