@@ -23,7 +23,10 @@ fn livecare() -> &'static str {
 
 /// Runs `cmd` in `dir`, returns stdout+stderr; panics with the full output on failure.
 fn ok_in(dir: &Path, cmd: &mut Command, what: &str) -> String {
-    let out = cmd.current_dir(dir).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = cmd
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     text_ok(out, what)
 }
 
@@ -33,7 +36,11 @@ fn text_ok(out: Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -66,7 +73,9 @@ fn kpatch_names(dir: &Path) -> Vec<String> {
 fn patch_dir(pid: u32, dir: &Path) -> String {
     ok_in(
         Path::new("/"),
-        Command::new(livecare()).args(["patch", "-p", &pid.to_string()]).arg(dir),
+        Command::new(livecare())
+            .args(["patch", "-p", &pid.to_string()])
+            .arg(dir),
         "livecare patch",
     )
 }
@@ -141,7 +150,11 @@ fn check_ticker_live(ticker: &Path, patches: &Path) {
     let lib = ticker.parent().unwrap().join("bar/libbar.so");
     let mut want = vec![build_id_of(ticker).unwrap(), build_id_of(&lib).unwrap()];
     want.sort();
-    assert_eq!(kpatch_names(patches), want, "one patch per changed object, named by build-id");
+    assert_eq!(
+        kpatch_names(patches),
+        want,
+        "one patch per changed object, named by build-id"
+    );
 
     let mut p = Running::start(ticker, &[]).unwrap();
     expect_ticks(&mut p, "original", 3, Tick::is_original);
@@ -150,7 +163,10 @@ fn check_ticker_live(ticker: &Path, patches: &Path) {
     let text = patch_dir(p.pid(), patches);
     expect_ticks(&mut p, "patched", 5, Tick::is_patched);
     let (state, tracer) = p.proc_state().unwrap();
-    assert_eq!(tracer, 0, "left traced after patch ({state}); patch said:\n{text}");
+    assert_eq!(
+        tracer, 0,
+        "left traced after patch ({state}); patch said:\n{text}"
+    );
 
     let info = ok_in(
         Path::new("/"),
@@ -199,17 +215,21 @@ fn make_project_fix_in_program_static_and_shared_library_applies_live_via_liveca
     let out = tree.join("out");
     let text = ok_in(
         tree.path(),
-        Command::new(livecare()).args(["build", "-C"]).arg(tree.path()).arg("-o").arg(&out).args([
-            "-i",
-            "fix-1",
-            "fix.diff",
-        ]),
+        Command::new(livecare())
+            .args(["build", "-C"])
+            .arg(tree.path())
+            .arg("-o")
+            .arg(&out)
+            .args(["-i", "fix-1", "fix.diff"]),
         "livecare build",
     );
     for f in ["greet", "foo_score", "bar_tag"] {
         assert!(text.contains(f), "build did not report {f}:\n{text}");
     }
-    assert!(!text.contains("foo_scale"), "an unchanged function was patched:\n{text}");
+    assert!(
+        !text.contains("foo_scale"),
+        "an unchanged function was patched:\n{text}"
+    );
     assert_sources_restored(tree.path(), "project-make", &MAKE_FIX_FILES);
     check_ticker_live(&tree.join("ticker"), &out);
 }
@@ -229,7 +249,11 @@ fn make_project_fix_applies_live_via_libcare_patch_make_patchroot() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let text = text_ok(out, "libcare-patch-make");
-    let at = |b: &str| stdout.find(b).unwrap_or_else(|| panic!("no {b} banner:\n{text}"));
+    let at = |b: &str| {
+        stdout
+            .find(b)
+            .unwrap_or_else(|| panic!("no {b} banner:\n{text}"))
+    };
     assert!(at("BUILDING ORIGINAL CODE") < at("BUILDING PATCHED CODE"));
     assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
     assert_sources_restored(tree.path(), "project-make", &MAKE_FIX_FILES);
@@ -259,5 +283,268 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
         }
     }
     found.sort();
-    found.into_iter().find(|p| !p.to_string_lossy().contains("patched"))
+    found
+        .into_iter()
+        .find(|p| !p.to_string_lossy().contains("patched"))
+}
+
+/// The unpacked memcached source from Debian's archive, fetched once into
+/// target/debian-src by .ci/setup-debian-src.sh; None (after a loud message) when the
+/// archive cannot be reached.
+fn memcached_source() -> Option<PathBuf> {
+    let root = testkit::repo_root();
+    let out = Command::new("bash")
+        .arg(root.join(".ci/setup-debian-src.sh"))
+        .arg("memcached")
+        .arg(root.join("target/debian-src"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running .ci/setup-debian-src.sh");
+    if !out.status.success() {
+        eprintln!(
+            "\n\n==== SKIPPED: memcached source from Debian's archive is not available ({}) ====\n{}\n",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    assert!(
+        dir.join("proto_text.c").is_file(),
+        "no memcached tree at {}",
+        dir.display()
+    );
+    Some(dir)
+}
+
+/// What one `version` request got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Original,
+    Patched,
+}
+
+/// One request: when it was sent, and its reply (Err: what went wrong).
+type Sample = (Instant, Result<Reply, String>);
+
+/// Sends `version` requests on 127.0.0.1:`port` until `stop` (or 3 minutes, or 200k
+/// requests), over one kept connection (`reconnect` false) or a new one per request.
+fn version_client(
+    port: u16,
+    reconnect: bool,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Sample>>>,
+    sent: Arc<AtomicU64>,
+) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let start = Instant::now();
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(180) && n < 200_000
+    {
+        n += 1;
+        let at = Instant::now();
+        let result = (|| -> Result<Reply, String> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+                conn = Some((s, r));
+            }
+            let (s, r) = conn.as_mut().unwrap();
+            s.write_all(b"version\r\n")
+                .map_err(|e| format!("write: {e}"))?;
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            match line.trim_end() {
+                l if l.starts_with("VERSION ") && l.ends_with("-livecare-fixed") => {
+                    Ok(Reply::Patched)
+                }
+                l if l.starts_with("VERSION 1.") && !l.contains("livecare") => Ok(Reply::Original),
+                other => Err(format!("unexpected reply {other:?}")),
+            }
+        })();
+        if result.is_err() || reconnect {
+            conn = None;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        log.lock().unwrap().push((at, result));
+        thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// A memcached request over a fresh connection; returns the reply lines up to `END`,
+/// `STORED` or an error line.
+fn memcached_request(port: u16, req: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        all.push_str(&line);
+        let l = line.trim_end();
+        if l == "END" || l == "STORED" || l.contains("ERROR") {
+            break;
+        }
+    }
+    all
+}
+
+#[test]
+fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
+    let Some(src) = memcached_source() else {
+        return;
+    };
+    let begun = Instant::now();
+    let tree = Scratch::new().unwrap();
+    sh(
+        Path::new("/"),
+        &format!("cp -a '{}/.' '{}'", src.display(), tree.path().display()),
+    );
+    // LibCare's recipe: configure with CC = libcare-cc in the configure stage, so the
+    // Makefile calls the wrapper and `livecare build` drives its stages.
+    let tools = Scratch::new().unwrap();
+    let cc = tools.join("libcare-cc");
+    std::os::unix::fs::symlink(livecare(), &cc).unwrap();
+    ok_in(
+        tree.path(),
+        Command::new("./configure")
+            .arg("-q")
+            .env("CC", &cc)
+            .env("KPATCH_STAGE", "configure"),
+        "memcached ./configure",
+    );
+    let diff = testkit::fixture_dir("project-memcached").join("version.diff");
+    let out = tree.join("patches");
+    let text = ok_in(
+        tree.path(),
+        Command::new(livecare())
+            .args(["build", "-i", "vfix1", "-o"])
+            .arg(&out)
+            .arg(&diff)
+            .args(["--", "make", "-j2", "memcached"]),
+        "livecare build (memcached)",
+    );
+    let built = begun.elapsed();
+    let exe = tree.join("memcached");
+    assert_eq!(kpatch_names(&out), [build_id_of(&exe).unwrap()], "{text}");
+    assert_sources_restored_from(&src, tree.path(), &["proto_text.c"]);
+
+    // A free port on the loopback: bind to 0, note it, release it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = vec![
+        "-l".to_string(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend(["-U", "0", "-t", "4", "-m", "16"].map(String::from));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        args.extend(["-u".to_string(), "root".into()]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Running::start(&exe, &argv).unwrap();
+    let up = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(server.is_alive(), "memcached exited at start");
+        assert!(up.elapsed() < WAIT, "memcached did not listen on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let stored = memcached_request(port, "set livecare 0 0 5\r\nhello\r\n");
+    assert_eq!(stored.trim_end(), "STORED");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = [false, true]
+        .into_iter()
+        .map(|reconnect| {
+            let (stop, log, sent) = (stop.clone(), log.clone(), sent.clone());
+            thread::spawn(move || version_client(port, reconnect, stop, log, sent))
+        })
+        .collect();
+    let wait_sent = |n: u64| {
+        let from = sent.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while sent.load(Ordering::Relaxed) < from + n && t.elapsed() < WAIT {
+            thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_sent(200);
+    let t_patch = Instant::now();
+    let patch_text = patch_dir(server.pid(), &out);
+    let t_patched = Instant::now();
+    wait_sent(500);
+    let t_unpatch = Instant::now();
+    let unpatch_text = unpatch_latest(server.pid());
+    let t_unpatched = Instant::now();
+    wait_sent(500);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(server.is_alive(), "memcached died");
+    let (state, tracer) = server.proc_state().unwrap();
+    assert_eq!(tracer, 0, "memcached left traced ({state})");
+
+    let log = log.lock().unwrap();
+    let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        failed.len(),
+        log.len(),
+        failed.first()
+    );
+    let count = |from: Instant, to: Instant, want: Reply| {
+        let in_window: Vec<_> = log.iter().filter(|(t, _)| *t >= from && *t < to).collect();
+        let good = in_window.iter().filter(|(_, r)| *r == Ok(want)).count();
+        (good, in_window.len())
+    };
+    let (orig_before, n_before) = count(up, t_patch, Reply::Original);
+    let (patched, n_patched) = count(t_patched, t_unpatch, Reply::Patched);
+    let (orig_after, n_after) = count(t_unpatched, Instant::now(), Reply::Original);
+    assert!(
+        n_before >= 100 && orig_before == n_before,
+        "before: {orig_before}/{n_before}"
+    );
+    assert!(
+        n_patched >= 100 && patched == n_patched,
+        "patched: {patched}/{n_patched}\n{patch_text}"
+    );
+    assert!(
+        n_after >= 100 && orig_after == n_after,
+        "after: {orig_after}/{n_after}\n{unpatch_text}"
+    );
+    // The cache kept its data through patch and unpatch.
+    let got = memcached_request(port, "get livecare\r\n");
+    assert!(got.contains("\r\nhello\r\n"), "{got:?}");
+    eprintln!(
+        "memcached: build {built:?}, {} requests, 0 failed, patch took {:?}, unpatch {:?}",
+        log.len(),
+        t_patched - t_patch,
+        t_unpatched - t_unpatch
+    );
+}
+
+/// Like `assert_sources_restored`, against an arbitrary pristine tree.
+fn assert_sources_restored_from(pristine: &Path, tree: &Path, files: &[&str]) {
+    for f in files {
+        let want = std::fs::read(pristine.join(f)).unwrap();
+        let got = std::fs::read(tree.join(f)).unwrap();
+        assert!(want == got, "{f} was not restored after the build");
+    }
 }
