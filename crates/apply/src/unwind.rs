@@ -41,6 +41,9 @@ use object::{Object, ObjectSection, ObjectSegment};
 /// At most this many frames are walked; a deeper stack is reported as an error.
 pub const MAX_FRAMES: usize = 1024;
 
+/// At most this many DWARF expression operations are run for one CFI expression.
+const MAX_EXPR_STEPS: u32 = 10_000;
+
 /// Slots in the direct-mapped rule cache (a prime, so aligned addresses spread well).
 const RULE_CACHE_SLOTS: usize = 1021;
 
@@ -64,12 +67,12 @@ pub enum UnwindError {
         module: String,
     },
     /// The CFI section of a module is malformed.
-    #[error("module {module}: malformed CFI at section offset {offset:#x}: {reason}")]
+    #[error("module {module}: malformed CFI in entry #{entry} (CIE/FDE order): {reason}")]
     BadCfiSection {
         /// Module name.
         module: String,
-        /// Offset in the CFI section where parsing failed.
-        offset: usize,
+        /// Index of the CIE/FDE entry, in section order, where parsing failed.
+        entry: usize,
         /// What gimli said.
         reason: String,
     },
@@ -247,9 +250,9 @@ impl CfiTable {
             CfiKind::EhFrame => walk_fdes(&self.eh_frame(), &self.bases),
             CfiKind::DebugFrame => walk_fdes(&self.debug_frame(), &self.bases),
         };
-        index.map_err(|(offset, e)| UnwindError::BadCfiSection {
+        index.map_err(|(entry, e)| UnwindError::BadCfiSection {
             module: module.to_string(),
-            offset,
+            entry,
             reason: e.to_string(),
         })
     }
@@ -464,14 +467,14 @@ where
 {
     let mut index = Vec::new();
     let mut entries = section.entries(bases);
-    loop {
+    for n in 0.. {
         let entry = match entries.next() {
             Ok(Some(e)) => e,
             Ok(None) => break,
-            Err(e) => return Err((0, e)),
+            Err(e) => return Err((n, e)),
         };
         if let gimli::CieOrFde::Fde(partial) = entry {
-            let fde = partial.parse(S::cie_from_offset).map_err(|e| (0usize, e))?;
+            let fde = partial.parse(S::cie_from_offset).map_err(|e| (n, e))?;
             if fde.len() > 0 {
                 index.push((fde.initial_address(), fde.offset()));
             }
@@ -982,11 +985,12 @@ fn evaluate(
 ) -> Result<u64, EvalFail> {
     let other = |e: gimli::Error| EvalFail::Other(format!("expression: {e}"));
     let mut ev = expr.evaluation(encoding);
+    // Forged CFI can loop with DW_OP_skip/bra: bound the work.
+    ev.set_max_iterations(MAX_EXPR_STEPS);
     if let Some(v) = initial {
         ev.set_initial_value(v);
     }
     let mut res = ev.evaluate().map_err(other)?;
-    // Bounded: gimli itself limits the number of operations it executes.
     loop {
         res = match res {
             EvaluationResult::Complete => break,
@@ -1017,5 +1021,65 @@ fn evaluate(
             _ => Err(EvalFail::Other("expression gives no address".into())),
         },
         _ => Err(EvalFail::Other("expression gives several pieces".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path of the libc this test process runs with.
+    fn own_libc() -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| p.contains("/libc.so"))
+            .expect("libc is mapped")
+            .to_string()
+    }
+
+    #[test]
+    fn eh_frame_hdr_index_matches_walking_every_fde() {
+        let path = own_libc();
+        let data: Arc<[u8]> = std::fs::read(&path).unwrap().into();
+        let m = CodeModule::from_elf(path.clone(), data.clone(), 0, 0..u64::MAX).unwrap();
+        let eh = &m.tables[0];
+        assert_eq!(eh.kind, CfiKind::EhFrame);
+        let file = object::File::parse(&*data).unwrap();
+        let hdr = file.section_by_name(".eh_frame_hdr").unwrap();
+        let (off, size) = hdr.file_range().unwrap();
+        let from_hdr = eh
+            .index_from_hdr(off as usize..(off + size) as usize, hdr.address())
+            .expect("libc's .eh_frame_hdr has a usable table");
+        let walked = eh.index_by_walking(&path).unwrap();
+        assert!(walked.len() > 1000, "{} FDEs in {path}", walked.len());
+        assert_eq!(from_hdr, walked);
+        assert_eq!(eh.index, from_hdr);
+    }
+
+    #[test]
+    fn garbage_bytes_are_a_bad_elf_not_a_panic() {
+        let junk: Arc<[u8]> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        assert!(matches!(
+            CodeModule::from_elf("junk".into(), junk, 0, 0..1),
+            Err(UnwindError::BadElf { .. })
+        ));
+    }
+
+    #[test]
+    fn an_empty_unwinder_rejects_every_pc() {
+        let mut u = Unwinder::new(Vec::new());
+        let regs = Regs {
+            rip: 0x401000,
+            rsp: 0x7ffe_0000,
+            rbp: 0,
+        };
+        assert_eq!(
+            u.unwind(regs, &mut |_| Some(0)),
+            Err(UnwindError::NoModule {
+                frame: 0,
+                pc: 0x401000
+            })
+        );
     }
 }

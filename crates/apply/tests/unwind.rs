@@ -717,3 +717,89 @@ fn unwinds_through_a_signal_frame() {
     assert!(at[2] - at[1] >= 2, "no signal frame between: {names:?}");
     assert_eq!(at[5], frames.len() - 1);
 }
+
+#[test]
+fn corrupted_cfi_and_elf_images_never_panic() {
+    let scratch = Scratch::new().unwrap();
+    let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
+    let mut run = Running::start(&exe, &[]).unwrap();
+    run.wait_for("ready", READY_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let pid = run.pid();
+    let stopped = Stopped::all(pid);
+    let regs = stopped.regs(stopped.tids[0]);
+    let name = exe.file_name().unwrap().to_str().unwrap().to_string();
+    let others = modules_of(pid, &[&name]);
+    let bias = bias_of(pid, &exe);
+    let mut stack = vec![0u8; 8192];
+    StackReader::new(pid)
+        .mem
+        .read_exact_at(&mut stack, regs.rsp)
+        .unwrap();
+    let exec = mapped_objects(pid)
+        .0
+        .into_iter()
+        .find(|m| m.path.ends_with(&name))
+        .unwrap()
+        .exec;
+    drop(stopped);
+    drop(run);
+    let read = |a: u64| {
+        let off = a.checked_sub(regs.rsp)? as usize;
+        Some(u64::from_le_bytes(
+            stack.get(off..off + 8)?.try_into().unwrap(),
+        ))
+    };
+
+    let data = std::fs::read(&exe).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let eh = file.section_by_name(".eh_frame").unwrap();
+    let (eh_off, eh_len) = eh.file_range().unwrap();
+    let eh_bytes = eh.data().unwrap().to_vec();
+    let text = file.section_by_name(".text").unwrap();
+    let text_avma = text.address() + bias..text.address() + text.size() + bias;
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    let (mut built, mut ok) = (0, 0);
+    for i in 0..400 {
+        let mut cfi = eh_bytes.clone();
+        for _ in 0..1 + rng.next() % 4 {
+            let at = (rng.next() % cfi.len() as u64) as usize;
+            cfi[at] ^= 1 << (rng.next() % 8);
+        }
+        if i % 10 == 0 {
+            cfi.truncate((rng.next() % cfi.len() as u64) as usize);
+        }
+        let patch = CodeModule::from_eh_frame(
+            "mutated".into(),
+            cfi,
+            eh.address() + bias,
+            text_avma.clone(),
+        );
+        if let Ok(patch) = patch {
+            built += 1;
+            let mut modules = others.clone();
+            modules.push(patch);
+            if let Ok(frames) = Unwinder::new(modules).unwind(regs, &mut { read }) {
+                assert!(frames.len() <= MAX_FRAMES);
+                ok += 1;
+            }
+        }
+        // The same corruption, and some in the ELF headers, through from_elf.
+        let mut elf = data.clone();
+        let at = if i % 2 == 0 {
+            eh_off as usize + (rng.next() % eh_len) as usize
+        } else {
+            (rng.next() % 128) as usize
+        };
+        elf[at] ^= 1 << (rng.next() % 8);
+        if i % 10 == 5 {
+            elf.truncate((rng.next() % elf.len() as u64) as usize);
+        }
+        if let Ok(m) = CodeModule::from_elf("mutated".into(), elf.into(), bias, exec.clone()) {
+            let mut modules = others.clone();
+            modules.push(m);
+            let _ = Unwinder::new(modules).unwind(regs, &mut { read });
+        }
+    }
+    eprintln!("corrupted CFI: {built}/400 modules built, {ok} unwinds still Ok");
+}
