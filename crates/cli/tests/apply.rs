@@ -19,7 +19,7 @@ fn interop() -> Result<Option<Scratch>> {
         return Ok(None);
     };
     let s = Scratch::new()?;
-    for f in ["foo", "foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
+    for f in ["foo", "prog.libcare.kpatch", "prog.libcareplus.kpatch"] {
         std::fs::copy(dir.join(f), s.join(f))?;
     }
     Ok(Some(s))
@@ -36,19 +36,19 @@ fn patched_counter_addr(line: &str) -> Result<u64> {
 
 fn interop_round_trip(file: &str) -> Result<()> {
     let Some(s) = interop()? else { return Ok(()) };
-    let mut foo = Running::start(&s.join("foo"), &[])?;
-    foo.wait_for(": original", WAIT)?;
-    let pid = foo.pid().to_string();
+    let mut prog = Running::start(&s.join("foo"), &[])?;
+    prog.wait_for(": original", WAIT)?;
+    let pid = prog.pid().to_string();
 
     let out = ok(&lc(&["patch", "-p", &pid, s.join(file).to_str().unwrap()]))?;
     assert!(out.contains("patched 1 function (report) in pid"), "{out}");
     assert!(out.contains("paused"), "{out}");
-    foo.drain();
-    let line = foo.wait_for(": patched (counter at 0x", WAIT)?;
+    prog.drain();
+    let line = prog.wait_for(": patched (counter at 0x", WAIT)?;
     // The patch reads the original's static `counter` (foo's .bss + 0xc, at 0x4034).
     assert_eq!(
         patched_counter_addr(&line)?,
-        map_base(foo.pid(), &s.join("foo"))? + 0x4034,
+        map_base(prog.pid(), &s.join("foo"))? + 0x4034,
         "{line}"
     );
 
@@ -84,34 +84,34 @@ fn interop_round_trip(file: &str) -> Result<()> {
         out.contains("unpatched") && out.contains("1 function"),
         "{out}"
     );
-    foo.drain();
-    foo.wait_for(": original", WAIT)?;
-    assert!(foo.is_alive());
+    prog.drain();
+    prog.wait_for(": original", WAIT)?;
+    assert!(prog.is_alive());
     let info = ok(&lc(&["info", "-p", &pid]))?;
     assert!(
         info.contains("not patched") && !info.contains("hunk"),
         "{info}"
     );
-    assert_eq!(foo.proc_state()?.1, 0, "left traced");
+    assert_eq!(prog.proc_state()?.1, 0, "left traced");
     Ok(())
 }
 
 #[test]
 fn libcareplus_interop_patch_applies_shows_in_info_and_unpatches() -> Result<()> {
-    interop_round_trip("foo.libcareplus.kpatch")
+    interop_round_trip("prog.libcareplus.kpatch")
 }
 
 #[test]
 fn libcare_interop_patch_applies_shows_in_info_and_unpatches() -> Result<()> {
-    interop_round_trip("foo.libcare.kpatch")
+    interop_round_trip("prog.libcare.kpatch")
 }
 
 #[test]
 fn libcare_ctl_face_prints_libcare_messages() -> Result<()> {
     let Some(s) = interop()? else { return Ok(()) };
-    let mut foo = Running::start(&s.join("foo"), &[])?;
-    foo.wait_for(": original", WAIT)?;
-    let pid = foo.pid().to_string();
+    let mut prog = Running::start(&s.join("foo"), &[])?;
+    prog.wait_for(": original", WAIT)?;
+    let pid = prog.pid().to_string();
     let out = ok(&lc_as(
         s.path(),
         "libcare-ctl",
@@ -119,7 +119,7 @@ fn libcare_ctl_face_prints_libcare_messages() -> Result<()> {
             "patch",
             "-p",
             &pid,
-            s.join("foo.libcareplus.kpatch").to_str().unwrap(),
+            s.join("prog.libcareplus.kpatch").to_str().unwrap(),
         ],
     )?)?;
     assert!(
@@ -128,8 +128,8 @@ fn libcare_ctl_face_prints_libcare_messages() -> Result<()> {
         )),
         "{out}"
     );
-    foo.drain();
-    foo.wait_for(": patched", WAIT)?;
+    prog.drain();
+    prog.wait_for(": patched", WAIT)?;
     let info = ok(&lc_as(s.path(), "libcare-ctl", &["info", "-p", &pid])?)?;
     for want in [
         format!("Pid: {pid}"),
@@ -151,8 +151,8 @@ fn libcare_ctl_face_prints_libcare_messages() -> Result<()> {
         )),
         "{out}"
     );
-    foo.drain();
-    foo.wait_for(": original", WAIT)?;
+    prog.drain();
+    prog.wait_for(": original", WAIT)?;
     Ok(())
 }
 
@@ -168,7 +168,7 @@ fn wrong_build_id_is_refused_and_target_untouched() -> Result<()> {
         "patch",
         "-p",
         &p.pid().to_string(),
-        s.join("foo.libcareplus.kpatch").to_str().unwrap(),
+        s.join("prog.libcareplus.kpatch").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -192,7 +192,7 @@ fn forged_build_id_fails_verification_and_target_untouched() -> Result<()> {
     )?;
     let exe = testkit::gcc(&[&src], &s.join("other"), testkit::Link::Pie, &["-O0"])?;
     let bid = testkit::build_id_of(&exe)?;
-    let mut forged = std::fs::read(s.join("foo.libcareplus.kpatch"))?;
+    let mut forged = std::fs::read(s.join("prog.libcareplus.kpatch"))?;
     forged[88..128].copy_from_slice(bid.as_bytes());
     let fp = s.write("forged.kpatch", &forged)?;
     let mut p = Running::start(&exe, &[])?;
@@ -215,7 +215,7 @@ fn forged_build_id_fails_verification_and_target_untouched() -> Result<()> {
 #[test]
 fn dead_pid_and_kernel_thread_are_clear_errors() -> Result<()> {
     let Some(s) = interop()? else { return Ok(()) };
-    let f = s.join("foo.libcareplus.kpatch");
+    let f = s.join("prog.libcareplus.kpatch");
     let mut child = std::process::Command::new("true").spawn()?;
     let dead = child.id();
     child.wait()?;
