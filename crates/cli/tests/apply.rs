@@ -19,7 +19,7 @@ fn interop() -> Result<Option<Scratch>> {
         return Ok(None);
     };
     let s = Scratch::new()?;
-    for f in ["foo", "prog.libcare.kpatch", "prog.libcareplus.kpatch"] {
+    for f in ["foo", "foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
         std::fs::copy(dir.join(f), s.join(f))?;
     }
     Ok(Some(s))
@@ -98,12 +98,12 @@ fn interop_round_trip(file: &str) -> Result<()> {
 
 #[test]
 fn libcareplus_interop_patch_applies_shows_in_info_and_unpatches() -> Result<()> {
-    interop_round_trip("prog.libcareplus.kpatch")
+    interop_round_trip("foo.libcareplus.kpatch")
 }
 
 #[test]
 fn libcare_interop_patch_applies_shows_in_info_and_unpatches() -> Result<()> {
-    interop_round_trip("prog.libcare.kpatch")
+    interop_round_trip("foo.libcare.kpatch")
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn libcare_ctl_face_prints_libcare_messages() -> Result<()> {
             "patch",
             "-p",
             &pid,
-            s.join("prog.libcareplus.kpatch").to_str().unwrap(),
+            s.join("foo.libcareplus.kpatch").to_str().unwrap(),
         ],
     )?)?;
     assert!(
@@ -168,7 +168,7 @@ fn wrong_build_id_is_refused_and_target_untouched() -> Result<()> {
         "patch",
         "-p",
         &p.pid().to_string(),
-        s.join("prog.libcareplus.kpatch").to_str().unwrap(),
+        s.join("foo.libcareplus.kpatch").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -192,7 +192,7 @@ fn forged_build_id_fails_verification_and_target_untouched() -> Result<()> {
     )?;
     let exe = testkit::gcc(&[&src], &s.join("other"), testkit::Link::Pie, &["-O0"])?;
     let bid = testkit::build_id_of(&exe)?;
-    let mut forged = std::fs::read(s.join("prog.libcareplus.kpatch"))?;
+    let mut forged = std::fs::read(s.join("foo.libcareplus.kpatch"))?;
     forged[88..128].copy_from_slice(bid.as_bytes());
     let fp = s.write("forged.kpatch", &forged)?;
     let mut p = Running::start(&exe, &[])?;
@@ -215,7 +215,7 @@ fn forged_build_id_fails_verification_and_target_untouched() -> Result<()> {
 #[test]
 fn dead_pid_and_kernel_thread_are_clear_errors() -> Result<()> {
     let Some(s) = interop()? else { return Ok(()) };
-    let f = s.join("prog.libcareplus.kpatch");
+    let f = s.join("foo.libcareplus.kpatch");
     let mut child = std::process::Command::new("true").spawn()?;
     let dead = child.id();
     child.wait()?;
