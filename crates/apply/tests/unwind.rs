@@ -803,3 +803,120 @@ fn corrupted_cfi_and_elf_images_never_panic() {
     }
     eprintln!("corrupted CFI: {built}/400 modules built, {ok} unwinds still Ok");
 }
+
+/// `.eh_frame` of a relocatable object, relocated as the applier does for patch code:
+/// `.text` placed at `text_avma` and `.eh_frame` at `eh_avma`.
+fn relocated_eh_frame(obj: &[u8], text_avma: u64, eh_avma: u64) -> (Vec<u8>, u64) {
+    let file = object::File::parse(obj).unwrap();
+    let text = file.section_by_name(".text").unwrap();
+    let eh = file.section_by_name(".eh_frame").unwrap();
+    let mut out = eh.data().unwrap().to_vec();
+    for (offset, rel) in eh.relocations() {
+        let object::RelocationTarget::Symbol(idx) = rel.target() else {
+            panic!("unexpected relocation target {rel:?}");
+        };
+        let sym = file.symbol_by_index(idx).unwrap();
+        assert_eq!(
+            sym.section_index(),
+            Some(text.index()),
+            "relocation against {:?}",
+            sym.name()
+        );
+        let s = text_avma + sym.address();
+        let p = eh_avma + offset;
+        assert_eq!(
+            rel.flags(),
+            object::RelocationFlags::Elf {
+                r_type: object::elf::R_X86_64_PC32
+            }
+        );
+        let v = i32::try_from(s.wrapping_add_signed(rel.addend()).wrapping_sub(p) as i64).unwrap();
+        out[offset as usize..offset as usize + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    (out, text.size())
+}
+
+#[test]
+fn patch_code_with_eh_frame_relocated_from_an_object_unwinds() {
+    let scratch = Scratch::new().unwrap();
+    let src = fixture_dir("unwind-chain").join("chain.c");
+    let flags = ["-O2", "-fno-reorder-functions"];
+    let obj = gcc(&[&src], &scratch.join("chain.o"), Link::Object, &flags).unwrap();
+    let exe = scratch.join("chain");
+    testkit::run_ok(
+        std::process::Command::new("gcc")
+            .arg(&obj)
+            .arg("-o")
+            .arg(&exe),
+    )
+    .unwrap();
+    let mut run = Running::start(&exe, &[]).unwrap();
+    run.wait_for("ready", READY_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let pid = run.pid();
+    let stopped = Stopped::all(pid);
+    let stack = StackReader::new(pid);
+    let regs = stopped.regs(stopped.tids[0]);
+    let expected = Unwinder::new(modules_of(pid, &[]))
+        .unwind(regs, &mut |a| stack.word(a))
+        .unwrap();
+
+    // Where the linker put chain.o's .text: the runtime address of `inner` minus its
+    // offset in the object. Its CFI is handed over as a relocated .eh_frame, placed at
+    // an arbitrary address 1 MiB away, as for a patch region.
+    let bias = bias_of(pid, &exe);
+    let obj_bytes = std::fs::read(&obj).unwrap();
+    let offset_in = |path: &Path, name: &str| {
+        let data = std::fs::read(path).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let s = file.symbols().find(|s| s.name() == Ok(name)).unwrap();
+        s.address()
+    };
+    let text_avma = bias + offset_in(&exe, "inner") - offset_in(&obj, "inner");
+    let eh_avma = text_avma + 0x10_0000;
+    let (cfi, text_size) = relocated_eh_frame(&obj_bytes, text_avma, eh_avma);
+    let patch = CodeModule::from_eh_frame(
+        "chain.o".into(),
+        cfi,
+        eh_avma,
+        text_avma..text_avma + text_size,
+    )
+    .unwrap();
+    assert_eq!(patch.fde_count(), 4);
+    // The executable's own module keeps only the code before chain.o (_start and crt).
+    let name = exe.file_name().unwrap().to_str().unwrap();
+    let mut modules = modules_of(pid, &[name]);
+    let exe_map = mapped_objects(pid)
+        .0
+        .into_iter()
+        .find(|m| m.path.ends_with(name))
+        .unwrap();
+    let exe_data: Arc<[u8]> = std::fs::read(&exe).unwrap().into();
+    modules.push(
+        CodeModule::from_elf(
+            name.into(),
+            exe_data,
+            exe_map.bias,
+            exe_map.exec.start..text_avma,
+        )
+        .unwrap(),
+    );
+    modules.push(patch);
+    let got = Unwinder::new(modules)
+        .unwind(regs, &mut |a| stack.word(a))
+        .unwrap();
+    assert_eq!(got, expected);
+    let in_patch = got
+        .iter()
+        .enumerate()
+        .filter(|&(i, &pc)| {
+            let look = if i == 0 { pc } else { pc - 1 };
+            (text_avma..text_avma + text_size).contains(&look)
+        })
+        .count();
+    assert_eq!(
+        in_patch, 4,
+        "inner, middle, outer and main come from the patch CFI"
+    );
+    drop(stopped);
+}
