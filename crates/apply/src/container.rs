@@ -22,15 +22,8 @@ pub struct Patch {
     pub hash: u64,
 }
 
-const MAGIC: &[u8; 8] = b"KPATCH1\0";
-
 fn is_hex_id(b: &[u8]) -> bool {
     b.len() >= 40 && b[..40].iter().all(|c| c.is_ascii_hexdigit())
-}
-
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 /// FNV-1a, 64 bit.
@@ -43,50 +36,23 @@ pub fn fnv1a(data: &[u8]) -> u64 {
     h
 }
 
-/// Parses a `.kpatch` container (both LibCare and LibcarePlus header layouts).
+/// Parses a `.kpatch` container (both LibCare and LibcarePlus header layouts), with
+/// the header and the inner ELF fully validated by `kpatch_file`.
 pub fn parse_container(bytes: &[u8], source: &Path) -> Result<Patch, Error> {
-    let bad = |what: String| Error::BadPatch {
+    let pf = kpatch_file::PatchFile::parse(bytes).map_err(|e| Error::BadPatch {
         path: source.to_path_buf(),
-        what,
-    };
-    if bytes.len() < 504 || &bytes[..8] != MAGIC {
-        return Err(bad(
-            "not a .kpatch file (magic KPATCH1 missing or file too short)".into(),
-        ));
-    }
-    let u32_at =
-        |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default()) as usize;
-    // Tell the layouts apart by where the 40-hex-digit build-id sits.
-    let (build_id, patch_id, kpatch_offset) = if is_hex_id(&bytes[88..]) {
-        (cstr(&bytes[88..129]), cstr(&bytes[8..16]), u32_at(152))
-    } else if bytes.len() >= 688 && is_hex_id(&bytes[80..]) {
-        (
-            bytes[80..120].iter().map(|&c| c as char).collect(),
-            String::new(),
-            u32_at(352),
-        )
-    } else {
-        return Err(bad(
-            "no 40-hex-digit build-id at offset 80 (LibCare) or 88 (LibcarePlus)".into(),
-        ));
-    };
-    if build_id.len() != 40 {
-        return Err(bad(format!("build-id {build_id:?} is not 40 hex digits")));
-    }
-    if kpatch_offset == 0 || kpatch_offset >= bytes.len() {
-        return Err(bad(format!(
-            "kpatch_offset {kpatch_offset:#x} outside the file ({} bytes)",
-            bytes.len()
-        )));
-    }
-    let elf = bytes[kpatch_offset..].to_vec();
-    if !elf.starts_with(b"\x7fELF") {
-        return Err(bad(format!("no ELF at kpatch_offset {kpatch_offset:#x}")));
-    }
-    let patch_id = patch_id.trim().to_string();
+        what: e.to_string(),
+    })?;
+    let build_id = pf.header().build_id().as_str().to_ascii_lowercase();
+    let patch_id = pf
+        .header()
+        .patch_id()
+        .map(|p| p.as_str().trim().to_string())
+        .unwrap_or_default();
+    let elf = pf.elf().to_vec();
     let hash = fnv1a(&elf);
     Ok(Patch {
-        build_id: build_id.to_ascii_lowercase(),
+        build_id,
         patch_id,
         level: 0,
         elf,
@@ -187,7 +153,7 @@ mod tests {
         assert!(parse_container(b"KPATCH1\0", Path::new("x")).is_err());
         assert!(parse_container(&[0u8; 1024], Path::new("x")).is_err());
         let mut lp = vec![0u8; 1024];
-        lp[..8].copy_from_slice(MAGIC);
+        lp[..8].copy_from_slice(b"KPATCH1\0");
         lp[88..128].copy_from_slice(&[b'a'; 40]);
         lp[152..156].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
         let e = parse_container(&lp, Path::new("x"))

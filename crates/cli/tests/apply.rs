@@ -231,3 +231,45 @@ fn dead_pid_and_kernel_thread_are_clear_errors() -> Result<()> {
     assert_ne!(out.status.code(), Some(0));
     Ok(())
 }
+
+#[test]
+fn corrupted_patches_are_refused_before_touching_the_target() -> Result<()> {
+    let Some(s) = interop()? else { return Ok(()) };
+    let good = std::fs::read(s.join("foo.libcareplus.kpatch"))?;
+    let elf = 0x1f8; // kpatch_offset of the LibcarePlus vector
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut c = good.clone();
+    c[elf + 0x28..elf + 0x30].copy_from_slice(&0x7fff_ffffu64.to_le_bytes());
+    cases.push(("e_shoff", c));
+    let mut c = good.clone();
+    c[elf + 0x3c..elf + 0x3e].copy_from_slice(&0xffffu16.to_le_bytes());
+    cases.push(("e_shnum", c));
+    let mut c = good.clone();
+    c[152..156].copy_from_slice(&0xffff_0000u32.to_le_bytes());
+    cases.push(("kpatch_offset", c));
+    let mut c = good.clone();
+    c[24..280].fill(b'a');
+    cases.push(("unterminated build-id", c));
+    cases.push(("truncated", good[..good.len() / 2].to_vec()));
+
+    let mut prog = Running::start(&s.join("foo"), &[])?;
+    prog.wait_for(": original", WAIT)?;
+    let before = MemorySnapshot::take(prog.pid())?;
+    for (what, bytes) in cases {
+        let f = s.write(&format!("bad-{}.kpatch", what.replace(' ', "-")), &bytes)?;
+        let out = lc(&["patch", "-p", &prog.pid().to_string(), f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", stdout(&out));
+        assert!(
+            stderr(&out).starts_with("error: "),
+            "{what}: {}",
+            stderr(&out)
+        );
+        MemorySnapshot::take(prog.pid())?
+            .assert_same(&before)
+            .with_context(|| what.to_string())?;
+    }
+    prog.drain();
+    prog.wait_for(": original", WAIT)?;
+    assert_eq!(prog.proc_state()?.1, 0);
+    Ok(())
+}
