@@ -370,6 +370,33 @@ impl CompilerArgs {
             .collect()
     }
 
+    /// The dependency-file flags of this call, made explicit for compiling one input
+    /// into `object` through another path (`-S` to a temporary file): the `.d` file
+    /// keeps the name and target gcc would have given it.
+    pub fn dep_flags_for(&self, object: &str) -> Vec<String> {
+        let flags: Vec<&[String]> = self
+            .flags()
+            .into_iter()
+            .filter(|f| is_dep_flag(f))
+            .collect();
+        let writes = flags
+            .iter()
+            .any(|f| matches!(f[0].as_str(), "-MD" | "-MMD") || f[0].starts_with("-Wp,-M"));
+        if !writes {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = flags.iter().flat_map(|f| f.iter().cloned()).collect();
+        let has = |p: &str| flags.iter().any(|f| f[0].starts_with(p));
+        if !has("-MT") && !has("-MQ") {
+            out.extend(["-MT".to_string(), object.to_string()]);
+        }
+        if !has("-MF") && !has("-Wp,-M") {
+            let d = Path::new(object).with_extension("d");
+            out.extend(["-MF".to_string(), d.to_string_lossy().into_owned()]);
+        }
+        out
+    }
+
     /// The output file of compiling `input` in this call (`-o` with one input, else gcc's
     /// default `<stem>.o` / `<stem>.s` in the current directory).
     pub fn object_for(&self, input: &Input) -> String {
@@ -531,6 +558,21 @@ mod tests {
             ]
         );
         assert_eq!(a.object_for(a.patchable_sources()[0]), "objs/nginx.o");
+    }
+
+    #[test]
+    fn dependency_flags_are_made_explicit_for_a_redirected_compile() {
+        let a = parse("-MT src/w.o -MD -MP -MF src/.deps/w.Tpo -c -o src/w.o src/w.c");
+        assert_eq!(
+            a.dep_flags_for("src/w.o"),
+            ["-MT", "src/w.o", "-MD", "-MP", "-MF", "src/.deps/w.Tpo"]
+        );
+        let b = parse("-MMD -c -o obj/x.o x.c");
+        assert_eq!(
+            b.dep_flags_for("obj/x.o"),
+            ["-MMD", "-MT", "obj/x.o", "-MF", "obj/x.d"]
+        );
+        assert!(parse("-c x.c").dep_flags_for("x.o").is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -73,7 +73,7 @@ impl Options {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -422,7 +422,8 @@ impl Session {
                 if let Some(d) = stash.parent() {
                     std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
                 }
-                std::fs::write(&stash, &data).map_err(|e| io(&stash, e))?;
+                // A copy keeps the file mode (the original is an executable).
+                std::fs::copy(&path, &stash).map_err(|e| io(&stash, e))?;
                 originals.push(OriginalOutput {
                     path,
                     stash,
@@ -634,7 +635,8 @@ impl Session {
         }
         if self.opts.restore_outputs {
             for o in &self.originals {
-                if !o.path.exists() {
+                // A failed patched link may have deleted the output: put it back too.
+                if !o.path.parent().is_some_and(Path::is_dir) {
                     continue;
                 }
                 // Rename over the output: a running copy of it keeps its inode.

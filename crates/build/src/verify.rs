@@ -42,6 +42,17 @@ pub enum CodeMismatch {
         /// First differing offset.
         offset: usize,
     },
+    /// A data symbol changed binding or definition (e.g. a file-local variable became
+    /// a global common symbol), which would make patch code refer to another object.
+    #[error("variable {name} changed from {orig} to {new}")]
+    Variable {
+        /// Symbol name.
+        name: String,
+        /// Original binding and definition.
+        orig: String,
+        /// New binding and definition.
+        new: String,
+    },
     /// An original function moved, changed size or disappeared.
     #[error("function {name} ({section}+{value:#x}, {size} bytes) is not in the patched object unchanged")]
     Function {
@@ -115,6 +126,34 @@ fn functions(file: &object::File<'_>) -> Vec<FuncKey> {
         .collect()
 }
 
+/// Binding and definition of every named data symbol (variables, commons).
+fn variables(file: &object::File<'_>) -> Vec<(String, String)> {
+    file.symbols()
+        .filter(|s| {
+            matches!(
+                s.kind(),
+                SymbolKind::Data | SymbolKind::Unknown | SymbolKind::Tls
+            )
+        })
+        .filter(|s| s.is_definition() || s.is_common())
+        .filter_map(|s| {
+            let name = s.name().ok()?;
+            if name.is_empty() || name.starts_with(".L") || name.ends_with(".kpatch") {
+                return None;
+            }
+            let binding = if s.is_local() {
+                "local"
+            } else if s.is_weak() {
+                "weak"
+            } else {
+                "global"
+            };
+            let def = if s.is_common() { "common" } else { "defined" };
+            Some((name.to_string(), format!("{binding} {def}")))
+        })
+        .collect()
+}
+
 /// Checks that `patched` (a relocatable object) keeps every code byte and function of
 /// `original`, ignoring `.kpatch*` sections and relocated fields.
 pub fn same_code(original: &[u8], patched: &[u8]) -> Result<(), CodeMismatch> {
@@ -152,6 +191,21 @@ pub fn same_code(original: &[u8], patched: &[u8]) -> Result<(), CodeMismatch> {
             return Err(CodeMismatch::Bytes {
                 section: o.name,
                 offset,
+            });
+        }
+    }
+    let new_vars = variables(&new);
+    for (name, orig_desc) in variables(&orig) {
+        let found = new_vars
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| d.clone());
+        if found.as_deref() != Some(orig_desc.as_str()) {
+            let new = found.unwrap_or_else(|| "missing".to_string());
+            return Err(CodeMismatch::Variable {
+                name,
+                orig: orig_desc,
+                new,
             });
         }
     }

@@ -69,7 +69,7 @@ pub enum WrapperError {
     #[error("refusing -flto: link-time optimisation moves code between objects after the assembly is diffed; build without -flto")]
     Lto,
     /// The real compiler could not be found or started.
-    #[error("cannot run the real compiler {path}: {source}")]
+    #[error("cannot run the real compiler {path}")]
     Spawn {
         /// Its path.
         path: PathBuf,
@@ -77,7 +77,7 @@ pub enum WrapperError {
         source: std::io::Error,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -101,7 +101,7 @@ pub enum WrapperError {
         reason: String,
     },
     /// The augmented object lost original code.
-    #[error("refusing {object}: the patched object does not keep the original code: {source}")]
+    #[error("refusing {object}: the patched object does not keep the original code")]
     CodeChanged {
         /// The object.
         object: String,
@@ -494,8 +494,15 @@ impl Wrapper {
         mode: Mode,
     ) -> Result<i32, WrapperError> {
         let mode_flag = if mode == Mode::Assemble { "-S" } else { "-c" };
+        // The build expects its dependency file from this compile (automake moves it).
+        let deps = if a.mode == Mode::Link {
+            Vec::new()
+        } else {
+            a.dep_flags_for(out)
+        };
         if !input.lang.is_patchable() {
             let mut args = a.compile_flags();
+            args.extend(deps);
             push_input(&mut args, input);
             args.extend([mode_flag.into(), "-o".into(), out.into()]);
             return self.status(self.command(&args));
@@ -509,6 +516,7 @@ impl Wrapper {
         }
         let raw = with_suffix(&files.patched_s, ".raw");
         let mut args = a.compile_flags();
+        args.extend(deps);
         push_input(&mut args, input);
         args.extend(["-S".into(), "-o".into(), path_str(&raw)]);
         let code = self.status(self.command(&args))?;

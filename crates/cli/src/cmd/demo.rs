@@ -109,26 +109,47 @@ impl Drop for Target {
     }
 }
 
+/// How long one `livecare` command of the demo may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Runs `livecare ARGS…` as an operator would, showing the command and its output.
-fn livecare(args: &[&str]) -> Result<String> {
+/// A command that outlives `COMMAND_TIMEOUT` is killed and reported.
+fn livecare(root: &Path, args: &[&str]) -> Result<String> {
     let exe = std::env::current_exe().context("finding the livecare executable")?;
     println!("  $ livecare {}", args.join(" "));
-    let out = Command::new(&exe)
+    let out_path = root.join("command.out");
+    let out = std::fs::File::create(&out_path)?;
+    let mut child = Command::new(&exe)
         .args(args)
         .stdin(Stdio::null())
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     for line in text.lines() {
         println!("    {line}");
     }
-    if !out.status.success() {
-        bail!("`livecare {}` failed ({})", args.join(" "), out.status);
+    match status {
+        None => bail!(
+            "`livecare {}` did not finish within {COMMAND_TIMEOUT:?}",
+            args.join(" ")
+        ),
+        Some(s) if !s.success() => bail!("`livecare {}` failed ({s})", args.join(" ")),
+        Some(_) => Ok(text),
     }
-    Ok(text)
 }
 
 fn say(step: usize, text: &str) {
@@ -209,11 +230,14 @@ fn demo(root: &Path) -> Result<()> {
 
     let pid = target.pid().to_string();
     say(4, "applying the patch to the running process");
-    livecare(&["patch", "-p", &pid, &patch.kpatch.to_string_lossy()])?;
+    livecare(
+        root,
+        &["patch", "-p", &pid, &patch.kpatch.to_string_lossy()],
+    )?;
     target.expect(PATCHED_MARK, 3)?;
 
     say(5, "listing the applied patches");
-    let info = livecare(&["info", "-p", &pid])?;
+    let info = livecare(root, &["info", "-p", &pid])?;
     if !info.contains(&patch.build_id) {
         bail!(
             "`livecare info` does not mention build-id {}",
@@ -223,7 +247,7 @@ fn demo(root: &Path) -> Result<()> {
     target.show_pending();
 
     say(6, "removing the patch");
-    livecare(&["unpatch", "-p", &pid])?;
+    livecare(root, &["unpatch", "-p", &pid])?;
     target.expect(ORIGINAL_MARK, 3)?;
 
     say(7, "stopping the demo program and cleaning up");

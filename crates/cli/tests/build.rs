@@ -1,0 +1,300 @@
+//! `livecare build` and `libcare-patch-make` on real projects (plain make with a static
+//! and a shared library, autotools, CMake): the patches they make apply to running
+//! processes built by the same tree, and the processes behave as the fix says.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::{build_id_of, Running, Scratch};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs `livecare ARGS` in `dir`; a run longer than two minutes is killed and fails.
+fn livecare_in(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_livecare"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "livecare {args:?} hung; output so far:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+fn kpatch_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kpatch"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Applies every patch in `dir` to `pid`.
+fn patch(pid: u32, dir: &Path) {
+    ok(
+        livecare_in(
+            dir,
+            &["patch", "-p", &pid.to_string(), &dir.to_string_lossy()],
+        ),
+        "livecare patch",
+    );
+}
+
+fn unpatch(pid: u32) {
+    ok(
+        livecare_in(Path::new("/"), &["unpatch", "-p", &pid.to_string()]),
+        "livecare unpatch",
+    );
+}
+
+/// Asserts that every source file of the fixture is back to its original contents.
+fn assert_sources_restored(tree: &Path, case: &str, files: &[&str]) {
+    for f in files {
+        let want = std::fs::read(testkit::fixture_dir(case).join(f)).unwrap();
+        let got = std::fs::read(tree.join(f)).unwrap();
+        assert!(want == got, "{f} was not restored");
+    }
+}
+
+fn n_of(line: &str) -> i64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("n="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no n= in {line:?}"))
+}
+
+/// The make fixture's program before and after the patch: a counter in a static library
+/// (+2 → +1) and labels from a shared library ("odd-ish"/"even-ish" → "ODD"/"EVEN").
+fn check_make_fixture_live(tree: &Path, patches: &Path) {
+    let made = kpatch_files(patches);
+    let prog_id = build_id_of(&tree.join("prog")).unwrap();
+    let lib_id = build_id_of(&tree.join("shared/liblabel.so")).unwrap();
+    let names: Vec<String> = made
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&prog_id) && names.contains(&lib_id),
+        "{names:?} vs {prog_id} {lib_id}"
+    );
+
+    let mut p = Running::start(&tree.join("prog"), &[]).unwrap();
+    let before = p.wait_for("label=even-ish", WAIT).unwrap();
+    let next = p.wait_for("label=", WAIT).unwrap();
+    assert_eq!(n_of(&next) - n_of(&before), 2, "{before} / {next}");
+    patch(p.pid(), patches);
+    p.wait_for("label=ODD", WAIT).unwrap();
+    let a = p.wait_for("label=", WAIT).unwrap();
+    let b = p.wait_for("label=", WAIT).unwrap();
+    assert_eq!(n_of(&b) - n_of(&a), 1, "counter not patched: {a} / {b}");
+    assert!(a.contains("label=ODD") || a.contains("label=EVEN"), "{a}");
+    // Last in, first out: two patches, two unpatches, and the old behaviour returns.
+    unpatch(p.pid());
+    unpatch(p.pid());
+    let c = p.wait_for("-ish", WAIT).unwrap();
+    let d = p.wait_for("label=", WAIT).unwrap();
+    assert_eq!(n_of(&d) - n_of(&c), 2, "{c} / {d}");
+    assert!(p.is_alive());
+}
+
+#[test]
+fn livecare_build_patches_static_and_shared_library_code_of_a_running_program() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    let out = tree.join("patches");
+    let text = ok(
+        livecare_in(
+            tree.path(),
+            &[
+                "build", "-C", ".", "-o", "patches", "--clean", "-i", "0001", "fix.diff",
+            ],
+        ),
+        "livecare build",
+    );
+    assert!(
+        text.contains("counter_next") && text.contains("label_for"),
+        "{text}"
+    );
+    assert_eq!(kpatch_files(&out).len(), 2, "{text}");
+    assert_sources_restored(
+        tree.path(),
+        "build-make",
+        &["lib/counter.c", "shared/label.c"],
+    );
+    check_make_fixture_live(tree.path(), &out);
+}
+
+#[test]
+fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    let bin = tree.join("tools/libcare-patch-make");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_livecare"), &bin).unwrap();
+    let out = Command::new(&bin)
+        .args([
+            "-s",
+            &tree.path().to_string_lossy(),
+            "-i",
+            "0001",
+            "fix.diff",
+        ])
+        .current_dir(tree.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = ok(out, "libcare-patch-make");
+    let at = |b: &str| {
+        stdout
+            .find(b)
+            .unwrap_or_else(|| panic!("no {b} banner in:\n{text}"))
+    };
+    assert!(at("BUILDING ORIGINAL CODE") < at("BUILDING PATCHED CODE"));
+    assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
+    assert_eq!(kpatch_files(&tree.join("patchroot")).len(), 2);
+    assert!(tree.join("lpmake").is_dir());
+    assert_sources_restored(
+        tree.path(),
+        "build-make",
+        &["lib/counter.c", "shared/label.c"],
+    );
+    check_make_fixture_live(tree.path(), &tree.join("patchroot"));
+}
+
+#[test]
+fn a_diff_that_does_not_apply_builds_nothing() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    tree.write(
+        "bad.diff",
+        "--- a/lib/counter.c\n+++ b/lib/counter.c\n@@ -1,1 +1,1 @@\n-no such line\n+x\n",
+    )
+    .unwrap();
+    let out = livecare_in(tree.path(), &["build", "-o", "patches", "bad.diff"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not apply"), "{err}");
+    assert!(!tree.join("prog").exists(), "the tree was built");
+    assert_sources_restored(tree.path(), "build-make", &["lib/counter.c"]);
+}
+
+#[test]
+fn a_comment_only_diff_says_why_there_is_no_patch() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    tree.write(
+        "comment.diff",
+        "--- a/lib/counter.c\n+++ b/lib/counter.c\n@@ -1,3 +1,3 @@\n-/* Static library: a function the patch fixes (off-by-one). */\n+/* Static library: reworded comment. */\n #include \"counter.h\"\n \n",
+    )
+    .unwrap();
+    let out = livecare_in(tree.path(), &["build", "-o", "patches", "comment.diff"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no patch was produced") && err.contains("no function"),
+        "{err}"
+    );
+    assert_sources_restored(tree.path(), "build-make", &["lib/counter.c"]);
+}
+
+#[test]
+fn autotools_project_patch_applies_to_the_running_program() {
+    if Command::new("autoreconf")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: autoreconf is not installed (apt-get install -y autoconf automake)");
+        return;
+    }
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-autotools").unwrap();
+    let run = |cmd: &str| {
+        let out = Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(tree.path())
+            .output()
+            .unwrap();
+        ok(out, cmd);
+    };
+    run("autoreconf -i >/dev/null 2>&1 && ./configure -q");
+    ok(
+        livecare_in(tree.path(), &["build", "-o", "patches", "fix.diff"]),
+        "livecare build",
+    );
+    let made = kpatch_files(&tree.join("patches"));
+    let id = build_id_of(&tree.join("greeter")).unwrap();
+    assert_eq!(made, [tree.join(format!("patches/{id}.kpatch"))]);
+    assert_sources_restored(tree.path(), "build-autotools", &["src/words.c"]);
+    let mut p = Running::start(&tree.join("greeter"), &[]).unwrap();
+    p.wait_for("word=automake", WAIT).unwrap();
+    patch(p.pid(), &tree.join("patches"));
+    p.wait_for("word=PATCHED", WAIT).unwrap();
+    p.wait_for("word=LIVE", WAIT).unwrap();
+}
+
+#[test]
+fn cmake_project_patch_applies_to_its_shared_library_in_a_running_program() {
+    if Command::new("cmake").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: cmake is not installed (apt-get install -y cmake)");
+        return;
+    }
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-cmake").unwrap();
+    let text = ok(
+        livecare_in(
+            tree.path(),
+            &[
+                "build",
+                "-o",
+                "patches",
+                "fix.diff",
+                "--",
+                "sh",
+                "-c",
+                "cmake -S . -B build >/dev/null && make -C build",
+            ],
+        ),
+        "livecare build",
+    );
+    let id = build_id_of(&tree.join("build/libshout.so")).unwrap();
+    assert_eq!(
+        kpatch_files(&tree.join("patches")),
+        [tree.join(format!("patches/{id}.kpatch"))],
+        "{text}"
+    );
+    let mut p = Running::start(&tree.join("build/ticker"), &[]).unwrap();
+    p.wait_for("quiet cmake", WAIT).unwrap();
+    patch(p.pid(), &tree.join("patches"));
+    p.wait_for("LOUD cmake!", WAIT).unwrap();
+}
