@@ -93,6 +93,7 @@ where
         o.stderr
     );
     ensure!(o.stderr.contains("error"), "no error message: {}", o.stderr);
+    eprintln!("livecare {args:?} failed as expected:\n{}", o.stderr);
     Ok(o.stderr)
 }
 
