@@ -548,3 +548,144 @@ fn assert_sources_restored_from(pristine: &Path, tree: &Path, files: &[&str]) {
         assert!(want == got, "{f} was not restored after the build");
     }
 }
+
+/// One line of the autotools fixture's `metronome`: `beat=N tempo=Tbpm mood=M`.
+fn beat(line: &str) -> Option<(i64, i64, String)> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).map(str::to_string))
+    };
+    let n = field("beat=")?.parse().ok()?;
+    let tempo = field("tempo=")?.strip_suffix("bpm")?.parse().ok()?;
+    Some((n, tempo, field("mood=")?))
+}
+
+#[test]
+#[ignore = "needs the applier (or build) to handle one .kpatch.info per linked object: only the first object's records are applied"]
+fn autotools_project_built_with_its_own_configure_and_make_is_patched_live() {
+    if !have("autoreconf") || !have("automake") {
+        panic!("autoreconf/automake are missing: apt-get install -y autoconf automake");
+    }
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("project-autotools").unwrap();
+    sh(tree.path(), "autoreconf -i 2>&1");
+    // The project's own build command, configure included, as a user would type it.
+    let out = tree.join("out");
+    let text = ok_in(
+        tree.path(),
+        Command::new(livecare())
+            .args(["build", "-i", "at1", "-o"])
+            .arg(&out)
+            .args(["fix.diff", "--", "sh", "-c", "./configure -q && make"]),
+        "livecare build (autotools)",
+    );
+    let exe = tree.join("metronome");
+    assert_eq!(kpatch_names(&out), [build_id_of(&exe).unwrap()], "{text}");
+    assert_sources_restored(
+        tree.path(),
+        "project-autotools",
+        &["lib/tempo.c", "src/mood.c"],
+    );
+
+    let mut p = Running::start(&exe, &[]).unwrap();
+    let original = |l: &str| {
+        beat(l)
+            .is_some_and(|(n, t, m)| t == 60 + n % 4 && m == if t > 61 { "lively" } else { "calm" })
+    };
+    let patched = |l: &str| beat(l).is_some_and(|(n, t, m)| t == 120 + n % 4 && m == "FRANTIC");
+    p.wait_for_match(original, WAIT).unwrap();
+    patch_dir(p.pid(), &out);
+    p.wait_for_match(patched, WAIT).unwrap();
+    for _ in 0..5 {
+        let l = p.wait_for("beat=", WAIT).unwrap();
+        assert!(patched(&l), "not patched: {l}");
+    }
+    unpatch_latest(p.pid());
+    p.wait_for_match(original, WAIT).unwrap();
+    for _ in 0..5 {
+        let l = p.wait_for("beat=", WAIT).unwrap();
+        assert!(original(&l), "not original: {l}");
+    }
+    assert!(p.is_alive());
+}
+
+/// One line of the CMake fixture's `beacon`: `ping=N who=B strength=S word=W`.
+fn ping(line: &str) -> Option<(i64, String, i64, String)> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).map(str::to_string))
+    };
+    Some((
+        field("ping=")?.parse().ok()?,
+        field("who=")?,
+        field("strength=")?.parse().ok()?,
+        field("word=")?,
+    ))
+}
+
+#[test]
+fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
+    if !have("cmake") {
+        panic!("cmake is missing: apt-get install -y cmake");
+    }
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("project-cmake").unwrap();
+    let out = tree.join("out");
+    let text = ok_in(
+        tree.path(),
+        Command::new(livecare())
+            .args(["build", "-i", "cm1", "-o"])
+            .arg(&out)
+            .args([
+                "fix.diff",
+                "--",
+                "sh",
+                "-c",
+                "cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build build",
+            ]),
+        "livecare build (cmake)",
+    );
+    let exe = tree.join("build/beacon");
+    let lib = tree.join("build/libsignal.so.1.0");
+    let mut want = vec![build_id_of(&exe).unwrap(), build_id_of(&lib).unwrap()];
+    want.sort();
+    assert_eq!(kpatch_names(&out), want, "{text}");
+    assert!(
+        !text.contains("clamp"),
+        "an unchanged function was patched:\n{text}"
+    );
+    assert_sources_restored(
+        tree.path(),
+        "project-cmake",
+        &["app/banner.c", "net/signal.c"],
+    );
+
+    let mut p = Running::start(&exe, &[]).unwrap();
+    let original = |l: &str| {
+        ping(l).is_some_and(|(n, who, s, w)| {
+            who == "beacon-v1"
+                && s == (n % 7 * 20).min(100)
+                && w == if s >= 50 { "strong" } else { "weak" }
+        })
+    };
+    let patched = |l: &str| {
+        ping(l).is_some_and(|(_, who, s, w)| who == "beacon-v2-live" && s == 100 && w == "STRONG")
+    };
+    p.wait_for_match(original, WAIT).unwrap();
+    let applied = patch_dir(p.pid(), &out);
+    p.wait_for_match(patched, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}\npatch said:\n{applied}"));
+    for _ in 0..8 {
+        let l = p.wait_for("ping=", WAIT).unwrap();
+        assert!(patched(&l), "not patched: {l}");
+    }
+    unpatch_latest(p.pid());
+    unpatch_latest(p.pid());
+    p.wait_for_match(original, WAIT).unwrap();
+    for _ in 0..8 {
+        let l = p.wait_for("ping=", WAIT).unwrap();
+        assert!(original(&l), "not original: {l}");
+    }
+    assert!(p.is_alive());
+    assert_eq!(p.proc_state().unwrap().1, 0, "left traced");
+}
