@@ -649,12 +649,6 @@ impl Unwinder {
         }
     }
 
-    fn module_for(&self, addr: u64) -> Option<&CodeModule> {
-        let at = self.modules.partition_point(|m| m.avma.start <= addr);
-        let m = self.modules.get(at.checked_sub(1)?)?;
-        (addr < m.avma.end).then_some(m)
-    }
-
     /// One unwind step for the frame `cur`, whose CFI is looked up at `lookup`.
     fn step(
         &mut self,
@@ -667,16 +661,10 @@ impl Unwinder {
             self.cache[slot].1
         } else {
             let Unwinder { modules, ctx, .. } = self;
-            let module = {
-                let at = modules.partition_point(|m| m.avma.start <= lookup);
-                at.checked_sub(1)
-                    .and_then(|i| modules.get(i))
-                    .filter(|m| lookup < m.avma.end)
-                    .ok_or(UnwindError::NoModule {
-                        frame: cur.index,
-                        pc: cur.pc,
-                    })?
-            };
+            let module = find_module(modules, lookup).ok_or(UnwindError::NoModule {
+                frame: cur.index,
+                pc: cur.pc,
+            })?;
             let mut derived = None;
             for table in &module.tables {
                 derived = match table.kind {
@@ -730,8 +718,7 @@ impl Unwinder {
             CfaBase::Rbp => cur.rbp.ok_or_else(|| UnwindError::RbpUnknown {
                 frame: cur.index,
                 pc: cur.pc,
-                module: self
-                    .module_for(cur.pc)
+                module: find_module(&self.modules, cur.pc)
                     .map_or_else(String::new, |m| m.name.clone()),
             })?,
         };
@@ -764,6 +751,35 @@ impl Unwinder {
             rbp,
             signal: rule.signal,
         })
+    }
+}
+
+/// The module containing `addr` in `modules` (sorted by start, not overlapping).
+fn find_module(modules: &[CodeModule], addr: u64) -> Option<&CodeModule> {
+    let at = modules.partition_point(|m| m.avma.start <= addr);
+    let m = modules.get(at.checked_sub(1)?)?;
+    (addr < m.avma.end).then_some(m)
+}
+
+/// A thread's stack copied in one read (from `rsp` upwards), to unwind without a syscall
+/// per word. Reads outside the copy return `None`; chain a slower reader for those.
+#[derive(Clone, Debug, Default)]
+pub struct StackImage {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl StackImage {
+    /// An image of `bytes` read from the target at `base`.
+    pub fn new(base: u64, bytes: Vec<u8>) -> StackImage {
+        StackImage { base, bytes }
+    }
+
+    /// The little-endian word at `addr`, if the image holds all 8 bytes of it.
+    pub fn read(&self, addr: u64) -> Option<u64> {
+        let off = usize::try_from(addr.checked_sub(self.base)?).ok()?;
+        let b = self.bytes.get(off..off.checked_add(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livecare_apply::unwind::{CodeModule, Regs, UnwindError, Unwinder, MAX_FRAMES};
+use livecare_apply::unwind::{CodeModule, Regs, StackImage, UnwindError, Unwinder, MAX_FRAMES};
 use nix::sys::ptrace;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -181,6 +181,17 @@ impl StackReader {
         StackReader {
             mem: File::open(format!("/proc/{pid}/mem")).unwrap(),
         }
+    }
+
+    /// Up to 16 KiB of stack from `rsp`, in one read (shorter near the top of the stack).
+    fn image(&self, rsp: u64) -> StackImage {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut n = buf.len();
+        while n > 0 && self.mem.read_exact_at(&mut buf[..n], rsp).is_err() {
+            n /= 2;
+        }
+        buf.truncate(n);
+        StackImage::new(rsp, buf)
     }
 
     fn word(&self, addr: u64) -> Option<u64> {
@@ -644,29 +655,15 @@ fn bench_unwind_time_per_thread() {
     let stack = StackReader::new(pid);
     let regs: Vec<Regs> = stopped.tids.iter().map(|&t| stopped.regs(t)).collect();
     // Bulk-read each stack once (what the commit window should do), then unwind from memory.
-    let snaps: Vec<(u64, Vec<u8>)> = regs
-        .iter()
-        .map(|r| {
-            let mut buf = vec![0u8; 16 * 1024];
-            let mut n = buf.len();
-            while n > 0 && stack.mem.read_exact_at(&mut buf[..n], r.rsp).is_err() {
-                n /= 2;
-            }
-            buf.truncate(n);
-            (r.rsp, buf)
-        })
-        .collect();
+    let t0 = Instant::now();
+    let snaps: Vec<StackImage> = regs.iter().map(|r| stack.image(r.rsp)).collect();
+    let bulk = t0.elapsed() / regs.len() as u32;
     const ROUNDS: u32 = 2000;
     let mut first = Duration::ZERO;
     let t0 = Instant::now();
     for round in 0..ROUNDS {
-        for (r, (base, buf)) in regs.iter().zip(&snaps) {
-            let mut read = |a: u64| {
-                let off = a.checked_sub(*base)? as usize;
-                let b = buf.get(off..off + 8)?;
-                Some(u64::from_le_bytes(b.try_into().unwrap()))
-            };
-            let f = unwinder.unwind(*r, &mut read).unwrap();
+        for (r, img) in regs.iter().zip(&snaps) {
+            let f = unwinder.unwind(*r, &mut |a| img.read(a)).unwrap();
             assert!(f.len() >= 3);
         }
         if round == 0 {
@@ -675,15 +672,22 @@ fn bench_unwind_time_per_thread() {
     }
     let warm = t0.elapsed() / (ROUNDS * regs.len() as u32);
     let t0 = Instant::now();
-    for r in &regs {
-        unwinder.unwind(*r, &mut |a| stack.word(a)).unwrap();
-    }
+    let by_word: Vec<_> = regs
+        .iter()
+        .map(|r| unwinder.unwind(*r, &mut |a| stack.word(a)).unwrap())
+        .collect();
     let pread = t0.elapsed() / regs.len() as u32;
+    let by_image: Vec<_> = regs
+        .iter()
+        .zip(&snaps)
+        .map(|(r, img)| unwinder.unwind(*r, &mut |a| img.read(a)).unwrap())
+        .collect();
+    assert_eq!(by_word, by_image, "a bulk-read stack gives the same frames");
     drop(stopped);
     eprintln!(
         "unwind: modules built in {build:?} (Unwinder::new {new:?}); first pass {:?}/thread \
-         (cold cache); warm {warm:?}/thread from a bulk-read stack; {pread:?}/thread reading \
-         each word with pread on /proc/PID/mem",
+         (cold cache); warm {warm:?}/thread from a bulk-read stack (16 KiB read: \
+         {bulk:?}/thread); {pread:?}/thread reading each word with pread on /proc/PID/mem",
         first / regs.len() as u32
     );
 }
@@ -731,11 +735,7 @@ fn corrupted_cfi_and_elf_images_never_panic() {
     let name = exe.file_name().unwrap().to_str().unwrap().to_string();
     let others = modules_of(pid, &[&name]);
     let bias = bias_of(pid, &exe);
-    let mut stack = vec![0u8; 8192];
-    StackReader::new(pid)
-        .mem
-        .read_exact_at(&mut stack, regs.rsp)
-        .unwrap();
+    let image = StackReader::new(pid).image(regs.rsp);
     let exec = mapped_objects(pid)
         .0
         .into_iter()
@@ -744,12 +744,7 @@ fn corrupted_cfi_and_elf_images_never_panic() {
         .exec;
     drop(stopped);
     drop(run);
-    let read = |a: u64| {
-        let off = a.checked_sub(regs.rsp)? as usize;
-        Some(u64::from_le_bytes(
-            stack.get(off..off + 8)?.try_into().unwrap(),
-        ))
-    };
+    let read = |a: u64| image.read(a);
 
     let data = std::fs::read(&exe).unwrap();
     let file = object::File::parse(&*data).unwrap();
