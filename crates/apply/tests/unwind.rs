@@ -252,8 +252,12 @@ fn bias_of(pid: u32, exe: &Path) -> u64 {
 }
 
 /// Starts the chain program, stops it, and unwinds its only thread with `modules`.
+/// Starts `exe`, stops its thread once it spins in `spinner` (re-stopping it until then,
+/// as a loaded machine may still be on its way there), and unwinds it with every mapped
+/// module except those whose path contains one of `omit`.
 fn unwind_chain(
     exe: &Path,
+    spinner: &str,
     omit: &[&str],
 ) -> (Result<Vec<u64>, UnwindError>, Vec<String>, Running) {
     let mut run = Running::start(exe, &[]).unwrap();
@@ -261,11 +265,21 @@ fn unwind_chain(
     std::thread::sleep(Duration::from_millis(20));
     let pid = run.pid();
     let stopped = Stopped::all(pid);
+    let tid = stopped.tids[0];
+    let syms = symbols(exe, bias_of(pid, exe));
+    let spin = syms.iter().find(|s| s.2 == spinner).unwrap().clone();
+    for _ in 0..200 {
+        if (spin.0..spin.1).contains(&stopped.regs(tid).rip) {
+            break;
+        }
+        stopped.resume(tid);
+        std::thread::sleep(Duration::from_millis(10));
+        stopped.stop(tid);
+    }
     let mut unwinder = Unwinder::new(modules_of(pid, omit));
     let stack = StackReader::new(pid);
-    let regs = stopped.regs(stopped.tids[0]);
+    let regs = stopped.regs(tid);
     let res = unwinder.unwind(regs, &mut |a| stack.word(a));
-    let syms = symbols(exe, bias_of(pid, exe));
     let names = res
         .as_ref()
         .map(|f| name_frames(f, &syms))
@@ -277,7 +291,7 @@ fn unwind_chain(
 fn assert_chain_ok(flags: &[&str], link: Link) {
     let scratch = Scratch::new().unwrap();
     let exe = build_chain(&scratch, "chain", link, flags);
-    let (res, names, mut run) = unwind_chain(&exe, &[]);
+    let (res, names, mut run) = unwind_chain(&exe, "inner", &[]);
     let frames = res.unwrap_or_else(|e| panic!("unwind failed with {flags:?}: {e}"));
     let want = ["inner", "middle", "outer", "main"];
     let at: Vec<usize> = want
@@ -356,7 +370,7 @@ fn code_without_cfi_is_an_error_even_with_frame_pointers() {
             "-fno-unwind-tables",
         ],
     );
-    let (res, _, _run) = unwind_chain(&exe, &[]);
+    let (res, _, _run) = unwind_chain(&exe, "inner", &[]);
     match res {
         Err(UnwindError::NoFde { frame: 0, .. }) => {}
         other => panic!("expected NoFde for frame 0, got {other:?}"),
@@ -367,7 +381,7 @@ fn code_without_cfi_is_an_error_even_with_frame_pointers() {
 fn missing_libc_module_is_an_error() {
     let scratch = Scratch::new().unwrap();
     let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
-    let (res, _, _run) = unwind_chain(&exe, &["libc.so"]);
+    let (res, _, _run) = unwind_chain(&exe, "inner", &["libc.so"]);
     match res {
         Err(UnwindError::NoModule { frame, .. }) => assert!(frame >= 4, "frame {frame}"),
         other => panic!("expected NoModule, got {other:?}"),
@@ -378,7 +392,7 @@ fn missing_libc_module_is_an_error() {
 fn missing_executable_module_is_an_error() {
     let scratch = Scratch::new().unwrap();
     let exe = build_chain(&scratch, "chain-noexe", Link::Pie, &["-O2"]);
-    let (res, _, _run) = unwind_chain(&exe, &["chain-noexe"]);
+    let (res, _, _run) = unwind_chain(&exe, "inner", &["chain-noexe"]);
     match res {
         Err(UnwindError::NoModule { frame: 0, .. }) => {}
         other => panic!("expected NoModule at frame 0, got {other:?}"),
@@ -604,7 +618,7 @@ fn garbage_stacks_give_errors_or_bounded_stacks_never_panics() {
 fn a_stack_that_loops_forever_is_an_error() {
     let scratch = Scratch::new().unwrap();
     let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
-    let (res, _, mut run) = unwind_chain(&exe, &[]);
+    let (res, _, mut run) = unwind_chain(&exe, "inner", &[]);
     res.unwrap();
     let pid = run.pid();
     let stopped = Stopped::all(pid);
@@ -697,7 +711,7 @@ fn unwinds_through_a_signal_frame() {
     let scratch = Scratch::new().unwrap();
     let src = fixture_dir("unwind-signal").join("signal.c");
     let exe = gcc(&[&src], &scratch.join("signal"), Link::Pie, &["-O2"]).unwrap();
-    let (res, names, _run) = unwind_chain(&exe, &[]);
+    let (res, names, _run) = unwind_chain(&exe, "handler_spin", &[]);
     let frames = res.unwrap_or_else(|e| panic!("unwind through the signal frame: {e}"));
     let want = [
         "handler_spin",
