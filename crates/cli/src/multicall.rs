@@ -20,7 +20,11 @@ pub const TOOL_NAMES: &[&str] = &[
 
 /// Native command line.
 #[derive(Parser, Debug)]
-#[command(name = "livecare", version, about = "Live patching for running Linux user-space processes")]
+#[command(
+    name = "livecare",
+    version,
+    about = "Live patching for running Linux user-space processes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +67,10 @@ enum Command {
 
 /// `libcare-ctl [-v] [-h] <cmd>`.
 #[derive(Parser, Debug)]
-#[command(name = "libcare-ctl", about = "Apply, remove and list live patches (LibCare-compatible)")]
+#[command(
+    name = "libcare-ctl",
+    about = "Apply, remove and list live patches (LibCare-compatible)"
+)]
 struct CtlCli {
     /// Verbose output.
     #[arg(short, long)]
@@ -85,7 +92,7 @@ enum CtlCommand {
     Info(cmd::info::Args),
 }
 
-/// A standalone tool whose flags are one `Args` struct.
+// A standalone tool whose flags are one `Args` struct (no doc comment: clap would show it as `about`).
 #[derive(Parser, Debug)]
 struct Standalone<T: Args> {
     #[command(flatten)]
@@ -94,7 +101,19 @@ struct Standalone<T: Args> {
 
 /// Parses `args` as the standalone tool `name` whose flags are `T`.
 fn parse_as<T: Args>(name: &'static str, args: Vec<OsString>) -> Result<T, clap::Error> {
-    let mut command = Standalone::<T>::command().name(name).bin_name(name);
+    let about = match name {
+        "libcare-patch-make" => {
+            "Build a project's original and patched code and make patches (LibCare-compatible)"
+        }
+        "kpatch_gensrc" => "Diff two assembly files (or filter one) into augmented assembly",
+        "kpatch_strip" => "Post-link transforms of a patched binary",
+        "kpatch_make" => "Wrap a relocatable patch ELF into a .kpatch container",
+        _ => "",
+    };
+    let mut command = Standalone::<T>::command()
+        .name(name)
+        .bin_name(name)
+        .about(about);
     let matches = command.try_get_matches_from_mut(args)?;
     Standalone::<T>::from_arg_matches(&matches).map(|s| s.inner)
 }
@@ -103,7 +122,13 @@ fn parse_as<T: Args>(name: &'static str, args: Vec<OsString>) -> Result<T, clap:
 pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let invoked = args
         .first()
-        .map(|a| Path::new(a).file_name().unwrap_or(a.as_os_str()).to_string_lossy().into_owned())
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or(a.as_os_str())
+                .to_string_lossy()
+                .into_owned()
+        })
         .unwrap_or_default();
     let face = cmd::Face::from_tool_name(&invoked);
     let exit_on_usage = |e: clap::Error| -> anyhow::Result<ExitCode> {
@@ -122,7 +147,8 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Err(e) => exit_on_usage(e),
         },
         "libcare-cc" => cmd::cc::run(args.into_iter().skip(1).collect()),
-        "libcare-patch-make" => match parse_as::<cmd::patch_make::Args>("libcare-patch-make", args) {
+        "libcare-patch-make" => match parse_as::<cmd::patch_make::Args>("libcare-patch-make", args)
+        {
             Ok(a) => cmd::patch_make::run(a),
             Err(e) => exit_on_usage(e),
         },

@@ -14,8 +14,6 @@ pub mod run;
 pub mod strip;
 pub mod unpatch;
 
-use std::process::ExitCode;
-
 /// Exit status for an error (nothing changed in any target).
 pub const EXIT_ERROR: u8 = 1;
 /// Exit status for a usage error.
@@ -42,10 +40,4 @@ impl Face {
             Face::Native
         }
     }
-}
-
-/// The answer of a tool that is not built yet: a clear message and exit 2.
-pub fn not_implemented(tool: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("{tool}: not implemented yet");
-    Ok(ExitCode::from(EXIT_USAGE))
 }
