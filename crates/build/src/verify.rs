@@ -223,3 +223,108 @@ pub fn same_code(original: &[u8], patched: &[u8]) -> Result<(), CodeMismatch> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Assembles `asm` with the system toolchain into an object.
+    fn assemble(dir: &std::path::Path, name: &str, asm: &str) -> Vec<u8> {
+        let s = dir.join(format!("{name}.s"));
+        let o = dir.join(format!("{name}.o"));
+        std::fs::write(&s, asm).unwrap();
+        let out = Command::new("gcc")
+            .arg("-c")
+            .arg(&s)
+            .arg("-o")
+            .arg(&o)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(&o).unwrap()
+    }
+
+    const BASE: &str = "\t.text\n\t.type helper, @function\nhelper:\n\tmovl counter(%rip), %eax\n\tret\n\t.size helper, .-helper\n\t.globl f\n\t.type f, @function\nf:\n\tcall helper\n\taddl $1, %eax\n\tret\n\t.size f, .-f\n";
+
+    #[test]
+    fn identical_code_with_extra_kpatch_sections_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = "\t.local counter\n\t.comm counter,4,4\n";
+        let a = assemble(dir.path(), "a", &format!("{BASE}{vars}"));
+        let extra = "\t.section .kpatch.text,\"ax\",@progbits\nf.kpatch:\n\tmovl $2, %eax\n\tret\n";
+        let b = assemble(dir.path(), "b", &format!("{BASE}{vars}{extra}"));
+        same_code(&a, &b).unwrap();
+    }
+
+    #[test]
+    fn a_call_that_became_a_relocation_is_not_a_code_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = "\t.local counter\n\t.comm counter,4,4\n";
+        let a = assemble(dir.path(), "a", &format!("{BASE}{vars}"));
+        // --force-global style: the local helper is made global, so the assembler leaves
+        // the call displacement to a relocation.
+        let b = assemble(dir.path(), "b", &format!("\t.globl helper\n{BASE}{vars}"));
+        same_code(&a, &b).unwrap();
+    }
+
+    #[test]
+    fn a_changed_instruction_is_refused_naming_the_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = "\t.local counter\n\t.comm counter,4,4\n";
+        let a = assemble(dir.path(), "a", &format!("{BASE}{vars}"));
+        let b = assemble(
+            dir.path(),
+            "b",
+            &format!("{}{vars}", BASE.replace("$1", "$2")),
+        );
+        let err = same_code(&a, &b).unwrap_err();
+        assert!(
+            matches!(&err, CodeMismatch::Bytes { section, .. } if section == ".text"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_local_variable_turned_common_global_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = assemble(
+            dir.path(),
+            "a",
+            &format!("{BASE}\t.local counter\n\t.comm counter,4,4\n"),
+        );
+        let b = assemble(dir.path(), "b", &format!("{BASE}\t.comm counter,4,4\n"));
+        let err = same_code(&a, &b).unwrap_err();
+        assert!(
+            matches!(&err, CodeMismatch::Variable { name, .. } if name == "counter"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_function_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = "\t.local counter\n\t.comm counter,4,4\n";
+        let a = assemble(dir.path(), "a", &format!("{BASE}{vars}"));
+        let b = assemble(
+            dir.path(),
+            "b",
+            &format!("{}{vars}", BASE.replace("\t.size f, .-f\n", "")),
+        );
+        assert!(matches!(
+            same_code(&a, &b),
+            Err(CodeMismatch::Function { .. })
+        ));
+        assert!(matches!(
+            same_code(b"junk", &a),
+            Err(CodeMismatch::Parse {
+                which: "original",
+                ..
+            })
+        ));
+    }
+}
