@@ -44,7 +44,7 @@ fi
 # The same mirror host the system uses (deb822 URIs: or one-line deb entries).
 mirror="$(grep -h -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
   grep -o -E 'https?://[^ ]+/debian/?' | head -n1 || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
+mirror="${LIVECARE_DEBIAN_MIRROR:-${mirror:-http://deb.debian.org/debian}}"
 codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
 
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$cache"

@@ -212,15 +212,31 @@ const MAKE_FIX_FILES: [&str; 3] = ["src/greet.c", "foo/score.c", "bar/bar.c"];
 #[ignore = "needs the applier (or build) to handle one .kpatch.info per linked object: only the first object's records (greet) are applied, foo_score from libfoo.a is skipped after the zero record that ends greet.o's array"]
 fn make_project_fix_in_program_static_and_shared_library_applies_live_via_livecare_build() {
     let tree = make_fixture_tree();
-    let out = tree.join("out");
+    let elsewhere = Scratch::new().unwrap();
+    let out = elsewhere.join("out");
+    // Run from another directory with -C, and build as Debian's packaging would
+    // (dpkg-buildflags: hardening, prefix map, full RELRO + BIND_NOW).
+    let cflags = format!(
+        "CFLAGS=-g -O2 -ffile-prefix-map={}=. -fstack-protector-strong -Wformat \
+         -Werror=format-security -fcf-protection",
+        tree.path().display()
+    );
     let text = ok_in(
-        tree.path(),
+        elsewhere.path(),
         Command::new(livecare())
             .args(["build", "-C"])
             .arg(tree.path())
             .arg("-o")
             .arg(&out)
-            .args(["-i", "fix-1", "fix.diff"]),
+            .args(["-i", "fix-1"])
+            .arg(tree.join("fix.diff"))
+            .args([
+                "--",
+                "make",
+                "-j2",
+                &cflags,
+                "LDFLAGS=-Wl,-z,relro -Wl,-z,now",
+            ]),
         "livecare build",
     );
     for f in ["greet", "foo_score", "bar_tag"] {
