@@ -9,15 +9,20 @@
 //! executing, as [`CodeModule`]s — each file-backed object (`from_elf`, with its bytes and
 //! load bias), the vDSO (`from_elf` on the bytes read from the `[vdso]` mapping), and each
 //! applied patch region (`from_eh_frame`, with the region's own relocated `.eh_frame`).
-//! Build the [`Unwinder`] while the target still runs; the unwind itself then only parses
-//! the FDE it needs and keeps the derived rules in a cache reused across calls.
+//! Module ranges must not overlap. Build the [`Unwinder`] while the target still runs;
+//! the unwind itself then only parses the FDE it needs and keeps the derived rules in a
+//! cache reused across calls. Read each stack in bulk ([`StackImage`]) rather than one
+//! `pread` per word: measured on 2 vCPUs (release build), a warm unwind of a glibc thread
+//! stack takes about 0.1 µs from a stack image, about 10 µs on a cold cache, and about
+//! 16 µs when every word is read from `/proc/PID/mem` separately.
 //!
 //! What it solves: it is *strict*. A stack is only reported when every step was derived
 //! from CFI, and the walk ended where CFI says the return address is undefined
 //! (`.cfi_undefined rip` in `_start` and `clone3`) or at a zero return address. A PC
 //! outside every module, an address without an FDE, an unreadable stack slot, a frame
 //! that does not move up the stack, or more than [`MAX_FRAMES`] frames is an error, which
-//! the caller must treat as "unsafe". There is no frame-pointer guessing.
+//! the caller must treat as "unsafe". There is no frame-pointer guessing. Signal frames
+//! (glibc's `__restore_rt`, CFI expressions over the saved `ucontext`) are followed.
 //!
 //! Why not framehop's iterator: framehop silently falls back to frame-pointer unwinding
 //! for PCs outside known modules, for addresses not covered by an FDE and for any CFI it
@@ -589,6 +594,10 @@ impl Unwinder {
     }
 
     /// Frame PCs (innermost first; the first is regs.rip). Err = could not prove the full stack: caller treats as UNSAFE.
+    ///
+    /// Every PC after the first is a return address: the caller is executing the
+    /// instruction before it, so test `pc - 1` against function ranges (a call to a
+    /// `noreturn` function may be the last instruction of its caller).
     pub fn unwind(
         &mut self,
         regs: Regs,
