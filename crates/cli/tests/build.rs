@@ -181,13 +181,33 @@ fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
     };
     assert!(at("BUILDING ORIGINAL CODE") < at("BUILDING PATCHED CODE"));
     assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
-    assert_eq!(kpatch_files(&tree.join("patchroot")).len(), 2);
+    let first = kpatch_files(&tree.join("patchroot"));
+    assert_eq!(first.len(), 2);
     assert!(tree.join("lpmake").is_dir());
     assert_sources_restored(
         tree.path(),
         "build-make",
         &["lib/counter.c", "shared/label.c"],
     );
+    // --update rebuilds only the patches, against the originals kept in lpmake/.
+    for f in &first {
+        std::fs::remove_file(f).unwrap();
+    }
+    let out = Command::new(&bin)
+        .args([
+            "-u",
+            "-s",
+            &tree.path().to_string_lossy(),
+            "-i",
+            "0001",
+            "fix.diff",
+        ])
+        .current_dir(tree.path())
+        .output()
+        .unwrap();
+    let text = ok(out, "libcare-patch-make -u");
+    assert!(!text.contains("BUILDING ORIGINAL CODE"), "{text}");
+    assert_eq!(kpatch_files(&tree.join("patchroot")), first);
     check_make_fixture_live(tree.path(), &tree.join("patchroot"));
 }
 
