@@ -34,7 +34,7 @@ impl<'m, 'a> Norm<'m, 'a> {
             return;
         }
         match self.m.defs.get(name) {
-            Some(Def::Data(di)) if name.starts_with(".L") => {
+            Some(Def::Data(di)) if self.m.is_literal(*di) => {
                 if depth >= MAX_INLINE_DEPTH {
                     out.push_str("{..}");
                 } else {
@@ -191,7 +191,7 @@ pub(crate) enum Var {
 fn variables<'a>(m: &'a Model<'a>) -> Vec<(&'a str, &'a str, Var)> {
     let mut v = Vec::new();
     for (i, d) in m.datas.iter().enumerate() {
-        if !d.name.starts_with(".L") && m.sections[d.section].kind != SecKind::InitArray {
+        if !m.is_literal(i) && m.sections[d.section].kind != SecKind::InitArray {
             v.push((m.key(d.name), d.name, Var::Data(i)));
         }
     }

@@ -151,7 +151,7 @@ impl<'x, 'a> Emitter<'x, 'a> {
         }
         let p = self.plan.p;
         match p.defs.get(name).copied() {
-            Some(Def::Data(di)) if name.starts_with(".L") => {
+            Some(Def::Data(di)) if p.is_literal(di) => {
                 if self.literal_seen.insert(di) {
                     self.literals.push(di);
                 }
@@ -170,7 +170,11 @@ impl<'x, 'a> Emitter<'x, 'a> {
         let p = self.plan.p;
         match p.defs.get(name) {
             None => true,
-            Some(Def::Comm(_)) => self.plan.var_map.get(name).is_some_and(|n| n == name),
+            Some(Def::Comm(_)) => self
+                .plan
+                .var_map
+                .get(name)
+                .is_some_and(|n| !n.ends_with(".kpatch")),
             Some(Def::Data(_)) => {
                 !name.starts_with(".L")
                     && self

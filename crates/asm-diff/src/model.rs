@@ -461,6 +461,21 @@ impl<'a> Model<'a> {
         self.canon.get(name).map(String::as_str).unwrap_or(name)
     }
 
+    /// Whether a data block is constant data private to this file (`.LC*`
+    /// literals, `CSWTCH.*` switch tables, `__func__.*`, local `static const`
+    /// arrays): patch code gets its own copy instead of sharing the original.
+    pub fn is_literal(&self, di: usize) -> bool {
+        let d = &self.datas[di];
+        if d.name.starts_with(".L") {
+            return true;
+        }
+        let sec = &self.sections[d.section];
+        let flags = sec.decl.split('"').nth(1).unwrap_or("");
+        let read_only =
+            sec.name.starts_with(".rodata") || (!sec.decl.is_empty() && !flags.contains('w'));
+        sec.kind == SecKind::Data && read_only && !self.globals.contains(d.name)
+    }
+
     /// Alignment directive text of a data block's preamble.
     pub fn data_align(&self, d: &Data) -> String {
         (d.start..d.label)
