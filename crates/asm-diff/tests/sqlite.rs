@@ -95,7 +95,12 @@ fn sqlite_amalgamation_against_itself_is_unchanged_and_one_line_change_is_one_fu
         .unwrap();
     let (os, ps) = (tmp.join("orig.s"), tmp.join("patched.s"));
     let inc = format!("-I{}", tree.display());
-    compile_s(&tree.join("sqlite3.c"), &os, &["-O2", "-g"], &[inc.clone()]);
+    compile_s(
+        &tree.join("sqlite3.c"),
+        &os,
+        &["-O2", "-g"],
+        std::slice::from_ref(&inc),
+    );
     compile_s(&patched_c, &ps, &["-O2", "-g"], &[inc]);
     let o = std::fs::read_to_string(&os).unwrap();
     let p = std::fs::read_to_string(&ps).unwrap();
