@@ -143,10 +143,43 @@ fn expect_ticks(p: &mut Running, what: &str, more: usize, pred: impl Fn(&Tick) -
     }
 }
 
+/// Which command set drives patch/info/unpatch.
+enum Face {
+    /// `livecare patch|info|unpatch`.
+    Native,
+    /// `libcare-ctl patch|info|unpatch` through a link with that name.
+    LibCare(PathBuf),
+}
+
+impl Face {
+    fn run(&self, args: &[&str], what: &str) -> String {
+        let mut cmd = match self {
+            Face::Native => Command::new(livecare()),
+            Face::LibCare(ctl) => Command::new(ctl),
+        };
+        ok_in(Path::new("/"), cmd.args(args), what)
+    }
+}
+
+/// Sums `N` over the lines `N patch hunk(s) <verb>` of LibCare's output.
+fn libcare_hunks(text: &str, verb: &str) -> usize {
+    text.lines()
+        .filter_map(|l| {
+            l.split_once(" patch hunk(s) ")
+                .filter(|(_, rest)| rest.starts_with(verb))
+        })
+        .map(|(n, _)| {
+            n.trim()
+                .parse::<usize>()
+                .unwrap_or_else(|_| panic!("bad line in {text}"))
+        })
+        .sum()
+}
+
 /// Starts the make fixture's `ticker`, checks the original behaviour, applies every
 /// patch of `patches`, checks all three changes, unpatches one patch per object and
 /// checks the original behaviour is back, with the process alive and not left traced.
-fn check_ticker_live(ticker: &Path, patches: &Path) {
+fn check_ticker_live(ticker: &Path, patches: &Path, face: Face) {
     let lib = ticker.parent().unwrap().join("bar/libbar.so");
     let mut want = vec![build_id_of(ticker).unwrap(), build_id_of(&lib).unwrap()];
     want.sort();
@@ -157,10 +190,12 @@ fn check_ticker_live(ticker: &Path, patches: &Path) {
     );
 
     let mut p = Running::start(ticker, &[]).unwrap();
+    let pid = p.pid().to_string();
     expect_ticks(&mut p, "original", 3, Tick::is_original);
     let before = MemorySnapshot::take(p.pid()).unwrap();
 
-    let text = patch_dir(p.pid(), patches);
+    let dir = patches.to_string_lossy();
+    let text = face.run(&["patch", "-p", &pid, &dir], "patch");
     expect_ticks(&mut p, "patched", 5, Tick::is_patched);
     let (state, tracer) = p.proc_state().unwrap();
     assert_eq!(
@@ -168,17 +203,33 @@ fn check_ticker_live(ticker: &Path, patches: &Path) {
         "left traced after patch ({state}); patch said:\n{text}"
     );
 
-    let info = ok_in(
-        Path::new("/"),
-        Command::new(livecare()).args(["info", "-p", &p.pid().to_string()]),
-        "livecare info",
-    );
-    for f in ["greet", "foo_score", "bar_tag"] {
-        assert!(info.contains(f), "info does not list {f}:\n{info}");
+    let info = face.run(&["info", "-p", &pid], "info");
+    match face {
+        Face::Native => {
+            for f in ["greet", "foo_score", "bar_tag"] {
+                assert!(info.contains(f), "info does not list {f}:\n{info}");
+            }
+        }
+        Face::LibCare(_) => {
+            assert_eq!(
+                libcare_hunks(&text, "have been successfully applied"),
+                3,
+                "{text}"
+            );
+            for id in &want {
+                assert!(info.contains(&format!("Build id: {id}")), "{info}");
+            }
+            assert_eq!(info.matches("Patch id: fix-1").count(), 2, "{info}");
+        }
     }
 
-    unpatch_latest(p.pid());
-    unpatch_latest(p.pid());
+    // One patch per object, removed last-in first-out.
+    let undo1 = face.run(&["unpatch", "-p", &pid], "unpatch");
+    let undo2 = face.run(&["unpatch", "-p", &pid], "unpatch");
+    if let Face::LibCare(_) = face {
+        let n = libcare_hunks(&format!("{undo1}{undo2}"), "were successfully cancelled");
+        assert_eq!(n, 3, "{undo1}{undo2}");
+    }
     expect_ticks(&mut p, "original again", 5, Tick::is_original);
     assert!(p.is_alive());
     // The original code bytes are back (patch regions may stay mapped for reuse, so
@@ -247,7 +298,7 @@ fn make_project_fix_in_program_static_and_shared_library_applies_live_via_liveca
         "an unchanged function was patched:\n{text}"
     );
     assert_sources_restored(tree.path(), "project-make", &MAKE_FIX_FILES);
-    check_ticker_live(&tree.join("ticker"), &out);
+    check_ticker_live(&tree.join("ticker"), &out, Face::Native);
 }
 
 #[test]
@@ -281,7 +332,9 @@ fn make_project_fix_applies_live_via_libcare_patch_make_patchroot() {
         build_id_of(&tree.join("ticker")).unwrap(),
         "installed original differs from the tree's build"
     );
-    check_ticker_live(&installed, &tree.join("patchroot"));
+    let ctl = tools.join("libcare-ctl");
+    std::os::unix::fs::symlink(livecare(), &ctl).unwrap();
+    check_ticker_live(&installed, &tree.join("patchroot"), Face::LibCare(ctl));
 }
 
 /// The first file named `name` under `dir` whose path says it is the original build.
