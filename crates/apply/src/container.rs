@@ -65,7 +65,7 @@ pub fn parse_container(bytes: &[u8], source: &Path) -> Result<Patch, Error> {
 pub fn read_patch_file(path: &Path) -> Result<Patch, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        err: e,
     })?;
     parse_container(&bytes, path)
 }
@@ -75,14 +75,14 @@ pub fn read_patch_file(path: &Path) -> Result<Patch, Error> {
 pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
     let meta = std::fs::metadata(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        err: e,
     })?;
     if meta.is_file() {
         return Ok(vec![read_patch_file(path)?]);
     }
     let rd = std::fs::read_dir(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        err: e,
     })?;
     let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     entries.sort();
@@ -107,7 +107,7 @@ pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
 fn load_storage_entry(dir: &Path) -> Result<Option<Patch>, Error> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
         path: dir.to_path_buf(),
-        source: e,
+        err: e,
     })?;
     let mut best: Option<(u32, PathBuf)> = None;
     for e in rd.flatten() {

@@ -9,12 +9,12 @@ pub enum Error {
     #[error(transparent)]
     Process(#[from] livecare_process::Error),
     /// A patch file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {err}")]
     Io {
         /// File.
         path: PathBuf,
         /// OS error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A patch file is malformed or unusable.
     #[error("patch {path}: {what}")]

@@ -12,20 +12,20 @@ pub enum Error {
     #[error("pid {0} is a kernel thread")]
     KernelThread(Pid),
     /// A ptrace request failed.
-    #[error("ptrace {op} on thread {tid}: {source}")]
+    #[error("ptrace {op} on thread {tid}: {err}")]
     Ptrace {
         /// Request name.
         op: &'static str,
         /// Thread.
         tid: Tid,
         /// OS error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// waitpid failed.
     #[error("waitpid: {0}")]
     Wait(std::io::Error),
     /// Reading or writing target memory failed.
-    #[error("{op} {len} bytes at {addr:#x} in pid {pid}: {source}")]
+    #[error("{op} {len} bytes at {addr:#x} in pid {pid}: {err}")]
     Memory {
         /// "read" or "write".
         op: &'static str,
@@ -36,15 +36,15 @@ pub enum Error {
         /// Length.
         len: usize,
         /// OS error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A /proc file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {err}")]
     Proc {
         /// Path.
         path: String,
         /// OS error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A /proc file had unexpected content.
     #[error("parsing {path}: {what}")]
@@ -77,7 +77,7 @@ impl Error {
         Error::Ptrace {
             op,
             tid,
-            source: std::io::Error::last_os_error(),
+            err: std::io::Error::last_os_error(),
         }
     }
 }

@@ -40,7 +40,7 @@ pub fn launch_at_entry(mut cmd: Command) -> Result<(Child, ThreadSet), Error> {
     }
     let child = cmd.spawn().map_err(|e| Error::Proc {
         path: format!("{cmd:?}"),
-        source: e,
+        err: e,
     })?;
     let pid = child.id() as i32;
     let tid = Tid(pid);

@@ -77,7 +77,7 @@ impl Pid {
         let dir = format!("/proc/{}/task", self.0);
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc {
             path: dir.clone(),
-            source: e,
+            err: e,
         })?;
         let mut out = Vec::new();
         for e in rd.flatten() {

@@ -76,7 +76,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
         } else {
             Error::Proc {
                 path: path.clone(),
-                source: e,
+                err: e,
             }
         }
     })?;
@@ -95,7 +95,7 @@ pub fn auxv(pid: Pid) -> Result<Vec<(u64, u64)>, Error> {
     let path = format!("/proc/{}/auxv", pid.0);
     let data = std::fs::read(&path).map_err(|e| Error::Proc {
         path: path.clone(),
-        source: e,
+        err: e,
     })?;
     let mut out = Vec::new();
     for c in data.chunks_exact(16) {

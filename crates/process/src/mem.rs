@@ -25,7 +25,7 @@ impl RemoteMemory {
                 } else {
                     Error::Proc {
                         path: path.clone(),
-                        source: e,
+                        err: e,
                     }
                 }
             })?;
@@ -63,7 +63,7 @@ impl RemoteMemory {
                 pid: self.pid,
                 addr,
                 len: buf.len(),
-                source: e,
+                err: e,
             })
     }
 
@@ -92,7 +92,7 @@ impl RemoteMemory {
                 pid: self.pid,
                 addr,
                 len: data.len(),
-                source: e,
+                err: e,
             })
     }
 }

@@ -136,6 +136,9 @@ impl ThreadSet {
                 if ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACECLONE as u64) < 0 {
                     match errno() {
                         libc::ESRCH => continue, // it exited meanwhile
+                        // Born from a traced thread: TRACECLONE already made it ours;
+                        // its first stop is on its way.
+                        libc::EPERM if self.traced_by_us(tid) => {}
                         _ => return Err(Error::ptrace("SEIZE", tid)),
                     }
                 }
@@ -147,6 +150,15 @@ impl ThreadSet {
                 return Ok(total);
             }
         }
+    }
+
+    fn traced_by_us(&self, tid: Tid) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/task/{}/status", self.pid.0, tid.0))
+            .unwrap_or_default();
+        let me = std::process::id().to_string();
+        status
+            .lines()
+            .any(|l| l.strip_prefix("TracerPid:").is_some_and(|v| v.trim() == me))
     }
 
     /// The process.
