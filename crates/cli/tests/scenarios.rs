@@ -425,6 +425,57 @@ fn patched_code_reads_executable_tls_variable() -> Result<()> {
     )
 }
 
+#[test]
+fn libcare_ctl_face_patches_reports_and_cancels() -> Result<()> {
+    let (d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    let ctl = d.join("libcare-ctl");
+    std::os::unix::fs::symlink(LIVECARE, &ctl)?;
+    let run_ctl = |args: &[&OsStr]| -> Result<String> {
+        let out = testkit::run_ok(Command::new(&ctl).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut p = Running::start(&exe.path, &[])?;
+    see(&mut p, "t0 value=1")?;
+    let pid = pid_s(&p);
+    let pid = OsStr::new(&pid);
+    let out = run_ctl(&[
+        OsStr::new("patch-user"),
+        OsStr::new("-p"),
+        pid,
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(
+        out.contains(&format!(
+            "1 patch hunk(s) have been successfully applied to PID '{}'",
+            p.pid()
+        )),
+        "{out}"
+    );
+    see(&mut p, "t0 value=2")?;
+    let out = run_ctl(&[OsStr::new("info-user"), OsStr::new("-p"), pid])?;
+    for want in [
+        format!("Pid: {}", p.pid()),
+        "Target: prog".to_string(),
+        format!("Build id: {}", exe.build_id),
+        "Applied patch number: 1".to_string(),
+        "Patch id: 0001".to_string(),
+    ] {
+        ensure!(out.contains(&want), "info lacks {want:?}:\n{out}");
+    }
+    let out = run_ctl(&[OsStr::new("unpatch-user"), OsStr::new("-p"), pid])?;
+    ensure!(
+        out.contains(&format!(
+            "1 patch hunk(s) were successfully cancelled from PID '{}'",
+            p.pid()
+        )),
+        "{out}"
+    );
+    see(&mut p, "t0 value=1")?;
+    assert_clean(&mut p)
+}
+
 /// scenario-lib: the library, the program linked against it, and the running process.
 fn lib_setup(flags: Flags) -> Result<(Scratch, Builder, Object, Object)> {
     let (d, b) = setup("scenario-lib", flags)?;
