@@ -755,6 +755,8 @@ fn patch_levels_from_libcare_storage() -> Result<()> {
     patch(&p, &storage)?;
     see(&mut p, "t0 value=3")?;
     assert_clean(&mut p)?;
+    let i = info(&p)?;
+    ensure!(i.contains("patch 2:"), "level 2 listed:\n{i}");
 
     // Unpatch everything that was applied, most recent first.
     for _ in 0..2 {
