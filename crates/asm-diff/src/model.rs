@@ -438,11 +438,13 @@ impl<'a> Model<'a> {
     /// `CSWTCH.12`) a key independent of the numbering: the pattern with the
     /// digits replaced and the rank among same-pattern names.
     fn canonicalise(&mut self) {
+        // Functions first (clones: `f.part.0`, `f.cold`), ranked by number.
+        let is_code = |d: &Def| matches!(d, Def::Func(_) | Def::InFunc(_));
         let mut groups: HashMap<String, Vec<(Vec<u64>, &'a str)>> = HashMap::new();
-        for (&name, _) in self
+        for (&name, d) in self
             .defs
             .iter()
-            .filter(|(n, d)| !n.starts_with(".L") && **d != Def::Other)
+            .filter(|(n, d)| !n.starts_with(".L") && is_code(d))
         {
             if let Some((pat, nums)) = numbered_pattern(name) {
                 groups.entry(pat).or_default().push((nums, name));
@@ -452,6 +454,53 @@ impl<'a> Model<'a> {
             v.sort();
             for (rank, (_, name)) in v.into_iter().enumerate() {
                 self.canon.insert(name, format!("{pat}#{rank}"));
+            }
+        }
+        // Numbered data (static locals `n.3`, `CSWTCH.7`) belongs to the first
+        // function that uses it: adding a static elsewhere renumbers them all,
+        // and a global rank would then pair one function's static with another's.
+        let numbered: HashSet<&'a str> = self
+            .defs
+            .iter()
+            .filter(|(n, d)| !n.starts_with(".L") && matches!(d, Def::Data(_) | Def::Comm(_)))
+            .filter(|(n, _)| n.contains('.'))
+            .map(|(n, _)| *n)
+            .collect();
+        let mut owner: HashMap<&'a str, &'a str> = HashMap::new();
+        if !numbered.is_empty() {
+            for f in &self.funcs {
+                for s in &self.p.stmts[f.start..=f.end] {
+                    if !matches!(s.kind, Kind::Instruction | Kind::Directive)
+                        || !s.text.contains('.')
+                    {
+                        continue;
+                    }
+                    let args = s.args();
+                    for t in crate::parse::tokenize(args) {
+                        let n = &args[t.span];
+                        if t.kind == TokKind::Sym && numbered.contains(n) {
+                            owner
+                                .entry(numbered.get(n).copied().unwrap_or(n))
+                                .or_insert(f.name);
+                        }
+                    }
+                }
+            }
+        }
+        let mut groups: HashMap<(String, String), Vec<(Vec<u64>, &'a str)>> = HashMap::new();
+        for &name in &numbered {
+            if let Some((pat, nums)) = numbered_pattern(name) {
+                let own = owner
+                    .get(name)
+                    .map(|f| self.key(f).to_string())
+                    .unwrap_or_default();
+                groups.entry((pat, own)).or_default().push((nums, name));
+            }
+        }
+        for ((pat, own), mut v) in groups {
+            v.sort();
+            for (rank, (_, name)) in v.into_iter().enumerate() {
+                self.canon.insert(name, format!("{pat}@{own}#{rank}"));
             }
         }
     }
