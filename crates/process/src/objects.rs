@@ -1,7 +1,7 @@
 //! Loaded ELF objects of a process: path, kind, load bias, mapped ranges, build-id.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
@@ -62,19 +62,31 @@ impl LoadedObject {
     }
 }
 
-fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Vec<u8>)> {
+/// Object files already read in this process, by (device, inode, size): `-p all`
+/// sees the same libc in every process and reads it once.
+static FILE_CACHE: Mutex<Vec<((String, u64, u64), Arc<[u8]>)>> = Mutex::new(Vec::new());
+
+fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Arc<[u8]>)> {
     let mf = format!(
         "/proc/{}/map_files/{:x}-{:x}",
         pid.0, first.start, first.end
     );
-    if let Ok(d) = std::fs::read(&mf) {
-        return Some((mf, d));
+    let size = std::fs::metadata(&mf).map(|m| m.len()).unwrap_or(u64::MAX);
+    let key = (first.dev.clone(), first.inode, size);
+    if let Some((_, d)) = FILE_CACHE.lock().ok()?.iter().find(|(k, _)| *k == key) {
+        return Some((mf, d.clone()));
     }
-    let root = format!("/proc/{}/root{}", pid.0, first.path);
-    if let Ok(d) = std::fs::read(&root) {
-        return Some((mf, d));
+    let data = std::fs::read(&mf)
+        .or_else(|_| std::fs::read(format!("/proc/{}/root{}", pid.0, first.path)))
+        .or_else(|_| std::fs::read(&first.path))
+        .ok()?;
+    let data: Arc<[u8]> = Arc::from(data);
+    if size != u64::MAX {
+        if let Ok(mut c) = FILE_CACHE.lock() {
+            c.push((key, data.clone()));
+        }
     }
-    std::fs::read(&first.path).ok().map(|d| (mf, d))
+    Some((mf, data))
 }
 
 /// Load bias from the program headers: the mapping at file offset `off` starts at
@@ -227,7 +239,7 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
             ranges: group.iter().map(|g| g.start..g.end).collect(),
             kind: kind_of(&data, is_main),
             map_file,
-            data: Arc::from(data),
+            data,
         });
     }
     Ok(out)

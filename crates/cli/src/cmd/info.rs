@@ -34,6 +34,15 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let (pids, all) = super::patch::targets(&spec)?;
     let mut infos: Vec<ProcessInfo> = Vec::new();
     for pid in pids {
+        // With `all`, only processes carrying a patch region are listed; finding the
+        // regions is much cheaper than reading every object file.
+        if all
+            && livecare_apply::find_regions(pid)
+                .map(|r| r.is_empty())
+                .unwrap_or(true)
+        {
+            continue;
+        }
         match livecare_apply::info(pid) {
             Ok(mut i) => {
                 i.objects.retain(|o| {
