@@ -491,7 +491,7 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
             .env("KPATCH_STAGE", "configure"),
         "memcached ./configure",
     );
-    let diff = testkit::fixture_dir("project-memcached").join("version.diff");
+    let diff = testkit::fixture_dir("project-memcached").join("fix.diff");
     let out = tree.join("patches");
     let text = ok_in(
         tree.path(),
@@ -533,6 +533,11 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
         thread::sleep(Duration::from_millis(20));
     }
     let stored = memcached_request(port, "set livecare 0 0 5\r\nhello\r\n");
+    assert_eq!(
+        stats_livecare(port, server.pid()),
+        None,
+        "stats before the patch"
+    );
     assert_eq!(stored.trim_end(), "STORED");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -556,10 +561,20 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
     let t_patch = Instant::now();
     let patch_text = patch_dir(server.pid(), &out);
     let t_patched = Instant::now();
+    assert_eq!(
+        stats_livecare(port, server.pid()).as_deref(),
+        Some("patched"),
+        "stats while patched"
+    );
     wait_sent(500);
     let t_unpatch = Instant::now();
     let unpatch_text = unpatch_latest(server.pid());
     let t_unpatched = Instant::now();
+    assert_eq!(
+        stats_livecare(port, server.pid()),
+        None,
+        "stats after unpatch"
+    );
     wait_sent(500);
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -607,6 +622,21 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
         t_patched - t_patch,
         t_unpatched - t_unpatch
     );
+}
+
+/// The value of the `STAT livecare` line of memcached's `stats` reply (added by the
+/// fix), after checking the reply is complete and comes from process `pid`.
+fn stats_livecare(port: u16, pid: u32) -> Option<String> {
+    let reply = memcached_request(port, "stats\r\n");
+    assert!(
+        reply.ends_with("END\r\n"),
+        "incomplete stats reply: {reply:?}"
+    );
+    assert!(reply.contains(&format!("STAT pid {pid}\r\n")), "{reply:?}");
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("STAT livecare "))
+        .map(str::to_string)
 }
 
 /// Like `assert_sources_restored`, against an arbitrary pristine tree.
