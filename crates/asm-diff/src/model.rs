@@ -441,7 +441,7 @@ impl<'a> Model<'a> {
         // Functions first (clones: `f.part.0`, `f.cold`), ranked by number.
         let is_code = |d: &Def| matches!(d, Def::Func(_) | Def::InFunc(_));
         let mut groups: HashMap<String, Vec<(Vec<u64>, &'a str)>> = HashMap::new();
-        for (&name, d) in self
+        for (&name, _) in self
             .defs
             .iter()
             .filter(|(n, d)| !n.starts_with(".L") && is_code(d))
@@ -487,7 +487,7 @@ impl<'a> Model<'a> {
                 }
             }
         }
-        let mut groups: HashMap<(String, String), Vec<(Vec<u64>, &'a str)>> = HashMap::new();
+        let mut groups: HashMap<(String, String), Ranked<'a>> = HashMap::new();
         for &name in &numbered {
             if let Some((pat, nums)) = numbered_pattern(name) {
                 let own = owner
@@ -535,6 +535,9 @@ impl<'a> Model<'a> {
             .join(";")
     }
 }
+
+/// Names of one pattern with their numbers, to be ranked.
+type Ranked<'a> = Vec<(Vec<u64>, &'a str)>;
 
 /// Splits `.section` arguments into the name and the rest.
 pub fn split_section_args(args: &str) -> (&str, &str) {
