@@ -64,7 +64,10 @@ impl LoadedObject {
 
 /// Object files already read in this process, by (device, inode, size): `-p all`
 /// sees the same libc in every process and reads it once.
-static FILE_CACHE: Mutex<Vec<((String, u64, u64), Arc<[u8]>)>> = Mutex::new(Vec::new());
+static FILE_CACHE: Mutex<Vec<(FileKey, Arc<[u8]>)>> = Mutex::new(Vec::new());
+
+/// (device, inode, size) of an object file.
+type FileKey = (String, u64, u64);
 
 fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Arc<[u8]>)> {
     let mf = format!(
