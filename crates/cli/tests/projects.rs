@@ -325,7 +325,7 @@ fn make_project_fix_applies_live_via_libcare_patch_make_patchroot() {
     assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
     assert_sources_restored(tree.path(), "project-make", &MAKE_FIX_FILES);
     // The installed original is what runs in production; it is the same build.
-    let installed = find_file(&tree.join("lpmake"), "ticker")
+    let installed = find_installed_ticker(&tree.join("lpmake"))
         .unwrap_or_else(|| panic!("no installed ticker under lpmake/:\n{text}"));
     assert_eq!(
         build_id_of(&installed).unwrap(),
@@ -337,8 +337,11 @@ fn make_project_fix_applies_live_via_libcare_patch_make_patchroot() {
     check_ticker_live(&installed, &tree.join("patchroot"), Face::LibCare(ctl));
 }
 
-/// The first file named `name` under `dir` whose path says it is the original build.
-fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+/// The installed original `ticker` under `dir`: a file of that name with its
+/// `bar/libbar.so` beside it (as `make install` lays them out), outside the patched
+/// stage's install tree.
+fn find_installed_ticker(dir: &Path) -> Option<PathBuf> {
+    let name = "ticker";
     let mut stack = vec![dir.to_path_buf()];
     let mut found = Vec::new();
     while let Some(d) = stack.pop() {
@@ -352,9 +355,11 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
         }
     }
     found.sort();
-    found
-        .into_iter()
-        .find(|p| !p.to_string_lossy().contains("patched"))
+    found.into_iter().find(|p| {
+        !p.to_string_lossy().contains("patched")
+            && p.parent()
+                .is_some_and(|d| d.join("bar/libbar.so").is_file())
+    })
 }
 
 /// The unpacked memcached source from Debian's archive, fetched once into
