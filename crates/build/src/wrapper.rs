@@ -295,6 +295,12 @@ impl Wrapper {
 
     fn debug(&self, cmd: &Command) {
         if self.env.debug {
+            if let Some(tools) = &self.env.tool_path {
+                eprintln!(
+                    "libcare-cc: KPATCH_PATH={} ignored: the tools are built in",
+                    tools.display()
+                );
+            }
             eprintln!(
                 "libcare-cc[{}]: {cmd:?}",
                 self.env.stage.map(Stage::name).unwrap_or("-")

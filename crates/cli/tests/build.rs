@@ -165,6 +165,8 @@ fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
         .args([
             "-s",
             &tree.path().to_string_lossy(),
+            "-d",
+            "DESTDIR",
             "-i",
             "0001",
             "fix.diff",
@@ -183,7 +185,11 @@ fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
     assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
     let first = kpatch_files(&tree.join("patchroot"));
     assert_eq!(first.len(), 2);
-    assert!(tree.join("lpmake").is_dir());
+    // -d DESTDIR: each stage installs into lpmake/install/<stage>.
+    for stage in ["original", "patched"] {
+        let installed = tree.join(format!("lpmake/install/{stage}/usr/bin/prog"));
+        assert!(installed.is_file(), "{text}");
+    }
     assert_sources_restored(
         tree.path(),
         "build-make",

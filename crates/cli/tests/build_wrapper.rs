@@ -282,3 +282,26 @@ fn remove_and_append_args_apply_to_the_stages() {
         "{err}"
     );
 }
+
+#[test]
+fn compile_and_link_in_one_call_builds_the_patch_in_the_patched_stage() {
+    let env = Env::new();
+    let args = ["-O2", "-I", "inc dir", "main.c", "util.c", "-o", "prog"];
+    env.cc_ok("original", &args);
+    env.dir
+        .write(
+            "util.c",
+            "#include \"util.h\"\n__attribute__((noipa)) int util(int x) { return x - 1; }\n",
+        )
+        .unwrap();
+    env.cc_ok("patched", &args);
+    let bin = std::fs::read(env.path("prog")).unwrap();
+    let f = object::File::parse(&*bin).unwrap();
+    assert!(f.section_by_name(".kpatch.text").is_some());
+    assert!(
+        f.section_by_name(".rela.text").is_some(),
+        "-Wl,-q was not added"
+    );
+    let out = Command::new(env.path("prog")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+}
