@@ -106,6 +106,18 @@ fn run_case(dir: &Path, variant: &Variant) {
             new_sections.iter().any(|s| s == ".kpatch.text"),
             "{ctx}: no .kpatch.text in {new_sections:?}"
         );
+        // The copies carry CFI: the applier unwinds through patch code.
+        let eh = {
+            use object::{Object, ObjectSection};
+            let data = std::fs::read(&ao).unwrap();
+            let f = object::File::parse(&*data).unwrap();
+            let sec = f.section_by_name(".eh_frame").expect("no .eh_frame");
+            relocs(&f, &sec)
+        };
+        assert!(
+            eh.iter().any(|r| r.2 == "[.kpatch.text]"),
+            "{ctx}: no FDE for .kpatch.text"
+        );
         let (info, names, rel) =
             kpatch_info(&ao).unwrap_or_else(|| panic!("{ctx}: no .kpatch.info"));
         let names: BTreeSet<String> = names.into_iter().collect();
