@@ -108,7 +108,7 @@ fn run_case(dir: &Path, variant: &Variant) {
         );
         // The copies carry CFI: the applier unwinds through patch code.
         let eh = {
-            use object::{Object, ObjectSection};
+            use object::Object;
             let data = std::fs::read(&ao).unwrap();
             let f = object::File::parse(&*data).unwrap();
             let sec = f.section_by_name(".eh_frame").expect("no .eh_frame");
