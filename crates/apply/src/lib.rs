@@ -408,6 +408,15 @@ fn fill_and_commit(
                 None => return Err(verr("no function starts there in the object".into())),
             }
         }
+        if !view.has_symtab
+            && !view.fdes.is_empty()
+            && view.fdes.get(&h.daddr) != Some(&(h.dlen as u64))
+        {
+            return Err(verr(format!(
+                "no {}-byte function starts there according to the object's .eh_frame",
+                h.dlen
+            )));
+        }
         let disk = ObjectView::file_bytes(target, h.daddr, h.dlen as usize)
             .ok_or_else(|| verr("not in the file's loaded segments".into()))?;
         let live = mem.read_vec(h.daddr, h.dlen as usize)?;

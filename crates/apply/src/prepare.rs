@@ -55,6 +55,9 @@ pub struct ObjectView {
     pub funcs_by_addr: HashMap<u64, (String, u64)>,
     /// True if the object has a `.symtab`.
     pub has_symtab: bool,
+    /// Function extents (runtime start → length) from `.eh_frame` FDEs, used to check
+    /// hunk addresses in objects without a symbol table.
+    pub fdes: HashMap<u64, u64>,
     /// (p_memsz, p_align) of PT_TLS.
     pub tls: Option<(u64, u64)>,
     /// Runtime GOT slot of each TLS symbol's TPOFF64 dynamic relocation.
@@ -81,6 +84,7 @@ impl ObjectView {
             dynsym: HashMap::new(),
             funcs_by_addr: HashMap::new(),
             has_symtab: false,
+            fdes: HashMap::new(),
             tls: None,
             tpoff_slots: HashMap::new(),
             got_slots: HashMap::new(),
@@ -90,6 +94,14 @@ impl ObjectView {
                 String::from_utf8_lossy(secs.section_name(e, s).unwrap_or_default()).into_owned();
             if s.sh_flags(e) & elf::SHF_ALLOC as u64 != 0 {
                 v.sections.insert(name, s.sh_addr(e).wrapping_add(bias));
+            }
+        }
+        if let Some(eh) = secs
+            .iter()
+            .find(|s| secs.section_name(e, s).ok() == Some(b".eh_frame".as_slice()))
+        {
+            if let Ok(bytes) = eh.data(e, data) {
+                v.fdes = fde_extents(bytes, eh.sh_addr(e), bias);
             }
         }
         if let Ok(phs) = hdr.program_headers(e, data) {
@@ -198,6 +210,24 @@ impl ObjectView {
         }
         None
     }
+}
+
+/// Every FDE's (runtime start, length) in an `.eh_frame` at link address `svma`.
+fn fde_extents(bytes: &[u8], svma: u64, bias: u64) -> HashMap<u64, u64> {
+    use gimli::UnwindSection;
+    let mut out = HashMap::new();
+    let mut eh = gimli::EhFrame::new(bytes, gimli::LittleEndian);
+    eh.set_address_size(8);
+    let bases = gimli::BaseAddresses::default().set_eh_frame(svma);
+    let mut entries = eh.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if let gimli::CieOrFde::Fde(partial) = entry {
+            if let Ok(fde) = partial.parse(gimli::EhFrame::cie_from_offset) {
+                out.insert(fde.initial_address().wrapping_add(bias), fde.len());
+            }
+        }
+    }
+    out
 }
 
 /// How a patch symbol resolves.

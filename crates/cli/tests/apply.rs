@@ -273,3 +273,51 @@ fn corrupted_patches_are_refused_before_touching_the_target() -> Result<()> {
     assert_eq!(prog.proc_state()?.1, 0);
     Ok(())
 }
+
+#[test]
+fn stripped_target_is_checked_against_its_eh_frame() -> Result<()> {
+    let Some(s) = interop()? else { return Ok(()) };
+    // The stripped copy keeps its build-id; without a symbol table the hunk address is
+    // checked against the .eh_frame function extents instead.
+    testkit::run_ok(
+        std::process::Command::new("strip")
+            .arg(s.join("foo"))
+            .arg("-o")
+            .arg(s.join("foo-stripped")),
+    )?;
+    let mut prog = Running::start(&s.join("foo-stripped"), &[])?;
+    prog.wait_for(": original", WAIT)?;
+    let pid = prog.pid().to_string();
+    ok(&lc(&[
+        "patch",
+        "-p",
+        &pid,
+        s.join("foo.libcareplus.kpatch").to_str().unwrap(),
+    ]))?;
+    prog.drain();
+    prog.wait_for(": patched", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+
+    // A patch forged for a stripped program with other code is refused.
+    let src = s.write(
+        "other.c",
+        "#include <stdio.h>\n#include <unistd.h>\nstatic int n;\nint twice(int x){return 2*x;}\nvoid other(int k){printf(\"other %d\\n\",twice(k));fflush(stdout);}\nint main(void){for(;;){other(n++);usleep(20000);}}\n",
+    )?;
+    let exe = testkit::gcc(
+        &[&src],
+        &s.join("other"),
+        testkit::Link::Pie,
+        &["-O0", "-s"],
+    )?;
+    let mut forged = std::fs::read(s.join("foo.libcareplus.kpatch"))?;
+    forged[88..128].copy_from_slice(testkit::build_id_of(&exe)?.as_bytes());
+    let fp = s.write("forged.kpatch", &forged)?;
+    let mut p = Running::start(&exe, &[])?;
+    p.wait_for("other", WAIT)?;
+    let before = MemorySnapshot::take(p.pid())?;
+    let out = lc(&["patch", "-p", &p.pid().to_string(), fp.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains(".eh_frame"), "{}", stderr(&out));
+    MemorySnapshot::take(p.pid())?.assert_same(&before)?;
+    Ok(())
+}
