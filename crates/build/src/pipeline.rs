@@ -102,6 +102,50 @@ pub fn patched_functions(path: &Path, data: &[u8]) -> Result<Option<Vec<String>>
     Ok(Some(names))
 }
 
+/// Checks that every function of the original binary is in the patched binary with the
+/// same size: the patched link must carry the original code unchanged beside the
+/// `.kpatch` copies, or the patch's addresses would not fit the running original.
+pub fn check_same_functions(
+    original: &Path,
+    orig: &[u8],
+    patched: &Path,
+    new: &[u8],
+) -> Result<(), PipelineError> {
+    let funcs = |path: &Path, data: &[u8]| -> Result<Vec<(String, u64)>, PipelineError> {
+        let file = object::File::parse(data).map_err(|e| PipelineError::Elf {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut v: Vec<(String, u64)> = file
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text && s.is_definition() && s.size() > 0)
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.size())))
+            .filter(|(n, _)| !n.ends_with(".kpatch"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut new_funcs = funcs(patched, new)?;
+    for (name, size) in funcs(original, orig)? {
+        match new_funcs.iter().position(|(n, s)| *n == name && *s == size) {
+            Some(i) => {
+                new_funcs.swap_remove(i);
+            }
+            None => {
+                return Err(PipelineError::Step {
+                    step: "code check",
+                    path: patched.to_path_buf(),
+                    reason: format!(
+                        "original function {name} ({size} bytes) is not in the patched \
+                         binary unchanged; refusing to make a patch for it"
+                    ),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Turns `patched` (linked with `-Wl,-q`, carrying `.kpatch.*` sections) into a
 /// `.kpatch` file for `original`; intermediate files go into `scratch`.
 pub fn make_kpatch(
@@ -113,6 +157,7 @@ pub fn make_kpatch(
     let orig = read_file(original)?;
     let bid_hex = build_id(original, &orig)?;
     let patch = read_file(patched)?;
+    check_same_functions(original, &orig, patched, &patch)?;
     let step_err = |step: &'static str, reason: String| PipelineError::Step {
         step,
         path: patched.to_path_buf(),
@@ -151,4 +196,51 @@ pub fn make_kpatch(
     let bytes = kpatch_file::make(&rel, &bid, pid.as_ref(), kpatch_file::Layout::LibCarePlus)
         .map_err(|e| step_err("make", e.to_string()))?;
     Ok((bid_hex, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program(dir: &Path, name: &str, body: &str) -> (PathBuf, Vec<u8>) {
+        let c = dir.join(format!("{name}.c"));
+        let exe = dir.join(name);
+        std::fs::write(
+            &c,
+            format!("int f(int x) {{ {body} }}\nint main(void) {{ return f(1); }}\n"),
+        )
+        .unwrap();
+        let out = Command::new("gcc")
+            .arg("-O2")
+            .arg(&c)
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&exe).unwrap();
+        (exe, data)
+    }
+
+    #[test]
+    fn a_patched_binary_whose_original_function_changed_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, da) = program(dir.path(), "a", "return x + 1;");
+        let (b, db) = program(dir.path(), "b", "return x + 1;");
+        check_same_functions(&a, &da, &b, &db).unwrap();
+        let (c, dc) = program(dir.path(), "c", "return x * x * x + (x >> 3) - 7 * x;");
+        let err = check_same_functions(&a, &da, &c, &dc)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("code check"), "{err}");
+        assert_eq!(build_id(&a, &da).unwrap().len(), 40);
+        assert!(
+            patched_functions(&a, &da).unwrap().is_none(),
+            "a plain binary has no patch"
+        );
+    }
 }
