@@ -395,9 +395,13 @@ impl<'x, 'a> Emitter<'x, 'a> {
                 let kind = p.sections[d.section].kind;
                 let _ = writeln!(self.out, "{}", self.section_line(kind, ""));
                 let new = self.plan.var_map[d.name].clone();
+                // gcc puts `.globl` before the section switch, outside the block.
+                if p.globals.contains(d.name) {
+                    let _ = writeln!(self.out, "\t.globl\t{new}");
+                }
                 for i in d.start..d.label {
                     let s = p.stmt(i);
-                    if s.kind == Kind::Directive {
+                    if s.kind == Kind::Directive && !matches!(s.head, ".globl" | ".global") {
                         let args = s.args();
                         let renamed = rename_syms(args, |x| (x == d.name).then(|| new.clone()));
                         let _ = writeln!(self.out, "\t{}\t{renamed}", s.head);
