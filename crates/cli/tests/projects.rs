@@ -399,8 +399,9 @@ enum Reply {
     Patched,
 }
 
-/// One request: when it was sent, and its reply (Err: what went wrong).
-type Sample = (Instant, Result<Reply, String>);
+/// One request: when it was sent, when its reply arrived, and the reply (Err: what
+/// went wrong).
+type Sample = (Instant, Instant, Result<Reply, String>);
 
 /// Sends `version` requests on 127.0.0.1:`port` until `stop` (or 3 minutes, or 200k
 /// requests), over one kept connection (`reconnect` false) or a new one per request.
@@ -445,7 +446,7 @@ fn version_client(
             conn = None;
         }
         sent.fetch_add(1, Ordering::Relaxed);
-        log.lock().unwrap().push((at, result));
+        log.lock().unwrap().push((at, Instant::now(), result));
         thread::sleep(Duration::from_micros(500));
     }
 }
@@ -590,7 +591,7 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
     assert_eq!(tracer, 0, "memcached left traced ({state})");
 
     let log = log.lock().unwrap();
-    let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed, first: {:?}",
@@ -598,14 +599,20 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
         log.len(),
         failed.first()
     );
+    // A request belongs to a phase when it was sent after the phase began and answered
+    // before it ended; requests in flight while patch or unpatch ran may get either.
     let count = |from: Instant, to: Instant, want: Reply| {
-        let in_window: Vec<_> = log.iter().filter(|(t, _)| *t >= from && *t < to).collect();
-        let good = in_window.iter().filter(|(_, r)| *r == Ok(want)).count();
+        let in_window: Vec<_> = log
+            .iter()
+            .filter(|(sent, got, _)| *sent >= from && *got < to)
+            .collect();
+        let good = in_window.iter().filter(|(_, _, r)| *r == Ok(want)).count();
         (good, in_window.len())
     };
+    let end = Instant::now();
     let (orig_before, n_before) = count(up, t_patch, Reply::Original);
     let (patched, n_patched) = count(t_patched, t_unpatch, Reply::Patched);
-    let (orig_after, n_after) = count(t_unpatched, Instant::now(), Reply::Original);
+    let (orig_after, n_after) = count(t_unpatched, end, Reply::Original);
     assert!(
         n_before >= 100 && orig_before == n_before,
         "before: {orig_before}/{n_before}"
