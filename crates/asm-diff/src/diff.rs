@@ -444,6 +444,15 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
             .collect(),
         ..Diff::default()
     };
+    if diff.changed.iter().any(|n| n == "main") {
+        // Usually an inlined callee changed. main never returns, so a live
+        // patch replacing it can never pass the safety check.
+        warnings.push(
+            "function `main` changed (an inlined callee?): main stays on the stack of a running \
+             process, so this patch cannot be applied safely; mark the callee noinline"
+                .to_string(),
+        );
+    }
     // New variables only matter when code uses them.
     if changed.is_empty() && added.is_empty() {
         diff.asm = original.to_string();

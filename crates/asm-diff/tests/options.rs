@@ -377,3 +377,21 @@ fn function_bytes(path: &Path, name: &str) -> (u64, Vec<u8>) {
         sec.data().unwrap()[start..start + s.size() as usize].to_vec(),
     )
 }
+
+#[test]
+fn warns_when_an_inlined_change_reaches_main() {
+    let base = "#include <stdio.h>\nstatic int twice(int x) { return 2 * x; }\nint main(int c, char **v) { (void)v; printf(\"%d\\n\", twice(c)); return 0; }\n";
+    let (o, p) = (
+        asm_c(base, &["-O2"]),
+        asm_c(&base.replace("2 * x", "3 * x"), &["-O2"]),
+    );
+    let d = gensrc(&o, &p, &Options::default()).unwrap();
+    assert_eq!(d.changed, vec!["main".to_string()]);
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("`main`") && w.contains("safely")),
+        "{:?}",
+        d.warnings
+    );
+}
