@@ -839,8 +839,28 @@ fn patch_all_patches_only_matching_processes() -> Result<()> {
     see(&mut c, "all-scenario value=1")
 }
 
+/// Kills the children of a process on drop (the program `livecare run` started).
+struct KillChildren(u32);
+
+impl KillChildren {
+    fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for KillChildren {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
 #[test]
-#[ignore = "needs livecare run: the subcommand is not implemented yet (exits 2)"]
 fn run_applies_patches_before_main() -> Result<()> {
     let (d, b) = setup("scenario-exe", Flags::default())?;
     let exe = b.executable("orig.c", "prog", &[])?;
@@ -851,11 +871,25 @@ fn run_applies_patches_before_main() -> Result<()> {
     let mut cmd = Command::new(LIVECARE);
     cmd.arg("run").arg("-P").arg(&dir).arg("--").arg(&exe.path);
     let mut p = Running::spawn(cmd)?;
+    let children = KillChildren(p.pid());
     // The very first value the program prints is the patched one.
     let first = p.wait_for_match(|l| l.starts_with("t0 value="), WAIT)?;
     ensure!(first.starts_with("t0 value=2"), "first line: {first}");
     see(&mut p, "t0 value=2")?;
     ensure!(p.is_alive(), "livecare run ended: {:?}", p.tail(5));
+    // The program (livecare's child) carries the patch and is not left traced.
+    let progs = children.pids();
+    ensure!(progs.len() == 1, "one child of livecare run: {progs:?}");
+    let i = lc_ok(["info", "-p", &progs[0].to_string()])?;
+    ensure!(
+        i.contains("patch 0001:") && i.contains(&exe.build_id),
+        "{i}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", progs[0]))?;
+    ensure!(
+        status.contains("TracerPid:\t0"),
+        "program left traced:\n{status}"
+    );
     Ok(())
 }
 
