@@ -93,6 +93,13 @@ fn n_of(line: &str) -> i64 {
         .unwrap_or_else(|| panic!("no n= in {line:?}"))
 }
 
+fn calls_of(line: &str) -> i64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("calls="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no calls= in {line:?}"))
+}
+
 /// The make fixture's program before and after the patch: a counter in a static library
 /// (+2 → +1) and labels from a shared library ("odd-ish"/"even-ish" → "ODD"/"EVEN").
 fn check_make_fixture_live(tree: &Path, patches: &Path) {
@@ -117,6 +124,13 @@ fn check_make_fixture_live(tree: &Path, patches: &Path) {
     let a = p.wait_for("label=", WAIT).unwrap();
     let b = p.wait_for("label=", WAIT).unwrap();
     assert_eq!(n_of(&b) - n_of(&a), 1, "counter not patched: {a} / {b}");
+    // The new label_for() counts in the library's own static `calls`, which the
+    // original label_calls() reads.
+    assert_eq!(
+        calls_of(&b) - calls_of(&a),
+        1,
+        "patch code lost the static variable: {a} / {b}"
+    );
     assert!(a.contains("label=ODD") || a.contains("label=EVEN"), "{a}");
     // Last in, first out: two patches, two unpatches, and the old behaviour returns.
     unpatch(p.pid());
