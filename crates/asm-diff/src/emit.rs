@@ -101,6 +101,12 @@ pub(crate) fn emit(plan: &Plan, opts: &Options, warnings: &mut Vec<String>) -> S
         names.dedup();
         for n in names {
             let _ = writeln!(e.out, "\t.globl\t{n}");
+            // A symbol that was local must not become preemptible: in a shared
+            // library the linker would route the original's calls through the
+            // PLT (or refuse), changing the original code.
+            if !o.globals.contains(n.as_str()) {
+                let _ = writeln!(e.out, "\t.hidden\t{n}");
+            }
         }
     }
     e.info(&records);

@@ -395,3 +395,47 @@ fn warns_when_an_inlined_change_reaches_main() {
         d.warnings
     );
 }
+
+#[test]
+fn force_global_in_a_shared_library_keeps_calls_to_static_functions_direct() {
+    let base = "static __attribute__((noinline)) int helper(int x) { return x * 7 + 3; }\nint api(int x) { return helper(x) + helper(x + 1); }\n";
+    let flags = ["-O2", "-fPIC"];
+    let (o, p) = (
+        asm_c(base, &flags),
+        asm_c(&base.replace("x * 7", "x * 9"), &flags),
+    );
+    let d = gensrc(
+        &o,
+        &p,
+        &Options {
+            force_global: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(d.changed, vec!["helper".to_string()]);
+    let tmp = testkit::Scratch::new().unwrap();
+    let (os, xs) = (
+        tmp.write("o.s", &o).unwrap(),
+        tmp.write("x.s", &d.asm).unwrap(),
+    );
+    let (oo, xo, olib, xlib) = (
+        tmp.join("o.o"),
+        tmp.join("x.o"),
+        tmp.join("o.so"),
+        tmp.join("x.so"),
+    );
+    assemble(&os, &oo);
+    assemble(&xs, &xo);
+    link(&oo, &olib, true, &[]);
+    link(&xo, &xlib, true, &[]);
+    for f in ["api", "helper"] {
+        assert_eq!(
+            function_bytes(&olib, f),
+            function_bytes(&xlib, f),
+            "{f} changed"
+        );
+    }
+    let (_, _, rel) = kpatch_info(&xo).unwrap();
+    assert_eq!(rel.iter().find(|r| r.0 == 0).unwrap().2, "helper");
+}
