@@ -292,6 +292,30 @@ fn patch_one_function_no_pie_o0() -> Result<()> {
 }
 
 #[test]
+fn patch_replaces_two_functions_at_once() -> Result<()> {
+    let (_d, b) = setup("scenario-exe", Flags::default())?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched-two.c", "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    cycle(
+        &mut p,
+        &patch_,
+        "message",
+        &["t0 value=2 msg=two hunks"],
+        &["t0 value=1 msg=hello"],
+        true,
+    )?;
+    // Both hunks are listed.
+    patch(&p, &patch_.path)?;
+    let i = info(&p)?;
+    ensure!(
+        i.contains("value") && i.contains("message") && i.contains("2 hunk"),
+        "{i}"
+    );
+    Ok(())
+}
+
+#[test]
 fn patch_adds_a_new_function() -> Result<()> {
     exe_case(
         Flags::default(),
