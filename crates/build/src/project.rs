@@ -293,13 +293,21 @@ impl Session {
             .stdout(log)
             .stderr(err_log)
             .env("KPATCH_STAGE", stage)
-            .env("CC", bin.join("cc"))
-            .env("CXX", bin.join("c++"))
             .env("PATH", std::env::join_paths(paths).unwrap_or(path))
             .env(WRAPPER_DIR_ENV, &bin)
             .env("KPATCH_ASM_DIR", self.opts.workdir.join("asm"))
             .env(LINK_LOG_ENV, self.link_log(stage))
             .env(CHANGE_LOG_ENV, self.change_log());
+        for (var, script, real_var) in [("CC", "cc", "KPCCREAL"), ("CXX", "c++", "KPCCREAL_CXX")] {
+            let (cc, real) =
+                wrapped_compiler(std::env::var(var).ok().as_deref(), &bin.join(script), &bin);
+            c.env(var, cc);
+            if let Some(real) = real {
+                if std::env::var_os(real_var).is_none() {
+                    c.env(real_var, real);
+                }
+            }
+        }
         if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
             c.env("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH);
         }
@@ -678,6 +686,33 @@ impl Drop for Session {
     }
 }
 
+/// The `CC`/`CXX` value that runs the wrapper `script`, keeping the flags of the
+/// caller's own `user` value (`CC="gcc -std=gnu99"`), and the real compiler it names.
+fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, Option<String>) {
+    let script = script.display().to_string();
+    let mut words = user.unwrap_or("").split_whitespace();
+    let Some(first) = words.next() else {
+        return (script, None);
+    };
+    if Path::new(first).starts_with(bin) {
+        return (user.unwrap_or_default().to_string(), None);
+    }
+    let rest: Vec<&str> = words.collect();
+    let cc = std::iter::once(script.as_str())
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .join(" ");
+    // A bare name must not resolve to our own `gcc` script on PATH later.
+    let real = if first.contains('/') {
+        first.to_string()
+    } else {
+        crate::wrapper::find_real_compiler(first, Some(bin))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| first.to_string())
+    };
+    (cc, Some(real))
+}
+
 /// Applies one diff in `dir`.
 fn patch_cmd(dir: &Path, patch: &Path) -> Result<(), BuildError> {
     let mut c = Command::new("patch");
@@ -769,6 +804,29 @@ mod tests {
         assert_eq!(
             diff_paths(d),
             [PathBuf::from("src/x.c"), PathBuf::from("new.c")]
+        );
+    }
+
+    #[test]
+    fn the_callers_cc_keeps_its_flags_and_becomes_the_real_compiler() {
+        let bin = Path::new("/w/bin");
+        let script = bin.join("cc");
+        assert_eq!(
+            wrapped_compiler(None, &script, bin),
+            ("/w/bin/cc".into(), None)
+        );
+        assert_eq!(
+            wrapped_compiler(Some("/opt/gcc-12 -std=gnu99"), &script, bin),
+            ("/w/bin/cc -std=gnu99".into(), Some("/opt/gcc-12".into()))
+        );
+        let (_, real) = wrapped_compiler(Some("gcc -O1"), &script, bin);
+        assert!(
+            real.is_some_and(|r| r.starts_with('/') && r.ends_with("gcc")),
+            "bare name not resolved"
+        );
+        assert_eq!(
+            wrapped_compiler(Some("/w/bin/cc"), &script, bin),
+            ("/w/bin/cc".into(), None)
         );
     }
 

@@ -108,6 +108,9 @@ pub enum WrapperError {
         /// What differs.
         source: crate::verify::CodeMismatch,
     },
+    /// The real compiler leads back to the wrapper.
+    #[error("KPCCREAL ({0}) runs the wrapper again; set KPCCREAL to the real compiler")]
+    Recursion(PathBuf),
     /// An argument is not valid UTF-8 in a call that needs rewriting.
     #[error("argument {0:?} is not valid UTF-8")]
     NotUtf8(OsString),
@@ -193,6 +196,12 @@ pub fn find_real_compiler(name: &str, skip_dir: Option<&Path>) -> Option<PathBuf
     })
 }
 
+/// Environment variable counting nested wrapper runs, to stop a KPCCREAL that leads
+/// back to the wrapper.
+const DEPTH_ENV: &str = "LIVECARE_CC_DEPTH";
+/// Nested runs allowed (gcc never runs `cc` itself; a build's compiler script might).
+const MAX_DEPTH: u32 = 4;
+
 /// Environment variable naming the directory of the wrapper's `cc`/`gcc` scripts, which
 /// the real-compiler search must skip.
 pub const WRAPPER_DIR_ENV: &str = "LIVECARE_WRAPPER_DIR";
@@ -205,10 +214,21 @@ impl WrapperEnv {
             Some(s) => Some(Stage::parse(&s).ok_or(WrapperError::BadStage(s))?),
         };
         let skip = env_nonempty(WRAPPER_DIR_ENV).map(PathBuf::from);
-        let real = env_nonempty("KPCCREAL")
-            .map(PathBuf::from)
-            .or_else(|| find_real_compiler("gcc", skip.as_deref()))
-            .unwrap_or_else(|| PathBuf::from("/usr/bin/gcc"));
+        // A bare KPCCREAL is looked up on PATH past the wrapper's own `gcc`/`cc`.
+        let real_name = env_nonempty("KPCCREAL").unwrap_or_else(|| "gcc".to_string());
+        let real = if real_name.contains('/') {
+            PathBuf::from(real_name)
+        } else {
+            find_real_compiler(&real_name, skip.as_deref())
+                .unwrap_or_else(|| PathBuf::from(real_name))
+        };
+        let depth: u32 = env_nonempty(DEPTH_ENV)
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        if depth >= MAX_DEPTH {
+            return Err(WrapperError::Recursion(real));
+        }
+        std::env::set_var(DEPTH_ENV, (depth + 1).to_string());
         Ok(WrapperEnv {
             stage,
             real,

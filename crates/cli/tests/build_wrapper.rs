@@ -305,3 +305,18 @@ fn compile_and_link_in_one_call_builds_the_patch_in_the_patched_stage() {
     let out = Command::new(env.path("prog")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
 }
+
+#[test]
+fn a_real_compiler_that_leads_back_to_the_wrapper_is_an_error_not_a_loop() {
+    let env = Env::new();
+    let out = Command::new(&env.cc)
+        .args(["-c", "-I", "inc dir", "util.c"])
+        .current_dir(env.dir.path())
+        .env("KPATCH_STAGE", "original")
+        .env("KPCCREAL", &env.cc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runs the wrapper again"), "{err}");
+}
