@@ -77,7 +77,9 @@ pub struct Scratch {
 impl Scratch {
     /// A new empty scratch directory.
     pub fn new() -> Result<Scratch> {
-        let dir = tempfile::Builder::new().prefix("livecare-test-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("livecare-test-")
+            .tempdir()?;
         let path = dir.path().to_path_buf();
         let dir = if std::env::var_os("LIVECARE_KEEP_TMP").is_some() {
             eprintln!("keeping {}", path.display());
@@ -170,7 +172,11 @@ pub fn build_id_of(path: &Path) -> Result<String> {
     let out = run_ok(Command::new("readelf").arg("-n").arg(path))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(|s| s.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Build ID: ")
+                .map(|s| s.trim().to_string())
+        })
         .with_context(|| format!("{} has no GNU build-id note", path.display()))
 }
 
@@ -199,7 +205,11 @@ impl Running {
                 }
             }
         });
-        Ok(Running { child, lines: rx, seen })
+        Ok(Running {
+            child,
+            lines: rx,
+            seen,
+        })
     }
 
     /// Starts the program at `path` with `args`.
@@ -233,11 +243,17 @@ impl Running {
                 Ok(line) if pred(&line) => return Ok(line),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
-                    bail!("timed out after {timeout:?}; last lines: {:?}", self.tail(10))
+                    bail!(
+                        "timed out after {timeout:?}; last lines: {:?}",
+                        self.tail(10)
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.try_wait().ok().flatten();
-                    bail!("stdout closed (exit: {status:?}); last lines: {:?}", self.tail(10))
+                    bail!(
+                        "stdout closed (exit: {status:?}); last lines: {:?}",
+                        self.tail(10)
+                    )
                 }
             }
         }
@@ -299,14 +315,18 @@ impl MemorySnapshot {
         let mut code = Vec::new();
         for line in &maps {
             let mut parts = line.split_whitespace();
-            let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { continue };
+            let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+                continue;
+            };
             if !perms.starts_with("r") || perms.as_bytes().get(2) != Some(&b'x') {
                 continue;
             }
             if line.ends_with("[vsyscall]") {
                 continue;
             }
-            let Some((lo, hi)) = range.split_once('-') else { continue };
+            let Some((lo, hi)) = range.split_once('-') else {
+                continue;
+            };
             let lo = u64::from_str_radix(lo, 16)?;
             let hi = u64::from_str_radix(hi, 16)?;
             let mut buf = vec![0u8; (hi - lo) as usize];
@@ -321,7 +341,11 @@ impl MemorySnapshot {
     /// Fails with the first difference from `other`.
     pub fn assert_same(&self, other: &MemorySnapshot) -> Result<()> {
         if self.maps != other.maps {
-            bail!("memory maps differ:\nbefore:\n{}\nafter:\n{}", self.maps.join("\n"), other.maps.join("\n"));
+            bail!(
+                "memory maps differ:\nbefore:\n{}\nafter:\n{}",
+                self.maps.join("\n"),
+                other.maps.join("\n")
+            );
         }
         for ((l1, b1), (_, b2)) in self.code.iter().zip(&other.code) {
             if b1 != b2 {
@@ -348,7 +372,12 @@ mod tests {
             "#include <stdio.h>\n#include <unistd.h>\nint main(void){for(int i=0;;i++){printf(\"tick %d\\n\",i);fflush(stdout);usleep(10000);}}\n",
         )?;
         for link in [Link::Pie, Link::NoPie] {
-            let exe = gcc(&[&src], &dir.join(format!("hello-{link:?}")), link, &["-O2"])?;
+            let exe = gcc(
+                &[&src],
+                &dir.join(format!("hello-{link:?}")),
+                link,
+                &["-O2"],
+            )?;
             assert_eq!(build_id_of(&exe)?.len(), 40);
             let mut p = Running::start(&exe, &[])?;
             p.wait_for("tick 3", Duration::from_secs(5))?;
