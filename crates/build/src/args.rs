@@ -424,7 +424,10 @@ impl CompilerArgs {
     /// through untouched.
     pub fn is_conftest(&self, cwd: &Path) -> bool {
         let cwd = cwd.to_string_lossy();
-        if cwd.contains("CMakeFiles/CMakeTmp") || cwd.contains("CMakeFiles/CMakeScratch") {
+        if cwd.contains("CMakeFiles/CMakeTmp")
+            || cwd.contains("CMakeFiles/CMakeScratch")
+            || cwd.contains("meson-private")
+        {
             return true;
         }
         let probe_name = |path: &str| {
@@ -435,6 +438,8 @@ impl CompilerArgs {
             name.starts_with("conftest")
                 || name.starts_with("CMakeCCompilerId")
                 || name.starts_with("CMakeCXXCompilerId")
+                || name.starts_with("sanitycheck")
+                || path.contains("meson-private/")
                 || path.contains("CMakeFiles/CMakeTmp")
                 || path.contains("CMakeFiles/CMakeScratch")
         };
@@ -663,6 +668,8 @@ mod tests {
         assert!(parse("conftest.c -o conftest").is_conftest(cwd));
         assert!(parse("-c conftest.c").is_conftest(cwd));
         assert!(parse("-c x.c").is_conftest(Path::new("/b/CMakeFiles/CMakeScratch/TryCompile-1")));
+        assert!(parse("sanitycheckc.c -o sanitycheckc.exe").is_conftest(cwd));
+        assert!(parse("-c testfile.c").is_conftest(Path::new("/b/meson-private/tmpab12")));
         assert!(!parse("-c main.c -o main.o").is_conftest(cwd));
     }
 
