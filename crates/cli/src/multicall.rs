@@ -63,6 +63,8 @@ enum Command {
     },
     /// LibCare-compatible patch-make (libcare-patch-make).
     PatchMake(cmd::patch_make::Args),
+    /// Measure pause time, call overhead and gensrc throughput.
+    Bench(cmd::bench::Args),
 }
 
 /// `libcare-ctl [-v] [-h] <cmd>`.
@@ -179,6 +181,7 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                 Command::InstallLinks(a) => cmd::install_links::run(a),
                 Command::Cc { args } => cmd::cc::run(args),
                 Command::PatchMake(a) => cmd::patch_make::run(a),
+                Command::Bench(a) => cmd::bench::run(a),
             },
             Err(e) => exit_on_usage(e),
         },

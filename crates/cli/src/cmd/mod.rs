@@ -1,5 +1,6 @@
 //! One module per subcommand. Each has an `Args` (clap) and a `run`.
 
+pub mod bench;
 pub mod build;
 pub mod cc;
 pub mod demo;
