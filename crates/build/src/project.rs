@@ -211,8 +211,40 @@ impl Session {
             backups: Vec::new(),
             log,
         };
+        let mut session = session;
         session.install_wrapper()?;
+        session.recover_interrupted()?;
         Ok(session)
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.opts.workdir.join("applied.tsv")
+    }
+
+    /// Puts back sources that an interrupted earlier run (killed while the diffs were
+    /// applied) left patched, using its journal of backed-up files.
+    fn recover_interrupted(&mut self) -> Result<(), BuildError> {
+        let Ok(text) = std::fs::read_to_string(self.journal()) else {
+            return Ok(());
+        };
+        self.backups = text
+            .lines()
+            .filter_map(|l| {
+                let (file, copy) = l.split_once('\t')?;
+                Some((
+                    PathBuf::from(file),
+                    (copy != "-").then(|| PathBuf::from(copy)),
+                ))
+            })
+            .collect();
+        self.progress.note(&format!(
+            "restoring {} source file(s) left patched by an interrupted run",
+            self.backups.len()
+        ));
+        let keep_outputs = std::mem::replace(&mut self.opts.restore_outputs, false);
+        let result = self.restore_files();
+        self.opts.restore_outputs = keep_outputs;
+        result
     }
 
     /// The log file with the full compiler output.
@@ -498,6 +530,18 @@ impl Session {
                     s.backups.push((file, None));
                 }
             }
+            let journal: String = s
+                .backups
+                .iter()
+                .map(|(f, c)| {
+                    let copy = c
+                        .as_ref()
+                        .map(|c| c.display().to_string())
+                        .unwrap_or("-".into());
+                    format!("{}\t{copy}\n", f.display())
+                })
+                .collect();
+            std::fs::write(s.journal(), journal).map_err(|e| io(&s.journal(), e))?;
             for p in s.opts.patches.clone() {
                 patch_cmd(&s.opts.srcdir, &p)?;
             }
@@ -641,6 +685,7 @@ impl Session {
                 }
             }
         }
+        let _ = std::fs::remove_file(self.journal());
         if self.opts.restore_outputs {
             for o in &self.originals {
                 // A failed patched link may have deleted the output: put it back too.
@@ -828,6 +873,40 @@ mod tests {
             wrapped_compiler(Some("/w/bin/cc"), &script, bin),
             ("/w/bin/cc".into(), None)
         );
+    }
+
+    #[test]
+    fn a_run_killed_with_the_diffs_applied_is_undone_by_the_next_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("a.c"), "int a(void) { return 1; }\n").unwrap();
+        let diff = dir.path().join("fix.diff");
+        std::fs::write(
+            &diff,
+            "--- a/a.c\n+++ b/a.c\n@@ -1 +1 @@\n-int a(void) { return 1; }\n+int a(void) { return 2; }\n\
+             --- /dev/null\n+++ b/new.c\n@@ -0,0 +1 @@\n+int n;\n",
+        )
+        .unwrap();
+        let opts = Options::new(
+            &tree,
+            vec![diff],
+            &dir.path().join("out"),
+            Path::new("/bin/true"),
+        );
+        let mut s = Session::new(opts.clone(), Progress::new(crate::Style::Quiet)).unwrap();
+        s.apply_patches().unwrap();
+        assert!(std::fs::read_to_string(tree.join("a.c"))
+            .unwrap()
+            .contains("return 2"));
+        assert!(tree.join("new.c").exists());
+        // Killed here: no Drop, no restore.
+        std::mem::forget(s);
+        let _s = Session::new(opts, Progress::new(crate::Style::Quiet)).unwrap();
+        assert!(std::fs::read_to_string(tree.join("a.c"))
+            .unwrap()
+            .contains("return 1"));
+        assert!(!tree.join("new.c").exists());
     }
 
     #[test]
