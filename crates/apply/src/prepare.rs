@@ -663,7 +663,10 @@ impl<'a> PatchElf<'a> {
             while p + KPATCH_INFO_LEN <= o + len {
                 let (daddr, saddr) = (rd64(p), rd64(p + 8));
                 if daddr == 0 {
-                    break;
+                    // A patch linked from several objects carries one zero-terminated
+                    // array per object: skip terminators instead of stopping at the first.
+                    p += KPATCH_INFO_LEN;
+                    continue;
                 }
                 let (dlen, slen, symstr) = (rd32(p + 16), rd32(p + 20), rd64(p + 24));
                 let name = symstr
