@@ -18,8 +18,8 @@ pub struct Args {
     /// Only rebuild the patches, reusing the original build kept in lpmake/.
     #[arg(short = 'u', long = "update")]
     pub update: bool,
-    /// Install variable of the project (DESTDIR, or e.g. PREFIX): after each build,
-    /// `make install VAR=<dir>` runs into lpmake/ (original) and lpmake/patched.
+    /// Install variable of the project (DESTDIR, or e.g. PREFIX for redis): each stage
+    /// also runs `make install VAR=lpmake/install/<stage>`.
     #[arg(short = 'd', long = "destdir")]
     pub destdir: Option<String>,
     /// Patch id written into the .kpatch headers.
