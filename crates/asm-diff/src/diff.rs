@@ -129,7 +129,7 @@ impl<'m, 'a> Norm<'m, 'a> {
 
 /// `.loc`, `.loc_*` and `.file`: line-number information only.
 pub(crate) fn is_debug_directive(head: &str) -> bool {
-    head == ".file" || head.starts_with(".loc")
+    head == ".file" || head == ".loc" || head.starts_with(".loc_")
 }
 
 /// The part of a text section name that decides placement (hot/cold/startup).
@@ -273,7 +273,8 @@ pub fn filter(input: &str, opts: &Options) -> Result<String, Error> {
     for (i, s) in m.p.stmts.iter().enumerate() {
         let in_debug = m.section(i).kind == SecKind::Debug;
         let drop = match s.kind {
-            Kind::Directive if s.head.starts_with(".loc") => true,
+            // `.loc` and `.loc_mark_labels`, but not `.local` (that binds a symbol).
+            Kind::Directive if s.head == ".loc" || s.head.starts_with(".loc_") => true,
             Kind::Directive if s.head == ".file" => {
                 s.args().starts_with(|c: char| c.is_ascii_digit())
             }

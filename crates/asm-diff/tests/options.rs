@@ -439,3 +439,23 @@ fn force_global_in_a_shared_library_keeps_calls_to_static_functions_direct() {
     let (_, _, rel) = kpatch_info(&xo).unwrap();
     assert_eq!(rel.iter().find(|r| r.0 == 0).unwrap().2, "helper");
 }
+
+#[test]
+fn dbg_filter_keeps_local_binding_of_static_commons() {
+    // `.local` starts with `.loc`; dropping it would turn `static int calls;` into a
+    // global common symbol and change the object's symbol binding.
+    let s = asm_c(
+        "static int calls;\nint f(void){return ++calls;}\n",
+        &["-O2", "-g"],
+    );
+    assert!(
+        s.contains("\t.local\tcalls"),
+        "fixture lost its .local:\n{s}"
+    );
+    let out = filter(&s, &Options::default()).unwrap();
+    assert!(
+        out.contains("\t.local\tcalls"),
+        "filter dropped .local:\n{out}"
+    );
+    assert!(!out.contains("\t.loc\t"), "filter kept .loc lines");
+}
