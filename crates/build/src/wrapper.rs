@@ -454,7 +454,7 @@ impl Wrapper {
         }
         let text = read(&raw)?;
         let filtered =
-            filter_keeping_locals(&text, &self.env.dbgfilter).map_err(|e| WrapperError::Diff {
+            asm_diff::filter(&text, &self.env.dbgfilter).map_err(|e| WrapperError::Diff {
                 object: src.path.clone(),
                 reason: format!("debug filter: {e}"),
             })?;
@@ -553,7 +553,7 @@ impl Wrapper {
             object: key.to_string(),
             reason: format!("{stage}: {e}"),
         };
-        let patched = filter_keeping_locals(&read(&raw)?, &self.env.dbgfilter)
+        let patched = asm_diff::filter(&read(&raw)?, &self.env.dbgfilter)
             .map_err(|e| diff_err("debug filter", e.to_string()))?;
         let _ = std::fs::remove_file(&raw);
         write(&files.patched_s, &patched)?;
@@ -633,43 +633,6 @@ impl Wrapper {
     }
 }
 
-/// Debug-filters `raw` assembly, keeping every `.local NAME` directive of the input.
-///
-/// `asm_diff::filter` (at the time of writing) drops `.local` in front of `.comm`, which
-/// turns a file-local `static int x;` into a global common symbol: another object's
-/// `x` would then be merged with it. The lost directives are put back in front of
-/// their `.comm`; when the filter keeps them this changes nothing.
-fn filter_keeping_locals(raw: &str, opts: &asm_diff::Options) -> Result<String, asm_diff::Error> {
-    let filtered = asm_diff::filter(raw, opts)?;
-    let directive = |line: &str, name: &str| -> Option<String> {
-        let rest = line.trim_start().strip_prefix(name)?;
-        let sym = rest.trim().split(',').next()?.trim();
-        (!sym.is_empty()).then(|| sym.to_string())
-    };
-    let wanted: std::collections::HashSet<String> =
-        raw.lines().filter_map(|l| directive(l, ".local")).collect();
-    let kept: std::collections::HashSet<String> = filtered
-        .lines()
-        .filter_map(|l| directive(l, ".local"))
-        .collect();
-    if wanted.is_subset(&kept) {
-        return Ok(filtered);
-    }
-    let mut out = String::with_capacity(filtered.len() + 64);
-    for line in filtered.lines() {
-        if let Some(sym) = directive(line, ".comm") {
-            if wanted.contains(&sym) && !kept.contains(&sym) {
-                out.push_str("\t.local\t");
-                out.push_str(&sym);
-                out.push('\n');
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    Ok(out)
-}
-
 /// The kept-file key of a source compiled and linked in one call.
 fn link_member_name(output: &str, src: &Input) -> String {
     let stem = Path::new(&src.path)
@@ -746,26 +709,4 @@ fn append(log: &Path, line: &str) -> Result<(), WrapperError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filtering_keeps_file_local_common_variables_local() {
-        let raw = "\t.text\n\t.globl f\n\t.type f, @function\nf:\n\t.cfi_startproc\n\taddl $1, calls(%rip)\n\tret\n\t.cfi_endproc\n\t.size f, .-f\n\t.local\tcalls\n\t.comm\tcalls,4,4\n\t.comm\tshared,4,4\n";
-        let out = filter_keeping_locals(raw, &asm_diff::Options::default()).unwrap();
-        let lines: Vec<&str> = out.lines().map(str::trim).collect();
-        let local = lines
-            .iter()
-            .position(|l| l.starts_with(".local") && l.ends_with("calls"));
-        let comm = lines
-            .iter()
-            .position(|l| l.starts_with(".comm") && l.contains("calls,"));
-        assert!(
-            matches!((local, comm), (Some(a), Some(b)) if a < b),
-            "{out}"
-        );
-        assert_eq!(
-            lines.iter().filter(|l| l.starts_with(".local")).count(),
-            1,
-            "{out}"
-        );
-    }
 }
