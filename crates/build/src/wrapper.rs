@@ -706,7 +706,3 @@ fn append(log: &Path, line: &str) -> Result<(), WrapperError> {
     f.write_all(line.as_bytes()).map_err(|e| io(log, e))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
