@@ -721,3 +721,47 @@ fn commit_unpatch(
     threads.syscall("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0])?;
     Ok(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn map(start: u64, end: u64) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            read: true,
+            write: false,
+            exec: false,
+            offset: 0,
+            dev: "00:00".into(),
+            inode: 0,
+            path: String::new(),
+        }
+    }
+
+    #[test]
+    fn hole_is_near_the_object_and_keeps_a_gap_from_every_mapping() {
+        let obj = LoadedObject {
+            path: "/x".into(),
+            build_id: None,
+            load_bias: 0x5555_0000_0000,
+            ranges: vec![0x5555_0000_0000..0x5555_0000_4000],
+            kind: livecare_process::ElfKind::Executable,
+            map_file: String::new(),
+            data: Arc::from(Vec::new()),
+        };
+        // A neighbour right after the object forces the search further out.
+        let maps = vec![
+            map(0x5555_0000_0000, 0x5555_0000_4000),
+            map(0x5555_0000_5000, 0x5555_0000_9000),
+        ];
+        let at = hole_near(&maps, &obj, 0x2000).unwrap();
+        assert_eq!(at, 0x5555_0000_a000);
+        for m in &maps {
+            assert!(at + 0x2000 + 0x1000 <= m.start || at >= m.end + 0x1000);
+        }
+        assert!(at - obj.start() < 0x7fff_0000);
+    }
+}
