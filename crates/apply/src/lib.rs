@@ -747,7 +747,7 @@ mod tests {
             path: "/x".into(),
             build_id: None,
             load_bias: 0x5555_0000_0000,
-            ranges: vec![0x5555_0000_0000..0x5555_0000_4000],
+            ranges: std::iter::once(0x5555_0000_0000..0x5555_0000_4000).collect(),
             kind: livecare_process::ElfKind::Executable,
             map_file: String::new(),
             data: Arc::from(Vec::new()),
