@@ -502,7 +502,7 @@ fn fill_and_commit(
         &mut unwinder,
         &busy,
         &writes,
-        Some(base),
+        Some((base, RegionState::Applied)),
         "patch",
         opts,
     )?;
@@ -518,7 +518,7 @@ fn commit(
     unwinder: &mut unwind::Unwinder,
     busy: &[Busy],
     writes: &[(u64, Vec<u8>, Vec<u8>)],
-    region_state: Option<u64>,
+    region_state: Option<(u64, RegionState)>,
     action: &'static str,
     opts: &Options,
 ) -> Result<(Duration, u32), Error> {
@@ -534,7 +534,10 @@ fn commit(
             for (addr, _, old) in writes {
                 if mem.read_vec(*addr, old.len())? != *old {
                     return Err(Error::Verify {
-                        function: "?".into(),
+                        function: busy
+                            .iter()
+                            .find(|b| b.range.contains(addr))
+                            .map_or_else(|| format!("code at {addr:#x}"), |b| b.name.clone()),
                         addr: *addr,
                         object: String::new(),
                         what: "code changed while preparing".into(),
@@ -554,8 +557,11 @@ fn commit(
                 }
                 written.push((*addr, &old[..]));
             }
-            if let Some(base) = region_state {
-                mem.write(base + RegionHeader::STATE_OFFSET, &1u32.to_le_bytes())?;
+            // The state word flips inside the same stop as the jumps, so a later
+            // invocation never sees jumps and state disagree.
+            if let Some((base, state)) = region_state {
+                let word = matches!(state, RegionState::Applied) as u32;
+                mem.write(base + RegionHeader::STATE_OFFSET, &word.to_le_bytes())?;
             }
             Ok(None)
         })();
@@ -716,8 +722,16 @@ fn commit_unpatch(
 ) -> Result<(Duration, u32), Error> {
     // Mark the region inactive together with the restore, then unmap it once no
     // thread can be inside (the safety check covered the whole region's code).
-    let res = commit(threads, mem, unwinder, busy, writes, None, "unpatch", opts)?;
-    let _ = mem.write(r.addr + RegionHeader::STATE_OFFSET, &0u32.to_le_bytes());
+    let res = commit(
+        threads,
+        mem,
+        unwinder,
+        busy,
+        writes,
+        Some((r.addr, RegionState::Prepared)),
+        "unpatch",
+        opts,
+    )?;
     threads.syscall("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0])?;
     Ok(res)
 }
