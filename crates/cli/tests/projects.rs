@@ -260,7 +260,6 @@ fn assert_sources_restored(tree: &Path, case: &str, files: &[&str]) {
 const MAKE_FIX_FILES: [&str; 3] = ["src/greet.c", "foo/score.c", "bar/bar.c"];
 
 #[test]
-#[ignore = "needs the applier (or build) to handle one .kpatch.info per linked object: only the first object's records (greet) are applied, foo_score from libfoo.a is skipped after the zero record that ends greet.o's array"]
 fn make_project_fix_in_program_static_and_shared_library_applies_live_via_livecare_build() {
     let tree = make_fixture_tree();
     let elsewhere = Scratch::new().unwrap();
@@ -302,7 +301,6 @@ fn make_project_fix_in_program_static_and_shared_library_applies_live_via_liveca
 }
 
 #[test]
-#[ignore = "needs the applier (or build) to handle one .kpatch.info per linked object: only the first object's records (greet) are applied, foo_score from libfoo.a is skipped after the zero record that ends greet.o's array"]
 fn make_project_fix_applies_live_via_libcare_patch_make_patchroot() {
     let tree = make_fixture_tree();
     let tools = Scratch::new().unwrap();
@@ -672,7 +670,6 @@ fn beat(line: &str) -> Option<(i64, i64, String)> {
 }
 
 #[test]
-#[ignore = "needs the applier (or build) to handle one .kpatch.info per linked object: only the first object's records are applied"]
 fn autotools_project_built_with_its_own_configure_and_make_is_patched_live() {
     if !have("autoreconf") || !have("automake") {
         panic!("autoreconf/automake are missing: apt-get install -y autoconf automake");
