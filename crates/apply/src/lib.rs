@@ -509,6 +509,47 @@ fn fill_and_commit(
     Ok((hunks, pause, attempts))
 }
 
+/// How long one busy thread may run alone towards its return address before every
+/// thread is resumed (it might wait for a lock held by a stopped thread).
+const BREAKPOINT_WAIT: Duration = Duration::from_millis(200);
+
+/// Plants a breakpoint at `ret`, runs only `tid` until it gets there (true) or
+/// `timeout` passes (false); the original byte is back in place either way.
+fn run_to_return(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    tid: livecare_process::Tid,
+    ret: u64,
+    timeout: Duration,
+) -> Result<bool, Error> {
+    let bp = Native::BREAKPOINT;
+    let orig = mem.read_vec(ret, bp.len())?;
+    mem.write(ret, bp)?;
+    let deadline = Instant::now() + timeout;
+    let outcome = (|| -> Result<bool, Error> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match threads.run_one_until_stop(tid, left)? {
+                None => return Ok(false),
+                Some(sig) => {
+                    let mut regs = threads.regs(tid)?;
+                    if sig == libc::SIGTRAP && regs.rip == ret + bp.len() as u64 {
+                        regs.rip = ret; // back over the breakpoint
+                        threads.set_regs(tid, &regs)?;
+                        return Ok(true);
+                    }
+                    if sig == libc::SIGTRAP || left.is_zero() {
+                        return Ok(false);
+                    }
+                    // Another signal: it is delivered when the thread goes on.
+                }
+            }
+        }
+    })();
+    mem.write(ret, &orig)?;
+    outcome
+}
+
 /// Stops all threads, checks `busy`, writes `(addr, new, expected_old)` and the state
 /// word of `region`, resumes; retries with backoff until the timeout.
 #[allow(clippy::too_many_arguments)]
@@ -530,7 +571,7 @@ fn commit(
     loop {
         attempts += 1;
         threads.interrupt_all()?;
-        let res = (|| -> Result<Option<(livecare_process::Tid, String)>, Error> {
+        let res = (|| -> Result<Option<safety::Offender>, Error> {
             for (addr, _, old) in writes {
                 if mem.read_vec(*addr, old.len())? != *old {
                     return Err(Error::Verify {
@@ -573,17 +614,30 @@ fn commit(
                 threads.resume_all()?;
                 return Ok((threads.watch.last.unwrap_or_default(), attempts));
             }
-            Ok(Some((tid, function))) => {
-                threads.resume_all()?;
+            Ok(Some(off)) => {
                 if start.elapsed() >= opts.timeout {
+                    threads.resume_all()?;
                     return Err(Error::Unsafe {
                         action,
                         pid: pid.0,
-                        tid: tid.0,
-                        function,
+                        tid: off.tid.0,
+                        function: off.name,
                         secs: start.elapsed().as_secs_f64(),
                     });
                 }
+                if let Some(ret) = off.return_to {
+                    // Let only the busy thread run to where its outermost busy frame
+                    // returns; everything else stays stopped, and threads it creates
+                    // start stopped, so no untraced thread can reach the breakpoint.
+                    let left = opts
+                        .timeout
+                        .saturating_sub(start.elapsed())
+                        .min(BREAKPOINT_WAIT);
+                    if run_to_return(threads, mem, off.tid, ret, left)? {
+                        continue; // re-check at once, still inside the same stop
+                    }
+                }
+                threads.resume_all()?;
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(20));
             }

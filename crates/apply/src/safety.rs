@@ -81,15 +81,34 @@ pub fn build_unwinder(
     Unwinder::new(modules)
 }
 
-/// Returns the first thread found (possibly) inside a busy range, with the function.
+/// A thread found inside a busy range.
+#[derive(Debug, Clone)]
+pub struct Offender {
+    /// The thread.
+    pub tid: Tid,
+    /// The busy function.
+    pub name: String,
+    /// Where the outermost busy frame returns to, when the stack was fully unwound:
+    /// once the thread gets there it is out of every busy function.
+    pub return_to: Option<u64>,
+}
+
+/// Returns the first thread found (possibly) inside a busy range.
 pub fn first_offender(
     threads: &ThreadSet,
     mem: &RemoteMemory,
     maps: &[MapEntry],
     unwinder: &mut Unwinder,
     busy: &[Busy],
-) -> Result<Option<(Tid, String)>, Error> {
+) -> Result<Option<Offender>, Error> {
     let in_busy_exact = |pc: u64| busy.iter().find(|b| b.range.contains(&pc));
+    let off = |tid, name: String, return_to| {
+        Ok(Some(Offender {
+            tid,
+            name,
+            return_to,
+        }))
+    };
     // A return address points just after a call: inside (start, end].
     let in_busy_ret = |v: u64| busy.iter().find(|b| v > b.range.start && v <= b.range.end);
     for tid in threads.tids() {
@@ -97,9 +116,7 @@ pub fn first_offender(
             continue;
         }
         let regs = threads.regs(tid)?;
-        if let Some(b) = in_busy_exact(regs.rip) {
-            return Ok(Some((tid, b.name.clone())));
-        }
+        let top_busy = in_busy_exact(regs.rip);
         let fresh;
         let map = match stack_map(maps, regs.rsp) {
             Some(m) => m,
@@ -107,13 +124,13 @@ pub fn first_offender(
                 fresh = livecare_process::read_maps(threads.pid())?;
                 match stack_map(&fresh, regs.rsp) {
                     Some(m) => m,
-                    None => return Ok(Some((tid, "an unknown stack".into()))),
+                    None => return off(tid, "an unknown stack".into(), None),
                 }
             }
         };
         let lo = regs.rsp & !7;
         let Ok(stack) = mem.read_vec(lo, (map.end - lo) as usize) else {
-            return Ok(Some((tid, "an unreadable stack".into())));
+            return off(tid, "an unreadable stack".into(), None);
         };
         let mut read = |addr: u64| -> Option<u64> {
             if addr >= lo && addr + 8 <= map.end {
@@ -131,10 +148,19 @@ pub fn first_offender(
             &mut read,
         );
         if let Ok(frames) = &unwound {
-            match frames.iter().skip(1).find_map(|&pc| in_busy_ret(pc)) {
-                Some(b) => return Ok(Some((tid, b.name.clone()))),
+            let busy_at = |i: usize, pc: u64| if i == 0 { top_busy } else { in_busy_ret(pc) };
+            let outermost = frames
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(i, &pc)| busy_at(i, pc).map(|b| (i, b)));
+            match outermost {
+                Some((i, b)) => return off(tid, b.name.clone(), frames.get(i + 1).copied()),
                 None => continue,
             }
+        }
+        if let Some(b) = top_busy {
+            return off(tid, b.name.clone(), None);
         }
         // No complete unwind: fall back to the conservative scan.
         for w in stack.chunks_exact(8) {
@@ -144,7 +170,7 @@ pub fn first_offender(
                     .err()
                     .map(|e| format!(" (stack not unwindable: {e})"))
                     .unwrap_or_default();
-                return Ok(Some((tid, format!("{}{why}", b.name))));
+                return off(tid, format!("{}{why}", b.name), None);
             }
         }
     }

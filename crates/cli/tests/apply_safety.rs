@@ -131,3 +131,24 @@ fn unpatch_is_refused_while_new_code_never_returns() -> Result<()> {
     assert!(info.contains("1 hunk(s): value"), "{info}");
     Ok(())
 }
+
+#[test]
+fn thread_almost_always_inside_is_caught_at_its_return() -> Result<()> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("apply-busy"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "busy", &[])?;
+    let patch = b.patch(&exe, "patched.c", "0001")?;
+    let mut t = Running::start(&exe.path, &[])?;
+    t.wait_for("value=1", WAIT)?;
+    let out = ok(&lc(&["patch", "-p", &t.pid().to_string(), p(&patch.path)]))?;
+    assert!(out.contains("patched 1 function (value)"), "{out}");
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    assert_eq!(t.proc_state()?.1, 0);
+    Ok(())
+}

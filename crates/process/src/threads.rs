@@ -257,7 +257,10 @@ impl ThreadSet {
     /// Stops every thread: sends every interrupt first, then waits for all of them,
     /// then re-scans `/proc/PID/task` until no untraced thread remains.
     pub fn interrupt_all(&mut self) -> Result<(), Error> {
-        self.watch.started = None;
+        // A pause that is still going on (some thread held) keeps its start.
+        if self.threads.values().all(|t| !t.stopped) {
+            self.watch.started = None;
+        }
         loop {
             let tids: Vec<Tid> = self
                 .threads
@@ -337,6 +340,46 @@ impl ThreadSet {
         }
         st.stopped = false;
         Ok(())
+    }
+
+    /// Lets only `tid` run (the others stay stopped) until it stops again or `timeout`
+    /// passes, in which case it is interrupted. Returns the stop signal, or None on
+    /// timeout. Used to run a busy thread to a breakpoint at its return address.
+    pub fn run_one_until_stop(
+        &mut self,
+        tid: Tid,
+        timeout: Duration,
+    ) -> Result<Option<i32>, Error> {
+        self.resume(tid)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match waitpid(tid.0, libc::WNOHANG)? {
+                Some((_, status)) => {
+                    if !self.note_status(tid, status) {
+                        return Err(Error::ThreadGone(tid));
+                    }
+                    if status >> 16 != 0 {
+                        // A clone event (the new thread starts stopped) or a stale
+                        // interrupt stop: let it go on.
+                        self.resume(tid)?;
+                        continue;
+                    }
+                    return Ok(Some(libc::WSTOPSIG(status)));
+                }
+                None if Instant::now() >= deadline => {
+                    // INTERRUPT + wait: the thread is stopped again when we return.
+                    if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) == 0 {
+                        if let Some((_, status)) = waitpid(tid.0, 0)? {
+                            if !self.note_status(tid, status) {
+                                return Err(Error::ThreadGone(tid));
+                            }
+                        }
+                    }
+                    return Ok(None);
+                }
+                None => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
     }
 
     /// Resumes every stopped thread and records the pause length.

@@ -29,6 +29,8 @@ pub struct RelocInput {
 pub trait PatchArch {
     /// Size of the jump written at each patched function's entry.
     const JUMP_LEN: usize;
+    /// The breakpoint instruction.
+    const BREAKPOINT: &'static [u8];
     /// Size of a jump-table entry.
     const JUMP_TABLE_ENTRY: usize;
     /// Offset of the 8-byte address inside a jump-table entry (the GOT slot).

@@ -32,6 +32,7 @@ fn pc32(v: i128, what: &str) -> Result<[u8; 4], String> {
 
 impl PatchArch for Native {
     const JUMP_LEN: usize = 5;
+    const BREAKPOINT: &'static [u8] = &[0xcc];
     const JUMP_TABLE_ENTRY: usize = 16;
     const JUMP_TABLE_SLOT: usize = 6;
 
