@@ -6,6 +6,9 @@
 //! within ±2 GiB with one remote `mmap`, relocate, write the body and the undo data)
 //! runs while the target runs; **commit** stops every thread at once, checks that no
 //! thread is inside a function being replaced, writes the 5-byte jumps and resumes.
+//! A busy thread is run alone to a breakpoint at the return address of its outermost
+//! busy frame (others stay stopped, bounded to 200 ms), otherwise every thread is
+//! resumed and the commit retried with backoff until the timeout.
 //! All state lives in the target (a header at the start of each region), so `info` and
 //! `unpatch` need nothing on the host. Every failure before the jumps leaves nothing
 //! behind but an unmapped region, and every thread is detached on every path.
