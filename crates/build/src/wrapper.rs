@@ -705,4 +705,3 @@ fn append(log: &Path, line: &str) -> Result<(), WrapperError> {
         .map_err(|e| io(log, e))?;
     f.write_all(line.as_bytes()).map_err(|e| io(log, e))
 }
-
