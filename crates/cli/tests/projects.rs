@@ -471,19 +471,16 @@ fn memcached_request(port: u16, req: &str) -> String {
     all
 }
 
-#[test]
-fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
-    let Some(src) = memcached_source() else {
-        return;
-    };
-    let begun = Instant::now();
+/// A scratch copy of the memcached source, configured LibCare's way: CC = libcare-cc
+/// in the configure stage, so the Makefile calls the wrapper and `livecare build`
+/// drives its stages. Returns (pristine source, tree, dir holding the libcare-cc link).
+fn configured_memcached() -> Option<(PathBuf, Scratch, Scratch)> {
+    let src = memcached_source()?;
     let tree = Scratch::new().unwrap();
     sh(
         Path::new("/"),
         &format!("cp -a '{}/.' '{}'", src.display(), tree.path().display()),
     );
-    // LibCare's recipe: configure with CC = libcare-cc in the configure stage, so the
-    // Makefile calls the wrapper and `livecare build` drives its stages.
     let tools = Scratch::new().unwrap();
     let cc = tools.join("libcare-cc");
     std::os::unix::fs::symlink(livecare(), &cc).unwrap();
@@ -495,6 +492,37 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
             .env("KPATCH_STAGE", "configure"),
         "memcached ./configure",
     );
+    Some((src, tree, tools))
+}
+
+#[test]
+#[ignore = "needs livecare build --target to tolerate objects of other outputs: the default `make` also builds memcached-debug (-fprofile-arcs), whose gcov tables change with any edit, and the wrapper fails the whole build (gensrc: variable `__gcov_._finalize_mset` changed its initial value)"]
+fn memcached_default_make_with_coverage_debug_binary_still_patches_memcached() {
+    let Some((_src, tree, _tools)) = configured_memcached() else {
+        return;
+    };
+    let diff = testkit::fixture_dir("project-memcached").join("fix.diff");
+    let out = tree.join("patches");
+    // The project's default build (`make`: memcached, memcached-debug, testapp, ...),
+    // patches wanted only for the shipped daemon.
+    let text = ok_in(
+        tree.path(),
+        Command::new(livecare())
+            .args(["build", "-i", "vfix1", "--target", "memcached", "-o"])
+            .arg(&out)
+            .arg(&diff),
+        "livecare build --target memcached (default make)",
+    );
+    let exe = tree.join("memcached");
+    assert_eq!(kpatch_names(&out), [build_id_of(&exe).unwrap()], "{text}");
+}
+
+#[test]
+fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
+    let begun = Instant::now();
+    let Some((src, tree, _tools)) = configured_memcached() else {
+        return;
+    };
     let diff = testkit::fixture_dir("project-memcached").join("fix.diff");
     let out = tree.join("patches");
     let text = ok_in(
