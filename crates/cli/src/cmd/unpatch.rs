@@ -39,11 +39,8 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     for pid in pids {
-        if all
-            && livecare_apply::find_regions(pid)
-                .map(|r| r.is_empty())
-                .unwrap_or(true)
-        {
+        // With `all`, a process holding nothing this request selects is not a failure.
+        if all && !holds_selected_patch(pid, &sel) {
             continue;
         }
         match livecare_apply::unpatch(pid, &sel, &opts) {
@@ -90,4 +87,17 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         }));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// True when `pid` has an applied patch that `sel` would select.
+fn holds_selected_patch(pid: livecare_process::Pid, sel: &UnpatchSelect) -> bool {
+    livecare_apply::find_regions(pid)
+        .map(|regions| {
+            regions.iter().any(|r| {
+                r.state == livecare_apply::RegionState::Applied
+                    && (sel.build_ids.is_empty() || sel.build_ids.contains(&r.build_id))
+                    && sel.patch_id.as_ref().is_none_or(|id| &r.patch_id == id)
+            })
+        })
+        .unwrap_or(false)
 }
