@@ -1,15 +1,377 @@
 //! `livecare bench`: pause-time, call-overhead and gensrc throughput figures.
+//!
+//! `pause` and `overhead` build their own target program (generated C, see
+//! `bench/target.rs`) and its patch through the normal pipeline, start it, and run the
+//! real `livecare patch`/`unpatch` commands against it. The target itself measures
+//! what it suffers: each thread records the largest gap between its consecutive
+//! monotonic clock readings, so the pause figures are the truth as seen from inside,
+//! next to the pause the tool reports about itself.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+mod target;
 
 /// Flags of `livecare bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Which benchmark to run.
-    pub what: String,
+    #[command(subcommand)]
+    pub what: What,
+}
+
+/// The benchmarks.
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Pause of patch/unpatch as seen by the target's threads and by the tool.
+    Pause(PauseArgs),
+    /// Calls/s of a patched function against the unpatched one.
+    Overhead(OverheadArgs),
+    /// Throughput of gensrc (a file against itself) and of the filter.
+    Gensrc(GensrcArgs),
+}
+
+/// Flags of `livecare bench pause`.
+#[derive(clap::Args, Debug)]
+pub struct PauseArgs {
+    /// Target threads that measure (sleeping mode adds one spinning observer).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Threads spin reading the clock (the default).
+    #[arg(long, conflicts_with = "sleeping")]
+    pub busy: bool,
+    /// Threads sleep to 1 ms deadlines and record their lateness; one extra thread spins.
+    #[arg(long)]
+    pub sleeping: bool,
+    /// Functions the patch replaces.
+    #[arg(long, default_value_t = 1)]
+    pub functions: usize,
+    /// Patch/unpatch cycles.
+    #[arg(long, default_value_t = 50)]
+    pub cycles: usize,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `livecare bench overhead`.
+#[derive(clap::Args, Debug)]
+pub struct OverheadArgs {
+    /// Length of each counting window, in ms.
+    #[arg(long, default_value_t = 500)]
+    pub window_ms: u64,
+    /// Unpatched/patched window pairs.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `livecare bench gensrc`.
+#[derive(clap::Args, Debug)]
+pub struct GensrcArgs {
+    /// Assembly file, or a `.c` file compiled with `gcc -S -O2 -g` first.
+    pub file: PathBuf,
+    /// Minimum measuring time per operation, in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub min_ms: u64,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs `livecare bench`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("unknown benchmark {:?}", args.what)
+    let doc = match args.what {
+        What::Pause(a) => {
+            let json = a.json;
+            (pause(&a)?, json)
+        }
+        What::Overhead(a) => {
+            let json = a.json;
+            (overhead(&a)?, json)
+        }
+        What::Gensrc(a) => {
+            let json = a.json;
+            (gensrc(&a)?, json)
+        }
+    };
+    match doc {
+        (d, true) => println!("{}", serde_json::to_string_pretty(&d)?),
+        (d, false) => print_human(&d),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the flat fields of `doc`, then each nested object indented.
+fn print_human(doc: &serde_json::Value) {
+    fn show(v: &serde_json::Value, indent: usize) {
+        if let Some(m) = v.as_object() {
+            for (k, v) in m {
+                if v.is_object() {
+                    println!("{:indent$}{k}:", "");
+                    show(v, indent + 2);
+                } else {
+                    println!("{:indent$}{k}: {v}", "");
+                }
+            }
+        }
+    }
+    show(doc, 0);
+}
+
+/// The 1-minute load average, to read figures against.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Median, p99 (nearest rank) and max of `v`; zeros when empty.
+fn summary(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
+    (median, s[rank - 1], s[n - 1])
+}
+
+/// Rounds to 0.1.
+fn r1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Figures of one kind of operation (patch or unpatch).
+#[derive(Default)]
+struct Samples {
+    /// Largest gap seen by any target thread during the command, µs.
+    pause: Vec<f64>,
+    /// Same, over an idle window as long as the command.
+    baseline: Vec<f64>,
+    /// The tool's own figure, µs.
+    tool: Vec<f64>,
+    /// Command wall time, µs.
+    wall: Vec<f64>,
+}
+
+impl Samples {
+    fn json(&self) -> serde_json::Value {
+        let (pm, p99, pmax) = summary(&self.pause);
+        let (tm, t99, tmax) = summary(&self.tool);
+        let (bm, b99, _) = summary(&self.baseline);
+        let (wm, w99, _) = summary(&self.wall);
+        json!({
+            "pause_us_median": r1(pm),
+            "pause_us_p99": r1(p99),
+            "pause_us_max": r1(pmax),
+            "tool_pause_us_median": r1(tm),
+            "tool_pause_us_p99": r1(t99),
+            "tool_pause_us_max": r1(tmax),
+            "baseline_gap_us_median": r1(bm),
+            "baseline_gap_us_p99": r1(b99),
+            "wall_ms_median": (wm / 10.0).round() / 100.0,
+            "wall_ms_p99": (w99 / 10.0).round() / 100.0,
+        })
+    }
+}
+
+/// A scratch directory for a benchmark's files.
+fn scratch() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("livecare-bench-")
+        .tempdir()
+        .context("creating a temporary directory")
+}
+
+/// Runs one patch or unpatch inside a measuring window, preceded by an idle window
+/// of the previous command's length (the baseline: what scheduling alone costs).
+fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Result<()> {
+    let idle = s.wall.last().copied().unwrap_or(1000.0);
+    t.close_window()?;
+    std::thread::sleep(Duration::from_secs_f64(idle / 1e6));
+    let base = t.close_window()?;
+    let op = target::run_op(t.pid(), patch)?;
+    let gap = t.close_window()?;
+    s.baseline.push(base as f64 / 1e3);
+    s.pause.push(gap as f64 / 1e3);
+    s.tool.push(op.tool_pause_us as f64);
+    s.wall.push(op.wall_us);
+    Ok(())
+}
+
+/// `livecare bench pause`.
+fn pause(a: &PauseArgs) -> Result<serde_json::Value> {
+    if a.threads == 0 || a.threads > 1000 {
+        bail!("--threads must be between 1 and 1000");
+    }
+    if a.functions == 0 || a.functions > 10000 {
+        bail!("--functions must be between 1 and 10000");
+    }
+    if a.cycles == 0 {
+        bail!("--cycles must be at least 1");
+    }
+    let dir = scratch()?;
+    let built = target::build(dir.path(), a.functions).context("building the bench target")?;
+    let mode = if a.sleeping { 's' } else { 'b' };
+    let mut t = target::Target::start(&built.exe, &dir.path().join("shm"), a.threads, mode)?;
+    let (mut p, mut u) = (Samples::default(), Samples::default());
+    let load_before = load_average();
+    for cycle in 0..a.cycles {
+        measured(&mut t, Some(&built.patch), &mut p)
+            .with_context(|| format!("cycle {cycle}: patch"))?;
+        measured(&mut t, None, &mut u).with_context(|| format!("cycle {cycle}: unpatch"))?;
+    }
+    // The patch must really have replaced every function.
+    let op = target::run_op(t.pid(), Some(&built.patch))?;
+    if op.hunks != a.functions {
+        bail!(
+            "the patch replaced {} functions, expected {}",
+            op.hunks,
+            a.functions
+        );
+    }
+    let mut doc = p.json();
+    let m = doc.as_object_mut().context("summary is an object")?;
+    m.insert(
+        "mode".into(),
+        json!(if a.sleeping { "sleeping" } else { "busy" }),
+    );
+    m.insert("threads".into(), json!(a.threads));
+    m.insert("measuring_threads".into(), json!(t.slots));
+    m.insert("functions".into(), json!(a.functions));
+    m.insert("cycles".into(), json!(a.cycles));
+    m.insert("patch".into(), p.json());
+    m.insert("unpatch".into(), u.json());
+    m.insert("loadavg_before".into(), json!(load_before));
+    m.insert("loadavg_after".into(), json!(load_average()));
+    Ok(doc)
+}
+
+/// Calls/s of the overhead target over one window, and the value `bench_f0(0)` had.
+fn call_rate(t: &target::Target, window: Duration) -> Result<(f64, u64)> {
+    let (n0, t0) = (t.load(3), Instant::now());
+    std::thread::sleep(window);
+    let (n1, t1) = (t.load(3), Instant::now());
+    if n1 <= n0 {
+        bail!("the overhead target made no calls in {window:?}");
+    }
+    Ok(((n1 - n0) as f64 / (t1 - t0).as_secs_f64(), t.load(2)))
+}
+
+/// `livecare bench overhead`.
+fn overhead(a: &OverheadArgs) -> Result<serde_json::Value> {
+    if a.rounds == 0 || a.window_ms == 0 {
+        bail!("--rounds and --window-ms must be positive");
+    }
+    let dir = scratch()?;
+    let built = target::build(dir.path(), 1).context("building the bench target")?;
+    let t = target::Target::start(&built.exe, &dir.path().join("shm"), 1, 'o')?;
+    let window = Duration::from_millis(a.window_ms);
+    // Let the counter publish once before the first window.
+    std::thread::sleep(Duration::from_millis(20));
+    let load_before = load_average();
+    let (mut orig, mut patched) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        let (r, v) = call_rate(&t, window)?;
+        if v != 1 {
+            bail!("unpatched bench_f0(0) returned {v}, expected 1");
+        }
+        orig.push(r);
+        target::run_op(t.pid(), Some(&built.patch))?;
+        std::thread::sleep(Duration::from_millis(5));
+        let (r, v) = call_rate(&t, window)?;
+        if v != 2 {
+            bail!("patched bench_f0(0) returned {v}, expected 2: the patch is not in effect");
+        }
+        patched.push(r);
+        target::run_op(t.pid(), None)?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (om, _, _) = summary(&orig);
+    let (pm, _, _) = summary(&patched);
+    Ok(json!({
+        "unpatched_calls_per_s_median": om.round(),
+        "patched_calls_per_s_median": pm.round(),
+        "ratio_patched_over_unpatched": (pm / om * 10000.0).round() / 10000.0,
+        "overhead_percent": ((1.0 - pm / om) * 10000.0).round() / 100.0,
+        "rounds": a.rounds,
+        "window_ms": a.window_ms,
+        "loadavg_before": load_before,
+        "loadavg_after": load_average(),
+    }))
+}
+
+/// Runs `f` repeatedly for at least `min` (and at least 3 times); returns seconds per run.
+fn time_per_run(min: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    let mut runs = 0u32;
+    while runs < 3 || start.elapsed() < min {
+        f()?;
+        runs += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / f64::from(runs))
+}
+
+/// `livecare bench gensrc`.
+fn gensrc(a: &GensrcArgs) -> Result<serde_json::Value> {
+    let dir = scratch()?;
+    let asm_path = if a.file.extension().is_some_and(|e| e == "c") {
+        let out = dir.path().join("input.s");
+        let st = Command::new("gcc")
+            .args(["-S", "-O2", "-g"])
+            .arg(&a.file)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .context("running gcc -S")?;
+        if !st.success() {
+            bail!("gcc -S {} failed ({st})", a.file.display());
+        }
+        out
+    } else {
+        a.file.clone()
+    };
+    let src = std::fs::read_to_string(&asm_path)
+        .with_context(|| format!("reading {}", asm_path.display()))?;
+    let lines = src.lines().count() as f64;
+    let mb = src.len() as f64 / 1e6;
+    let opts = asm_diff::Options::default();
+    let min = Duration::from_millis(a.min_ms);
+    let load_before = load_average();
+    let g = time_per_run(min, || {
+        asm_diff::gensrc(&src, &src, &opts)
+            .map(|_| ())
+            .context("gensrc of the file against itself")
+    })?;
+    let f = time_per_run(min, || {
+        asm_diff::filter(&src, &opts)
+            .map(|_| ())
+            .context("filtering the file")
+    })?;
+    Ok(json!({
+        "file": a.file.display().to_string(),
+        "lines": lines,
+        "bytes": src.len(),
+        "gensrc_s": g,
+        "gensrc_lines_per_s": (lines / g).round(),
+        "gensrc_mb_per_s": r1(mb / g),
+        "filter_s": f,
+        "filter_lines_per_s": (lines / f).round(),
+        "filter_mb_per_s": r1(mb / f),
+        "loadavg_before": load_before,
+        "loadavg_after": load_average(),
+    }))
 }

@@ -1,0 +1,338 @@
+//! The bench's own target program: generated C, built through the patch pipeline,
+//! started with a shared counter file, driven by `livecare patch`/`unpatch` runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use object::Object as _;
+
+/// The target program's source, with a `FUNCTIONS` marker for the generated code.
+const TARGET_C: &str = include_str!("../../../../../tests/fixtures/bench-target/target.c");
+/// Where the generated functions go.
+const MARKER: &str = "/*@FUNCTIONS@*/";
+/// Size of the shared file (matches the target's mapping).
+const SHM_BYTES: usize = 4096 * 8;
+/// First per-thread word of the shared file.
+const SLOT_BASE: usize = 8;
+/// How long the target's threads may take to acknowledge a generation.
+const ACK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The C source with `k` functions; `version` 1 is the original, 2 the patched one
+/// (every function returns one more). `noipa` keeps gcc from inlining them or
+/// specialising their callers on their bodies.
+pub fn source(k: usize, version: u32) -> String {
+    let mut gen = String::new();
+    for i in 0..k {
+        gen.push_str(&format!(
+            "__attribute__((noipa)) long bench_f{i}(long x)\n{{\n\tx = x * 1000003 + {i};\n\tx ^= x >> 7;\n\treturn x + {version};\n}}\n"
+        ));
+    }
+    gen.push_str(&format!(
+        "#define NFUNCTIONS {k}u\nstatic long (*const bench_table[])(long) = {{"
+    ));
+    for i in 0..k {
+        gen.push_str(&format!("bench_f{i}, "));
+    }
+    gen.push_str("};\n");
+    TARGET_C.replace(MARKER, &gen)
+}
+
+/// Runs a command and fails with its output when it fails.
+fn step(what: &str, cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("starting `{what}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{what}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The running `livecare` binary.
+pub fn livecare() -> Result<PathBuf> {
+    std::env::current_exe().context("finding the livecare executable")
+}
+
+/// A built target and its patch.
+pub struct Built {
+    /// The executable.
+    pub exe: PathBuf,
+    /// The `.kpatch` changing every generated function.
+    pub patch: PathBuf,
+}
+
+/// Builds the target with `k` functions and its patch in `dir`, the LibCare way:
+/// kept assembly, `gensrc`, link with `-Wl,-q`, the `strip` steps, `make`.
+pub fn build(dir: &Path, k: usize) -> Result<Built> {
+    const CFLAGS: [&str; 4] = ["-O2", "-g", "-pthread", "-fPIE"];
+    let lc = livecare()?;
+    let mut asm = Vec::new();
+    for (version, sub) in [(1, "orig"), (2, "patched")] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("target.c"), source(k, version))?;
+        step(
+            "gcc -S",
+            Command::new("gcc")
+                .current_dir(&d)
+                .args(CFLAGS)
+                .args(["-S", "target.c", "-o", "target.s"]),
+        )?;
+        asm.push(d.join("target.s"));
+    }
+    let link = |input: &Path, out: &Path, keep_relocs: bool| -> Result<()> {
+        let obj = input.with_extension("o");
+        step(
+            "gcc -c",
+            Command::new("gcc")
+                .args(CFLAGS)
+                .arg("-c")
+                .arg(input)
+                .arg("-o")
+                .arg(&obj),
+        )?;
+        let mut c = Command::new("gcc");
+        c.args(["-pie", "-pthread"]);
+        if keep_relocs {
+            c.arg("-Wl,-q");
+        }
+        step("gcc link", c.arg(&obj).arg("-o").arg(out))
+    };
+    let exe = dir.join("bench-target");
+    link(&asm[0], &exe, false)?;
+    let build_id = {
+        let data = std::fs::read(&exe)?;
+        let file = object::File::parse(&*data).context("parsing the built target")?;
+        let id = file
+            .build_id()
+            .context("reading the target's build-id")?
+            .context("the target has no build-id")?;
+        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let pd = dir.join("patched");
+    let aug = pd.join("aug.s");
+    step(
+        "livecare gensrc",
+        Command::new(&lc)
+            .arg("gensrc")
+            .arg("-i")
+            .arg(&asm[0])
+            .arg("-i")
+            .arg(&asm[1])
+            .arg("-o")
+            .arg(&aug),
+    )?;
+    let linked = pd.join("linked");
+    link(&aug, &linked, true)?;
+    let elf = pd.join("patch.elf");
+    step(
+        "livecare strip --strip",
+        Command::new(&lc)
+            .args(["strip", "--strip"])
+            .arg(&linked)
+            .arg(&elf),
+    )?;
+    step(
+        "strip --strip-unneeded",
+        Command::new("strip").arg("--strip-unneeded").arg(&elf),
+    )?;
+    for what in ["--rel-fixup", "--undo-link"] {
+        step(
+            &format!("livecare strip {what}"),
+            Command::new(&lc).args(["strip", what]).arg(&exe).arg(&elf),
+        )?;
+    }
+    let patch = dir.join(format!("{build_id}.kpatch"));
+    step(
+        "livecare make",
+        Command::new(&lc)
+            .args(["make", "-b", &build_id, "-i", "bench", "-o"])
+            .arg(&patch)
+            .arg(&elf),
+    )?;
+    Ok(Built { exe, patch })
+}
+
+/// The started target and the shared file it writes; killed on drop.
+pub struct Target {
+    child: Child,
+    map: *mut u64,
+    /// Threads with a measuring slot.
+    pub slots: usize,
+    generation: u64,
+}
+
+impl Target {
+    /// Starts `exe` with `threads` threads in `mode` (`b`, `s` or `o`), with the
+    /// shared file at `shm`, and waits until every thread runs.
+    pub fn start(exe: &Path, shm: &Path, threads: usize, mode: char) -> Result<Target> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(shm)
+            .with_context(|| format!("creating {}", shm.display()))?;
+        file.set_len(SHM_BYTES as u64)?;
+        // SAFETY: a fresh shared mapping of a file we sized; only accessed through
+        // atomic 8-byte operations at in-bounds, aligned offsets.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SHM_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            bail!(
+                "mapping {}: {}",
+                shm.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        let child = Command::new(exe)
+            .arg(shm)
+            .arg(threads.to_string())
+            .arg(mode.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let slots = match mode {
+            's' => threads + 1,
+            'o' => 0,
+            _ => threads,
+        };
+        let mut t = Target {
+            child,
+            map: map.cast(),
+            slots,
+            generation: 0,
+        };
+        let want = if mode == 'o' { 1 } else { slots as u64 };
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while t.load(1) < want {
+            if Instant::now() > deadline {
+                bail!("the target started {} of {want} threads", t.load(1));
+            }
+            if let Some(s) = t.child.try_wait()? {
+                bail!("the target exited ({s}) at start");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(t)
+    }
+
+    /// The target's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < SHM_BYTES / 8);
+        // SAFETY: in bounds of the live mapping (checked above), 8-aligned; the
+        // target accesses the same words atomically.
+        unsafe { &*(self.map.add(i) as *const std::sync::atomic::AtomicU64) }
+    }
+
+    /// Reads word `i` of the shared file.
+    pub fn load(&self, i: usize) -> u64 {
+        self.word(i).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Closes the current window: bumps the generation, waits until every thread
+    /// acknowledged it, and returns the largest gap (ns) any thread saw in the window.
+    pub fn close_window(&mut self) -> Result<u64> {
+        self.generation += 1;
+        let g = self.generation;
+        self.word(0).store(g, std::sync::atomic::Ordering::Release);
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        for s in 0..self.slots {
+            while self.load(SLOT_BASE + 2 * s) != g {
+                if Instant::now() > deadline {
+                    bail!("target thread {s} did not acknowledge within {ACK_TIMEOUT:?}");
+                }
+                if let Some(st) = self.child.try_wait()? {
+                    bail!("the target exited ({st})");
+                }
+                std::thread::yield_now();
+            }
+        }
+        Ok((0..self.slots)
+            .map(|s| self.load(SLOT_BASE + 2 * s + 1))
+            .max()
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // SAFETY: the mapping made in `start`, no longer used.
+        unsafe { libc::munmap(self.map.cast(), SHM_BYTES) };
+    }
+}
+
+/// One `livecare patch`/`unpatch` run: its wall time and the pause it reported.
+pub struct Op {
+    /// Wall time of the command, µs.
+    pub wall_us: f64,
+    /// Pause reported by the tool, µs.
+    pub tool_pause_us: u64,
+    /// Functions it patched or restored.
+    pub hunks: usize,
+}
+
+/// Runs `livecare patch -p PID --json PATCH` (or `unpatch` when `patch` is None).
+pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
+    let mut c = Command::new(livecare()?);
+    match patch {
+        Some(p) => c.args(["patch", "--json", "-p", &pid.to_string()]).arg(p),
+        None => c.args(["unpatch", "--json", "-p", &pid.to_string()]),
+    };
+    let start = Instant::now();
+    let out = c.output().context("running livecare")?;
+    let wall_us = start.elapsed().as_secs_f64() * 1e6;
+    let what = if patch.is_some() { "patch" } else { "unpatch" };
+    if !out.status.success() {
+        bail!(
+            "`livecare {what}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the JSON of `livecare {what}`"))?;
+    let key = if patch.is_some() {
+        "patched"
+    } else {
+        "unpatched"
+    };
+    let r = doc
+        .get(key)
+        .and_then(|v| v.get(0))
+        .with_context(|| format!("`livecare {what}` reported nothing: {doc}"))?;
+    let tool_pause_us = r
+        .get("pause_us")
+        .and_then(|v| v.as_u64())
+        .with_context(|| format!("no pause_us in {r}"))?;
+    let hunks = match r.get("hunks") {
+        Some(serde_json::Value::Array(a)) => a.len(),
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => 0,
+    };
+    Ok(Op {
+        wall_us,
+        tool_pause_us,
+        hunks,
+    })
+}

@@ -1,0 +1,113 @@
+//! `livecare bench` in its short mode: every benchmark runs against real gcc-built
+//! targets and prints its figures; the checks are on shape and sanity, never on
+//! magnitudes (CI machines differ).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `livecare bench ARGS… --json`, prints the document, and parses it.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_livecare"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running livecare bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("$ livecare bench {} --json\n{stdout}", args.join(" "));
+    assert!(
+        out.status.success(),
+        "livecare bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).expect("bench prints one JSON document")
+}
+
+fn num(doc: &Value, key: &str) -> f64 {
+    doc.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no numeric {key:?} in {doc}"))
+}
+
+/// The stable keys exist, are positive, and p99 ≥ median ≤ max.
+fn check_pause_figures(doc: &Value) {
+    for k in [
+        "pause_us_median",
+        "pause_us_p99",
+        "pause_us_max",
+        "tool_pause_us_median",
+        "wall_ms_median",
+    ] {
+        assert!(num(doc, k) > 0.0, "{k} must be positive in {doc}");
+    }
+    assert!(num(doc, "pause_us_p99") >= num(doc, "pause_us_median"));
+    assert!(num(doc, "pause_us_max") >= num(doc, "pause_us_p99"));
+    assert!(num(doc, "tool_pause_us_p99") >= num(doc, "tool_pause_us_median"));
+}
+
+#[test]
+fn pause_bench_reports_target_and_tool_pauses_for_patch_and_unpatch() {
+    for (threads, mode, functions) in [
+        ("1", "--busy", "1"),
+        ("8", "--busy", "3"),
+        ("2", "--sleeping", "2"),
+    ] {
+        let doc = bench(&[
+            "pause",
+            "--threads",
+            threads,
+            mode,
+            "--functions",
+            functions,
+            "--cycles",
+            "5",
+        ]);
+        check_pause_figures(&doc);
+        check_pause_figures(&doc["patch"]);
+        check_pause_figures(&doc["unpatch"]);
+        assert_eq!(num(&doc, "threads"), threads.parse::<f64>().unwrap());
+        assert_eq!(num(&doc, "functions"), functions.parse::<f64>().unwrap());
+        assert_eq!(num(&doc, "cycles"), 5.0);
+        let expected_mode = mode.trim_start_matches("--");
+        assert_eq!(doc["mode"], expected_mode, "{doc}");
+        // The idle window's figure is there to read the pause against.
+        assert!(num(&doc, "baseline_gap_us_median") > 0.0);
+    }
+}
+
+#[test]
+fn overhead_bench_measures_patched_and_unpatched_call_rates() {
+    let doc = bench(&["overhead", "--window-ms", "100", "--rounds", "2"]);
+    let (u, p) = (
+        num(&doc, "unpatched_calls_per_s_median"),
+        num(&doc, "patched_calls_per_s_median"),
+    );
+    assert!(u > 0.0 && p > 0.0, "{doc}");
+    let ratio = num(&doc, "ratio_patched_over_unpatched");
+    assert!((ratio - p / u).abs() < 1e-3, "{doc}");
+}
+
+#[test]
+fn gensrc_bench_compiles_a_c_file_and_reports_throughput() {
+    let c = testkit::fixture_dir("demo").join("demo.c");
+    let doc = bench(&["gensrc", c.to_str().unwrap(), "--min-ms", "50"]);
+    assert!(num(&doc, "lines") > 10.0, "{doc}");
+    for k in [
+        "gensrc_lines_per_s",
+        "filter_lines_per_s",
+        "gensrc_mb_per_s",
+    ] {
+        assert!(num(&doc, k) > 0.0, "{k} in {doc}");
+    }
+}
+
+#[test]
+fn bench_rejects_a_missing_gensrc_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_livecare"))
+        .args(["bench", "gensrc", "/nonexistent/file.s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/file.s"));
+}
