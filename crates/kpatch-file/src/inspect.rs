@@ -341,7 +341,9 @@ pub fn kpatch_info_records(view: &ElfView<'_>) -> Vec<InfoRecord> {
         let field = |d: u64| off.saturating_add(d);
         let rec = r.bytes(&"", off, KPATCH_INFO_SIZE).unwrap_or_default();
         if rec.iter().all(|&b| b == 0) && !has_reloc_in(off, end) {
-            break;
+            // A terminator; a patch linked from several objects has one per object.
+            off = end;
+            continue;
         }
         let daddr = r.u64(&"", field(0)).unwrap_or_default();
         let saddr = r.u64(&"", field(8)).unwrap_or_default();
