@@ -165,6 +165,8 @@ struct Samples {
     tool: Vec<f64>,
     /// Command wall time, µs.
     wall: Vec<f64>,
+    /// Commit attempts per command.
+    attempts: Vec<f64>,
 }
 
 impl Samples {
@@ -173,6 +175,8 @@ impl Samples {
         let (tm, t99, tmax) = summary(&self.tool);
         let (bm, b99, _) = summary(&self.baseline);
         let (wm, w99, _) = summary(&self.wall);
+        let (_, _, amax) = summary(&self.attempts);
+        let amean = self.attempts.iter().sum::<f64>() / self.attempts.len().max(1) as f64;
         json!({
             "pause_us_median": r1(pm),
             "pause_us_p99": r1(p99),
@@ -184,6 +188,8 @@ impl Samples {
             "baseline_gap_us_p99": r1(b99),
             "wall_ms_median": (wm / 10.0).round() / 100.0,
             "wall_ms_p99": (w99 / 10.0).round() / 100.0,
+            "attempts_mean": (amean * 100.0).round() / 100.0,
+            "attempts_max": amax,
         })
     }
 }
@@ -209,6 +215,7 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
     s.pause.push(gap as f64 / 1e3);
     s.tool.push(op.tool_pause_us as f64);
     s.wall.push(op.wall_us);
+    s.attempts.push(op.attempts as f64);
     Ok(())
 }
 

@@ -290,6 +290,8 @@ pub struct Op {
     pub tool_pause_us: u64,
     /// Functions it patched or restored.
     pub hunks: usize,
+    /// Commit attempts the tool reported (1 when the first stop was safe; 1 for unpatch).
+    pub attempts: u64,
 }
 
 /// Runs `livecare patch -p PID --json PATCH` (or `unpatch` when `patch` is None).
@@ -330,9 +332,11 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         Some(v) => v.as_u64().unwrap_or(0) as usize,
         None => 0,
     };
+    let attempts = r.get("attempts").and_then(|v| v.as_u64()).unwrap_or(1);
     Ok(Op {
         wall_us,
         tool_pause_us,
         hunks,
+        attempts,
     })
 }
