@@ -325,9 +325,28 @@ fn apply_one(
     let all = views(objects);
     let elf = PatchElf::parse(patch)?;
     let read_u64 = |a: u64| mem.read_u64(a).ok();
+    // A library's TLS variable may need a thread pointer to find its offset: stop one
+    // thread (the region's mmap below stops one anyway) and read its fs_base.
+    let thread_pointers: Vec<u64> =
+        if target.kind != livecare_process::ElfKind::Executable && elf.has_tls_relocations() {
+            let tid = threads.stop_one()?;
+            vec![threads.regs(tid)?.fs_base]
+        } else {
+            Vec::new()
+        };
     let lay = {
         let mut call = |addr: u64| threads.call_function(addr).map_err(Error::from);
-        elf.layout(patch, target, &view, &all, &mut call, &read_u64)?
+        elf.layout(
+            patch,
+            target,
+            &view,
+            &all,
+            &mut call,
+            &prepare::TlsMemory {
+                read_u64: &read_u64,
+                thread_pointers: &thread_pointers,
+            },
+        )?
     };
     let maps = read_maps(pid)?;
     let base = hole_near(&maps, target, lay.size).ok_or_else(|| Error::NoHole {

@@ -64,6 +64,13 @@ pub struct ObjectView {
     pub tpoff_slots: HashMap<String, u64>,
     /// Runtime GOT slot of each symbol's GLOB_DAT/JUMP_SLOT relocation.
     pub got_slots: HashMap<String, u64>,
+    /// Runtime GOT slot of each TLS symbol's DTPMOD64 (general-dynamic) relocation.
+    pub dtpmod_slots: HashMap<String, u64>,
+    /// Runtime GOT slot of each TLS symbol's DTPOFF64 (general-dynamic) relocation.
+    pub dtpoff_slots: HashMap<String, u64>,
+    /// A DTPMOD64 slot naming this object's own module (no symbol, or a symbol the
+    /// object defines): where ld.so wrote the object's TLS module id.
+    pub own_dtpmod_slot: Option<u64>,
 }
 
 impl ObjectView {
@@ -88,6 +95,9 @@ impl ObjectView {
             tls: None,
             tpoff_slots: HashMap::new(),
             got_slots: HashMap::new(),
+            dtpmod_slots: HashMap::new(),
+            dtpoff_slots: HashMap::new(),
+            own_dtpmod_slot: None,
         };
         for s in secs.iter() {
             let name =
@@ -183,6 +193,18 @@ impl ObjectView {
                         }
                         elf::R_X86_64_GLOB_DAT | elf::R_X86_64_JUMP_SLOT => {
                             v.got_slots.insert(name, slot);
+                        }
+                        elf::R_X86_64_DTPMOD64 => {
+                            let own = idx == 0 || sym.st_shndx(e) != elf::SHN_UNDEF;
+                            if own && (v.own_dtpmod_slot.is_none() || idx == 0) {
+                                v.own_dtpmod_slot = Some(slot);
+                            }
+                            if !name.is_empty() {
+                                v.dtpmod_slots.insert(name, slot);
+                            }
+                        }
+                        elf::R_X86_64_DTPOFF64 if !name.is_empty() => {
+                            v.dtpoff_slots.insert(name, slot);
                         }
                         _ => {}
                     }
@@ -412,6 +434,11 @@ impl<'a> PatchElf<'a> {
         Ok(pe)
     }
 
+    /// Whether a relocation of the patch needs a TLS variable's thread-pointer offset.
+    pub fn has_tls_relocations(&self) -> bool {
+        self.relocs.iter().any(|r| Native::is_tls(r.r_type))
+    }
+
     /// Lays out the region and resolves every symbol that does not depend on it.
     pub fn layout(
         &self,
@@ -420,7 +447,7 @@ impl<'a> PatchElf<'a> {
         view: &ObjectView,
         objects: &[(LoadedObject, ObjectView)],
         call_resolver: &mut dyn FnMut(u64) -> Result<u64, Error>,
-        read_u64: &dyn Fn(u64) -> Option<u64>,
+        mem: &TlsMemory<'_>,
     ) -> Result<Layout, Error> {
         let e = LE;
         let bad = |what: String| Error::BadPatch {
@@ -528,7 +555,7 @@ impl<'a> PatchElf<'a> {
             } else {
                 let (sname, _) = &self.secs[shndx as usize];
                 if ty == elf::STT_TLS || sname.starts_with(".tbss") || sname.starts_with(".tdata") {
-                    Some(resolve_tls(name, ty, sname, target, view, read_u64).map_err(bad)?)
+                    Some(resolve_tls(name, ty, sname, target, view, mem).map_err(bad)?)
                 } else if name.contains('@') && ty != elf::STT_SECTION {
                     // A versioned import the patched binary copy-relocated into its own
                     // .bss: the original has it only if it imported it too.
@@ -763,14 +790,23 @@ fn resolve_undefined(
     ))
 }
 
+/// What TLS resolution reads from the stopped target.
+pub struct TlsMemory<'m> {
+    /// Reads 8 bytes of the target's memory.
+    pub read_u64: &'m dyn Fn(u64) -> Option<u64>,
+    /// The thread pointer (`fs_base`) of every stopped thread.
+    pub thread_pointers: &'m [u64],
+}
+
 fn resolve_tls(
     name: &str,
     ty: u8,
     sname: &str,
     target: &LoadedObject,
     view: &ObjectView,
-    read_u64: &dyn Fn(u64) -> Option<u64>,
+    mem: &TlsMemory<'_>,
 ) -> Result<SymVal, String> {
+    let read_u64 = mem.read_u64;
     let bname = base_name(name);
     if target.kind == livecare_process::ElfKind::Executable {
         let (memsz, al) = view
@@ -801,10 +837,101 @@ fn resolve_tls(
     }
     // A library's static TLS offset is only known at run time: take it from the
     // library's own GOT slot (initial-exec TPOFF64), which ld.so has filled.
-    let slot = view.tpoff_slots.get(bname).ok_or_else(|| {
-        format!("TLS variable {name} of library {} has no initial-exec GOT slot to read its offset from", target.path)
-    })?;
-    let v =
-        read_u64(*slot).ok_or_else(|| format!("reading the TLS offset of {name} at {slot:#x}"))?;
-    Ok(SymVal::Tls(v as i64))
+    if let Some(slot) = view.tpoff_slots.get(bname) {
+        let v = read_u64(*slot)
+            .ok_or_else(|| format!("reading the TLS offset of {name} at {slot:#x}"))?;
+        return Ok(SymVal::Tls(v as i64));
+    }
+    if ty == elf::STT_SECTION {
+        return Err(format!(
+            "TLS section {sname} of library {} has no initial-exec GOT slot to read its offset from",
+            target.path
+        ));
+    }
+    static_tls_offset(name, target, view, mem).map(SymVal::Tls)
+}
+
+/// glibc's `TLS_DTV_UNALLOCATED`: a DTV entry whose block was never allocated.
+const DTV_UNALLOCATED: u64 = u64::MAX;
+/// Size of a glibc `dtv_t` entry (`{void *val; void *to_free;}`).
+const DTV_ENTRY: u64 = 16;
+/// Offset of `tcbhead_t.dtv` from the thread pointer.
+const TCB_DTV: u64 = 8;
+
+/// The thread-pointer offset of a general-dynamic TLS variable of a library, read from
+/// the running process: the module id ld.so wrote into the library's DTPMOD64 GOT slot
+/// picks the DTV entry (glibc 2.36 layout: `*(tp + 8)` is the DTV, entries are 16 bytes,
+/// `dtv[-1]` holds their count) whose block address, minus the thread pointer, is the
+/// offset. Only static TLS (a library loaded at startup) has one offset for every
+/// thread, so the block must be ld.so's (`to_free == NULL`), lie below the thread
+/// pointer, and give the same offset in every stopped thread; anything else is refused.
+fn static_tls_offset(
+    name: &str,
+    target: &LoadedObject,
+    view: &ObjectView,
+    mem: &TlsMemory<'_>,
+) -> Result<i64, String> {
+    let bname = base_name(name);
+    let lib = &target.path;
+    let read = |a: u64, what: &str| {
+        (mem.read_u64)(a)
+            .ok_or_else(|| format!("TLS variable {name}: cannot read {what} at {a:#x}"))
+    };
+    // The variable's own DTPMOD64/DTPOFF64 pair follows interposition as ld.so did;
+    // without one, the object's module id and the symbol's offset in its TLS segment.
+    let (mod_slot, var_off) = match (view.dtpmod_slots.get(bname), view.dtpoff_slots.get(bname)) {
+        (Some(m), Some(o)) => (*m, read(*o, "the DTPOFF64 GOT slot")?),
+        _ => {
+            let m = view.own_dtpmod_slot.ok_or_else(|| {
+                format!("TLS variable {name} of library {lib}: the library has no initial-exec (TPOFF64) or general-dynamic (DTPMOD64) GOT slot to learn its TLS offset from")
+            })?;
+            let off = view
+                .symtab
+                .get(bname)
+                .or_else(|| view.dynsym.get(bname))
+                .filter(|s| s.st_type == elf::STT_TLS)
+                .map(|s| s.addr)
+                .ok_or_else(|| format!("TLS symbol {name} not in {lib}"))?;
+            (m, off)
+        }
+    };
+    let modid = read(mod_slot, "the DTPMOD64 GOT slot")?;
+    if modid == 0 {
+        return Err(format!(
+            "TLS variable {name} of library {lib}: ld.so has not set its module id (slot {mod_slot:#x} is 0)"
+        ));
+    }
+    if mem.thread_pointers.is_empty() {
+        return Err(format!(
+            "TLS variable {name} of library {lib}: no stopped thread to read the thread pointer from"
+        ));
+    }
+    let mut found: Option<i64> = None;
+    for &tp in mem.thread_pointers {
+        let dtv = read(tp.wrapping_add(TCB_DTV), "the thread's DTV pointer")?;
+        let count = read(dtv.wrapping_sub(DTV_ENTRY), "the DTV length")?;
+        if modid > count {
+            return Err(format!(
+                "TLS variable {name} of library {lib}: module {modid} is beyond the DTV of the thread with fs_base {tp:#x} ({count} entries): its TLS is dynamic (dlopen'd library?)"
+            ));
+        }
+        let entry = dtv.wrapping_add(modid.wrapping_mul(DTV_ENTRY));
+        let block = read(entry, "the DTV entry")?;
+        let to_free = read(entry.wrapping_add(8), "the DTV entry")?;
+        if block == DTV_UNALLOCATED || to_free != 0 || block >= tp {
+            return Err(format!(
+                "TLS variable {name} of library {lib}: module {modid} does not use static TLS in the thread with fs_base {tp:#x} (block {block:#x}, allocated {}): a library loaded with dlopen has no fixed thread-pointer offset",
+                to_free != 0
+            ));
+        }
+        let off = block.wrapping_add(var_off).wrapping_sub(tp) as i64;
+        if found.is_some_and(|f| f != off) {
+            return Err(format!(
+                "TLS variable {name} of library {lib}: threads disagree on its thread-pointer offset ({:#x} vs {off:#x}): not static TLS",
+                found.unwrap_or_default()
+            ));
+        }
+        found = Some(off);
+    }
+    found.ok_or_else(|| format!("TLS variable {name}: no thread"))
 }

@@ -52,6 +52,7 @@ pub(crate) fn rel_fixup(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
             SectionData::Data(d) => d.to_vec(),
             _ => continue,
         };
+        let relocs = relax_general_dynamic(&b, target, &mut code, relocs)?;
         let mut kept = Vec::with_capacity(relocs.len());
         for r in relocs {
             if let Some(r) = fix_one(&mut b, &original, target, &mut code, r)? {
@@ -203,23 +204,139 @@ fn fix_one(
                 .symbol(&name)
                 .filter(|s| s.is_tls)
                 .map(|s| s.value);
-            let slot = original
-                .tls_got_slot(&name, local_offset)
-                .ok_or_else(|| Error::NoGotSlot {
-                    symbol: String::from_utf8_lossy(base_name(&name)).into_owned(),
-                    section: site.section.clone(),
-                    offset: site.offset,
-                })?;
-            retarget_to_slot(b, original, &mut r, slot, &site)?;
-            Ok(Some(r))
+            let no_slot = || Error::NoGotSlot {
+                symbol: String::from_utf8_lossy(base_name(&name)).into_owned(),
+                section: site.section.clone(),
+                offset: site.offset,
+            };
+            match original.tls_got_slot(&name, local_offset) {
+                Some(slot) => {
+                    retarget_to_slot(b, original, &mut r, slot, &site)?;
+                    Ok(Some(r))
+                }
+                // A library's own variable with no initial-exec slot (the original
+                // reaches it through __tls_get_addr): keep the GOTTPOFF against the
+                // variable; the applier computes its thread-pointer offset from the
+                // running process (static TLS) and puts it in a jump-table slot.
+                None if original.is_shared_library() && local_offset.is_some() => {
+                    Ok(Some(r))
+                }
+                None => Err(no_slot()),
+            }
         }
         Class::Unsupported => Err(site.unsupported(match r.r_type {
-            elf::R_X86_64_TLSGD | elf::R_X86_64_TLSLD | elf::R_X86_64_DTPOFF32 => {
-                "general- and local-dynamic TLS are not supported; build with -ftls-model=initial-exec"
+            elf::R_X86_64_TLSLD | elf::R_X86_64_DTPOFF32 => {
+                "local-dynamic TLS is not supported; build with -ftls-model=initial-exec or global-dynamic"
             }
             _ => "the applier cannot resolve it",
         })),
     }
+}
+
+/// `data16 lea x@tlsgd(%rip),%rdi`: the start of a general-dynamic TLS access.
+const GD_LEA: [u8; 4] = [0x66, 0x48, 0x8d, 0x3d];
+/// `data16 data16 rex.W call __tls_get_addr@PLT` (the field follows).
+const GD_CALL_PLT: [u8; 4] = [0x66, 0x66, 0x48, 0xe8];
+/// `data16 call *__tls_get_addr@GOTPCREL(%rip)` (`-fno-plt`; the field follows).
+const GD_CALL_GOT: [u8; 4] = [0x66, 0x48, 0xff, 0x15];
+/// `mov %fs:0,%rax` then `add x@gottpoff(%rip),%rax` (field last): the initial-exec
+/// form the linker relaxes a general-dynamic sequence into; same 16 bytes, same result
+/// in `%rax`.
+const IE_SEQ: [u8; 12] = [0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0, 0x48, 0x03, 0x05];
+/// `mov %fs:0,%rax; lea x@tpoff(%rax),%rax` (field last): ld's local-exec relaxation.
+const LE_SEQ: [u8; 12] = [0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0, 0x48, 0x8d, 0x80];
+
+/// Rewrites every general-dynamic TLS access in `code` (a `TLSGD` relocation and the
+/// `__tls_get_addr` call after it) into the initial-exec form, replacing the two
+/// relocations by one `GOTTPOFF` against the variable. Shared libraries loaded at
+/// startup have static TLS, so a fixed thread-pointer offset reaches the variable in
+/// every thread; the applier checks that before it resolves the offset.
+fn relax_general_dynamic(
+    b: &Builder<'_>,
+    target: SectionId,
+    code: &mut [u8],
+    relocs: Vec<Relocation>,
+) -> Result<Vec<Relocation>, Error> {
+    if !relocs.iter().any(|r| r.r_type == elf::R_X86_64_TLSGD) {
+        return Ok(relocs);
+    }
+    let sec = b.sections.get(target);
+    let (sec_addr, sec_name) = (sec.sh_addr, sec.name.to_string());
+    let mut dropped = vec![false; relocs.len()];
+    let mut added = Vec::new();
+    for r in relocs.iter().filter(|r| r.r_type == elf::R_X86_64_TLSGD) {
+        let field = r.r_offset.wrapping_sub(sec_addr);
+        let bad = |why: &str| Error::UnsupportedRelocation {
+            r_type: arch::reloc_name(r.r_type),
+            section: sec_name.clone(),
+            offset: field,
+            why: why.to_string(),
+        };
+        let start = usize::try_from(field)
+            .ok()
+            .and_then(|f| f.checked_sub(GD_LEA.len()))
+            .filter(|s| s.checked_add(16).is_some_and(|end| end <= code.len()))
+            .ok_or_else(|| bad("the general-dynamic sequence does not fit in the section"))?;
+        let call = &code[start + 8..start + 12];
+        // `ld -q` keeps the input relocations even where it relaxed the sequence itself
+        // (to initial-exec when the object has a TPOFF slot anyway, to local-exec in an
+        // executable): the bytes tell which form is there.
+        let r_type = if code[start..start + 4] == GD_LEA
+            && (call == GD_CALL_PLT || call == GD_CALL_GOT)
+        {
+            code[start..start + IE_SEQ.len()].copy_from_slice(&IE_SEQ);
+            elf::R_X86_64_GOTTPOFF
+        } else if code[start..start + IE_SEQ.len()] == IE_SEQ {
+            elf::R_X86_64_GOTTPOFF
+        } else if code[start..start + 12] == LE_SEQ {
+            elf::R_X86_64_TPOFF32
+        } else {
+            return Err(bad(
+                "not the standard general-dynamic sequence (data16 lea x@tlsgd(%rip),%rdi; call __tls_get_addr)",
+            ));
+        };
+        let call_at = r.r_offset.wrapping_add(8);
+        let call_idx = relocs
+            .iter()
+            .position(|c| {
+                c.r_offset == call_at
+                    && c.symbol.is_some_and(|s| {
+                        base_name(&b.symbols.get(s).name) == b"__tls_get_addr".as_slice()
+                    })
+            })
+            .ok_or_else(|| bad("no relocation against __tls_get_addr follows it"))?;
+        let sym = r.symbol.ok_or_else(|| bad("it has no symbol"))?;
+        let s = b.symbols.get(sym);
+        if s.st_type() == elf::STT_SECTION || s.name.is_empty() {
+            return Err(bad("general-dynamic TLS access needs a named symbol"));
+        }
+        dropped[call_idx] = true;
+        added.push(Relocation {
+            r_offset: call_at,
+            symbol: Some(sym),
+            r_type,
+            // GOTTPOFF: the field ends the `add`, %rip is 4 bytes past it.
+            // TPOFF32: the field is the variable's offset itself.
+            r_addend: if r_type == elf::R_X86_64_GOTTPOFF {
+                -4
+            } else {
+                0
+            },
+        });
+    }
+    for (r, d) in relocs.iter().zip(&mut dropped) {
+        if r.r_type == elf::R_X86_64_TLSGD {
+            *d = true;
+        }
+    }
+    let mut out: Vec<Relocation> = relocs
+        .into_iter()
+        .zip(dropped)
+        .filter_map(|(r, d)| (!d).then_some(r))
+        .collect();
+    out.extend(added);
+    out.sort_by_key(|r| r.r_offset);
+    Ok(out)
 }
 
 /// Makes `r` a `PC32` to the original's GOT slot at link-time address `slot`: section

@@ -42,9 +42,19 @@
 //!   front of a non-`mov` instruction (the applier gives them a jump-table slot as GOT
 //!   entry). No `PLT32` remains (turned into `PC32`: calls to imports go through the
 //!   applier's jump table). No `TPOFF32`: local-exec TLS offsets are link-time constants,
-//!   checked against ORIG's TLS layout and left in the code. No `GOTTPOFF`: an
-//!   initial-exec access becomes `PC32` against the placeholder of ORIG's GOT section
-//!   (`.got`) with addend = the slot's offset in that section + the original addend.
+//!   checked against ORIG's TLS layout and left in the code. An initial-exec access
+//!   (`GOTTPOFF`) becomes `PC32` against the placeholder of ORIG's GOT section (`.got`)
+//!   with addend = the slot's offset in that section + the original addend. The one
+//!   `GOTTPOFF` that remains: ORIG is a shared library that defines the variable but
+//!   has no initial-exec (`TPOFF64`) slot for it; it stays `GOTTPOFF` against the named
+//!   `STT_TLS` symbol (addend -4), and the applier puts the variable's thread-pointer
+//!   offset, read from the running process, in a jump-table slot.
+//!   General-dynamic accesses (`data16 lea x@tlsgd(%rip),%rdi` + `call __tls_get_addr`
+//!   via PLT or `*GOTPCREL`, 16 bytes) are first rewritten the way ld relaxes them, to
+//!   `mov %fs:0,%rax; add x@gottpoff(%rip),%rax` with one `GOTTPOFF` at sequence + 12
+//!   (or, where ld already relaxed them to local-exec, a checked constant), so no
+//!   `TLSGD` and no call to `__tls_get_addr` remain. Local-dynamic (`TLSLD`,
+//!   `DTPOFF32`) is refused.
 //!   A `GOTPCREL` load of a defined symbol becomes `PC32` with `mov` rewritten to `lea`,
 //!   except for an interposable global of a shared library (the executable may hold the
 //!   live copy): that one becomes `PC32` against ORIG's GOT slot (`.got` placeholder +

@@ -381,26 +381,142 @@ fn gottpoff_points_at_the_original_got_slot() -> Result<()> {
     Ok(())
 }
 
+const OWN_TLS_C: &str = r#"
+__thread int own_tls = 5;
+int getx(void) { return own_tls; }
+void report(int n) { own_tls += n; }
+"#;
+
+/// `data16 lea x@tlsgd(%rip),%rdi; data16 data16 rex.W call __tls_get_addr@PLT`.
+fn gd_plt(var: &str) -> String {
+    format!("\t.byte\t0x66\n\tleaq\t{var}@tlsgd(%rip), %rdi\n\t.value\t0x6666\n\trex64\n\tcall\t__tls_get_addr@PLT\n")
+}
+
+/// The `-fno-plt` form: `data16 lea x@tlsgd(%rip),%rdi; data16 call *__tls_get_addr@GOTPCREL(%rip)`.
+fn gd_got(var: &str) -> String {
+    format!("\t.byte\t0x66\n\tleaq\t{var}@tlsgd(%rip), %rdi\n\t.byte\t0x66\n\trex64\n\tcall\t*__tls_get_addr@GOTPCREL(%rip)\n")
+}
+
+/// `mov %fs:0,%rax; add x@gottpoff(%rip),%rax` without the 4-byte field.
+const IE_SEQ: [u8; 12] = [0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0, 0x48, 0x03, 0x05];
+
 #[test]
-fn general_dynamic_tls_is_refused_naming_type_section_and_offset() -> Result<()> {
-    let body = "\t.byte\t0x66\n\tleaq\text_tls@tlsgd(%rip), %rdi\n\t.value\t0x6666\n\trex64\n\tcall\t__tls_get_addr@PLT\n\tmovl\t(%rax), %eax\n\tret";
+fn general_dynamic_tls_becomes_initial_exec_against_the_variable() -> Result<()> {
+    // Both call forms, with a 2-byte mov after each: sequences at offsets 0 and 18.
+    let body = format!(
+        "{}\tmovl\t(%rax), %ecx\n{}\tmovl\t(%rax), %eax\n\tret",
+        gd_plt("own_tls"),
+        gd_got("own_tls")
+    );
+    let case = build(OWN_TLS_C, &kpatch_part(&body, ""), Link::Shared, &[], &[])?;
+    let (code0, _, before) = kpatch_text(&case.stripped)?;
+    let gd: Vec<u64> = before
+        .iter()
+        .filter(|r| r.r_type == elf::R_X86_64_TLSGD)
+        .map(|r| r.offset)
+        .collect();
+    assert_eq!(gd, vec![4, 22], "{before:?}");
+    assert_eq!(&code0[0..4], &[0x66, 0x48, 0x8d, 0x3d]);
+    assert_eq!(&code0[26..30], &[0x66, 0x48, 0xff, 0x15]);
+
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    for start in [0usize, 18] {
+        assert_eq!(&code[start..start + 12], &IE_SEQ, "at {start}: {code:02x?}");
+    }
+    // The instructions around the sequences are untouched.
+    assert_eq!(&code[16..18], &code0[16..18]);
+    assert_eq!(&code[34..], &code0[34..]);
+    assert!(
+        after.iter().all(|r| r.symbol != "__tls_get_addr"
+            && r.r_type != elf::R_X86_64_TLSGD
+            && r.r_type != elf::R_X86_64_PLT32),
+        "{after:?}"
+    );
+    let ie: Vec<(u64, &str, i64)> = after
+        .iter()
+        .filter(|r| r.r_type == elf::R_X86_64_GOTTPOFF)
+        .map(|r| (r.offset, r.symbol.as_str(), r.addend))
+        .collect();
+    // The original has no TPOFF64 slot for its own GD variable: the GOTTPOFF stays,
+    // against the variable, for the applier.
+    assert_eq!(
+        ie,
+        vec![(12, "own_tls", -4), (30, "own_tls", -4)],
+        "{after:?}"
+    );
+
+    let rel = patch_elf::undo_link(&case.orig, &fixed)?;
+    let (_, _, fin) = kpatch_text(&rel)?;
+    let ie: Vec<(u64, &str)> = fin
+        .iter()
+        .filter(|r| r.r_type == elf::R_X86_64_GOTTPOFF)
+        .map(|r| (r.offset, r.symbol.as_str()))
+        .collect();
+    assert_eq!(ie, vec![(12, "own_tls"), (30, "own_tls")], "{fin:?}");
+    Ok(())
+}
+
+#[test]
+fn general_dynamic_tls_uses_the_original_initial_exec_slot_when_there_is_one() -> Result<()> {
+    // ld itself relaxes this one to initial-exec (the object has a TPOFF slot for
+    // ext_tls) but keeps the TLSGD/PLT32 pair in the emitted relocations.
+    let body = format!("{}\tmovl\t(%rax), %eax\n\tret", gd_plt("ext_tls"));
     let case = build(
         EXTERN_TLS_C,
-        &kpatch_part(body, ""),
+        &kpatch_part(&body, ""),
         Link::Shared,
         &["-ftls-model=initial-exec"],
         &[],
     )?;
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    assert_eq!(&code[0..12], &IE_SEQ);
+    assert_eq!(after.len(), 1, "{after:?}");
+    let r = &after[0];
+    assert_eq!(r.r_type, elf::R_X86_64_PC32, "{after:?}");
+    assert!(r.symbol_is_section && r.symbol == ".got", "{r:?}");
+    let orig = ElfFile64::<Endianness>::parse(&*case.orig)?;
+    let got = orig.section_by_name(".got").context("orig .got")?.address();
+    let slot = tpoff64_slot(&case.orig, "ext_tls")?;
+    assert_eq!((r.offset, r.addend), (12, (slot - got) as i64 - 4));
+    Ok(())
+}
+
+#[test]
+fn general_dynamic_tls_relaxed_to_local_exec_by_ld_keeps_the_original_offset() -> Result<()> {
+    // In an executable ld relaxes the sequence to `mov %fs:0,%rax; lea x@tpoff(%rax),%rax`.
+    let c = "__thread int exe_tls = 4;\nint report(int n) { return exe_tls + n; }\nint main(void) { return report(1); }\n";
+    let body = format!("{}\tmovl\t(%rax), %eax\n\tret", gd_plt("exe_tls"));
+    let case = build(c, &kpatch_part(&body, ""), Link::Pie, &[], &[])?;
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    assert_eq!(
+        &code[0..12],
+        &[0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0, 0x48, 0x8d, 0x80]
+    );
+    // A link-time constant, checked against the original and left in the code.
+    assert!(after.is_empty(), "{after:?}");
+    let want = tpoff_of(&case.orig, "exe_tls")?;
+    assert_eq!(i32::from_le_bytes(code[12..16].try_into()?) as i64, want);
+    Ok(())
+}
+
+#[test]
+fn local_dynamic_tls_is_refused_naming_type_section_and_offset() -> Result<()> {
+    let body = "\tleaq\tlocal_tls@tlsld(%rip), %rdi\n\tcall\t__tls_get_addr@PLT\n\tmovl\tlocal_tls@dtpoff(%rax), %eax\n\tret";
+    let c = "static __thread int local_tls = 3;\nint getx(void) { return local_tls; }\nvoid report(int n) { local_tls += n; }\n";
+    let case = build(c, &kpatch_part(body, ""), Link::Shared, &[], &[])?;
     let (_, _, before) = kpatch_text(&case.stripped)?;
-    let tlsgd = before
+    let tlsld = before
         .iter()
-        .find(|r| r.r_type == elf::R_X86_64_TLSGD)
+        .find(|r| r.r_type == elf::R_X86_64_TLSLD)
         .with_context(|| format!("{before:?}"))?;
     let err = patch_elf::rel_fixup(&case.orig, &case.stripped).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("R_X86_64_TLSGD"), "{msg}");
+    assert!(msg.contains("R_X86_64_TLSLD"), "{msg}");
     assert!(msg.contains(".kpatch.text"), "{msg}");
-    assert!(msg.contains(&format!("{:#x}", tlsgd.offset)), "{msg}");
+    assert!(msg.contains(&format!("{:#x}", tlsld.offset)), "{msg}");
     Ok(())
 }
 
