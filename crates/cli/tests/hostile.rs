@@ -12,9 +12,12 @@
 //! recomputed so they reach the ELF parsers: e_shnum/e_shoff/e_shstrndx/e_shentsize,
 //! sh_offset/sh_size/sh_link/sh_info of every section, st_shndx/st_value/st_name of
 //! symbols, r_info/r_offset of relocations (offsets outside their section), huge sizes
-//! and shifted addresses in `.kpatch.info`, header offsets, a 256-byte unterminated
-//! build-id, a forged build-id (this target's id on another binary's patch) and a patch
-//! for another binary.
+//! and shifted addresses in `.kpatch.info` and in the relocations that fill it (daddr,
+//! saddr), header offsets, a 256-byte unterminated build-id, a forged build-id (this
+//! target's id on another binary's patch) and a patch for another binary.
+//!
+//! A second test replays the crashes the fuzzers found (fuzz/crashes/) through the CLI.
+//! `HOSTILE_KEEP=<dir>` keeps the target, the valid patch and every failing file.
 
 use std::collections::BTreeMap;
 use std::fs::File;
