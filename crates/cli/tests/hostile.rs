@@ -844,6 +844,16 @@ const KNOWN_FUZZ_BUGS: &[(&str, &str)] = &[
         "patch-elf passes a .gnu.hash with bloom_shift >= 64 to object's ELF writer, \
          whose write_gnu_hash shifts by it: panic with overflow checks (debug builds)",
     ),
+    (
+        "strip --rel-fixup rel_fixup-object-gnu_hash-sub-overflow",
+        "patch-elf passes a malformed .gnu.hash to object's ELF writer, whose \
+         write_gnu_hash subtracts with overflow: panic with overflow checks (debug builds)",
+    ),
+    (
+        "strip --strip strip-object-writer-huge-reserve-abort",
+        "patch-elf strip hands object's ELF writer a layout whose size is about 2^56 \
+         bytes; Vec::reserve fails and the process aborts (SIGABRT, release builds too)",
+    ),
 ];
 
 #[test]
