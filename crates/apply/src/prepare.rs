@@ -935,3 +935,103 @@ fn static_tls_offset(
     }
     found.ok_or_else(|| format!("TLS variable {name}: no thread"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A library view whose own DTPMOD64 slot is at 0x9000 and whose `var` sits at
+    /// offset 0x10 of its TLS segment.
+    fn lib() -> (LoadedObject, ObjectView) {
+        let obj = LoadedObject {
+            path: "/lib/libx.so".into(),
+            build_id: None,
+            load_bias: 0,
+            ranges: Vec::new(),
+            kind: livecare_process::ElfKind::SharedLibrary,
+            map_file: String::new(),
+            data: Vec::new().into(),
+        };
+        let mut v = ObjectView {
+            sections: HashMap::new(),
+            symtab: HashMap::new(),
+            dynsym: HashMap::new(),
+            funcs_by_addr: HashMap::new(),
+            has_symtab: true,
+            fdes: HashMap::new(),
+            tls: Some((0x20, 8)),
+            tpoff_slots: HashMap::new(),
+            got_slots: HashMap::new(),
+            dtpmod_slots: HashMap::new(),
+            dtpoff_slots: HashMap::new(),
+            own_dtpmod_slot: Some(0x9000),
+        };
+        v.symtab.insert(
+            "var".into(),
+            ObjSym {
+                addr: 0x10,
+                size: 4,
+                st_type: elf::STT_TLS,
+            },
+        );
+        (obj, v)
+    }
+
+    /// Memory of one thread with fs_base `tp`, DTV at `dtv` (3 entries) and module 2's
+    /// entry `(val, to_free)`.
+    fn thread(mem: &mut HashMap<u64, u64>, tp: u64, dtv: u64, val: u64, to_free: u64) {
+        mem.insert(0x9000, 2);
+        mem.insert(tp + 8, dtv);
+        mem.insert(dtv - 16, 3);
+        mem.insert(dtv + 32, val);
+        mem.insert(dtv + 40, to_free);
+    }
+
+    fn offset(mem: &HashMap<u64, u64>, tps: &[u64]) -> Result<i64, String> {
+        let (obj, view) = lib();
+        let read = |a: u64| mem.get(&a).copied();
+        let m = TlsMemory {
+            read_u64: &read,
+            thread_pointers: tps,
+        };
+        static_tls_offset("var", &obj, &view, &m)
+    }
+
+    #[test]
+    fn static_tls_offset_is_block_plus_variable_minus_thread_pointer() {
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0x7000_0f00, 0);
+        thread(&mut mem, 0x7100_1000, 0x6000, 0x7100_0f00, 0);
+        assert_eq!(offset(&mem, &[0x7000_1000, 0x7100_1000]), Ok(-0xf0));
+    }
+
+    #[test]
+    fn dynamic_or_missing_tls_blocks_are_refused() {
+        // malloc'd by __tls_get_addr (to_free set): a dlopen'd library.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0x5555_0000, 0x5555_0000);
+        let e = offset(&mem, &[0x7000_1000]).unwrap_err();
+        assert!(e.contains("static TLS"), "{e}");
+        // Never allocated in this thread.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, u64::MAX, 0);
+        assert!(offset(&mem, &[0x7000_1000]).is_err());
+        // Module id beyond the thread's DTV.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0x7000_0f00, 0);
+        mem.insert(0x9000, 7);
+        let e = offset(&mem, &[0x7000_1000]).unwrap_err();
+        assert!(e.contains("beyond the DTV"), "{e}");
+        // Threads that disagree.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0x7000_0f00, 0);
+        thread(&mut mem, 0x7100_1000, 0x6000, 0x7100_0e00, 0);
+        let e = offset(&mem, &[0x7000_1000, 0x7100_1000]).unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+        // Module id not written by ld.so.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0x7000_0f00, 0);
+        mem.insert(0x9000, 0);
+        assert!(offset(&mem, &[0x7000_1000]).is_err());
+    }
+}

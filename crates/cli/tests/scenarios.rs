@@ -541,7 +541,23 @@ fn library_patch_calls_into_glibc() -> Result<()> {
 fn library_patch_reads_library_tls_variable() -> Result<()> {
     // gcc's default for -fPIC: general-dynamic TLS (__tls_get_addr), relaxed by
     // rel-fixup to initial-exec; apply finds the offset through the thread's DTV.
-    lib_case("lib-tls.c", "exe=1 lib=18")
+    lib_case("lib-tls.c", "exe=1 lib=18")?;
+    // Two static TLS variables read together: local-dynamic at -O2, relaxed to
+    // thread pointer + per-variable offsets.
+    let (_d, b) = setup("scenario-lib", Flags::default())?;
+    let lib = b.library("lib-ld.c", "scen")?;
+    let exe = b.executable("orig.c", "prog", &[&lib])?;
+    let patch_ = b.patch(&lib, "lib-ld-tls.c", "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("started tls=9", WAIT)?;
+    cycle(
+        &mut p,
+        &patch_,
+        "lib_value",
+        &["exe=1 lib=57"],
+        &["exe=1 lib=1"],
+        true,
+    )
 }
 
 #[test]

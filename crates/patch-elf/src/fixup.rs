@@ -53,6 +53,7 @@ pub(crate) fn rel_fixup(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
             _ => continue,
         };
         let relocs = relax_general_dynamic(&b, target, &mut code, relocs)?;
+        let relocs = relax_local_dynamic(&b, target, &mut code, relocs)?;
         let mut kept = Vec::with_capacity(relocs.len());
         for r in relocs {
             if let Some(r) = fix_one(&mut b, &original, target, &mut code, r)? {
@@ -181,6 +182,25 @@ fn fix_one(
             }
             Ok(Some(r))
         }
+        Class::TpOff32 if original.is_shared_library() => {
+            // A library's thread-pointer offsets are only known at run time (local-dynamic
+            // accesses turned into TPOFF32 above): the applier resolves the named variable.
+            let sym_id = r
+                .symbol
+                .ok_or_else(|| site.unsupported("it has no symbol"))?;
+            let sym = b.symbols.get(sym_id);
+            if sym.st_type() == elf::STT_SECTION || sym.name.is_empty() {
+                return Err(site.unsupported("a library's TLS access needs a named symbol"));
+            }
+            if !original.symbol(&sym.name).is_some_and(|s| s.is_tls) {
+                return Err(Error::TlsSymbolMissing {
+                    symbol: String::from_utf8_lossy(base_name(&sym.name)).into_owned(),
+                    section: site.section.clone(),
+                    offset: site.offset,
+                });
+            }
+            Ok(Some(r))
+        }
         Class::TpOff32 => {
             check_tpoff(b, original, code, field, &r, &site)?;
             // The field already holds the original's offset; nothing is left to resolve.
@@ -225,8 +245,8 @@ fn fix_one(
             }
         }
         Class::Unsupported => Err(site.unsupported(match r.r_type {
-            elf::R_X86_64_TLSLD | elf::R_X86_64_DTPOFF32 => {
-                "local-dynamic TLS is not supported; build with -ftls-model=initial-exec or global-dynamic"
+            elf::R_X86_64_TLSLD | elf::R_X86_64_DTPOFF32 | elf::R_X86_64_DTPOFF64 => {
+                "local-dynamic TLS outside the standard sequence (lea x@tlsld(%rip),%rdi; call __tls_get_addr; x@dtpoff) is not supported; build with -ftls-model=initial-exec or global-dynamic"
             }
             _ => "the applier cannot resolve it",
         })),
@@ -337,6 +357,92 @@ fn relax_general_dynamic(
     out.extend(added);
     out.sort_by_key(|r| r.r_offset);
     Ok(out)
+}
+
+/// `lea x@tlsld(%rip),%rdi`: the start of a local-dynamic TLS access.
+const LD_LEA: [u8; 3] = [0x48, 0x8d, 0x3d];
+/// `data16 data16 data16 mov %fs:0,%rax`: ld's local-exec form of the 12-byte
+/// local-dynamic sequence (`lea` + `call __tls_get_addr@PLT`); `%rax` = thread pointer.
+const LD_LE_SEQ: [u8; 12] = [0x66, 0x66, 0x66, 0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0];
+
+/// Rewrites every local-dynamic TLS access in `code` the way ld relaxes it to
+/// local-exec: the `lea x@tlsld(%rip),%rdi; call __tls_get_addr` that loads the module's
+/// block address becomes a load of the thread pointer (`mov %fs:0,%rax`), and every
+/// `x@dtpoff` (`DTPOFF32`, an offset in the block) becomes `x@tpoff` (`TPOFF32`, an
+/// offset from the thread pointer). The relocations against `__tls_get_addr` go.
+fn relax_local_dynamic(
+    b: &Builder<'_>,
+    target: SectionId,
+    code: &mut [u8],
+    relocs: Vec<Relocation>,
+) -> Result<Vec<Relocation>, Error> {
+    if !relocs.iter().any(|r| r.r_type == elf::R_X86_64_TLSLD) {
+        return Ok(relocs);
+    }
+    let sec = b.sections.get(target);
+    let (sec_addr, sec_name) = (sec.sh_addr, sec.name.to_string());
+    let mut dropped = vec![false; relocs.len()];
+    for (i, r) in relocs.iter().enumerate() {
+        if r.r_type != elf::R_X86_64_TLSLD {
+            continue;
+        }
+        let field = r.r_offset.wrapping_sub(sec_addr);
+        let bad = |why: &str| Error::UnsupportedRelocation {
+            r_type: arch::reloc_name(r.r_type),
+            section: sec_name.clone(),
+            offset: field,
+            why: why.to_string(),
+        };
+        let start = usize::try_from(field)
+            .ok()
+            .and_then(|f| f.checked_sub(LD_LEA.len()))
+            .filter(|s| s.checked_add(13).is_some_and(|end| end <= code.len()))
+            .ok_or_else(|| bad("the local-dynamic sequence does not fit in the section"))?;
+        // (sequence length, offset of the call's relocation from the TLSLD field)
+        let (len, call_field) = if code[start..start + 3] == LD_LEA && code[start + 7] == 0xe8 {
+            (12, 5)
+        } else if code[start..start + 3] == LD_LEA && code[start + 7..start + 9] == [0xff, 0x15] {
+            (13, 6)
+        } else if code[start..start + 12] == LD_LE_SEQ {
+            // Already relaxed by ld (an executable): the call relocation is at +5 or +6.
+            (12, 0)
+        } else {
+            return Err(bad(
+                "not the standard local-dynamic sequence (lea x@tlsld(%rip),%rdi; call __tls_get_addr)",
+            ));
+        };
+        let is_tls_get_addr = |c: &Relocation| {
+            c.symbol
+                .is_some_and(|s| base_name(&b.symbols.get(s).name) == b"__tls_get_addr".as_slice())
+        };
+        let call_idx = relocs
+            .iter()
+            .position(|c| {
+                let off = c.r_offset.wrapping_sub(r.r_offset);
+                is_tls_get_addr(c)
+                    && (off == call_field || (call_field == 0 && (off == 5 || off == 6)))
+            })
+            .ok_or_else(|| bad("no relocation against __tls_get_addr follows it"))?;
+        if call_field != 0 {
+            // A 13-byte (-fno-plt) sequence gets one more harmless data16 prefix.
+            let seq = &mut code[start..start + len];
+            seq.fill(0x66);
+            seq[len - 9..].copy_from_slice(&LD_LE_SEQ[3..]);
+        }
+        dropped[i] = true;
+        dropped[call_idx] = true;
+    }
+    Ok(relocs
+        .into_iter()
+        .zip(dropped)
+        .filter_map(|(mut r, d)| {
+            if r.r_type == elf::R_X86_64_DTPOFF32 {
+                // %rax now holds the thread pointer, not the module's block.
+                r.r_type = elf::R_X86_64_TPOFF32;
+            }
+            (!d).then_some(r)
+        })
+        .collect())
 }
 
 /// Makes `r` a `PC32` to the original's GOT slot at link-time address `slot`: section

@@ -41,8 +41,9 @@
 //!   and `GOTPCREL`/`GOTPCRELX`/`REX_GOTPCRELX` **only against undefined symbols** or in
 //!   front of a non-`mov` instruction (the applier gives them a jump-table slot as GOT
 //!   entry). No `PLT32` remains (turned into `PC32`: calls to imports go through the
-//!   applier's jump table). No `TPOFF32`: local-exec TLS offsets are link-time constants,
-//!   checked against ORIG's TLS layout and left in the code. An initial-exec access
+//!   applier's jump table). No `TPOFF32` in an executable's patch: local-exec TLS offsets
+//!   are link-time constants, checked against ORIG's TLS layout and left in the code
+//!   (a shared library's are not: see local-dynamic below). An initial-exec access
 //!   (`GOTTPOFF`) becomes `PC32` against the placeholder of ORIG's GOT section (`.got`)
 //!   with addend = the slot's offset in that section + the original addend. The one
 //!   `GOTTPOFF` that remains: ORIG is a shared library that defines the variable but
@@ -53,8 +54,12 @@
 //!   via PLT or `*GOTPCREL`, 16 bytes) are first rewritten the way ld relaxes them, to
 //!   `mov %fs:0,%rax; add x@gottpoff(%rip),%rax` with one `GOTTPOFF` at sequence + 12
 //!   (or, where ld already relaxed them to local-exec, a checked constant), so no
-//!   `TLSGD` and no call to `__tls_get_addr` remain. Local-dynamic (`TLSLD`,
-//!   `DTPOFF32`) is refused.
+//!   `TLSGD` and no call to `__tls_get_addr` remain. Local-dynamic sequences
+//!   (`lea x@tlsld(%rip),%rdi` + `call __tls_get_addr`, 12 or 13 bytes) become
+//!   `data16… mov %fs:0,%rax`, and each `x@dtpoff` (`DTPOFF32`) a `TPOFF32`: checked
+//!   and dropped for an executable as above, but kept against the named `STT_TLS`
+//!   symbol when ORIG is a shared library, whose offsets only the applier can know.
+//!   Any other use of `TLSLD`/`DTPOFF32`/`DTPOFF64` is refused.
 //!   A `GOTPCREL` load of a defined symbol becomes `PC32` with `mov` rewritten to `lea`,
 //!   except for an interposable global of a shared library (the executable may hold the
 //!   live copy): that one becomes `PC32` against ORIG's GOT slot (`.got` placeholder +

@@ -502,11 +502,58 @@ fn general_dynamic_tls_relaxed_to_local_exec_by_ld_keeps_the_original_offset() -
     Ok(())
 }
 
+const LOCAL_TLS_C: &str = "static __thread int local_tls = 3;\nint getx(void) { return local_tls; }\nvoid report(int n) { local_tls += n; }\n";
+
 #[test]
-fn local_dynamic_tls_is_refused_naming_type_section_and_offset() -> Result<()> {
+fn local_dynamic_tls_becomes_thread_pointer_plus_tpoff32() -> Result<()> {
+    // lea (7) + call (5), then `mov local_tls@dtpoff(%rax),%eax` (8b 80 <field>).
     let body = "\tleaq\tlocal_tls@tlsld(%rip), %rdi\n\tcall\t__tls_get_addr@PLT\n\tmovl\tlocal_tls@dtpoff(%rax), %eax\n\tret";
-    let c = "static __thread int local_tls = 3;\nint getx(void) { return local_tls; }\nvoid report(int n) { local_tls += n; }\n";
-    let case = build(c, &kpatch_part(body, ""), Link::Shared, &[], &[])?;
+    let case = build(LOCAL_TLS_C, &kpatch_part(body, ""), Link::Shared, &[], &[])?;
+    let (code0, _, before) = kpatch_text(&case.stripped)?;
+    let kinds: Vec<(u64, u32)> = before.iter().map(|r| (r.offset, r.r_type)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (3, elf::R_X86_64_TLSLD),
+            (8, elf::R_X86_64_PLT32),
+            (14, elf::R_X86_64_DTPOFF32)
+        ],
+        "{before:?}"
+    );
+    let fixed = patch_elf::rel_fixup(&case.orig, &case.stripped)?;
+    let (code, _, after) = kpatch_text(&fixed)?;
+    // data16 data16 data16 mov %fs:0,%rax
+    assert_eq!(
+        &code[0..12],
+        &[0x66, 0x66, 0x66, 0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0]
+    );
+    assert_eq!(&code[12..], &code0[12..]);
+    let got: Vec<(u64, u32, &str, i64)> = after
+        .iter()
+        .map(|r| (r.offset, r.r_type, r.symbol.as_str(), r.addend))
+        .collect();
+    // The library's offsets are known only at run time: left to the applier.
+    assert_eq!(
+        got,
+        vec![(14, elf::R_X86_64_TPOFF32, "local_tls", 0)],
+        "{after:?}"
+    );
+    let rel = patch_elf::undo_link(&case.orig, &fixed)?;
+    let (_, _, fin) = kpatch_text(&rel)?;
+    assert_eq!(
+        fin.iter()
+            .map(|r| (r.offset, r.r_type, r.symbol.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(14, elf::R_X86_64_TPOFF32, "local_tls")]
+    );
+    Ok(())
+}
+
+#[test]
+fn local_dynamic_tls_outside_the_standard_sequence_is_refused_naming_type_section_and_offset(
+) -> Result<()> {
+    let body = "\tleaq\tlocal_tls@tlsld(%rip), %rdi\n\tmovl\t$0, %eax\n\tmovl\t$0, %eax\n\tret";
+    let case = build(LOCAL_TLS_C, &kpatch_part(body, ""), Link::Shared, &[], &[])?;
     let (_, _, before) = kpatch_text(&case.stripped)?;
     let tlsld = before
         .iter()
