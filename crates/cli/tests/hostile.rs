@@ -840,6 +840,11 @@ const KNOWN_FUZZ_BUGS: &[(&str, &str)] = &[
         "asm-diff parse.rs tokenizer slices a &str inside a multi-byte character: panic",
     ),
     (
+        "gensrc tokenize-span-not-char-boundary-diff",
+        "asm-diff tokenizer returns a span that ends inside a multi-byte character; \
+         diff.rs slices the operands with it: panic",
+    ),
+    (
         "strip --rel-fixup rel_fixup-object-gnu_hash-shr-overflow",
         "patch-elf passes a .gnu.hash with bloom_shift >= 64 to object's ELF writer, \
          whose write_gnu_hash shifts by it: panic with overflow checks (debug builds)",
