@@ -6,6 +6,12 @@
 //! what it suffers: each thread records the largest gap between its consecutive
 //! monotonic clock readings, so the pause figures are the truth as seen from inside,
 //! next to the pause the tool reports about itself.
+//!
+//! The observed window spans the whole command, so it also holds any preemption of the
+//! target (by the tool's own prepare work or by other load); `baseline_gap_us_*` gives
+//! the same figure over an idle window of the same length to read it against. With
+//! more busy threads than CPUs the two are equal: scheduling, not the stop, dominates.
+//! Top-level pause keys are those of `patch`; `unpatch` has its own object.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
