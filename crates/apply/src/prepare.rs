@@ -863,7 +863,7 @@ const TCB_DTV: u64 = 8;
 /// picks the DTV entry (glibc 2.36 layout: `*(tp + 8)` is the DTV, entries are 16 bytes,
 /// `dtv[-1]` holds their count) whose block address, minus the thread pointer, is the
 /// offset. Only static TLS (a library loaded at startup) has one offset for every
-/// thread, so the block must be ld.so's (`to_free == NULL`), lie below the thread
+/// thread, so the block must be ld.so's (set, `to_free == NULL`), lie below the thread
 /// pointer, and give the same offset in every stopped thread; anything else is refused.
 fn static_tls_offset(
     name: &str,
@@ -918,7 +918,9 @@ fn static_tls_offset(
         let entry = dtv.wrapping_add(modid.wrapping_mul(DTV_ENTRY));
         let block = read(entry, "the DTV entry")?;
         let to_free = read(entry.wrapping_add(8), "the DTV entry")?;
-        if block == DTV_UNALLOCATED || to_free != 0 || block >= tp {
+        // A module dlopen'd after the thread's DTV was sized has a zeroed (calloc'd)
+        // entry until __tls_get_addr fills it: 0 is as unusable as UNALLOCATED.
+        if block == DTV_UNALLOCATED || block == 0 || to_free != 0 || block >= tp {
             return Err(format!(
                 "TLS variable {name} of library {lib}: module {modid} does not use static TLS in the thread with fs_base {tp:#x} (block {block:#x}, allocated {}): a library loaded with dlopen has no fixed thread-pointer offset",
                 to_free != 0
@@ -1028,6 +1030,11 @@ mod tests {
         thread(&mut mem, 0x7100_1000, 0x6000, 0x7100_0e00, 0);
         let e = offset(&mem, &[0x7000_1000, 0x7100_1000]).unwrap_err();
         assert!(e.contains("disagree"), "{e}");
+        // dlopen'd, not yet touched by this thread: the DTV entry is still zero.
+        let mut mem = HashMap::new();
+        thread(&mut mem, 0x7000_1000, 0x5000, 0, 0);
+        let e = offset(&mem, &[0x7000_1000]).unwrap_err();
+        assert!(e.contains("static TLS"), "{e}");
         // Module id not written by ld.so.
         let mut mem = HashMap::new();
         thread(&mut mem, 0x7000_1000, 0x5000, 0x7000_0f00, 0);
