@@ -103,8 +103,12 @@ fn load_bias(data: &[u8], start: u64, off: u64) -> Option<u64> {
         }
         let (po, pv, fsz) = (ph.p_offset(endian), ph.p_vaddr(endian), ph.p_filesz(endian));
         let page_po = po & !0xfff;
-        if off >= page_po && off < po + fsz.max(1) {
-            return Some(start.wrapping_sub((pv & !0xfff) + (off - page_po)));
+        // Header values come from the file: a segment end or mapped vaddr that does
+        // not fit in 64 bits is a corrupt header, not a bias.
+        let seg_end = po.checked_add(fsz.max(1))?;
+        if off >= page_po && off < seg_end {
+            let vaddr = (pv & !0xfff).checked_add(off - page_po)?;
+            return Some(start.wrapping_sub(vaddr));
         }
     }
     None
@@ -146,7 +150,15 @@ fn build_id_from_memory(mem: &RemoteMemory, start: u64) -> Option<String> {
         if ph.p_type(endian) != elf::PT_NOTE {
             continue;
         }
-        let addr = start + ph.p_vaddr(endian) - first_vaddr;
+        // A note below the first PT_LOAD or past the address space is not in this
+        // mapping: skip it rather than read from a wrapped address.
+        let Some(addr) = ph
+            .p_vaddr(endian)
+            .checked_sub(first_vaddr)
+            .and_then(|d| start.checked_add(d))
+        else {
+            continue;
+        };
         let notes = mem
             .read_vec(addr, ph.p_memsz(endian).min(4096) as usize)
             .ok()?;
@@ -156,8 +168,12 @@ fn build_id_from_memory(mem: &RemoteMemory, start: u64) -> Option<String> {
                 u32::from_le_bytes(notes[o..o + 4].try_into().unwrap_or_default()) as usize
             };
             let (nsz, dsz, ty) = (rd(i), rd(i + 4), rd(i + 8));
-            let name_end = i + 12 + nsz.div_ceil(4) * 4;
-            let desc_end = name_end + dsz;
+            let Some(name_end) = (i + 12).checked_add(nsz.div_ceil(4) * 4) else {
+                break;
+            };
+            let Some(desc_end) = name_end.checked_add(dsz) else {
+                break;
+            };
             if desc_end > notes.len() {
                 break;
             }
@@ -267,6 +283,33 @@ mod tests {
         assert_eq!(libc.kind, ElfKind::SharedLibrary);
         assert_eq!(libc.build_id.as_ref().map(|b| b.len()), Some(40));
         assert_eq!(libc.load_bias & 0xfff, 0);
+    }
+
+    /// The fuzz crash files: 16 bytes (mapping start, file offset), then the ELF.
+    fn fuzz_case(name: &str) -> (u64, u64, Vec<u8>) {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/crashes/target_elf")
+            .join(name);
+        let d = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let start = u64::from_le_bytes(d[..8].try_into().unwrap());
+        let off = u64::from_le_bytes(d[8..16].try_into().unwrap());
+        (start, off, d[16..].to_vec())
+    }
+
+    #[test]
+    fn load_bias_of_a_segment_wrapping_past_2_pow_64_is_none() {
+        let (start, off, elf) = fuzz_case("load_bias-add-overflow");
+        assert_eq!(load_bias(&elf, start, off), None);
+    }
+
+    #[test]
+    fn build_id_from_memory_skips_a_note_below_the_first_load() {
+        let (_, _, elf) = fuzz_case("build_id_from_memory-sub-overflow");
+        // As the fuzz target does: the ELF image in this process's own memory.
+        let mut image = vec![0u8; elf.len().max(8192)];
+        image[..elf.len()].copy_from_slice(&elf);
+        let mem = RemoteMemory::open(Pid(std::process::id() as i32)).unwrap();
+        assert_eq!(build_id_from_memory(&mem, image.as_ptr() as u64), None);
     }
 
     fn own_text_addr() -> u64 {
