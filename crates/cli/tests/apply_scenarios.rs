@@ -224,10 +224,11 @@ fn library_patch_calls_glibc() -> Result<()> {
 }
 
 #[test]
-fn library_patch_reads_library_tls_variable() -> Result<()> {
+fn library_patch_reads_initial_exec_library_tls_variable() -> Result<()> {
     let s = Scratch::new()?;
     // Initial-exec TLS: the library's GOT holds the variable's offset, which the
-    // patch's GOTTPOFF slot copies (general-dynamic TLS is refused by rel-fixup).
+    // patch's GOTTPOFF slot copies. (The default general-dynamic model is covered by
+    // `library_patch_reads_library_tls_variable` in scenarios.rs.)
     let flags = Flags {
         opt: "-O2".into(),
         force_gotpcrel: true,
