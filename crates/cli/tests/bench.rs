@@ -71,8 +71,9 @@ fn pause_bench_reports_target_and_tool_pauses_for_patch_and_unpatch() {
         assert_eq!(num(&doc, "cycles"), 5.0);
         let expected_mode = mode.trim_start_matches("--");
         assert_eq!(doc["mode"], expected_mode, "{doc}");
-        // The idle window's figure is there to read the pause against.
+        // The idle window's figure and the runqueue wait are there to read the pause against.
         assert!(num(&doc, "baseline_gap_us_median") > 0.0);
+        assert!(num(&doc, "runqueue_wait_us_p99") >= num(&doc, "runqueue_wait_us_median"));
     }
 }
 

@@ -11,6 +11,9 @@
 //! target (by the tool's own prepare work or by other load); `baseline_gap_us_*` gives
 //! the same figure over an idle window of the same length to read it against. With
 //! more busy threads than CPUs the two are equal: scheduling, not the stop, dominates.
+//! `runqueue_wait_us_*` is, per command, the largest total time one target thread spent
+//! runnable but without a CPU during the window (schedstat `run_delay`; a ptrace stop
+//! does not count): when it exceeds the observed gap, preemption explains the gap.
 //! Top-level pause keys are those of `patch`; `unpatch` has its own object.
 
 use std::path::{Path, PathBuf};
@@ -173,6 +176,8 @@ struct Samples {
     wall: Vec<f64>,
     /// Commit attempts per command.
     attempts: Vec<f64>,
+    /// Largest total time one target thread waited for a CPU during the command, µs.
+    runqueue: Vec<f64>,
 }
 
 impl Samples {
@@ -182,6 +187,7 @@ impl Samples {
         let (bm, b99, _) = summary(&self.baseline);
         let (wm, w99, _) = summary(&self.wall);
         let (_, _, amax) = summary(&self.attempts);
+        let (rm, r99, _) = summary(&self.runqueue);
         let amean = self.attempts.iter().sum::<f64>() / self.attempts.len().max(1) as f64;
         json!({
             "pause_us_median": r1(pm),
@@ -194,6 +200,8 @@ impl Samples {
             "baseline_gap_us_p99": r1(b99),
             "wall_ms_median": (wm / 10.0).round() / 100.0,
             "wall_ms_p99": (w99 / 10.0).round() / 100.0,
+            "runqueue_wait_us_median": r1(rm),
+            "runqueue_wait_us_p99": r1(r99),
             "attempts_mean": (amean * 100.0).round() / 100.0,
             "attempts_max": amax,
         })
@@ -215,8 +223,16 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
     t.close_window()?;
     std::thread::sleep(Duration::from_secs_f64(idle / 1e6));
     let base = t.close_window()?;
+    let before = t.run_delays();
     let op = target::run_op(t.pid(), patch)?;
     let gap = t.close_window()?;
+    let after = t.run_delays();
+    let waited = after
+        .iter()
+        .filter_map(|(tid, a)| before.get(tid).map(|b| a.saturating_sub(*b)))
+        .max()
+        .unwrap_or(0);
+    s.runqueue.push(waited as f64 / 1e3);
     s.baseline.push(base as f64 / 1e3);
     s.pause.push(gap as f64 / 1e3);
     s.tool.push(op.tool_pause_us as f64);

@@ -236,6 +236,28 @@ impl Target {
         self.child.id()
     }
 
+    /// Time each of the target's threads has spent runnable but waiting for a CPU
+    /// (`run_delay` of /proc/PID/task/TID/schedstat), in ns, by thread id. A ptrace
+    /// stop does not count there, so it separates preemption from our stop.
+    pub fn run_delays(&self) -> std::collections::BTreeMap<u32, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(e.path().join("schedstat")) else {
+                continue;
+            };
+            if let Some(d) = text.split_whitespace().nth(1).and_then(|v| v.parse().ok()) {
+                out.insert(tid, d);
+            }
+        }
+        out
+    }
+
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
         assert!(i < SHM_BYTES / 8);
         // SAFETY: in bounds of the live mapping (checked above), 8-aligned; the
