@@ -214,12 +214,15 @@ fn label_len(s: &str) -> Option<usize> {
     (b.get(i) == Some(&b':')).then_some(i)
 }
 
+/// Bytes of a UTF-8 multi-byte character (>= 0x80) are symbol characters, as in
+/// gas: gcc emits C identifiers such as `café` in raw UTF-8. Treating every such byte
+/// alike also keeps symbol spans on char boundaries.
 fn is_sym_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c == b'.'
+    c.is_ascii_alphabetic() || c == b'_' || c == b'.' || c >= 0x80
 }
 
 fn is_sym_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'$'
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'$' || c >= 0x80
 }
 
 /// Removes a `#` comment that is not inside a string.
@@ -312,7 +315,10 @@ pub fn tokenize(s: &str) -> Vec<Token> {
                 TokKind::Sym
             }
         } else {
-            i += 1;
+            // One whole character: `i` is always on a char boundary here (every
+            // other branch stops at an ASCII byte or the end), and a span must not
+            // cut a multi-byte character, since callers slice the text with it.
+            i += s[i..].chars().next().map_or(1, char::len_utf8);
             TokKind::Punct
         };
         out.push(Token {
@@ -364,6 +370,29 @@ mod tests {
             ]
         );
         assert_eq!(p.stmts[1].args(), "\"a#b;c\"");
+    }
+
+    #[test]
+    fn utf8_identifiers_are_single_symbols_and_labels() {
+        let p = parse("ÿ_func:\n\taddl\tcafé(%rip), %eax\n");
+        assert_eq!(p.stmts[0].kind, Kind::Label);
+        assert_eq!(p.stmts[0].head, "ÿ_func");
+        let r = rename_syms(p.stmts[1].args(), |s| Some(format!("{s}.k")));
+        assert_eq!(r, "café.k(%rip), %eax");
+    }
+
+    #[test]
+    fn token_spans_never_cut_a_character() {
+        for text in [
+            "%eax, \u{55a}si",
+            "\u{6d5}12, %rdi",
+            "1\u{20ac}, \"\\\u{e9}\", %\u{e9}x, ×",
+        ] {
+            for t in tokenize(text) {
+                assert!(text.is_char_boundary(t.span.start), "{text:?} {t:?}");
+                assert!(text.is_char_boundary(t.span.end), "{text:?} {t:?}");
+            }
+        }
     }
 
     #[test]

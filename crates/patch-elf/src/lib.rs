@@ -71,6 +71,7 @@ mod fixup;
 mod original;
 mod strip;
 mod undo;
+mod validate;
 
 use object::build::elf::Builder;
 
@@ -182,10 +183,13 @@ fn is_patch_section(name: &[u8]) -> bool {
 }
 
 fn read_builder<'d>(data: &'d [u8], what: &'static str) -> Result<Builder<'d>, Error> {
-    Builder::read(data).map_err(|e| Error::Parse {
+    let b = Builder::read(data).map_err(|e| Error::Parse {
         what,
         reason: e.to_string(),
-    })
+    })?;
+    // object's writer trusts these values; hostile ones make it panic or abort.
+    validate::check(&b, data.len(), what)?;
+    Ok(b)
 }
 
 fn write_builder(b: Builder<'_>) -> Result<Vec<u8>, object::build::Error> {
