@@ -47,6 +47,9 @@ pub struct ObjSym {
 pub struct ObjectView {
     /// Section name → runtime address.
     pub sections: HashMap<String, u64>,
+    /// Section name → size (sh_size), for checking that a patch symbol placed in a
+    /// section of the object lies inside it.
+    pub section_sizes: HashMap<String, u64>,
     /// `.symtab` symbols (may be empty for stripped objects).
     pub symtab: HashMap<String, ObjSym>,
     /// `.dynsym` symbols that are defined and global/weak.
@@ -87,6 +90,7 @@ impl ObjectView {
         let secs = hdr.sections(e, data).map_err(|e| bad(e.to_string()))?;
         let mut v = ObjectView {
             sections: HashMap::new(),
+            section_sizes: HashMap::new(),
             symtab: HashMap::new(),
             dynsym: HashMap::new(),
             funcs_by_addr: HashMap::new(),
@@ -103,6 +107,7 @@ impl ObjectView {
             let name =
                 String::from_utf8_lossy(secs.section_name(e, s).unwrap_or_default()).into_owned();
             if s.sh_flags(e) & elf::SHF_ALLOC as u64 != 0 {
+                v.section_sizes.insert(name.clone(), s.sh_size(e));
                 v.sections.insert(name, s.sh_addr(e).wrapping_add(bias));
             }
         }
@@ -288,6 +293,41 @@ pub struct Layout {
 /// A relocated region image, its hunks (saved bytes not yet filled) and the
 /// location and length of the patch's relocated `.eh_frame`, if any.
 pub type Relocated = (Vec<u8>, Vec<Hunk>, Option<(u64, u64)>);
+
+/// Where the patch's code lies in the region, and where its functions start.
+#[derive(Default)]
+struct PatchCode {
+    /// (section index, region addresses) of each `.kpatch.text*` section.
+    ranges: Vec<(usize, std::ops::Range<u64>)>,
+    /// Region addresses where a function of the patch starts.
+    starts: std::collections::HashSet<u64>,
+}
+
+impl PatchCode {
+    /// A hunk's new body must be a whole function of the patch code: the jump written
+    /// into the target lands at `saddr`, so anything else executes garbage.
+    fn check_new_body(&self, name: &str, saddr: u64, slen: u32) -> Result<(), String> {
+        let Some((_, r)) = self.ranges.iter().find(|(_, r)| r.contains(&saddr)) else {
+            return Err(format!(
+                "new body of {name} at {saddr:#x} is not in the patch's .kpatch.text"
+            ));
+        };
+        if !self.starts.contains(&saddr) {
+            return Err(format!(
+                "new body of {name} at {saddr:#x} is not the start of a function of the \
+                 patch (no FUNC symbol or .eh_frame FDE starts there)"
+            ));
+        }
+        if saddr + u64::from(slen) > r.end {
+            return Err(format!(
+                "new body of {name} at {saddr:#x} ({slen} bytes) runs past the end of \
+                 .kpatch.text at {:#x}",
+                r.end
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// One relocation, decoded.
 struct Reloc {
@@ -567,6 +607,19 @@ impl<'a> PatchElf<'a> {
                             target.path
                         ))
                     })?;
+                    if ty != elf::STT_SECTION {
+                        // The patch code reads and writes this symbol: it must lie in
+                        // the object's section, or the patch corrupts whatever follows.
+                        let sec_size = view.section_sizes.get(sname).copied().unwrap_or(0);
+                        let st_size = sym.st_size(e);
+                        if val.checked_add(st_size).is_none_or(|end| end > sec_size) {
+                            return Err(bad(format!(
+                                "symbol {name}: st_value {val:#x} st_size {st_size:#x} \
+                                 lies outside {sname} of {} (size {sec_size:#x})",
+                                target.path
+                            )));
+                        }
+                    }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
                     } else {
@@ -663,7 +716,13 @@ impl<'a> PatchElf<'a> {
                     lay.sym_names[r.sym]
                 ));
             }
-            Native::apply(&mut image, place, r.r_type, &input).map_err(|m| {
+            // Only the target section is writable to the relocation: a field that
+            // spills past its end would overwrite the next section.
+            let sec_end = (sec_o + self.secs[r.target_sec].1.sh_size(e)) as usize;
+            let sec_image = image
+                .get_mut(..sec_end)
+                .ok_or("section beyond the region")?;
+            Native::apply(sec_image, place, r.r_type, &input).map_err(|m| {
                 format!(
                     "{} at {}+{:#x} (symbol {}): {m}",
                     Native::reloc_name(r.r_type),
@@ -674,6 +733,7 @@ impl<'a> PatchElf<'a> {
             })?;
         }
         // Hunks from the relocated .kpatch.info.
+        let code = self.patch_code(lay, base, &image);
         let mut hunks = Vec::new();
         if let Some(i) = lay.info_sec {
             let o = lay
@@ -716,6 +776,7 @@ impl<'a> PatchElf<'a> {
                         "new body of {name} at {saddr:#x} is not in the patch"
                     ));
                 }
+                code.check_new_body(&name, saddr, slen)?;
                 hunks.push(Hunk {
                     daddr,
                     saddr,
@@ -734,6 +795,44 @@ impl<'a> PatchElf<'a> {
             .eh_frame_sec
             .map(|(i, len)| (base + lay.sec_off[&i], len));
         Ok((image, hunks, eh))
+    }
+
+    /// The patch's code sections in the region at `base` and the function starts in
+    /// them (FUNC symbols, FDEs of the relocated `.eh_frame`, section starts).
+    fn patch_code(&self, lay: &Layout, base: u64, image: &[u8]) -> PatchCode {
+        let e = LE;
+        let mut code = PatchCode::default();
+        for (i, (name, s)) in self.secs.iter().enumerate() {
+            let is_code = name == ".kpatch.text" || name.starts_with(".kpatch.text.");
+            if !is_code || s.sh_flags(e) & elf::SHF_EXECINSTR as u64 == 0 {
+                continue;
+            }
+            let Some(o) = lay.sec_off.get(&i) else {
+                continue;
+            };
+            let start = base + o;
+            code.ranges.push((i, start..start + s.sh_size(e)));
+            code.starts.insert(start);
+        }
+        for (_, sym) in &self.syms {
+            if sym.st_type() != elf::STT_FUNC {
+                continue;
+            }
+            let shndx = sym.st_shndx(e) as usize;
+            if let Some((_, r)) = code.ranges.iter().find(|(i, _)| *i == shndx) {
+                if let Some(a) = r.start.checked_add(sym.st_value(e)) {
+                    code.starts.insert(a);
+                }
+            }
+        }
+        if let Some((i, len)) = lay.eh_frame_sec {
+            let o = lay.sec_off[&i];
+            if let Some(bytes) = image.get(o as usize..(o + len) as usize) {
+                code.starts
+                    .extend(fde_extents(bytes, base + o, 0).into_keys());
+            }
+        }
+        code
     }
 
     /// Length of the header area at the start of the region.
@@ -942,6 +1041,22 @@ fn static_tls_offset(
 mod tests {
     use super::*;
 
+    #[test]
+    fn new_body_must_be_a_function_start_inside_kpatch_text() {
+        let code = PatchCode {
+            ranges: vec![(18, 0x1000..0x1040)],
+            starts: [0x1000, 0x1020].into_iter().collect(),
+        };
+        assert!(code.check_new_body("f", 0x1000, 0x20).is_ok());
+        assert!(code.check_new_body("g", 0x1020, 0x20).is_ok());
+        let err = |a, l| code.check_new_body("f", a, l).unwrap_err();
+        assert!(err(0x1001, 4).contains("not the start of a function"));
+        assert!(err(0x0ff0, 4).contains("not in the patch's .kpatch.text"));
+        assert!(err(0x1040, 0).contains("not in the patch's .kpatch.text"));
+        assert!(err(u64::MAX - 15, 4).contains("not in the patch's .kpatch.text"));
+        assert!(err(0x1020, 0x21).contains("runs past the end"));
+    }
+
     /// A library view whose own DTPMOD64 slot is at 0x9000 and whose `var` sits at
     /// offset 0x10 of its TLS segment.
     fn lib() -> (LoadedObject, ObjectView) {
@@ -956,6 +1071,7 @@ mod tests {
         };
         let mut v = ObjectView {
             sections: HashMap::new(),
+            section_sizes: HashMap::new(),
             symtab: HashMap::new(),
             dynsym: HashMap::new(),
             funcs_by_addr: HashMap::new(),
