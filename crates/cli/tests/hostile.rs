@@ -38,30 +38,11 @@ const RUN_LIMIT: Duration = Duration::from_secs(20);
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Sub-cases known to fail because of a bug in a crate this test does not own; they
-/// are run and reported loudly but do not fail CI. Each has a reproducer in
-/// tests/fixtures/hostile-found/.
-const KNOWN_BUGS: &[(&str, &str)] = &[
-    (
-        "sym 5 (ticks) st_value+0x100000",
-        "livecare-apply: a symbol's st_value is not checked against its section \
-         (.bss of the target), so patch code writes 1 MiB past the variable: target SIGSEGV",
-    ),
-    (
-        ".rela.kpatch.info[1] saddr addend+16",
-        "livecare-apply: saddr (patch code) is not checked to be a function start, \
-         the jump lands mid-instruction in the patch: target SIGSEGV/SIGILL",
-    ),
-    (
-        ".rela.kpatch.info[1] saddr addend-16",
-        "livecare-apply: saddr (patch code) is not checked to lie inside .kpatch.text: \
-         target dies",
-    ),
-    (
-        ".rela.kpatch.info[1] saddr addend=huge",
-        "livecare-apply: saddr (patch code) is not checked to lie inside the region: \
-         the jump goes into the void, target SIGSEGV",
-    ),
-];
+/// are run and reported loudly but do not fail CI. Empty: the livecare-apply bugs this
+/// corpus found (symbol outside its section of the target, saddr not a function start
+/// of `.kpatch.text`) are fixed, and their files in tests/fixtures/hostile-found/ are
+/// replayed as regressions by `found_hostile_files_are_rejected_before_touching_the_target`.
+const KNOWN_BUGS: &[(&str, &str)] = &[];
 
 /// xorshift64*: a tiny seeded generator, so every run produces the same corpus.
 struct XorShift(u64);
@@ -829,6 +810,100 @@ fn hostile_patch_files_never_crash_livecare_nor_touch_the_target() -> Result<()>
         failures.join("\n")
     );
     Ok(())
+}
+
+/// The files in tests/fixtures/hostile-found/ (each once accepted, most then killing
+/// the target) against the prebuilt target `prog` they were made for: every one must
+/// be rejected with exit 1 and an error naming the problem, the target unchanged,
+/// running and untraced; `valid.kpatch`, the file they were derived from, still applies
+/// and unpatches cleanly.
+#[test]
+fn found_hostile_files_are_rejected_before_touching_the_target() -> Result<()> {
+    let found = fixture_dir("hostile-found");
+    let dir = Scratch::new()?;
+    // Run in place: a fresh copy could still be open for writing in a child another
+    // test thread is forking (ETXTBSY).
+    let prog = found.join("prog");
+    let mut p = Running::start(&prog, &[])?;
+    p.wait_for(BEFORE, WAIT)?;
+    let mut base = MemorySnapshot::take(p.pid())?;
+    let work = dir.join("runs");
+    std::fs::create_dir_all(&work)?;
+    // What each rejection must say, so a file is refused for its own defect.
+    let expect: &[(&str, &str)] = &[
+        ("sym-ticks-st_value-plus-1MiB.kpatch", "lies outside .bss"),
+        ("sym-ticks-st_value-huge.kpatch", "lies outside .bss"),
+        ("saddr-addend-plus-1.kpatch", "not the start of a function"),
+        ("saddr-addend-plus-16.kpatch", "not the start of a function"),
+        ("saddr-addend-minus-16.kpatch", "not in the patch"),
+        ("saddr-addend-huge.kpatch", "not in the patch"),
+        (
+            "kpatch-info-slen-past-kpatch-text.kpatch",
+            "runs past the end",
+        ),
+        ("daddr-addend-plus-1.kpatch", "no function starts there"),
+        (
+            "rela-kpatch-text-r_offset-spills-past-end.kpatch",
+            "past end of target section",
+        ),
+    ];
+    let mut files: Vec<String> = std::fs::read_dir(&found)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".kpatch") && n != "valid.kpatch")
+        .collect();
+    files.sort();
+    ensure!(
+        files.len() == expect.len(),
+        "hostile-found has {files:?}, the test expects {:?}",
+        expect.iter().map(|(f, _)| f).collect::<Vec<_>>()
+    );
+    let mut failures = Vec::new();
+    for (f, why) in expect {
+        let pid = p.pid().to_string();
+        let file = found.join(f);
+        let r = run_livecare(
+            &[
+                "patch".as_ref(),
+                "-p".as_ref(),
+                pid.as_ref(),
+                file.as_os_str(),
+            ],
+            &work,
+        )?;
+        let outcome = if r.code == Some(1) && r.signal.is_none() && r.stderr.contains(why) {
+            assert_clean(&mut p).and_then(|()| {
+                MemorySnapshot::take(p.pid())?
+                    .assert_same(&base)
+                    .context("target changed by a rejected file")
+            })
+        } else {
+            Err(anyhow::anyhow!(
+                "exit {:?} signal {:?}, stderr {:?} (want exit 1 and {why:?})",
+                r.code,
+                r.signal,
+                r.stderr.trim()
+            ))
+        };
+        match outcome {
+            Ok(()) => eprintln!("{f}: rejected: {}", r.stderr.trim()),
+            Err(e) => {
+                failures.push(format!("{f}: {e:#}"));
+                // Start afresh so the next file meets a pristine target.
+                if r.code == Some(0) || !p.is_alive() {
+                    drop(p);
+                    p = Running::start(&prog, &[])?;
+                    p.wait_for(BEFORE, WAIT)?;
+                    base = MemorySnapshot::take(p.pid())?;
+                }
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    match check_case(&mut p, &base, &found.join("valid.kpatch"), &work)? {
+        Verdict::Applied => Ok(()),
+        Verdict::Rejected => bail!("valid.kpatch was rejected"),
+    }
 }
 
 /// Crashes the fuzzers found (fuzz/crashes/), replayed through the CLI: each must fail
