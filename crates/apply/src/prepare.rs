@@ -587,6 +587,18 @@ impl<'a> PatchElf<'a> {
                     "symbol {name}: unsupported section index {shndx:#x}"
                 )));
             } else if let Some(o) = sec_off.get(&(shndx as usize)) {
+                if ty != elf::STT_SECTION {
+                    // Same for the patch's own sections: outside them lies other
+                    // patch data, the jump table or unmapped memory.
+                    let (sname, s) = &self.secs[shndx as usize];
+                    let (sec_size, st_size) = (s.sh_size(e), sym.st_size(e));
+                    if val.checked_add(st_size).is_none_or(|end| end > sec_size) {
+                        return Err(bad(format!(
+                            "symbol {name}: st_value {val:#x} st_size {st_size:#x} \
+                             lies outside the patch's {sname} (size {sec_size:#x})"
+                        )));
+                    }
+                }
                 Some(SymVal::Region(if ty == elf::STT_SECTION {
                     *o
                 } else {
