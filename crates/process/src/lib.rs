@@ -16,6 +16,7 @@ mod maps;
 mod mem;
 mod objects;
 mod threads;
+mod wake;
 
 pub use arch::Regs;
 pub use error::Error;

@@ -35,8 +35,10 @@ pub struct ThreadSet {
 
 fn waitpid(tid: i32, flags: i32) -> Result<Option<(Tid, i32)>, Error> {
     let mut status = 0;
+    // __WNOTHREAD: only this thread's tracees, so two tracers in one process (tests,
+    // parallel `-p all`) never take each other's stops.
     // SAFETY: plain syscall wrapper writing into a local int.
-    let r = unsafe { libc::waitpid(tid, &mut status, flags | libc::__WALL) };
+    let r = unsafe { libc::waitpid(tid, &mut status, flags | libc::__WALL | libc::__WNOTHREAD) };
     if r < 0 {
         return Err(Error::Wait(std::io::Error::last_os_error()));
     }
@@ -207,39 +209,24 @@ impl ThreadSet {
     /// Waits until every thread we hold is stopped (new threads included).
     fn wait_all_stopped(&mut self) -> Result<(), Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
-        let mut spins = 0u32;
+        // Block in waitpid (woken the moment a stop arrives); the timer interrupts it
+        // every millisecond so the deadline and vanished tasks are still noticed.
+        // Without a timer, poll.
+        let timer = crate::wake::WakeTimer::every(Duration::from_millis(1));
+        let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
+        let mut idle = 0u32;
         while self.threads.values().any(|t| !t.stopped) {
-            match waitpid(-1, libc::WNOHANG) {
+            match waitpid(-1, flags) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
-                    spins = 0;
+                    idle = 0;
                 }
                 Ok(None) => {
-                    if Instant::now() > deadline {
-                        let running: Vec<_> = self
-                            .threads
-                            .iter()
-                            .filter(|t| !t.1.stopped)
-                            .map(|t| t.0 .0)
-                            .collect();
-                        return Err(Error::Timeout(format!("threads {running:?} did not stop")));
-                    }
-                    // Spin briefly (stops usually arrive within microseconds), then sleep.
-                    spins += 1;
-                    if spins < 200 {
-                        std::thread::yield_now();
-                    } else {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    // Threads whose task vanished will never report: drop them.
-                    if spins.is_multiple_of(1000) {
-                        let pid = self.pid.0;
-                        self.threads.retain(|t, s| {
-                            s.stopped
-                                || std::path::Path::new(&format!("/proc/{pid}/task/{}", t.0))
-                                    .exists()
-                        });
-                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                    self.idle_tick(deadline, &mut idle)?;
+                }
+                Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {
+                    self.idle_tick(deadline, &mut idle)?;
                 }
                 Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::ECHILD) => {
                     // No traced children left: every remaining thread is gone.
@@ -250,6 +237,28 @@ impl ThreadSet {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        Ok(())
+    }
+
+    /// One empty-handed round of [`Self::wait_all_stopped`]: enforce the deadline and,
+    /// now and then, forget threads whose task vanished (they will never report).
+    fn idle_tick(&mut self, deadline: Instant, idle: &mut u32) -> Result<(), Error> {
+        if Instant::now() > deadline {
+            let running: Vec<_> = self
+                .threads
+                .iter()
+                .filter(|t| !t.1.stopped)
+                .map(|t| t.0 .0)
+                .collect();
+            return Err(Error::Timeout(format!("threads {running:?} did not stop")));
+        }
+        *idle += 1;
+        if idle.is_multiple_of(50) {
+            let pid = self.pid.0;
+            self.threads.retain(|t, s| {
+                s.stopped || std::path::Path::new(&format!("/proc/{pid}/task/{}", t.0)).exists()
+            });
         }
         Ok(())
     }
