@@ -11,6 +11,7 @@
 //! the original source back, also when a stage fails.
 
 pub mod args;
+pub mod deployed;
 pub mod pipeline;
 pub mod progress;
 pub mod project;

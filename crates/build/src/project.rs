@@ -36,6 +36,9 @@ pub struct Options {
     /// The clean command.
     pub clean_cmd: Vec<String>,
     /// Only make patches for these linked outputs (all changed ones when empty).
+    /// A path outside `srcdir` that names an existing file is a deployed binary: the
+    /// original stage must rebuild it bit for bit (same build-id), or the build stops
+    /// and says what differs.
     pub targets: Vec<PathBuf>,
     /// The `livecare` executable the wrapper scripts run.
     pub tool: PathBuf,
@@ -161,6 +164,8 @@ pub struct MadePatch {
 
 /// One patch build, stage by stage. Dropping it puts the original source back.
 pub struct Session {
+    /// Deployed binaries (`--target` files outside the tree) the original stage must match.
+    deployed: Vec<PathBuf>,
     opts: Options,
     progress: Progress,
     originals: Vec<OriginalOutput>,
@@ -177,11 +182,17 @@ impl Session {
         opts.srcdir = abs(&opts.srcdir)?;
         opts.outdir = abs(&opts.outdir)?;
         opts.workdir = abs(&opts.workdir)?;
-        opts.targets = opts
-            .targets
-            .iter()
-            .map(|t| abs(&opts.srcdir.join(t)))
-            .collect::<Result<_, _>>()?;
+        let mut deployed = Vec::new();
+        let mut in_tree = Vec::new();
+        for t in &opts.targets {
+            let here = abs(t)?;
+            if here.is_file() && !here.starts_with(&opts.srcdir) {
+                deployed.push(here);
+            } else {
+                in_tree.push(abs(&opts.srcdir.join(t))?);
+            }
+        }
+        opts.targets = in_tree;
         if !opts.srcdir.is_dir() {
             return Err(BuildError::Usage(format!(
                 "{} is not a directory",
@@ -205,6 +216,7 @@ impl Session {
         }
         let log = opts.workdir.join("build.log");
         let session = Session {
+            deployed,
             opts,
             progress,
             originals: Vec::new(),
@@ -512,6 +524,22 @@ impl Session {
         Ok(self.originals.clone())
     }
 
+    /// Checks every deployed `--target` against the original stage's outputs and
+    /// narrows the patches to the outputs they match; fails saying what differs.
+    pub fn match_deployed(&mut self) -> Result<(), BuildError> {
+        for d in &self.deployed {
+            let path =
+                crate::deployed::match_deployed(d, &self.originals).map_err(BuildError::Usage)?;
+            self.progress.note(&format!(
+                "{} is bit-identical to the deployed {} (same build-id)",
+                path.display(),
+                d.display()
+            ));
+            self.opts.targets.push(path);
+        }
+        Ok(())
+    }
+
     /// Applies the diffs to the tree, keeping copies of the files they touch.
     pub fn apply_patches(&mut self) -> Result<(), BuildError> {
         self.step(Step::ApplyPatches, |s| {
@@ -712,6 +740,7 @@ impl Session {
             }
             self.build_original()?;
         }
+        self.match_deployed()?;
         let result = self
             .apply_patches()
             .and_then(|()| self.build_patched())

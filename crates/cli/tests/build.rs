@@ -338,3 +338,82 @@ fn cmake_project_patch_applies_to_its_shared_library_in_a_running_program() {
     patch(p.pid(), &tree.join("patches"));
     p.wait_for("LOUD cmake!", WAIT).unwrap();
 }
+
+#[test]
+fn target_names_a_deployed_binary_that_the_original_stage_must_reproduce_exactly() {
+    // The deployed binary: a plain `make` of the same tree, copied out of it.
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    testkit::run_ok(Command::new("make").arg("-j2").current_dir(tree.path())).unwrap();
+    let deployed = Scratch::new().unwrap();
+    let prog = deployed.join("prog");
+    std::fs::copy(tree.join("prog"), &prog).unwrap();
+    let deployed_id = build_id_of(&prog).unwrap();
+
+    // Same tree, compiler, flags and path: the original stage reproduces it bit for bit
+    // and only its patch is made.
+    let text = ok(
+        livecare_in(
+            tree.path(),
+            &[
+                "build",
+                "-C",
+                ".",
+                "-o",
+                "patches",
+                "--clean",
+                "--target",
+                prog.to_str().unwrap(),
+                "fix.diff",
+            ],
+        ),
+        "livecare build --target deployed",
+    );
+    assert!(text.contains("bit-identical"), "{text}");
+    let made = kpatch_files(&tree.join("patches"));
+    assert_eq!(made.len(), 1, "{text}");
+    assert_eq!(
+        made[0].file_stem().unwrap().to_string_lossy(),
+        deployed_id,
+        "{text}"
+    );
+
+    // A deployed binary built with other flags: refused, saying so and why.
+    let other = Scratch::new().unwrap();
+    other.copy_fixture("build-make").unwrap();
+    testkit::run_ok(
+        Command::new("make")
+            .arg("CFLAGS=-O0 -g")
+            .current_dir(other.path()),
+    )
+    .unwrap();
+    let stale = deployed.join("stale").join("prog");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::copy(other.join("prog"), &stale).unwrap();
+    let out = livecare_in(
+        tree.path(),
+        &[
+            "build",
+            "-C",
+            ".",
+            "-o",
+            "patches2",
+            "--clean",
+            "--target",
+            stale.to_str().unwrap(),
+            "fix.diff",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("would not apply") && err.contains(".text size"),
+        "{err}"
+    );
+    assert!(err.contains(&build_id_of(&stale).unwrap()), "{err}");
+    assert_sources_restored(
+        tree.path(),
+        "build-make",
+        &["lib/counter.c", "shared/label.c"],
+    );
+}

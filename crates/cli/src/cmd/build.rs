@@ -25,6 +25,8 @@ pub struct Args {
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Only make patches for this linked output (repeatable; path relative to SRCDIR).
+    /// A file outside SRCDIR is a deployed binary: the original build must reproduce it
+    /// exactly (same build-id), or the build stops and says what differs.
     #[arg(long = "target")]
     pub targets: Vec<PathBuf>,
     /// Diff options for the assembly differ (as for kpatch_gensrc, e.g. "--force-global").
