@@ -686,7 +686,6 @@ fn patch_fails_cleanly_when_several_threads_never_leave() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs attach to tolerate exiting threads: flaky (about 1 run in 12): `ptrace SEIZE on thread N: No such file or directory (os error 2)` when a short-lived thread exits during attach"]
 fn patch_while_threads_keep_creating_threads() -> Result<()> {
     let (_d, patch_, mut p) = safety_setup("churn", 2, "patched.c")?;
     see(&mut p, "value=1")?;
@@ -701,7 +700,6 @@ fn patch_while_threads_keep_creating_threads() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs attach to tolerate exiting threads: flaky (about 1 run in 12): `ptrace SEIZE on thread N: No such file or directory (os error 2)` when a short-lived thread exits during attach"]
 fn patch_waits_while_new_threads_pass_the_return_breakpoint() -> Result<()> {
     // Worker 1 sits in value() for 1.5 s; workers 2 and 3 keep creating threads that run
     // through the same caller, past the return address the patch waits at.

@@ -9,6 +9,17 @@ use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
 /// How long we wait for threads to report a stop before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Why a task could not be seized, as /proc tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskStatus {
+    /// Already ours (a clone of a traced thread).
+    TracedByUs,
+    /// A zombie or dead task.
+    Exiting,
+    /// Anything else (traced by someone else, permissions).
+    Other,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct ThreadState {
     stopped: bool,
@@ -136,12 +147,21 @@ impl ThreadSet {
                 // later; TRACECLONE makes threads it creates ours from their first
                 // instruction, so none can run into a breakpoint untraced.
                 if ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACECLONE as u64) < 0 {
-                    match errno() {
-                        libc::ESRCH => continue, // it exited meanwhile
+                    let err = std::io::Error::last_os_error();
+                    match (err.raw_os_error(), self.task_status(tid)) {
+                        (Some(libc::ESRCH), _) => continue, // it exited meanwhile
                         // Born from a traced thread: TRACECLONE already made it ours;
                         // its first stop is on its way.
-                        libc::EPERM if self.traced_by_us(tid) => {}
-                        _ => return Err(Error::ptrace("SEIZE", tid)),
+                        (Some(libc::EPERM), Some(TaskStatus::TracedByUs)) => {}
+                        // Exiting (zombie) or already gone: nothing left to hold.
+                        (Some(libc::EPERM), None | Some(TaskStatus::Exiting)) => continue,
+                        _ => {
+                            return Err(Error::Ptrace {
+                                op: "SEIZE",
+                                tid,
+                                err,
+                            })
+                        }
                     }
                 }
                 self.threads.insert(tid, ThreadState::default());
@@ -154,13 +174,27 @@ impl ThreadSet {
         }
     }
 
-    fn traced_by_us(&self, tid: Tid) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{}/task/{}/status", self.pid.0, tid.0))
-            .unwrap_or_default();
-        let me = std::process::id().to_string();
-        status
-            .lines()
-            .any(|l| l.strip_prefix("TracerPid:").is_some_and(|v| v.trim() == me))
+    /// What /proc says of a task we could not seize; `None` when it is gone.
+    fn task_status(&self, tid: Tid) -> Option<TaskStatus> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/status", self.pid.0, tid.0)).ok()?;
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+                .unwrap_or_default()
+        };
+        if field("State:").starts_with(['Z', 'X']) {
+            return Some(TaskStatus::Exiting);
+        }
+        // The tracer is this thread (ptrace ties tracees to a thread, not a process).
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() }.to_string();
+        Some(if field("TracerPid:") == me {
+            TaskStatus::TracedByUs
+        } else {
+            TaskStatus::Other
+        })
     }
 
     /// The process.
