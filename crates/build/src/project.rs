@@ -193,6 +193,11 @@ impl Session {
             }
         }
         opts.targets = in_tree;
+        // A bad patch id would only surface when the patches are made, after the builds.
+        if let Some(id) = &opts.patch_id {
+            kpatch_file::PatchId::parse(id)
+                .map_err(|e| BuildError::Usage(format!("patch id {id:?}: {e}")))?;
+        }
         if !opts.srcdir.is_dir() {
             return Err(BuildError::Usage(format!(
                 "{} is not a directory",

@@ -417,3 +417,27 @@ fn target_names_a_deployed_binary_that_the_original_stage_must_reproduce_exactly
         &["lib/counter.c", "shared/label.c"],
     );
 }
+
+#[test]
+fn a_patch_id_that_does_not_fit_is_refused_before_building() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    let start = Instant::now();
+    let out = livecare_in(
+        tree.path(),
+        &[
+            "build",
+            "-C",
+            ".",
+            "-o",
+            "patches",
+            "-i",
+            "far-too-long",
+            "fix.diff",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("far-too-long"), "{err}");
+    assert!(!tree.join("prog").exists(), "something was built: {err}");
+}
