@@ -422,7 +422,6 @@ fn target_names_a_deployed_binary_that_the_original_stage_must_reproduce_exactly
 fn a_patch_id_that_does_not_fit_is_refused_before_building() {
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("build-make").unwrap();
-    let start = Instant::now();
     let out = livecare_in(
         tree.path(),
         &[
