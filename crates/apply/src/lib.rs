@@ -572,6 +572,47 @@ fn run_to_return(
     outcome
 }
 
+/// A contiguous range of target code covering one or more hunk writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WriteSpan {
+    start: u64,
+    len: usize,
+}
+
+/// Hunks closer than this share one read and one write in the stop (the bytes between
+/// them are rewritten with what was read in the same stop).
+const SPAN_MERGE_GAP: u64 = 256;
+
+/// Groups `(addr, new, old)` writes into spans of nearby addresses, sorted by address.
+fn write_spans(writes: &[(u64, Vec<u8>, Vec<u8>)]) -> Vec<WriteSpan> {
+    let mut ranges: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|(a, new, old)| (*a, *a + new.len().max(old.len()) as u64))
+        .collect();
+    ranges.sort_unstable();
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for (lo, hi) in ranges {
+        match spans.last_mut() {
+            Some(last) if lo <= last.1 + SPAN_MERGE_GAP => last.1 = last.1.max(hi),
+            _ => spans.push((lo, hi)),
+        }
+    }
+    spans
+        .into_iter()
+        .map(|(lo, hi)| WriteSpan {
+            start: lo,
+            len: (hi - lo) as usize,
+        })
+        .collect()
+}
+
+/// The span holding `addr` and the offset of `addr` in it (`addr` came from the same
+/// writes the spans were built from, so it is always covered).
+fn span_of(spans: &[WriteSpan], addr: u64) -> (usize, usize) {
+    let i = spans.partition_point(|s| s.start <= addr) - 1;
+    (i, (addr - spans[i].start) as usize)
+}
+
 /// Stops all threads, checks `busy`, writes `(addr, new, expected_old)` and the state
 /// word of `region`, resumes; retries with backoff until the timeout.
 #[allow(clippy::too_many_arguments)]
@@ -590,12 +631,20 @@ fn commit(
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0u32;
     let maps = read_maps(pid)?;
+    let spans = write_spans(writes);
     loop {
         attempts += 1;
         threads.interrupt_all()?;
         let res = (|| -> Result<Option<safety::Offender>, Error> {
+            // One read and one write per span of nearby hunks, not per hunk: each
+            // syscall inside the stop lengthens the pause.
+            let mut current = Vec::with_capacity(spans.len());
+            for span in &spans {
+                current.push(mem.read_vec(span.start, span.len)?);
+            }
             for (addr, _, old) in writes {
-                if mem.read_vec(*addr, old.len())? != *old {
+                let (i, off) = span_of(&spans, *addr);
+                if current[i].get(off..off + old.len()) != Some(&old[..]) {
                     return Err(Error::Verify {
                         function: busy
                             .iter()
@@ -610,15 +659,20 @@ fn commit(
             if let Some(off) = safety::first_offender(threads, mem, &maps, unwinder, busy)? {
                 return Ok(Some(off));
             }
-            let mut written = Vec::new();
-            for (addr, new, old) in writes {
-                if let Err(e) = mem.write(*addr, new) {
-                    for (a, o) in written {
-                        let _ = mem.write(a, o);
+            let mut wanted = current.clone();
+            for (addr, new, _) in writes {
+                let (i, off) = span_of(&spans, *addr);
+                wanted[i][off..off + new.len()].copy_from_slice(new);
+            }
+            for (i, span) in spans.iter().enumerate() {
+                if let Err(e) = mem.write(span.start, &wanted[i]) {
+                    // Put back the spans already written (and this one, which may be
+                    // partly written): bytes read in this same stop.
+                    for (j, done) in spans.iter().enumerate().take(i + 1) {
+                        let _ = mem.write(done.start, &current[j]);
                     }
                     return Err(e.into());
                 }
-                written.push((*addr, &old[..]));
             }
             // The state word flips inside the same stop as the jumps, so a later
             // invocation never sees jumps and state disagree.
@@ -814,6 +868,29 @@ fn commit_unpatch(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nearby_hunks_share_one_span_and_far_ones_do_not() {
+        let w = |a: u64| (a, vec![0xe9; 5], vec![0x55; 5]);
+        let writes = vec![w(0x1040), w(0x1000), w(0x1100), w(0x9000)];
+        let spans = write_spans(&writes);
+        assert_eq!(
+            spans,
+            vec![
+                WriteSpan {
+                    start: 0x1000,
+                    len: 0x105
+                },
+                WriteSpan {
+                    start: 0x9000,
+                    len: 5
+                }
+            ]
+        );
+        assert_eq!(span_of(&spans, 0x1040), (0, 0x40));
+        assert_eq!(span_of(&spans, 0x1100), (0, 0x100));
+        assert_eq!(span_of(&spans, 0x9000), (1, 0));
+    }
+
     use super::*;
     use std::sync::Arc;
 
