@@ -397,3 +397,56 @@ fn patch_all_processes_patches_every_matching_one() -> Result<()> {
     let _ = MemorySnapshot::take(a.pid())?;
     Ok(())
 }
+
+#[test]
+fn patch_all_with_parallel_jobs_patches_every_matching_process_once() -> Result<()> {
+    let s = Scratch::new()?;
+    // A define no other test uses gives this build its own build-id, so `-p all`
+    // touches only these processes.
+    let flags = Flags {
+        exe_link: Link::Pie,
+        opt: "-O2".into(),
+        force_gotpcrel: true,
+        extra: vec!["-DLIVECARE_PARALLEL_JOBS_TEST=1".into()],
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-exe"),
+        s.path(),
+        flags,
+    )?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch = b.patch(&exe, "patched-basic.c", "0001")?;
+    let mut procs = Vec::new();
+    for _ in 0..4 {
+        let mut p = Running::start(&exe.path, &[])?;
+        p.wait_for("value=1", WAIT)?;
+        procs.push(p);
+    }
+    let out = ok(&lc(&[
+        "patch",
+        "-p",
+        "all",
+        "--jobs",
+        "3",
+        path(&patch.path),
+    ]))?;
+    for p in &mut procs {
+        assert_eq!(
+            out.matches(&format!("in pid {} ", p.pid())).count(),
+            1,
+            "pid {} not patched exactly once:\n{out}",
+            p.pid()
+        );
+        p.drain();
+        p.wait_for("value=2", WAIT)?;
+        let (state, tracer) = p.proc_state()?;
+        assert!(tracer == 0 && !state.starts_with('t'), "{state} {tracer}");
+    }
+    ok(&lc(&["unpatch", "-p", "all", &exe.build_id]))?;
+    for p in &mut procs {
+        p.drain();
+        p.wait_for("value=1", WAIT)?;
+    }
+    Ok(())
+}

@@ -19,8 +19,81 @@ pub struct Args {
     /// Seconds to wait for threads to leave the functions being replaced.
     #[arg(long, default_value_t = 3.0)]
     pub timeout: f64,
+    /// With `-p all`: how many processes to patch at once (default: one per CPU).
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Patch file or directory.
     pub patch: std::path::PathBuf,
+}
+
+/// What happened to one process of `-p all`.
+enum Outcome {
+    /// No object any patch is for (or the process went away): not counted.
+    Skipped,
+    /// Patched.
+    Patched(Vec<ApplyReport>),
+    /// Failed; the message says why.
+    Failed(ApplyError),
+}
+
+/// Patches one process; with `all`, processes without a matching object are skipped.
+fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Options) -> Outcome {
+    if all {
+        // Only processes with an object some patch is for count; the others
+        // (including ones we cannot read or that exit meanwhile) are skipped.
+        let Ok(objects) = livecare_process::loaded_objects(pid) else {
+            return Outcome::Skipped;
+        };
+        if !objects.iter().any(|o| {
+            patches
+                .iter()
+                .any(|p| o.build_id.as_deref() == Some(p.build_id.as_str()))
+        }) {
+            return Outcome::Skipped;
+        }
+    }
+    match livecare_apply::apply(pid, patches, opts) {
+        Ok(reports) => Outcome::Patched(reports),
+        Err(ApplyError::NoMatchingObject { .. }) if all => Outcome::Skipped,
+        Err(e)
+            if all
+                && matches!(e, ApplyError::Process(_))
+                && !std::path::Path::new(&format!("/proc/{}", pid.0)).exists() =>
+        {
+            Outcome::Skipped
+        }
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// Runs `patch_one` over `pids` on up to `jobs` threads (each thread is the ptrace
+/// tracer of the processes it takes); outcomes come back in `pids` order.
+fn patch_all(
+    pids: &[Pid],
+    jobs: usize,
+    patches: &[livecare_apply::Patch],
+    opts: &Options,
+) -> Vec<Outcome> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::with_capacity(pids.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, pids.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&pid) = pids.get(i) else { break };
+                let outcome = patch_one(pid, true, patches, opts);
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, outcome));
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, o)| o).collect()
 }
 
 /// The processes `-p` names: one pid, or every process but ourselves, init and
@@ -88,34 +161,24 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let (pids, all) = targets(&args.pid)?;
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();
-    for pid in pids {
-        if all {
-            // Only processes with an object some patch is for count; the others
-            // (including ones we cannot read or that exit meanwhile) are skipped.
-            let Ok(objects) = livecare_process::loaded_objects(pid) else {
-                continue;
-            };
-            if !objects.iter().any(|o| {
-                patches
-                    .iter()
-                    .any(|p| o.build_id.as_deref() == Some(p.build_id.as_str()))
-            }) {
-                continue;
+    let outcomes = if all {
+        let jobs = args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        patch_all(&pids, jobs, &patches, &opts)
+    } else {
+        pids.iter()
+            .map(|&pid| patch_one(pid, false, &patches, &opts))
+            .collect()
+    };
+    for (pid, outcome) in pids.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Skipped => {}
+            Outcome::Patched(reports) => ok.extend(reports),
+            Outcome::Failed(e) if !all => {
+                return Err(anyhow::Error::new(e).context(format!("patching pid {pid}")));
             }
-        }
-        match livecare_apply::apply(pid, &patches, &opts) {
-            Ok(reports) => ok.extend(reports),
-            Err(ApplyError::NoMatchingObject { .. }) if all => {}
-            Err(e)
-                if all
-                    && matches!(e, ApplyError::Process(_))
-                    && !std::path::Path::new(&format!("/proc/{}", pid.0)).exists() => {}
-            Err(e) => {
-                if !all {
-                    return Err(anyhow::Error::new(e).context(format!("patching pid {pid}")));
-                }
-                failed.push((pid, format!("{e}")));
-            }
+            Outcome::Failed(e) => failed.push((*pid, format!("{e}"))),
         }
     }
     if args.json {
