@@ -195,17 +195,22 @@ const PROT_RX: u64 = (libc::PROT_READ | libc::PROT_EXEC) as u64;
 /// no matching object are skipped; if none matches, that is an error. If one patch
 /// fails, those applied before it in this call are removed again.
 pub fn apply(pid: Pid, patches: &[Patch], opts: &Options) -> Result<Vec<ApplyReport>, Error> {
+    // A dead pid or a kernel thread is named as such, before /proc is read for objects.
     check_pid(pid)?;
-    let objects = loaded_objects(pid)?;
-    let matching: Vec<&Patch> = patches
-        .iter()
-        .filter(|p| {
-            objects
-                .iter()
-                .any(|o| o.build_id.as_deref() == Some(&p.build_id))
-        })
-        .collect();
-    if matching.is_empty() {
+    apply_to_objects(pid, patches, loaded_objects(pid)?, opts)
+}
+
+/// Like [`apply`], with the process's loaded objects already read by the caller
+/// (`-p all` reads them once to pick the processes; reading every object file again
+/// per step would dominate the per-process cost).
+pub fn apply_to_objects(
+    pid: Pid,
+    patches: &[Patch],
+    objects: Vec<LoadedObject>,
+    opts: &Options,
+) -> Result<Vec<ApplyReport>, Error> {
+    check_pid(pid)?;
+    if matching_patches(patches, &objects).is_empty() {
         let loaded = objects
             .iter()
             .filter_map(|o| o.build_id.as_ref().map(|b| format!("{} {}", o.name(), b)))
@@ -223,9 +228,21 @@ pub fn apply(pid: Pid, patches: &[Patch], opts: &Options) -> Result<Vec<ApplyRep
         });
     }
     let mut threads = ThreadSet::seize(pid)?;
-    let done = apply_held(&mut threads, patches, opts)?;
+    let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
     threads.detach_all()?;
     Ok(done)
+}
+
+/// The patches some loaded object has the build-id of.
+pub fn matching_patches<'p>(patches: &'p [Patch], objects: &[LoadedObject]) -> Vec<&'p Patch> {
+    patches
+        .iter()
+        .filter(|p| {
+            objects
+                .iter()
+                .any(|o| o.build_id.as_deref() == Some(&p.build_id))
+        })
+        .collect()
 }
 
 /// Like [`apply`], on threads the caller already holds (they stay held).
@@ -235,17 +252,19 @@ pub fn apply_held(
     opts: &Options,
 ) -> Result<Vec<ApplyReport>, Error> {
     let objects = loaded_objects(threads.pid())?;
-    let matching: Vec<&Patch> = patches
-        .iter()
-        .filter(|p| {
-            objects
-                .iter()
-                .any(|o| o.build_id.as_deref() == Some(&p.build_id))
-        })
-        .collect();
+    apply_with_objects(threads, patches, &objects, opts)
+}
+
+/// Applies every patch matching `objects` on held threads; all or nothing.
+fn apply_with_objects(
+    threads: &mut ThreadSet,
+    patches: &[Patch],
+    objects: &[LoadedObject],
+    opts: &Options,
+) -> Result<Vec<ApplyReport>, Error> {
     let mut done: Vec<ApplyReport> = Vec::new();
-    for p in matching {
-        match apply_one(threads, p, &objects, opts) {
+    for p in matching_patches(patches, objects) {
+        match apply_one(threads, p, objects, opts) {
             Ok(r) => done.push(r),
             Err(e) => {
                 for r in done.iter().rev() {

@@ -38,21 +38,20 @@ enum Outcome {
 
 /// Patches one process; with `all`, processes without a matching object are skipped.
 fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Options) -> Outcome {
-    if all {
+    let result = if all {
         // Only processes with an object some patch is for count; the others
         // (including ones we cannot read or that exit meanwhile) are skipped.
         let Ok(objects) = livecare_process::loaded_objects(pid) else {
             return Outcome::Skipped;
         };
-        if !objects.iter().any(|o| {
-            patches
-                .iter()
-                .any(|p| o.build_id.as_deref() == Some(p.build_id.as_str()))
-        }) {
+        if livecare_apply::matching_patches(patches, &objects).is_empty() {
             return Outcome::Skipped;
         }
-    }
-    match livecare_apply::apply(pid, patches, opts) {
+        livecare_apply::apply_to_objects(pid, patches, objects, opts)
+    } else {
+        livecare_apply::apply(pid, patches, opts)
+    };
+    match result {
         Ok(reports) => Outcome::Patched(reports),
         Err(ApplyError::NoMatchingObject { .. }) if all => Outcome::Skipped,
         Err(e)
