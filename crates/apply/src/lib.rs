@@ -653,7 +653,10 @@ fn commit(
     let spans = write_spans(writes);
     loop {
         attempts += 1;
+        let t0 = Instant::now();
         threads.interrupt_all()?;
+        let t_stopped = Instant::now();
+        let mut t_checked = t_stopped;
         let res = (|| -> Result<Option<safety::Offender>, Error> {
             // One read and one write per span of nearby hunks, not per hunk: each
             // syscall inside the stop lengthens the pause.
@@ -678,6 +681,7 @@ fn commit(
             if let Some(off) = safety::first_offender(threads, mem, &maps, unwinder, busy)? {
                 return Ok(Some(off));
             }
+            t_checked = Instant::now();
             let mut wanted = current.clone();
             for (addr, new, _) in writes {
                 let (i, off) = span_of(&spans, *addr);
@@ -706,7 +710,15 @@ fn commit(
                 if opts.hold {
                     return Ok((Duration::ZERO, attempts));
                 }
+                let t_written = Instant::now();
                 threads.resume_all()?;
+                tracing::debug!(
+                    interrupt_us = (t_stopped - t0).as_micros() as u64,
+                    check_us = (t_checked - t_stopped).as_micros() as u64,
+                    write_us = (t_written - t_checked).as_micros() as u64,
+                    resume_us = t_written.elapsed().as_micros() as u64,
+                    "{action} commit phases"
+                );
                 return Ok((threads.watch.last.unwrap_or_default(), attempts));
             }
             Ok(Some(off)) => {

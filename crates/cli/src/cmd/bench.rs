@@ -209,9 +209,11 @@ impl Samples {
 }
 
 /// A scratch directory for a benchmark's files.
+/// `LIVECARE_BENCH_KEEP=1` keeps it (target and patch), for profiling by hand.
 fn scratch() -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("livecare-bench-")
+        .disable_cleanup(std::env::var_os("LIVECARE_BENCH_KEEP").is_some())
         .tempdir()
         .context("creating a temporary directory")
 }
