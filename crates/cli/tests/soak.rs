@@ -1,0 +1,590 @@
+//! Soak (issue 7): `livecare patch` / `livecare unpatch` cycles on a multi-threaded
+//! gcc-built TCP server (tests/fixtures/soak-server) while client threads keep sending
+//! requests as fast as they can, over persistent connections (one request at a time,
+//! or pipelined bursts) and over a fresh connection per request.
+//!
+//! Every answer names the version and a checksum of the payload, both computed by the
+//! two functions the patch replaces, so each field must be exactly the old or exactly
+//! the new result (a request that straddles the switch may take one field from each,
+//! which is counted, never garbage). After every command the test sends its own probe
+//! and requires the answer to be entirely new (after patch) or entirely old (after
+//! unpatch). At the end: zero failed requests, every command exited 0, the server is
+//! alive with all its threads, none of them stopped or traced, the server counted
+//! exactly the answers the clients received, no patch is left applied, and the code
+//! and mappings are as before the first cycle.
+//!
+//! Cycles: `LIVECARE_SOAK_CYCLES` (default 100, the CI size).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use testkit::patchbuild::{Builder, Flags};
+use testkit::{fixture_dir, MemorySnapshot, Running, Scratch};
+
+const LIVECARE: &str = env!("CARGO_BIN_EXE_livecare");
+/// Worker threads of the server (it also has a main and an accept thread).
+const WORKERS: usize = 8;
+/// A request that takes longer than this counts as failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const OLD_VERSION: &str = "soak-1.0";
+const NEW_VERSION: &str = "soak-2.0-patched";
+/// Passes over the payload in both checksum() variants (CHECKSUM_ROUNDS in the C code).
+const ROUNDS: usize = 1024;
+
+/// checksum() of orig.c: FNV-1a, ROUNDS passes.
+fn old_checksum(payload: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for _ in 0..ROUNDS {
+        for &b in payload {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// checksum() of patched.c: rotate-xor-multiply, ROUNDS passes.
+fn new_checksum(payload: &[u8]) -> u64 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..ROUNDS {
+        for &b in payload {
+            h = h.rotate_left(5) ^ u64::from(b);
+            h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    h
+}
+
+/// Which code produced a field of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Old,
+    New,
+}
+
+/// A request payload with the answers of both checksum() variants, computed once: the
+/// clients draw from a table so that checking an answer costs them nothing.
+struct Payload {
+    text: String,
+    old: u64,
+    new: u64,
+}
+
+impl Payload {
+    fn new(text: String) -> Payload {
+        Payload {
+            old: old_checksum(text.as_bytes()),
+            new: new_checksum(text.as_bytes()),
+            text,
+        }
+    }
+}
+
+/// Payloads of varying length (13..=56 bytes) and content.
+fn payload_table() -> Vec<Payload> {
+    (0..64)
+        .map(|k| Payload::new(format!("payload{k}-{}", "x~".repeat(k % 23))))
+        .collect()
+}
+
+/// Checks the answer to request `seq payload`: the sequence number echoes, the version
+/// and the checksum are each exactly old or exactly new. Returns (version, checksum).
+fn classify(seq: &str, p: &Payload, answer: &str) -> Result<(Code, Code), String> {
+    let mut f = answer.trim_end_matches('\n').split(' ');
+    let (Some(s), Some(v), Some(c), None) = (f.next(), f.next(), f.next(), f.next()) else {
+        return Err(format!("malformed answer {answer:?} to {seq} {}", p.text));
+    };
+    if s != seq {
+        return Err(format!("answer {answer:?} for sequence {seq}"));
+    }
+    let version = match v {
+        OLD_VERSION => Code::Old,
+        NEW_VERSION => Code::New,
+        _ => return Err(format!("garbage version in {answer:?}")),
+    };
+    let sum = u64::from_str_radix(c, 16).map_err(|_| format!("bad checksum in {answer:?}"))?;
+    let checksum = if c.len() != 16 {
+        return Err(format!("bad checksum width in {answer:?}"));
+    } else if sum == p.old {
+        Code::Old
+    } else if sum == p.new {
+        Code::New
+    } else {
+        return Err(format!(
+            "checksum {c} of {:?} is neither old {:016x} nor new {:016x}",
+            p.text, p.old, p.new
+        ));
+    };
+    Ok((version, checksum))
+}
+
+/// Counters shared by the load clients.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    /// Answers received and accepted.
+    ok: AtomicU64,
+    /// Failed requests (connect, write, read, timeout, malformed or garbage answer).
+    failed: AtomicU64,
+    /// Answers whose two fields were both old / both new / one of each.
+    all_old: AtomicU64,
+    all_new: AtomicU64,
+    mixed: AtomicU64,
+    /// The first failure messages.
+    errors: Mutex<Vec<String>>,
+}
+
+impl Load {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        if e.len() < 20 {
+            e.push(what);
+        }
+    }
+
+    fn record(&self, kinds: (Code, Code)) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        match kinds {
+            (Code::Old, Code::Old) => &self.all_old,
+            (Code::New, Code::New) => &self.all_new,
+            _ => &self.mixed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How a load client talks to the server.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// One connection, `n` requests written at once, then `n` answers read.
+    Persistent(usize),
+    /// A new connection for every request (closed with an RST, so no TIME_WAIT pile-up).
+    Fresh,
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Makes the next close send an RST (SO_LINGER 0).
+fn linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket fd and a correctly sized, initialised linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Sends `reqs` (each `(seq, payload)`) on `conn` and checks each answer; an I/O
+/// error drops the connection.
+fn exchange(
+    conn: &mut Option<BufReader<TcpStream>>,
+    addr: SocketAddr,
+    reqs: &[(String, &Payload)],
+) -> Result<Vec<(Code, Code)>, String> {
+    if conn.is_none() {
+        *conn = Some(BufReader::new(
+            connect(addr).map_err(|e| format!("connect: {e}"))?,
+        ));
+    }
+    let r = (|| {
+        let c = conn.as_mut().expect("connected above");
+        let mut msg = String::new();
+        for (seq, payload) in reqs {
+            msg.push_str(&format!("{seq} {}\n", payload.text));
+        }
+        c.get_mut()
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut kinds = Vec::with_capacity(reqs.len());
+        for (seq, payload) in reqs {
+            let mut line = String::new();
+            match c.read_line(&mut line) {
+                Ok(0) => return Err(format!("connection closed before the answer to {seq}")),
+                Ok(_) => kinds.push(classify(seq, payload, &line)?),
+                Err(e) => return Err(format!("read (answer to {seq}): {e}")),
+            }
+        }
+        Ok(kinds)
+    })();
+    if r.is_err() {
+        *conn = None;
+    }
+    r
+}
+
+/// A load client: requests until `load.stop`, each failure counted and the
+/// connection reopened.
+fn client(id: usize, mode: Mode, addr: SocketAddr, payloads: &[Payload], load: &Load) {
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    let mut n = 0u64;
+    while !load.stop.load(Ordering::Relaxed) {
+        let batch = match mode {
+            Mode::Persistent(b) => b,
+            Mode::Fresh => 1,
+        };
+        let reqs: Vec<(String, &Payload)> = (0..batch)
+            .map(|_| {
+                n += 1;
+                let p = &payloads[(n as usize * 7 + id) % payloads.len()];
+                (format!("c{id}.{n}"), p)
+            })
+            .collect();
+        match exchange(&mut conn, addr, &reqs) {
+            Ok(kinds) => kinds.into_iter().for_each(|k| load.record(k)),
+            Err(e) => {
+                // Every request of the batch counts as failed.
+                for _ in 1..batch {
+                    load.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                load.fail(format!("client {id} ({mode:?}): {e}"));
+            }
+        }
+        if matches!(mode, Mode::Fresh) {
+            if let Some(c) = conn.take() {
+                linger_zero(c.get_ref());
+            }
+        }
+    }
+}
+
+/// One request on a fresh connection; the answer must be entirely `want`.
+fn probe(addr: SocketAddr, tag: &str, want: Code) -> Result<()> {
+    let payload = Payload::new(format!("probe-{tag}-payload"));
+    let mut conn = None;
+    let kinds = exchange(&mut conn, addr, &[(tag.to_string(), &payload)])
+        .map_err(|e| anyhow::anyhow!("probe {tag}: {e}"))?;
+    ensure!(
+        kinds[0] == (want, want),
+        "probe {tag}: answer {:?}, expected entirely {want:?}",
+        kinds[0]
+    );
+    if let Some(c) = conn {
+        linger_zero(c.get_ref());
+    }
+    Ok(())
+}
+
+/// `STATS` from the server: (requests served, EINTR returns it retried).
+fn server_stats(addr: SocketAddr) -> Result<(u64, u64)> {
+    let mut s = BufReader::new(connect(addr)?);
+    s.get_mut().write_all(b"STATS\n")?;
+    let mut line = String::new();
+    s.read_line(&mut line)?;
+    let field = |k: &str| -> Result<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .with_context(|| format!("no {k} in {line:?}"))?
+            .parse()
+            .with_context(|| format!("{k} in {line:?}"))
+    };
+    Ok((field("served=")?, field("eintr=")?))
+}
+
+/// One successful livecare run.
+struct Run {
+    stdout: String,
+    /// Its debug log (`LIVECARE_LOG=debug`), shown for the slowest command.
+    stderr: String,
+    wall: Duration,
+}
+
+/// Runs livecare with `args` and a debug log; requires exit 0.
+fn livecare(args: &[&str]) -> Result<Run> {
+    let t = Instant::now();
+    let out = Command::new(LIVECARE)
+        .args(args)
+        .env("LIVECARE_LOG", "debug")
+        .output()
+        .with_context(|| format!("running livecare {args:?}"))?;
+    let wall = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        out.status.success(),
+        "livecare {args:?} exited {:?} after {wall:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status.code(),
+    );
+    Ok(Run {
+        stdout,
+        stderr,
+        wall,
+    })
+}
+
+/// The thread ids of `pid`.
+fn tids(pid: u32) -> Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Ok(t) = e?.file_name().to_string_lossy().parse() {
+            v.push(t);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// The server is alive with all its threads, none of them stopped or traced.
+fn assert_clean(p: &mut Running, threads: &[u32]) -> Result<()> {
+    ensure!(p.is_alive(), "server died; last lines {:?}", p.tail(5));
+    let now = tids(p.pid())?;
+    ensure!(now == threads, "threads were {threads:?}, now {now:?}");
+    for t in now {
+        let status = std::fs::read_to_string(format!("/proc/{}/task/{t}/status", p.pid()))?;
+        for l in status.lines() {
+            if let Some(s) = l.strip_prefix("State:") {
+                let s = s.trim();
+                ensure!(
+                    !s.starts_with('t') && !s.starts_with('T'),
+                    "thread {t} left {s}"
+                );
+            }
+            if let Some(s) = l.strip_prefix("TracerPid:") {
+                ensure!(s.trim() == "0", "thread {t} still traced by {}", s.trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median_max(v: &mut [Duration]) -> (Duration, Duration) {
+    v.sort_unstable();
+    if v.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+/// Figures of the command cycles.
+#[derive(Default)]
+struct Cycles {
+    done: usize,
+    patch_wall: Vec<Duration>,
+    unpatch_wall: Vec<Duration>,
+    pause_us: Vec<u64>,
+    /// Patch commits that found a thread inside a replaced function and had to wait.
+    waited: usize,
+    max_attempts: u64,
+    /// The slowest command: what it was and its log.
+    slowest: Option<(Duration, String, String)>,
+}
+
+impl Cycles {
+    fn note(&mut self, what: String, run: &Run) {
+        if self.slowest.as_ref().is_none_or(|(w, _, _)| run.wall > *w) {
+            self.slowest = Some((run.wall, what, run.stderr.clone()));
+        }
+    }
+}
+
+/// `n` patch/unpatch cycles with a probe after each command; stops at the first error.
+fn run_cycles(
+    n: usize,
+    pid: &str,
+    patch: &Path,
+    addr: SocketAddr,
+    server: &mut Running,
+    threads: &[u32],
+    c: &mut Cycles,
+) -> Result<()> {
+    let patch = patch.to_str().context("non-UTF-8 patch path")?;
+    for i in 0..n {
+        let run = livecare(&["patch", "-p", pid, "--json", patch])
+            .with_context(|| format!("cycle {i}: patch"))?;
+        c.patch_wall.push(run.wall);
+        c.note(format!("patch of cycle {i}"), &run);
+        let out = run.stdout;
+        let doc: Value =
+            serde_json::from_str(&out).with_context(|| format!("patch --json: {out}"))?;
+        let reports = doc["patched"].as_array().context("no `patched` array")?;
+        ensure!(reports.len() == 1, "cycle {i}: one report expected: {out}");
+        let hunks = reports[0]["hunks"].as_array().map_or(0, Vec::len);
+        ensure!(
+            hunks == 2,
+            "cycle {i}: 2 hunks expected (version, checksum): {out}"
+        );
+        let attempts = reports[0]["attempts"].as_u64().unwrap_or(0);
+        c.max_attempts = c.max_attempts.max(attempts);
+        if attempts > 1 {
+            c.waited += 1;
+        }
+        c.pause_us
+            .push(reports[0]["pause_us"].as_u64().unwrap_or(0));
+        probe(addr, &format!("p{i}"), Code::New).with_context(|| format!("after patch {i}"))?;
+        let run =
+            livecare(&["unpatch", "-p", pid]).with_context(|| format!("cycle {i}: unpatch"))?;
+        c.unpatch_wall.push(run.wall);
+        c.note(format!("unpatch of cycle {i}"), &run);
+        probe(addr, &format!("u{i}"), Code::Old).with_context(|| format!("after unpatch {i}"))?;
+        if i % 10 == 9 {
+            assert_clean(server, threads).with_context(|| format!("after cycle {i}"))?;
+        }
+        c.done = i + 1;
+    }
+    Ok(())
+}
+
+#[test]
+fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
+    let n: usize = match std::env::var("LIVECARE_SOAK_CYCLES") {
+        Ok(s) => s.parse().context("LIVECARE_SOAK_CYCLES")?,
+        Err(_) => 100,
+    };
+    let dir = Scratch::new()?;
+    let b = Builder::new(
+        Path::new(LIVECARE),
+        &fixture_dir("soak-server"),
+        &dir.join("build"),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "soak-server", &[])?;
+    let patch = b.patch(&exe, "patched.c", "soak-1")?;
+
+    let mut server = Running::start(&exe.path, &[&WORKERS.to_string()])?;
+    let port: u16 = server
+        .wait_for("port ", Duration::from_secs(5))?
+        .trim_start_matches("port ")
+        .trim()
+        .parse()
+        .context("port line")?;
+    server.wait_for("ready", Duration::from_secs(5))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let pid = server.pid().to_string();
+    probe(addr, "first", Code::Old)?;
+    let threads = tids(server.pid())?;
+    ensure!(
+        threads.len() == WORKERS + 2,
+        "server threads: {threads:?} (expected {WORKERS} workers, accept and main)"
+    );
+    let before = MemorySnapshot::take(server.pid())?;
+
+    let load = Load::default();
+    let payloads = payload_table();
+    let modes = [
+        Mode::Persistent(1),
+        Mode::Persistent(1),
+        Mode::Persistent(8),
+        Mode::Fresh,
+        Mode::Fresh,
+    ];
+    let mut cycles = Cycles::default();
+    let started = Instant::now();
+    let run = thread::scope(|s| {
+        for (id, &mode) in modes.iter().enumerate() {
+            let (load, payloads) = (&load, &payloads);
+            s.spawn(move || client(id, mode, addr, payloads, load));
+        }
+        // Let the load reach every worker before the first cycle.
+        let warm = Instant::now();
+        while load.ok.load(Ordering::Relaxed) < 1000 && warm.elapsed() < IO_TIMEOUT {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let r = run_cycles(
+            n,
+            &pid,
+            &patch.path,
+            addr,
+            &mut server,
+            &threads,
+            &mut cycles,
+        );
+        load.stop.store(true, Ordering::Relaxed);
+        r
+    });
+    let elapsed = started.elapsed();
+    let (served, eintr) = server_stats(addr)?;
+
+    let ok = load.ok.load(Ordering::Relaxed);
+    let failed = load.failed.load(Ordering::Relaxed);
+    let slow = cycles
+        .patch_wall
+        .iter()
+        .chain(&cycles.unpatch_wall)
+        .filter(|w| **w > Duration::from_secs(1))
+        .count();
+    let (pm, px) = median_max(&mut cycles.patch_wall);
+    let (um, ux) = median_max(&mut cycles.unpatch_wall);
+    cycles.pause_us.sort_unstable();
+    let pause_med = cycles.pause_us.get(cycles.pause_us.len() / 2).copied();
+    eprintln!(
+        "soak: {}/{n} cycles in {elapsed:.1?}; {ok} requests answered ({:.0}/s), {failed} failed; \
+         answers old {} new {} mixed {}; patch wall median {pm:.1?} max {px:.1?}; \
+         unpatch wall median {um:.1?} max {ux:.1?}; {slow} commands over 1 s; pause median {pause_med:?} µs max {:?} µs; \
+         {} patches waited for a thread (max attempts {}); server served {served}, EINTR {eintr}",
+        cycles.done,
+        ok as f64 / elapsed.as_secs_f64(),
+        load.all_old.load(Ordering::Relaxed),
+        load.all_new.load(Ordering::Relaxed),
+        load.mixed.load(Ordering::Relaxed),
+        cycles.pause_us.last(),
+        cycles.waited,
+        cycles.max_attempts,
+    );
+    if let Some((wall, what, log)) = &cycles.slowest {
+        if *wall > Duration::from_secs(1) {
+            eprintln!("soak: slowest command: {what}, {wall:.1?}; its log:\n{log}");
+        }
+    }
+    let errors = load
+        .errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    run?;
+    ensure!(
+        failed == 0,
+        "{failed} failed requests; first ones:\n{}",
+        errors.join("\n")
+    );
+    assert_clean(&mut server, &threads)?;
+    ensure!(ok > 0, "no request answered");
+    if n > 0 {
+        ensure!(
+            load.all_new.load(Ordering::Relaxed) > 0 && load.all_old.load(Ordering::Relaxed) > 0,
+            "the load saw only one kind of answer"
+        );
+    }
+    // Every answer computed was received: load + 2 probes per cycle + the first probe.
+    let expected = ok + 2 * cycles.done as u64 + 1;
+    ensure!(
+        served == expected,
+        "server answered {served} requests, clients received {expected}"
+    );
+    let info = livecare(&["info", "-p", &pid, "--json"])?.stdout;
+    let doc: Value = serde_json::from_str(&info).with_context(|| format!("info: {info}"))?;
+    let left: usize = doc
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["objects"].as_array().into_iter().flatten())
+        .map(|o| o["patches"].as_array().map_or(0, Vec::len))
+        .sum();
+    ensure!(left == 0, "patches left applied: {info}");
+    if let Err(e) = before.assert_same(&MemorySnapshot::take(server.pid())?) {
+        bail!("after {n} cycles: {e:#}");
+    }
+    Ok(())
+}
