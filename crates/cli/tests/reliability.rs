@@ -1,0 +1,410 @@
+//! Crash consistency and transactions: livecare aborted at every step of patch and
+//! unpatch (`LIVECARE_FAULT`, debug builds), or SIGKILLed at random moments, never
+//! kills or leaves stopped the target; the target runs each function's old or new
+//! code; `info` says which, and marks an interrupted operation; `repair` brings the
+//! target back to a clean state, after which patch and unpatch work as usual.
+//! Multi-patch apply and unpatch are all-or-nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::*;
+use serde_json::Value;
+use testkit::patchbuild::{Builder, Flags, Object, Patch};
+use testkit::{Running, Scratch};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Old and new results of the patched functions at x = 0 (see the fixture).
+const ALPHA: (i64, i64) = (1, 1001);
+const BETA: (i64, i64) = (0, 7);
+
+struct Fixture {
+    _s: Scratch,
+    exe: Object,
+    patch: Patch,
+}
+
+fn build() -> Result<Fixture> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("reliability-pair"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "pair", &[])?;
+    let patch = b.patch(&exe, "patched.c", "0001")?;
+    Ok(Fixture { _s: s, exe, patch })
+}
+
+fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
+}
+
+/// livecare with `LIVECARE_FAULT=fault`.
+fn lc_fault(fault: &str, args: &[&str]) -> Output {
+    Command::new(livecare())
+        .env("LIVECARE_FAULT", fault)
+        .args(args)
+        .output()
+        .expect("spawning livecare")
+}
+
+/// The set of patched functions whose new code runs, from the target's own output;
+/// also fails on any result that was neither old nor new.
+fn observed(t: &mut Running) -> Result<BTreeSet<String>> {
+    let mut seen = None;
+    // Two consecutive ticks after a drain: nothing is changing the code now.
+    t.drain();
+    for _ in 0..2 {
+        let line = t.wait_for("tick", WAIT)?;
+        let field = |k: &str| -> Result<i64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .with_context(|| format!("no {k} in {line:?}"))?
+                .parse()
+                .with_context(|| line.clone())
+        };
+        let (a, b, bad) = (field("a=")?, field("b=")?, field("bad=")?);
+        ensure!(bad == 0, "a call returned neither old nor new: {line}");
+        let mut new = BTreeSet::new();
+        for (name, v, (old, newv)) in [("alpha", a, ALPHA), ("beta", b, BETA)] {
+            ensure!(v == old || v == newv, "{name} = {v}: {line}");
+            if v == newv {
+                new.insert(name.to_string());
+            }
+        }
+        if let Some(prev) = &seen {
+            ensure!(
+                prev == &new,
+                "code changed between ticks: {prev:?} then {new:?}"
+            );
+        }
+        seen = Some(new);
+    }
+    Ok(seen.unwrap_or_default())
+}
+
+fn all_new() -> BTreeSet<String> {
+    ["alpha", "beta"].iter().map(|s| s.to_string()).collect()
+}
+
+/// Every thread of `pid` runs untraced (retrying briefly: the kernel releases the
+/// tracees of a dead tracer as it exits).
+fn assert_free(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut bad = Vec::new();
+        for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let path = e?.path().join("status");
+            let Ok(st) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let field = |k: &str| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            let (state, tracer) = (field("State:"), field("TracerPid:"));
+            if state.starts_with(['t', 'T']) || tracer != "0" {
+                bad.push(format!("{}: {state}, tracer {tracer}", path.display()));
+            }
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("threads left stopped or traced: {bad:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `info -p PID --json` for one process.
+fn info(pid: u32) -> Result<Value> {
+    let out = ok(&lc(&["info", "-p", &pid.to_string(), "--json"]))?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v[0].clone())
+}
+
+/// What `info` says runs new code: every hunk of applied patches plus the live
+/// functions of interrupted ones; and the verdicts of the incomplete regions.
+fn info_view(pid: u32) -> Result<(BTreeSet<String>, Vec<String>)> {
+    let i = info(pid)?;
+    let mut live = BTreeSet::new();
+    for o in i["objects"].as_array().context("objects")? {
+        for patch in o["patches"].as_array().context("patches")? {
+            ensure!(patch["state"] == "applied", "{patch}");
+            for h in patch["hunks"].as_array().context("hunks")? {
+                live.insert(h["name"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    let mut verdicts = Vec::new();
+    for c in i["incomplete"].as_array().context("incomplete")? {
+        for f in c["functions_live"].as_array().context("functions_live")? {
+            live.insert(f.as_str().unwrap_or_default().to_string());
+        }
+        verdicts.push(match &c["verdict"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    }
+    Ok((live, verdicts))
+}
+
+/// `info` agrees with the target's behaviour; returns the incomplete verdicts.
+fn assert_info_truthful(t: &mut Running) -> Result<(BTreeSet<String>, Vec<String>)> {
+    let seen = observed(t)?;
+    let (live, verdicts) = info_view(t.pid())?;
+    ensure!(
+        live == seen,
+        "info says new code runs in {live:?}, the target shows {seen:?} (verdicts {verdicts:?})\n{}\n{}",
+        info(t.pid())?,
+        std::fs::read_to_string(format!("/proc/{}/maps", t.pid()))?
+    );
+    Ok((seen, verdicts))
+}
+
+fn aborted(out: &Output) -> Result<()> {
+    ensure!(
+        out.status.signal() == Some(libc::SIGABRT),
+        "livecare was not aborted by the fault ({}):\n{}\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+    Ok(())
+}
+
+/// `repair -p PID`; afterwards nothing is incomplete and the code is all old or all new.
+fn repair(t: &mut Running) -> Result<String> {
+    let out = ok(&lc(&["repair", "-p", &t.pid().to_string()]))?;
+    assert_free(t.pid())?;
+    let (seen, verdicts) = assert_info_truthful(t)?;
+    ensure!(
+        verdicts.is_empty(),
+        "still incomplete after repair: {verdicts:?}\n{out}"
+    );
+    ensure!(
+        seen.is_empty() || seen == all_new(),
+        "mixed after repair: {seen:?}"
+    );
+    Ok(out)
+}
+
+/// Regions of any state in the target (applied or not).
+fn region_count(pid: u32) -> Result<usize> {
+    let i = info(pid)?;
+    let applied: usize = i["objects"]
+        .as_array()
+        .context("objects")?
+        .iter()
+        .map(|o| o["patches"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    Ok(applied + i["incomplete"].as_array().map_or(0, |a| a.len()))
+}
+
+fn patch_ok(t: &mut Running, f: &Fixture) -> Result<()> {
+    ok(&lc(&[
+        "patch",
+        "-p",
+        &t.pid().to_string(),
+        p(&f.patch.path),
+    ]))?;
+    ensure!(observed(t)? == all_new(), "patch did not take");
+    Ok(())
+}
+
+fn unpatch_ok(t: &mut Running) -> Result<()> {
+    ok(&lc(&["unpatch", "-p", &t.pid().to_string()]))?;
+    ensure!(observed(t)?.is_empty(), "unpatch did not take");
+    Ok(())
+}
+
+fn every_fault_step(threads: &str) -> Result<()> {
+    let f = build()?;
+    let mut t = Running::start(&f.exe.path, &[threads])?;
+    t.wait_for("tick", WAIT)?;
+    let pid = t.pid().to_string();
+    let ctx = |step: &str| format!("{threads} worker thread(s), fault {step}");
+
+    for step in ["after-mmap", "after-body", "half-jumps", "before-detach"] {
+        (|| -> Result<()> {
+            aborted(&lc_fault(step, &["patch", "-p", &pid, p(&f.patch.path)]))?;
+            ensure!(t.is_alive(), "target died");
+            assert_free(t.pid())?;
+            let (seen, verdicts) = assert_info_truthful(&mut t)?;
+            match step {
+                "after-mmap" | "after-body" => {
+                    ensure!(seen.is_empty(), "{seen:?}");
+                    ensure!(verdicts == ["unmap"], "{verdicts:?}");
+                }
+                "half-jumps" => {
+                    ensure!(seen.len() == 1, "not half applied: {seen:?}");
+                    ensure!(verdicts == ["roll-back"], "{verdicts:?}");
+                    let human = ok(&lc(&["info", "-p", &pid]))?;
+                    ensure!(human.contains("INCOMPLETE"), "{human}");
+                }
+                _ => {
+                    ensure!(seen == all_new(), "{seen:?}");
+                    ensure!(verdicts.is_empty(), "{verdicts:?}");
+                }
+            }
+            let out = repair(&mut t)?;
+            if step == "before-detach" {
+                ensure!(out.contains("nothing to repair"), "{out}");
+                unpatch_ok(&mut t)?;
+            } else {
+                ensure!(observed(&mut t)?.is_empty(), "not rolled back");
+            }
+            ensure!(region_count(t.pid())? == 0, "a region is left");
+            Ok(())
+        })()
+        .with_context(|| ctx(step))?;
+    }
+
+    for step in ["half-restores", "before-munmap"] {
+        (|| -> Result<()> {
+            patch_ok(&mut t, &f)?;
+            aborted(&lc_fault(step, &["unpatch", "-p", &pid]))?;
+            ensure!(t.is_alive(), "target died");
+            assert_free(t.pid())?;
+            let (seen, verdicts) = assert_info_truthful(&mut t)?;
+            if step == "half-restores" {
+                ensure!(seen.len() == 1, "not half removed: {seen:?}");
+                ensure!(verdicts == ["finish-removal"], "{verdicts:?}");
+            } else {
+                ensure!(seen.is_empty(), "{seen:?}");
+                ensure!(verdicts == ["unmap"], "{verdicts:?}");
+            }
+            repair(&mut t)?;
+            ensure!(observed(&mut t)?.is_empty(), "unpatch not finished");
+            ensure!(region_count(t.pid())? == 0, "a region is left");
+            Ok(())
+        })()
+        .with_context(|| ctx(step))?;
+    }
+
+    // Business as usual afterwards.
+    patch_ok(&mut t, &f)?;
+    unpatch_ok(&mut t)?;
+    ensure!(t.is_alive());
+    Ok(())
+}
+
+#[test]
+fn fault_at_every_step_single_thread_target_stays_consistent_and_repairable() -> Result<()> {
+    every_fault_step("0")
+}
+
+#[test]
+fn fault_at_every_step_eight_thread_target_stays_consistent_and_repairable() -> Result<()> {
+    every_fault_step("7")
+}
+
+/// A small xorshift generator: random delays without a dependency, reproducible
+/// from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -> Result<()> {
+    let trials: usize = std::env::var("LIVECARE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed = std::env::var("LIVECARE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    let mut rng = Rng(seed);
+    let f = build()?;
+    let mut t = Running::start(&f.exe.path, &["7"])?;
+    t.wait_for("tick", WAIT)?;
+    let pid = t.pid().to_string();
+
+    // How long an uninterrupted patch and unpatch take: kills land within that.
+    let t0 = Instant::now();
+    patch_ok(&mut t, &f)?;
+    let span_patch = t0.elapsed();
+    let t0 = Instant::now();
+    unpatch_ok(&mut t)?;
+    let span_unpatch = t0.elapsed();
+
+    let mut stats = std::collections::BTreeMap::<String, usize>::new();
+    let mut applied = false;
+    for trial in 0..trials {
+        let (args, span) = if applied {
+            (vec!["unpatch", "-p", &pid], span_unpatch)
+        } else {
+            (vec!["patch", "-p", &pid, p(&f.patch.path)], span_patch)
+        };
+        let delay = Duration::from_micros(rng.next() % (span.as_micros() as u64 * 6 / 5 + 1));
+        let res = (|| -> Result<String> {
+            let mut child = Command::new(livecare())
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            std::thread::sleep(delay);
+            let _ = child.kill(); // SIGKILL
+            let status = child.wait()?;
+            let killed = status.signal() == Some(libc::SIGKILL);
+            ensure!(t.is_alive(), "target died");
+            assert_free(t.pid())?;
+            let (seen, verdicts) = assert_info_truthful(&mut t)?;
+            let outcome = format!(
+                "{} {}: {}{}",
+                args[0],
+                if killed { "killed" } else { "finished" },
+                match seen.len() {
+                    0 => "old",
+                    2 => "new",
+                    _ => "mixed",
+                },
+                if verdicts.is_empty() {
+                    String::new()
+                } else {
+                    format!(", incomplete {verdicts:?}")
+                }
+            );
+            if !verdicts.is_empty() {
+                repair(&mut t)?;
+            }
+            applied = !observed(&mut t)?.is_empty();
+            Ok(outcome)
+        })()
+        .with_context(|| format!("trial {trial} ({} after {delay:?}), seed {seed}", args[0]))?;
+        *stats.entry(res).or_default() += 1;
+    }
+    eprintln!(
+        "{trials} trials (seed {seed}, patch {span_patch:?}, unpatch {span_unpatch:?}): {stats:#?}"
+    );
+    if applied {
+        unpatch_ok(&mut t)?;
+    }
+    patch_ok(&mut t, &f)?;
+    unpatch_ok(&mut t)?;
+    Ok(())
+}
