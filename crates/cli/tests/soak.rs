@@ -15,11 +15,11 @@
 //!
 //! Cycles: `LIVECARE_SOAK_CYCLES` (default 100, the CI size).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -310,28 +310,89 @@ struct Run {
     /// Its debug log (`LIVECARE_LOG=debug`), shown for the slowest command.
     stderr: String,
     wall: Duration,
+    /// Thread states of livecare and of the target, sampled every second while the
+    /// command ran longer than that (to see where a slow command spent its time).
+    stalls: Vec<String>,
 }
 
-/// Runs livecare with `args` and a debug log; requires exit 0.
-fn livecare(args: &[&str]) -> Result<Run> {
+/// `tid:state:wchan:syscall` for every thread of `pid`.
+fn thread_states(pid: u32) -> String {
+    let read = |t: &str, f: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{f}")).unwrap_or_default()
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut v: Vec<String> = tasks
+        .flatten()
+        .map(|e| {
+            let t = e.file_name().to_string_lossy().into_owned();
+            let stat = read(&t, "stat");
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.chars().next())
+                .unwrap_or('?');
+            let syscall = read(&t, "syscall");
+            let nr = syscall.split_whitespace().next().unwrap_or("?");
+            format!("{t}:{state}:{}:{nr}", read(&t, "wchan"))
+        })
+        .collect();
+    v.sort();
+    v.join(" ")
+}
+
+/// Runs livecare with `args` and a debug log; requires exit 0. `target` is the pid
+/// whose threads are sampled along with livecare's if the command is slow.
+fn livecare(args: &[&str], target: Option<u32>) -> Result<Run> {
     let t = Instant::now();
-    let out = Command::new(LIVECARE)
+    let mut child = Command::new(LIVECARE)
         .args(args)
         .env("LIVECARE_LOG", "debug")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("running livecare {args:?}"))?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out_reader = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err_reader = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let mut stalls = Vec::new();
+    let mut sample_at = Duration::from_secs(1);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if t.elapsed() >= sample_at {
+            stalls.push(format!(
+                "at {:.1?}: livecare [{}] target [{}]",
+                t.elapsed(),
+                thread_states(child.id()),
+                target.map(thread_states).unwrap_or_default()
+            ));
+            sample_at += Duration::from_secs(1);
+        }
+        thread::sleep(Duration::from_micros(500));
+    };
     let wall = t.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
     ensure!(
-        out.status.success(),
+        status.success(),
         "livecare {args:?} exited {:?} after {wall:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status.code(),
+        status.code(),
     );
     Ok(Run {
         stdout,
         stderr,
         wall,
+        stalls,
     })
 }
 
@@ -390,12 +451,17 @@ struct Cycles {
     max_attempts: u64,
     /// The slowest command: what it was and its log.
     slowest: Option<(Duration, String, String)>,
+    /// Thread samples of every command that ran over a second.
+    stalls: Vec<String>,
 }
 
 impl Cycles {
     fn note(&mut self, what: String, run: &Run) {
         if self.slowest.as_ref().is_none_or(|(w, _, _)| run.wall > *w) {
-            self.slowest = Some((run.wall, what, run.stderr.clone()));
+            self.slowest = Some((run.wall, what.clone(), run.stderr.clone()));
+        }
+        for s in &run.stalls {
+            self.stalls.push(format!("{what} {s}"));
         }
     }
 }
@@ -411,8 +477,9 @@ fn run_cycles(
     c: &mut Cycles,
 ) -> Result<()> {
     let patch = patch.to_str().context("non-UTF-8 patch path")?;
+    let target = server.pid();
     for i in 0..n {
-        let run = livecare(&["patch", "-p", pid, "--json", patch])
+        let run = livecare(&["patch", "-p", pid, "--json", patch], Some(target))
             .with_context(|| format!("cycle {i}: patch"))?;
         c.patch_wall.push(run.wall);
         c.note(format!("patch of cycle {i}"), &run);
@@ -434,8 +501,8 @@ fn run_cycles(
         c.pause_us
             .push(reports[0]["pause_us"].as_u64().unwrap_or(0));
         probe(addr, &format!("p{i}"), Code::New).with_context(|| format!("after patch {i}"))?;
-        let run =
-            livecare(&["unpatch", "-p", pid]).with_context(|| format!("cycle {i}: unpatch"))?;
+        let run = livecare(&["unpatch", "-p", pid], Some(target))
+            .with_context(|| format!("cycle {i}: unpatch"))?;
         c.unpatch_wall.push(run.wall);
         c.note(format!("unpatch of cycle {i}"), &run);
         probe(addr, &format!("u{i}"), Code::Old).with_context(|| format!("after unpatch {i}"))?;
@@ -548,12 +615,28 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
             eprintln!("soak: slowest command: {what}, {wall:.1?}; its log:\n{log}");
         }
     }
+    if !cycles.stalls.is_empty() {
+        eprintln!(
+            "soak: thread samples (tid:state:wchan:syscall) of commands over 1 s:\n{}",
+            cycles.stalls.join("\n")
+        );
+    }
     let errors = load
         .errors
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    run?;
+    if failed > 0 {
+        // Show the load's failures too if the cycles stopped with an error.
+        run.with_context(|| {
+            format!(
+                "{failed} failed requests; first ones:\n{}",
+                errors.join("\n")
+            )
+        })?;
+    } else {
+        run?;
+    }
     ensure!(
         failed == 0,
         "{failed} failed requests; first ones:\n{}",
@@ -573,7 +656,7 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         served == expected,
         "server answered {served} requests, clients received {expected}"
     );
-    let info = livecare(&["info", "-p", &pid, "--json"])?.stdout;
+    let info = livecare(&["info", "-p", &pid, "--json"], None)?.stdout;
     let doc: Value = serde_json::from_str(&info).with_context(|| format!("info: {info}"))?;
     let left: usize = doc
         .as_array()
