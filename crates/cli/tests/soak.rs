@@ -1,7 +1,9 @@
 //! Soak (issue 7): `livecare patch` / `livecare unpatch` cycles on a multi-threaded
 //! gcc-built TCP server (tests/fixtures/soak-server) while client threads keep sending
 //! requests as fast as they can, over persistent connections (one request at a time,
-//! or pipelined bursts) and over a fresh connection per request.
+//! or pipelined bursts) and over a fresh connection per request. The server serves
+//! connections on a pool of worker threads, and every second one on a thread created
+//! for it, so threads keep being born and ending while livecare works.
 //!
 //! Every answer names the version and a checksum of the payload, both computed by the
 //! two functions the patch replaces, so each field must be exactly the old or exactly
@@ -9,9 +11,10 @@
 //! which is counted, never garbage). After every command the test sends its own probe
 //! and requires the answer to be entirely new (after patch) or entirely old (after
 //! unpatch). At the end: zero failed requests, every command exited 0, the server is
-//! alive with all its threads, none of them stopped or traced, the server counted
-//! exactly the answers the clients received, no patch is left applied, and the code
-//! and mappings are as before the first cycle.
+//! alive with all its long-lived threads, none of its threads stopped or traced, the
+//! per-connection threads gone once the load stops, the server counted exactly the
+//! answers the clients received, no patch is left applied, and the executable
+//! mappings and their bytes are as before the first cycle.
 //!
 //! Cycles: `LIVECARE_SOAK_CYCLES` (default 100, the CI size).
 
@@ -288,8 +291,18 @@ fn probe(addr: SocketAddr, tag: &str, want: Code) -> Result<()> {
     Ok(())
 }
 
-/// `STATS` from the server: (requests served, EINTR returns it retried).
-fn server_stats(addr: SocketAddr) -> Result<(u64, u64)> {
+/// The server's `STATS` counters.
+struct Stats {
+    /// Requests answered.
+    served: u64,
+    /// EINTR returns of its blocking calls (it retries them).
+    eintr: u64,
+    /// Connections served on a thread created for them.
+    spawned: u64,
+}
+
+/// `STATS` from the server.
+fn server_stats(addr: SocketAddr) -> Result<Stats> {
     let mut s = BufReader::new(connect(addr)?);
     s.get_mut().write_all(b"STATS\n")?;
     let mut line = String::new();
@@ -301,7 +314,11 @@ fn server_stats(addr: SocketAddr) -> Result<(u64, u64)> {
             .parse()
             .with_context(|| format!("{k} in {line:?}"))
     };
-    Ok((field("served=")?, field("eintr=")?))
+    Ok(Stats {
+        served: field("served=")?,
+        eintr: field("eintr=")?,
+        spawned: field("spawned=")?,
+    })
 }
 
 /// One successful livecare run.
@@ -408,13 +425,19 @@ fn tids(pid: u32) -> Result<Vec<u32>> {
     Ok(v)
 }
 
-/// The server is alive with all its threads, none of them stopped or traced.
+/// The server is alive with all its long-lived `threads`, and none of its threads
+/// (including per-connection ones) is stopped or traced.
 fn assert_clean(p: &mut Running, threads: &[u32]) -> Result<()> {
     ensure!(p.is_alive(), "server died; last lines {:?}", p.tail(5));
     let now = tids(p.pid())?;
-    ensure!(now == threads, "threads were {threads:?}, now {now:?}");
+    let lost: Vec<&u32> = threads.iter().filter(|t| !now.contains(t)).collect();
+    ensure!(lost.is_empty(), "threads {lost:?} are gone (now {now:?})");
     for t in now {
-        let status = std::fs::read_to_string(format!("/proc/{}/task/{t}/status", p.pid()))?;
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{t}/status", p.pid()))
+        else {
+            ensure!(!threads.contains(&t), "cannot read thread {t}'s status");
+            continue; // a per-connection thread that just ended
+        };
         for l in status.lines() {
             if let Some(s) = l.strip_prefix("State:") {
                 let s = s.trim();
@@ -530,7 +553,7 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
     let exe = b.executable("orig.c", "soak-server", &[])?;
     let patch = b.patch(&exe, "patched.c", "soak-1")?;
 
-    let mut server = Running::start(&exe.path, &[&WORKERS.to_string()])?;
+    let mut server = Running::start(&exe.path, &[&WORKERS.to_string(), "spawn"])?;
     let port: u16 = server
         .wait_for("port ", Duration::from_secs(5))?
         .trim_start_matches("port ")
@@ -546,7 +569,9 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         threads.len() == WORKERS + 2,
         "server threads: {threads:?} (expected {WORKERS} workers, accept and main)"
     );
-    let before = MemorySnapshot::take(server.pid())?;
+    // Per-connection threads leave their stacks cached, so only the executable
+    // mappings (where a leaked patch region would show) and their bytes must match.
+    let before = MemorySnapshot::take(server.pid())?.code;
 
     let load = Load::default();
     let payloads = payload_table();
@@ -582,7 +607,11 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         r
     });
     let elapsed = started.elapsed();
-    let (served, eintr) = server_stats(addr)?;
+    let Stats {
+        served,
+        eintr,
+        spawned,
+    } = server_stats(addr)?;
 
     let ok = load.ok.load(Ordering::Relaxed);
     let failed = load.failed.load(Ordering::Relaxed);
@@ -600,7 +629,7 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         "soak: {}/{n} cycles in {elapsed:.1?}; {ok} requests answered ({:.0}/s), {failed} failed; \
          answers old {} new {} mixed {}; patch wall median {pm:.1?} max {px:.1?}; \
          unpatch wall median {um:.1?} max {ux:.1?}; {slow} commands over 1 s; pause median {pause_med:?} µs max {:?} µs; \
-         {} patches waited for a thread (max attempts {}); server served {served}, EINTR {eintr}",
+         {} patches waited for a thread (max attempts {}); server served {served} ({spawned} connections on threads of their own), EINTR {eintr}",
         cycles.done,
         ok as f64 / elapsed.as_secs_f64(),
         load.all_old.load(Ordering::Relaxed),
@@ -644,6 +673,20 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
     );
     assert_clean(&mut server, &threads)?;
     ensure!(ok > 0, "no request answered");
+    ensure!(
+        spawned > 0,
+        "no connection was served on a thread of its own"
+    );
+    // Once the clients are gone, the per-connection threads end.
+    let quiet = Instant::now();
+    while tids(server.pid())? != threads {
+        ensure!(
+            quiet.elapsed() < IO_TIMEOUT,
+            "threads {:?} remain after the load ended (long-lived: {threads:?})",
+            tids(server.pid())?
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     if n > 0 {
         ensure!(
             load.all_new.load(Ordering::Relaxed) > 0 && load.all_old.load(Ordering::Relaxed) > 0,
@@ -666,8 +709,19 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         .map(|o| o["patches"].as_array().map_or(0, Vec::len))
         .sum();
     ensure!(left == 0, "patches left applied: {info}");
-    if let Err(e) = before.assert_same(&MemorySnapshot::take(server.pid())?) {
-        bail!("after {n} cycles: {e:#}");
+    let after = MemorySnapshot::take(server.pid())?.code;
+    let lines = |c: &[(String, Vec<u8>)]| c.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>();
+    ensure!(
+        lines(&before) == lines(&after),
+        "executable mappings differ after {n} cycles:\nbefore:\n{}\nafter:\n{}",
+        lines(&before).join("\n"),
+        lines(&after).join("\n")
+    );
+    for ((line, b1), (_, b2)) in before.iter().zip(&after) {
+        if b1 != b2 {
+            let at = b1.iter().zip(b2).position(|(x, y)| x != y).unwrap_or(0);
+            bail!("after {n} cycles, code differs in {line} at offset {at:#x}");
+        }
     }
     Ok(())
 }
