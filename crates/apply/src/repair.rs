@@ -179,6 +179,8 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
     // send it straight to its return address before any region can go away.
     threads.interrupt_all()?;
     let undone = (|| -> Result<usize, Error> {
+        // Remote-syscall stubs left behind are cleared too (not counted: harmless).
+        crate::rsyscall::clear_stale(&threads, &mem)?;
         let mut n = 0;
         for r in &all {
             if let Some(t) = RegionHeader::trampoline_at(&mem, r.addr) {
@@ -249,7 +251,12 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
             opts,
         )?;
         if target == RegionState::Prepared {
-            threads.syscall("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0])?;
+            crate::rsyscall::syscall(
+                &mut threads,
+                "munmap",
+                SYS_MUNMAP,
+                [r.addr, r.total_len, 0, 0, 0, 0],
+            )?;
             report.unmapped = true;
         }
         out.regions.push(report);

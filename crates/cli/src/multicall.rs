@@ -40,6 +40,8 @@ enum Command {
     Unpatch(cmd::unpatch::Args),
     /// Show the patches applied to running processes.
     Info(cmd::info::Args),
+    /// Complete or roll back a patch or unpatch that was interrupted.
+    Repair(cmd::repair::Args),
     /// Start a program and apply matching patches before main().
     Run(cmd::run::Args),
     /// Build, run, patch and unpatch a bundled C program (the README's main job).
@@ -172,6 +174,7 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                 Command::Patch(a) => cmd::patch::run(a, face),
                 Command::Unpatch(a) => cmd::unpatch::run(a, face),
                 Command::Info(a) => cmd::info::run(a, face),
+                Command::Repair(a) => cmd::repair::run(a, face),
                 Command::Run(a) => cmd::run::run(a),
                 Command::Demo(a) => cmd::demo::run(a),
                 Command::Gensrc(a) => cmd::gensrc::run(a),

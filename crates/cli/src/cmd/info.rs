@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use livecare_apply::ProcessInfo;
+use livecare_apply::{ProcessInfo, Verdict};
 use livecare_process::Pid;
 
 /// Flags of `info`.
@@ -52,9 +52,12 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                             .as_ref()
                             .is_none_or(|r| o.path.contains(r.as_str()))
                 });
+                if let Some(b) = &args.build_id {
+                    i.incomplete.retain(|c| &c.region.build_id == b);
+                }
                 if all {
                     i.objects.retain(|o| !o.patches.is_empty());
-                    if i.objects.is_empty() {
+                    if i.objects.is_empty() && i.incomplete.is_empty() {
                         continue;
                     }
                 }
@@ -77,6 +80,52 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
 }
 
 fn print_info(i: &ProcessInfo, face: super::Face) {
+    print_objects(i, face);
+    for c in &i.incomplete {
+        let r = &c.region;
+        let state = super::repair::state_name(r.state);
+        let what = match &c.verdict {
+            Verdict::Complete | Verdict::RollBack => format!(
+                "INCOMPLETE: patch interrupted while committing, {} of {} code write(s) live{}",
+                c.writes_live,
+                c.writes_total,
+                if c.functions_live.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (new code active in: {})", c.functions_live.join(", "))
+                }
+            ),
+            Verdict::FinishRemoval => format!(
+                "INCOMPLETE: unpatch interrupted, {} of {} code write(s) still live",
+                c.writes_live, c.writes_total
+            ),
+            Verdict::Unmap => "leftover region, not applied (nothing jumps there)".to_string(),
+            Verdict::Stuck(why) => format!("INCONSISTENT: {why}"),
+        };
+        let action = match &c.verdict {
+            Verdict::Complete => "`livecare repair` completes it",
+            Verdict::RollBack => "`livecare repair` rolls it back",
+            Verdict::FinishRemoval => "`livecare repair` finishes the unpatch",
+            Verdict::Unmap => "`livecare repair` unmaps it",
+            Verdict::Stuck(_) => "`livecare repair` leaves it alone",
+        };
+        match face {
+            super::Face::LibCare => println!(
+                "Pid: {}\nIncomplete patch id: {} (build id {}, state {state}): {what}; {action} -p {}\n",
+                i.pid, r.patch_id, r.build_id, i.pid
+            ),
+            super::Face::Native => println!(
+                "  patch {} (build-id {}, region {:#x}, state {state}): {what}; {action} -p {}",
+                r.patch_id,
+                super::patch::short_id(&r.build_id),
+                r.addr,
+                i.pid
+            ),
+        }
+    }
+}
+
+fn print_objects(i: &ProcessInfo, face: super::Face) {
     match face {
         super::Face::LibCare => {
             for o in i.objects.iter().filter(|o| !o.patches.is_empty()) {

@@ -11,6 +11,7 @@ pub mod install_links;
 pub mod make;
 pub mod patch;
 pub mod patch_make;
+pub mod repair;
 pub mod run;
 pub mod strip;
 pub mod unpatch;
