@@ -408,3 +408,111 @@ fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -
     unpatch_ok(&mut t)?;
     Ok(())
 }
+
+/// The executable and its library, a patch for each, and a directory holding both
+/// in the order they are applied (executable first).
+struct Multi {
+    s: Scratch,
+    exe: Object,
+    lib: Object,
+    dir: std::path::PathBuf,
+}
+
+fn build_multi() -> Result<Multi> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("reliability-multi"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let lib = b.library("lib.c", "multi")?;
+    let exe = b.executable("orig.c", "multi", &[&lib])?;
+    let pe = b.patch(&exe, "patched.c", "0001")?;
+    let pl = b.patch(&lib, "lib-patched.c", "0002")?;
+    let dir = s.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&pe.path, dir.join("1-exe.kpatch"))?;
+    std::fs::copy(&pl.path, dir.join("2-lib.kpatch"))?;
+    Ok(Multi { s, exe, lib, dir })
+}
+
+#[test]
+fn later_patch_failing_rolls_back_the_earlier_one_in_the_same_process() -> Result<()> {
+    let m = build_multi()?;
+    // A thread parked inside lib_value for good: the library patch can never commit,
+    // after the executable's patch has been applied.
+    let mut t = Running::start(&m.exe.path, &["stuck"])?;
+    t.wait_for("parking", WAIT)?;
+    t.wait_for("tick exe=1 lib=1", WAIT)?;
+    let before = testkit::MemorySnapshot::take(t.pid())?;
+    let pid = t.pid().to_string();
+    let out = lc(&["patch", "-p", &pid, "--timeout", "0.5", p(&m.dir)]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("inside lib_value"), "{err}");
+    assert_free(t.pid())?;
+    // Nothing of either patch is left: same code, same mappings, same output.
+    testkit::MemorySnapshot::take(t.pid())?.assert_same(&before)?;
+    t.drain();
+    t.wait_for("tick exe=1 lib=1", WAIT)?;
+    assert_eq!(region_count(t.pid())?, 0);
+    // The executable's patch alone was fine: it applies now.
+    let exe_patch = m.dir.join("1-exe.kpatch");
+    ok(&lc(&["patch", "-p", &pid, p(&exe_patch)]))?;
+    t.drain();
+    t.wait_for("tick exe=2 lib=1", WAIT)?;
+    Ok(())
+}
+
+#[test]
+fn unpatch_of_several_patches_is_all_or_nothing() -> Result<()> {
+    let m = build_multi()?;
+    let mut t = Running::start(&m.exe.path, &[])?;
+    t.wait_for("tick exe=1 lib=1", WAIT)?;
+    let pid = t.pid().to_string();
+    let out = ok(&lc(&["patch", "-p", &pid, p(&m.dir)]))?;
+    t.drain();
+    t.wait_for("tick exe=2 lib=2", WAIT)?;
+    // Park a thread inside the library's new code: that patch cannot come off.
+    // SAFETY: kill(2) on our own child with a valid signal number.
+    assert_eq!(unsafe { libc::kill(t.pid() as i32, libc::SIGUSR1) }, 0);
+    t.wait_for("parking", WAIT)?;
+    let before = testkit::MemorySnapshot::take(t.pid())?;
+    let both = [
+        "unpatch",
+        "-p",
+        &pid,
+        "--timeout",
+        "0.5",
+        &m.exe.build_id,
+        &m.lib.build_id,
+    ];
+    let res = lc(&both);
+    assert_eq!(res.status.code(), Some(1), "{out}\n{}", stdout(&res));
+    assert!(
+        stderr(&res).contains("unsafe to unpatch"),
+        "{}",
+        stderr(&res)
+    );
+    assert_free(t.pid())?;
+    // The executable's patch, which could have come off alone, is still there.
+    testkit::MemorySnapshot::take(t.pid())?.assert_same(&before)?;
+    t.drain();
+    t.wait_for("tick exe=2 lib=2", WAIT)?;
+    let (live, verdicts) = info_view(t.pid())?;
+    assert!(verdicts.is_empty(), "{verdicts:?}");
+    assert_eq!(
+        live,
+        ["exe_value", "lib_value"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    // Each alone: the executable's comes off.
+    ok(&lc(&["unpatch", "-p", &pid, &m.exe.build_id]))?;
+    t.drain();
+    t.wait_for("tick exe=1 lib=2", WAIT)?;
+    drop(m.s);
+    Ok(())
+}
