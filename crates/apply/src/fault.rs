@@ -8,6 +8,7 @@ pub const STEPS: &[&str] = &[
     "after-body",
     "half-jumps",
     "before-detach",
+    "before-stop",
     "half-restores",
     "before-munmap",
 ];

@@ -252,6 +252,14 @@ fn every_fault_step(threads: &str) -> Result<()> {
                     ensure!(verdicts == ["roll-back"], "{verdicts:?}");
                     let human = ok(&lc(&["info", "-p", &pid]))?;
                     ensure!(human.contains("INCOMPLETE"), "{human}");
+                    // Nothing is built on top of a half-done commit.
+                    let again = lc(&["patch", "-p", &pid, p(&f.patch.path)]);
+                    ensure!(
+                        again.status.code() == Some(1)
+                            && stderr(&again).contains("livecare repair -p"),
+                        "{}",
+                        stderr(&again)
+                    );
                 }
                 _ => {
                     ensure!(seen == all_new(), "{seen:?}");
@@ -360,7 +368,14 @@ fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -
         } else {
             (vec!["patch", "-p", &pid, p(&f.patch.path)], span_patch)
         };
-        let delay = Duration::from_micros(rng.next() % (span.as_micros() as u64 * 6 / 5 + 1));
+        // Half the kills anywhere in the run, half in its last part, where the stop,
+        // the waits for busy threads and the journal writes happen.
+        let us = span.as_micros() as u64 + 1;
+        let delay = Duration::from_micros(if trial % 2 == 0 {
+            rng.next() % (us * 6 / 5)
+        } else {
+            us / 2 + rng.next() % (us * 7 / 10)
+        });
         let res = (|| -> Result<String> {
             let mut child = Command::new(livecare())
                 .args(&args)
