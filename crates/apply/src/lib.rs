@@ -14,6 +14,7 @@
 //! behind but an unmapped region, and every thread is detached on every path.
 
 pub mod arch;
+mod callsites;
 mod container;
 mod error;
 mod prepare;
@@ -32,7 +33,7 @@ use arch::{Native, PatchArch};
 pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch};
 pub use error::Error;
 use prepare::{ObjectView, PatchElf};
-pub use region::{find_regions, Hunk, RegionHeader, RegionState};
+pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
 use safety::Busy;
 
 /// Knobs of apply and unpatch.
@@ -353,7 +354,7 @@ fn apply_one(
         } else {
             Vec::new()
         };
-    let lay = {
+    let mut lay = {
         let mut call = |addr: u64| threads.call_function(addr).map_err(Error::from);
         elf.layout(
             patch,
@@ -367,6 +368,10 @@ fn apply_one(
             },
         )?
     };
+    // Direct calls to the replaced functions: found now, so the header has room for
+    // their undo records before the region is mapped.
+    let sites = callsites::plan(target, &view, &elf.hunk_targets(&lay), &existing);
+    lay.grow_header(sites.header_bytes());
     let maps = read_maps(pid)?;
     let base = hole_near(&maps, target, lay.size).ok_or_else(|| Error::NoHole {
         object: target.path.clone(),
@@ -387,7 +392,7 @@ fn apply_one(
         });
     }
     let result = fill_and_commit(
-        threads, &mem, patch, target, &view, &elf, &lay, base, &existing, objects, opts,
+        threads, &mem, patch, target, &view, &elf, &lay, base, &existing, objects, &sites, opts,
     );
     if result.is_err() {
         // Nothing jumps into the region yet (commit restores its jumps on failure).
@@ -419,6 +424,7 @@ fn fill_and_commit(
     base: u64,
     existing: &[RegionHeader],
     objects: &[LoadedObject],
+    sites: &callsites::Plan,
     opts: &Options,
 ) -> Result<(Vec<Hunk>, Duration, u32), Error> {
     let relerr = |what: String| Error::Relocate {
@@ -486,6 +492,7 @@ fn fill_and_commit(
         // (about 16 µs each) outside the pause.
         mem.write(h.daddr, &live[..jl])?;
     }
+    callsites::prepare(mem, sites, &mut hunks, existing)?;
     let mut header = RegionHeader {
         addr: base,
         total_len: lay.size,
@@ -524,7 +531,7 @@ fn fill_and_commit(
             name: h.name.clone(),
         })
         .collect();
-    let writes: Vec<(u64, Vec<u8>, Vec<u8>)> = hunks
+    let mut writes: Vec<(u64, Vec<u8>, Vec<u8>)> = hunks
         .iter()
         .map(|h| {
             (
@@ -534,6 +541,7 @@ fn fill_and_commit(
             )
         })
         .collect();
+    writes.extend(callsites::retarget_writes(&hunks));
     header.state = RegionState::Applied;
     let maps = read_maps(threads.pid())?;
     let mut unwinder = safety::build_unwinder(mem, &maps, objects, existing);
@@ -847,6 +855,7 @@ fn unpatch_regions(
             let jump = Native::jump(h.daddr, h.saddr).unwrap_or_default();
             writes.push((h.daddr, h.saved[..Native::JUMP_LEN].to_vec(), jump));
         }
+        writes.extend(callsites::restore_writes(&r.hunks));
         let mut busy = vec![Busy {
             range: r.addr..r.addr + r.exec_len,
             name: format!("patch {} code", r.patch_id),

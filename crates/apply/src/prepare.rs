@@ -796,6 +796,7 @@ impl<'a> PatchElf<'a> {
                     slen,
                     saved: [0; SAVED_LEN],
                     name,
+                    call_sites: Vec::new(),
                 });
                 p += KPATCH_INFO_LEN;
             }
@@ -850,6 +851,80 @@ impl<'a> PatchElf<'a> {
     /// Length of the header area at the start of the region.
     pub fn header_len(lay: &Layout) -> u64 {
         lay.header_len
+    }
+
+    /// The (original address, length) each `.kpatch.info` record names, from the
+    /// resolved symbols alone (independent of the region's base), so call sites can
+    /// be counted and the header sized before the region is mapped. [`Self::relocate`]
+    /// stays the authority on the hunks; this is only used for sizing and lookup.
+    pub fn hunk_targets(&self, lay: &Layout) -> Vec<(u64, u32)> {
+        let e = LE;
+        let Some(i) = lay.info_sec else {
+            return Vec::new();
+        };
+        let s = self.secs[i].1;
+        let raw = if s.sh_type(e) == elf::SHT_NOBITS {
+            &[][..]
+        } else {
+            let o = s.sh_offset(e) as usize;
+            self.data
+                .get(o..o + s.sh_size(e) as usize)
+                .unwrap_or_default()
+        };
+        let rd = |a: usize, n: usize| -> u64 {
+            raw.get(a..a + n).map_or(0, |b| {
+                let mut w = [0u8; 8];
+                w[..n].copy_from_slice(b);
+                u64::from_le_bytes(w)
+            })
+        };
+        let mut out = Vec::new();
+        for rec in (0..raw.len() / KPATCH_INFO_LEN).map(|k| k * KPATCH_INFO_LEN) {
+            let reloc = self.relocs.iter().find(|r| {
+                r.target_sec == i && r.offset == rec as u64 && r.r_type == elf::R_X86_64_64
+            });
+            let daddr = match reloc.map(|r| (lay.syms[r.sym], r.addend)) {
+                Some((Some(SymVal::Local(a) | SymVal::Abs(a)), add)) => a.wrapping_add(add as u64),
+                Some(_) => continue, // not an address in the object
+                None => rd(rec, 8),
+            };
+            if daddr != 0 {
+                out.push((daddr, rd(rec + 16, 4) as u32));
+            }
+        }
+        out
+    }
+}
+
+impl Layout {
+    /// Makes the header area `extra` bytes longer (call-site records, counted only
+    /// once the symbols are resolved). If the gap before the first section is too
+    /// small, everything after the header moves by whole pages, which keeps every
+    /// section's alignment (layout clamps alignments to a page).
+    pub fn grow_header(&mut self, extra: u64) {
+        let want = align(self.header_len + extra, 16);
+        let first = self
+            .sec_off
+            .values()
+            .copied()
+            .chain(std::iter::once(self.jt_off))
+            .min()
+            .unwrap_or(self.jt_off);
+        if want > first {
+            let shift = align(want - first, PAGE);
+            for o in self.sec_off.values_mut() {
+                *o += shift;
+            }
+            for s in self.syms.iter_mut().flatten() {
+                if let SymVal::Region(o) = s {
+                    *o += shift;
+                }
+            }
+            self.jt_off += shift;
+            self.exec_len += shift;
+            self.size += shift;
+        }
+        self.header_len = want;
     }
 }
 

@@ -8,14 +8,19 @@ use crate::Error;
 
 /// Magic at the start of every patch region.
 pub const REGION_MAGIC: &[u8; 8] = b"LVCARE\x01\0";
-/// Format version of the region header.
-pub const REGION_VERSION: u32 = 1;
+/// Format version of the region header (2: hunks carry retargeted call sites).
+pub const REGION_VERSION: u32 = 2;
+/// Oldest version we still read: version 1 is version 2 with no call sites (the
+/// hunk record's call-site fields were zero).
+const OLDEST_READABLE_VERSION: u32 = 1;
 /// Size of the fixed part of the header.
 pub const FIXED_LEN: usize = 192;
 /// Size of one hunk record.
 pub const HUNK_LEN: usize = 48;
 /// Bytes of saved original code per hunk.
 pub const SAVED_LEN: usize = 8;
+/// Size of one call-site record: address (u64) and the rel32 it had before (i32).
+pub const CALL_SITE_LEN: usize = 12;
 
 /// Field offsets of the fixed header, named once.
 mod off {
@@ -37,6 +42,21 @@ mod off {
     pub const NAMES: usize = 180; // u32 offset of the name strings
 }
 
+/// A direct `call rel32` in the patched object that the patch made call the new
+/// body; unpatch writes `old_rel` back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallSite {
+    /// Address of the call's opcode byte (0xe8); the rel32 follows it.
+    pub addr: u64,
+    /// The displacement before the patch: to the original function, or to the new
+    /// body of the patch below this one when patches are stacked.
+    pub old_rel: i32,
+}
+
+fn count_call_sites<S: serde::Serializer>(v: &[CallSite], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.len() as u64)
+}
+
 /// One replaced function.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Hunk {
@@ -52,6 +72,9 @@ pub struct Hunk {
     pub saved: [u8; SAVED_LEN],
     /// Function name.
     pub name: String,
+    /// Direct calls retargeted to the new body (shown as their number).
+    #[serde(serialize_with = "count_call_sites")]
+    pub call_sites: Vec<CallSite>,
 }
 
 /// Whether a region's jumps are live.
@@ -115,15 +138,23 @@ fn rd64(b: &[u8], o: usize) -> u64 {
 }
 
 impl RegionHeader {
-    /// Bytes needed to encode a header with these hunks.
+    /// Bytes needed to encode a header with these hunks (and no call sites; each
+    /// call site adds [`CALL_SITE_LEN`], plus at most 4 bytes of alignment in all).
     pub fn encoded_len(nhunks: usize, names_len: usize) -> usize {
-        (FIXED_LEN + nhunks * HUNK_LEN + names_len).div_ceil(16) * 16
+        Self::encoded_len_with_sites(nhunks, names_len, 0)
+    }
+
+    /// Bytes needed to encode a header with these hunks and call sites.
+    pub fn encoded_len_with_sites(nhunks: usize, names_len: usize, nsites: usize) -> usize {
+        let sites_at = (FIXED_LEN + nhunks * HUNK_LEN + names_len).div_ceil(4) * 4;
+        (sites_at + nsites * CALL_SITE_LEN).div_ceil(16) * 16
     }
 
     /// Encodes the header.
     pub fn encode(&self) -> Vec<u8> {
         let names_len: usize = self.hunks.iter().map(|h| h.name.len() + 1).sum();
-        let len = Self::encoded_len(self.hunks.len(), names_len);
+        let nsites: usize = self.hunks.iter().map(|h| h.call_sites.len()).sum();
+        let len = Self::encoded_len_with_sites(self.hunks.len(), names_len, nsites);
         let mut b = vec![0u8; len];
         b[off::MAGIC..off::MAGIC + 8].copy_from_slice(REGION_MAGIC);
         b[off::VERSION..off::VERSION + 4].copy_from_slice(&REGION_VERSION.to_le_bytes());
@@ -145,6 +176,7 @@ impl RegionHeader {
         let names_at = FIXED_LEN + self.hunks.len() * HUNK_LEN;
         b[off::NAMES..off::NAMES + 4].copy_from_slice(&(names_at as u32).to_le_bytes());
         let mut name_pos = names_at;
+        let mut site_pos = (names_at + names_len).div_ceil(4) * 4;
         for (i, h) in self.hunks.iter().enumerate() {
             let o = FIXED_LEN + i * HUNK_LEN;
             b[o..o + 8].copy_from_slice(&h.daddr.to_le_bytes());
@@ -155,6 +187,13 @@ impl RegionHeader {
             b[o + 32..o + 36].copy_from_slice(&((name_pos - names_at) as u32).to_le_bytes());
             b[name_pos..name_pos + h.name.len()].copy_from_slice(h.name.as_bytes());
             name_pos += h.name.len() + 1;
+            b[o + 36..o + 40].copy_from_slice(&(site_pos as u32).to_le_bytes());
+            b[o + 40..o + 44].copy_from_slice(&(h.call_sites.len() as u32).to_le_bytes());
+            for c in &h.call_sites {
+                b[site_pos..site_pos + 8].copy_from_slice(&c.addr.to_le_bytes());
+                b[site_pos + 8..site_pos + 12].copy_from_slice(&c.old_rel.to_le_bytes());
+                site_pos += CALL_SITE_LEN;
+            }
         }
         b
     }
@@ -165,7 +204,10 @@ impl RegionHeader {
     /// Reads the header of the region at `addr`, if it carries our magic.
     pub fn read(mem: &RemoteMemory, addr: u64, map_len: u64) -> Option<RegionHeader> {
         let fixed = mem.read_vec(addr, FIXED_LEN).ok()?;
-        if &fixed[..8] != REGION_MAGIC || rd32(&fixed, off::VERSION) != REGION_VERSION {
+        let version = rd32(&fixed, off::VERSION);
+        if &fixed[..8] != REGION_MAGIC
+            || !(OLDEST_READABLE_VERSION..=REGION_VERSION).contains(&version)
+        {
             return None;
         }
         let len = rd32(&fixed, off::HEADER_LEN) as usize;
@@ -183,6 +225,17 @@ impl RegionHeader {
                 .get(name_off..)
                 .map(|s| get_str(s, 0, s.len()))
                 .unwrap_or_default();
+            // A record whose call-site table does not lie inside the header is
+            // damaged: refuse the region rather than restore half of it.
+            let (sites_at, nsites) = (rd32(&b, o + 36) as usize, rd32(&b, o + 40) as usize);
+            let sites = b.get(sites_at..nsites.checked_mul(CALL_SITE_LEN)? + sites_at)?;
+            let call_sites = sites
+                .chunks_exact(CALL_SITE_LEN)
+                .map(|c| CallSite {
+                    addr: rd64(c, 0),
+                    old_rel: rd32(c, 8) as i32,
+                })
+                .collect();
             hunks.push(Hunk {
                 daddr: rd64(&b, o),
                 saddr: rd64(&b, o + 8),
@@ -190,6 +243,7 @@ impl RegionHeader {
                 slen: rd32(&b, o + 20),
                 saved: b[o + 24..o + 32].try_into().unwrap_or_default(),
                 name,
+                call_sites,
             });
         }
         Some(RegionHeader {
@@ -257,6 +311,16 @@ mod tests {
                 slen: 4,
                 saved: [9; 8],
                 name: "report".into(),
+                call_sites: vec![
+                    CallSite {
+                        addr: 0x5555_0000_1234,
+                        old_rel: -0x200,
+                    },
+                    CallSite {
+                        addr: 0x5555_0000_2000,
+                        old_rel: 0x7000_0000,
+                    },
+                ],
             }],
         };
         let b = h.encode();
@@ -264,5 +328,10 @@ mod tests {
         assert_eq!(&b[..8], REGION_MAGIC);
         assert_eq!(rd64(&b, off::SEQ), 7);
         assert_eq!(get_str(&b, off::PATCH_ID, 32), "0001");
+        assert_eq!(b.len(), RegionHeader::encoded_len_with_sites(1, 7, 2));
+        let sites_at = rd32(&b, FIXED_LEN + 36) as usize;
+        assert_eq!(rd32(&b, FIXED_LEN + 40), 2);
+        assert_eq!(rd64(&b, sites_at + 12), 0x5555_0000_2000);
+        assert_eq!(rd32(&b, sites_at + 20) as i32, 0x7000_0000);
     }
 }
