@@ -144,6 +144,10 @@ struct Load {
     mixed: AtomicU64,
     /// The first failure messages.
     errors: Mutex<Vec<String>>,
+    /// Longest round trip (µs) of a request on a persistent connection, and of one
+    /// on a fresh connection (connect included).
+    max_persistent_us: AtomicU64,
+    max_fresh_us: AtomicU64,
 }
 
 impl Load {
@@ -256,8 +260,16 @@ fn client(id: usize, mode: Mode, addr: SocketAddr, payloads: &[Payload], load: &
                 (format!("c{id}.{n}"), p)
             })
             .collect();
+        let t = Instant::now();
         match exchange(&mut conn, addr, &reqs) {
-            Ok(kinds) => kinds.into_iter().for_each(|k| load.record(k)),
+            Ok(kinds) => {
+                let max = match mode {
+                    Mode::Persistent(_) => &load.max_persistent_us,
+                    Mode::Fresh => &load.max_fresh_us,
+                };
+                max.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                kinds.into_iter().for_each(|k| load.record(k));
+            }
             Err(e) => {
                 // Every request of the batch counts as failed.
                 for _ in 1..batch {
@@ -332,7 +344,8 @@ struct Run {
     stalls: Vec<String>,
 }
 
-/// `tid:state:wchan:syscall` for every thread of `pid`.
+/// `tid:state:wchan:syscall` for every thread of `pid`, plus the kernel stack of a
+/// thread in uninterruptible sleep (D) when /proc lets us read it (root).
 fn thread_states(pid: u32) -> String {
     let read = |t: &str, f: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{f}")).unwrap_or_default()
@@ -351,7 +364,17 @@ fn thread_states(pid: u32) -> String {
                 .unwrap_or('?');
             let syscall = read(&t, "syscall");
             let nr = syscall.split_whitespace().next().unwrap_or("?");
-            format!("{t}:{state}:{}:{nr}", read(&t, "wchan"))
+            let mut s = format!("{t}:{state}:{}:{nr}", read(&t, "wchan"));
+            if state == 'D' {
+                let text = read(&t, "stack");
+                let stack: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(1))
+                    .map(|f| f.split('+').next().unwrap_or(f))
+                    .collect();
+                s.push_str(&format!(":stack={}", stack.join("<")));
+            }
+            s
         })
         .collect();
     v.sort();
@@ -474,6 +497,8 @@ struct Cycles {
     max_attempts: u64,
     /// The slowest command: what it was and its log.
     slowest: Option<(Duration, String, String)>,
+    /// The patch with the longest stop: its pause (µs), which cycle, and its log.
+    longest_pause: Option<(u64, String, String)>,
     /// Thread samples of every command that ran over a second.
     stalls: Vec<String>,
 }
@@ -506,9 +531,9 @@ fn run_cycles(
             .with_context(|| format!("cycle {i}: patch"))?;
         c.patch_wall.push(run.wall);
         c.note(format!("patch of cycle {i}"), &run);
-        let out = run.stdout;
+        let out = &run.stdout;
         let doc: Value =
-            serde_json::from_str(&out).with_context(|| format!("patch --json: {out}"))?;
+            serde_json::from_str(out).with_context(|| format!("patch --json: {out}"))?;
         let reports = doc["patched"].as_array().context("no `patched` array")?;
         ensure!(reports.len() == 1, "cycle {i}: one report expected: {out}");
         let hunks = reports[0]["hunks"].as_array().map_or(0, Vec::len);
@@ -521,8 +546,11 @@ fn run_cycles(
         if attempts > 1 {
             c.waited += 1;
         }
-        c.pause_us
-            .push(reports[0]["pause_us"].as_u64().unwrap_or(0));
+        let pause = reports[0]["pause_us"].as_u64().unwrap_or(0);
+        c.pause_us.push(pause);
+        if c.longest_pause.as_ref().is_none_or(|(p, _, _)| pause > *p) {
+            c.longest_pause = Some((pause, format!("patch of cycle {i}"), run.stderr.clone()));
+        }
         probe(addr, &format!("p{i}"), Code::New).with_context(|| format!("after patch {i}"))?;
         let run = livecare(&["unpatch", "-p", pid], Some(target))
             .with_context(|| format!("cycle {i}: unpatch"))?;
@@ -639,6 +667,14 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
         cycles.waited,
         cycles.max_attempts,
     );
+    eprintln!(
+        "soak: longest request round trip: {} µs on a persistent connection, {} µs on a fresh one",
+        load.max_persistent_us.load(Ordering::Relaxed),
+        load.max_fresh_us.load(Ordering::Relaxed)
+    );
+    if let Some((pause, what, log)) = &cycles.longest_pause {
+        eprintln!("soak: longest stop: {what}, {pause} µs; its log:\n{log}");
+    }
     if let Some((wall, what, log)) = &cycles.slowest {
         if *wall > Duration::from_secs(1) {
             eprintln!("soak: slowest command: {what}, {wall:.1?}; its log:\n{log}");
