@@ -15,6 +15,7 @@ mod launch;
 mod maps;
 mod mem;
 mod objects;
+mod priority;
 mod threads;
 mod wake;
 
@@ -54,6 +55,15 @@ impl Pid {
         std::fs::read_to_string(format!("/proc/{}/comm", self.0))
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
+    }
+
+    /// Number of threads, from `/proc/PID/stat` (one small read, unlike listing
+    /// `/proc/PID/task`); `None` if the process is gone.
+    pub fn thread_count(self) -> Option<usize> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).ok()?;
+        // Field 20 (num_threads); comm may contain spaces, so count after the ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        rest.split_whitespace().nth(17)?.parse().ok()
     }
 
     /// True for kernel threads (no address space: empty `/proc/PID/cmdline` and no exe).

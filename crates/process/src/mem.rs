@@ -81,6 +81,61 @@ impl RemoteMemory {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Reads several ranges with as few syscalls as possible (one `process_vm_readv`
+    /// with an iovec per range, up to the kernel's limit per call). A range that the
+    /// batch could not read completely is read on its own; `None` if that fails too.
+    pub fn read_ranges(&self, ranges: &[(u64, usize)]) -> Vec<Option<Vec<u8>>> {
+        const IOV_MAX: usize = 1024;
+        let mut out: Vec<Option<Vec<u8>>> =
+            ranges.iter().map(|&(_, l)| Some(vec![0u8; l])).collect();
+        let mut i = 0;
+        while i < ranges.len() {
+            let end = (i + IOV_MAX).min(ranges.len());
+            let mut local = Vec::with_capacity(end - i);
+            let mut remote = Vec::with_capacity(end - i);
+            for (buf, &(addr, len)) in out[i..end].iter_mut().zip(&ranges[i..end]) {
+                let buf = buf
+                    .as_mut()
+                    .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+                local.push(libc::iovec {
+                    iov_base: buf.cast(),
+                    iov_len: len,
+                });
+                remote.push(libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: len,
+                });
+            }
+            // SAFETY: every local iovec covers exactly one buffer of `out`, owned here and
+            // not touched until the call returns; the counts match the vectors' lengths.
+            let n = unsafe {
+                libc::process_vm_readv(
+                    self.pid.0,
+                    local.as_ptr(),
+                    local.len() as libc::c_ulong,
+                    remote.as_ptr(),
+                    remote.len() as libc::c_ulong,
+                    0,
+                )
+            };
+            // The kernel stops at the first range it cannot read: ranges up to there
+            // are complete, the rest are read one by one.
+            let mut done = n.max(0) as usize;
+            for j in i..end {
+                let len = ranges[j].1;
+                if done >= len {
+                    done -= len;
+                    continue;
+                }
+                done = 0;
+                let mut b = vec![0u8; len];
+                out[j] = self.read(ranges[j].0, &mut b).ok().map(|_| b);
+            }
+            i = end;
+        }
+        out
+    }
+
     /// Writes `data` at `addr`, also into read-only or executable pages.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
         // process_vm_writev fails with EFAULT on r-x pages; /proc/PID/mem writes with

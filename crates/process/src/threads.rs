@@ -42,6 +42,8 @@ pub struct ThreadSet {
     syscall_pc: Option<u64>,
     /// Pause timing of the last interrupt/resume cycle.
     pub watch: StopWatch,
+    /// Real-time priority held while threads are stopped (see [`crate::priority`]).
+    boost: Option<crate::priority::Boost>,
 }
 
 fn waitpid(tid: i32, flags: i32) -> Result<Option<(Tid, i32)>, Error> {
@@ -96,6 +98,7 @@ impl ThreadSet {
             threads: BTreeMap::new(),
             syscall_pc: None,
             watch: StopWatch::default(),
+            boost: None,
         };
         set.seize_new_tasks()?;
         if set.threads.is_empty() {
@@ -131,6 +134,7 @@ impl ThreadSet {
             threads,
             syscall_pc: None,
             watch: StopWatch::default(),
+            boost: None,
         })
     }
 
@@ -304,6 +308,9 @@ impl ThreadSet {
         if self.threads.values().all(|t| !t.stopped) {
             self.watch.started = None;
         }
+        if self.boost.is_none() {
+            self.boost = crate::priority::Boost::raise();
+        }
         loop {
             let tids: Vec<Tid> = self
                 .threads
@@ -318,12 +325,26 @@ impl ThreadSet {
                 }
             }
             self.wait_all_stopped()?;
+            // Threads born from traced threads are ours (TRACECLONE); only one cloned
+            // while we were seizing its parent could be untraced. When the kernel's
+            // thread count equals ours there is none, and the costlier listing of
+            // /proc/PID/task is skipped inside the pause.
+            if self.pid.thread_count() == Some(self.threads.len()) {
+                break;
+            }
             if self.seize_new_tasks()? == 0 {
                 break;
             }
         }
         if self.threads.is_empty() {
             return Err(Error::NoSuchProcess(self.pid));
+        }
+        if let Some(s) = self.watch.started {
+            tracing::debug!(
+                threads = self.threads.len(),
+                since_first_stop_us = s.elapsed().as_micros() as u64,
+                "all threads stopped"
+            );
         }
         Ok(())
     }
@@ -440,6 +461,10 @@ impl ThreadSet {
     fn end_pause(&mut self) {
         if let Some(s) = self.watch.started.take() {
             self.watch.last = Some(s.elapsed());
+        }
+        // Back to normal scheduling once nothing is held.
+        if self.threads.values().all(|t| !t.stopped) {
+            self.boost = None;
         }
     }
 
@@ -651,23 +676,60 @@ impl ThreadSet {
         result
     }
 
-    /// Detaches every thread (stopping running ones first, as DETACH needs a stop).
+    /// Detaches every thread. Stopped threads are detached at once; running ones are
+    /// stopped and detached one at a time, so detaching never stops the whole process
+    /// again (each thread only sees its own short stop).
     pub fn detach_all(&mut self) -> Result<(), Error> {
-        if self.threads.values().any(|t| !t.stopped) {
-            let _ = self.interrupt_all();
-        }
         let mut first_err = None;
-        for (tid, st) in std::mem::take(&mut self.threads) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        // Blocking waits, interrupted now and then so the deadline is noticed.
+        let timer = if self.threads.values().any(|t| !t.stopped) {
+            crate::wake::WakeTimer::every(Duration::from_millis(1))
+        } else {
+            None
+        };
+        let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
+        while let Some((&tid, &st)) = self.threads.iter().next() {
             if !st.stopped {
-                continue;
+                // INTERRUPT then wait for this thread only; a clone event it reports
+                // first adds the new thread to the set, which is detached in its turn.
+                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                    self.threads.remove(&tid);
+                    continue;
+                }
+                let gone = loop {
+                    match waitpid(tid.0, flags) {
+                        Ok(Some((t, status))) => {
+                            if !self.note_status(t, status) {
+                                break true;
+                            }
+                            if self.is_stopped(tid) {
+                                break false;
+                            }
+                        }
+                        Ok(None) | Err(Error::Wait(_)) if Instant::now() > deadline => {
+                            first_err.get_or_insert(Error::Timeout(format!(
+                                "thread {tid} did not stop to be detached"
+                            )));
+                            break true;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_micros(20)),
+                        Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                        Err(_) => break true,
+                    }
+                };
+                if gone {
+                    self.threads.remove(&tid);
+                    continue;
+                }
             }
+            let sig = self.threads.remove(&tid).map_or(0, |s| s.pending_sig);
             // DETACH resumes the thread, delivering a signal that arrived while held.
-            if ptrace(libc::PTRACE_DETACH, tid, 0, st.pending_sig as u64) < 0
-                && errno() != libc::ESRCH
-            {
+            if ptrace(libc::PTRACE_DETACH, tid, 0, sig as u64) < 0 && errno() != libc::ESRCH {
                 first_err.get_or_insert(Error::ptrace("DETACH", tid));
             }
         }
+        drop(timer);
         self.end_pause();
         first_err.map_or(Ok(()), Err)
     }
