@@ -111,29 +111,61 @@ pub fn first_offender(
     };
     // A return address points just after a call: inside (start, end].
     let in_busy_ret = |v: u64| busy.iter().find(|b| v > b.range.start && v <= b.range.end);
+    // Registers of every thread first, then every stack in one batched read: each
+    // syscall inside the stop lengthens the pause.
+    let mut fresh: Option<Vec<MapEntry>> = None;
+    let mut held = Vec::new();
     for tid in threads.tids() {
         if !threads.is_stopped(tid) {
             continue;
         }
         let regs = threads.regs(tid)?;
-        let top_busy = in_busy_exact(regs.rip);
-        let fresh;
-        let map = match stack_map(maps, regs.rsp) {
-            Some(m) => m,
+        let end = match stack_map(maps, regs.rsp) {
+            Some(m) => m.end,
             None => {
-                fresh = livecare_process::read_maps(threads.pid())?;
-                match stack_map(&fresh, regs.rsp) {
-                    Some(m) => m,
+                if fresh.is_none() {
+                    fresh = Some(livecare_process::read_maps(threads.pid())?);
+                }
+                match fresh.as_deref().and_then(|f| stack_map(f, regs.rsp)) {
+                    Some(m) => m.end,
                     None => return off(tid, "an unknown stack".into(), None),
                 }
             }
         };
-        let lo = regs.rsp & !7;
-        let Ok(stack) = mem.read_vec(lo, (map.end - lo) as usize) else {
+        held.push((tid, regs, regs.rsp & !7, end));
+    }
+    // The frames are usually within a page of the stack pointer, while the mapping's
+    // top holds thread descriptors and TLS: read the near part for every thread in
+    // the batch and the rest only when a walk or scan needs it (cost is per page).
+    let ranges: Vec<(u64, usize)> = held
+        .iter()
+        .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
+        .collect();
+    let stacks = mem.read_ranges(&ranges);
+    for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
+        let top_busy = in_busy_exact(regs.rip);
+        let Some(mut stack) = stack else {
             return off(tid, "an unreadable stack".into(), None);
         };
+        // Appends the far part of the stack once; false if it cannot be read.
+        let complete = |stack: &mut Vec<u8>| -> bool {
+            let have = lo + stack.len() as u64;
+            if have >= end {
+                return true;
+            }
+            match mem.read_vec(have, (end - have) as usize) {
+                Ok(rest) => {
+                    stack.extend_from_slice(&rest);
+                    true
+                }
+                Err(_) => false,
+            }
+        };
         let mut read = |addr: u64| -> Option<u64> {
-            if addr >= lo && addr + 8 <= map.end {
+            if addr >= lo && addr + 8 <= end {
+                if addr + 8 > lo + stack.len() as u64 && !complete(&mut stack) {
+                    return None;
+                }
                 let o = (addr - lo) as usize;
                 return Some(u64::from_le_bytes(stack[o..o + 8].try_into().ok()?));
             }
@@ -162,7 +194,10 @@ pub fn first_offender(
         if let Some(b) = top_busy {
             return off(tid, b.name.clone(), None);
         }
-        // No complete unwind: fall back to the conservative scan.
+        // No complete unwind: fall back to the conservative scan of the whole stack.
+        if !complete(&mut stack) {
+            return off(tid, "an unreadable stack".into(), None);
+        }
         for w in stack.chunks_exact(8) {
             let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
             if let Some(b) = in_busy_ret(v) {
@@ -175,4 +210,10 @@ pub fn first_offender(
         }
     }
     Ok(None)
+}
+
+/// End of the part of a stack read in the first batch: 1 KiB past the stack pointer
+/// (at most `end`), which holds the frames of a thread waiting in a syscall.
+fn near_end(lo: u64, end: u64) -> u64 {
+    (lo + 1024).min(end)
 }
