@@ -1,7 +1,8 @@
 //! Loaded ELF objects of a process: path, kind, load bias, mapped ranges, build-id.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
@@ -62,34 +63,82 @@ impl LoadedObject {
     }
 }
 
-/// Object files already read in this process, by (device, inode, size): `-p all`
-/// sees the same libc in every process and reads it once.
-static FILE_CACHE: Mutex<Vec<(FileKey, Arc<[u8]>)>> = Mutex::new(Vec::new());
+/// One object file as read from disk: its bytes and what they say about themselves.
+struct FileInfo {
+    data: Arc<[u8]>,
+    /// GNU build-id found in the file (None: the file names none).
+    build_id: Option<String>,
+}
 
 /// (device, inode, size) of an object file.
 type FileKey = (String, u64, u64);
 
-fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Arc<[u8]>)> {
+/// Object files already read in this process, by (device, inode, size): `-p all`
+/// sees the same libc in every process and reads and parses it once.
+fn file_cache() -> &'static Mutex<HashMap<FileKey, Arc<FileInfo>>> {
+    static CACHE: OnceLock<Mutex<HashMap<FileKey, Arc<FileInfo>>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// What the headers of a mapped file say about its build-id.
+#[derive(Clone)]
+enum FileBuildId {
+    /// Not an ELF file: [`loaded_objects`] leaves it out.
+    NotElf,
+    /// The build-id the file carries.
+    Id(String),
+    /// An ELF file naming no build-id (or one `object` cannot parse):
+    /// [`loaded_objects`] then looks for one in memory.
+    Unknown,
+}
+
+/// Build-ids of object files seen by [`LoadedObject::any_build_id_in`] (which reads
+/// only the headers and notes), by the same key as the file cache.
+fn build_id_cache() -> &'static Mutex<HashMap<FileKey, FileBuildId>> {
+    static CACHE: OnceLock<Mutex<HashMap<FileKey, FileBuildId>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The `/proc/PID/map_files` entry of a mapping and the cache key of its file
+/// (`None` when the size cannot be learnt: such a file is never cached).
+fn file_key(pid: Pid, first: &MapEntry) -> (String, Option<FileKey>) {
     let mf = format!(
         "/proc/{}/map_files/{:x}-{:x}",
         pid.0, first.start, first.end
     );
-    let size = std::fs::metadata(&mf).map(|m| m.len()).unwrap_or(u64::MAX);
-    let key = (first.dev.clone(), first.inode, size);
-    if let Some((_, d)) = FILE_CACHE.lock().ok()?.iter().find(|(k, _)| *k == key) {
-        return Some((mf, d.clone()));
+    let key = std::fs::metadata(&mf)
+        .ok()
+        .map(|m| (first.dev.clone(), first.inode, m.len()));
+    (mf, key)
+}
+
+/// The GNU build-id an ELF file carries, as `object` finds it.
+fn file_build_id(data: &[u8]) -> Option<String> {
+    object::File::parse(data)
+        .ok()
+        .and_then(|f| f.build_id().ok().flatten().map(hex))
+}
+
+fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Arc<FileInfo>)> {
+    let (mf, key) = file_key(pid, first);
+    if let Some(k) = &key {
+        if let Some(f) = file_cache().lock().ok()?.get(k) {
+            return Some((mf, f.clone()));
+        }
     }
     let data = std::fs::read(&mf)
         .or_else(|_| std::fs::read(format!("/proc/{}/root{}", pid.0, first.path)))
         .or_else(|_| std::fs::read(&first.path))
         .ok()?;
     let data: Arc<[u8]> = Arc::from(data);
-    if size != u64::MAX {
-        if let Ok(mut c) = FILE_CACHE.lock() {
-            c.push((key, data.clone()));
-        }
+    let info = Arc::new(FileInfo {
+        build_id: file_build_id(&data),
+        data,
+    });
+    if let (Some(k), Ok(mut c)) = (key, file_cache().lock()) {
+        c.insert(k, info.clone());
     }
-    Some((mf, data))
+    Some((mf, info))
 }
 
 /// Load bias from the program headers: the mapping at file offset `off` starts at
@@ -203,33 +252,27 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
             .trim_end_matches(" (deleted)")
             .to_string()
     });
-    let mem = RemoteMemory::open(pid).ok();
+    // Opened only for an object whose file names no build-id.
+    let mem_cell = std::cell::OnceCell::new();
+    let mem = || {
+        mem_cell
+            .get_or_init(|| RemoteMemory::open(pid).ok())
+            .as_ref()
+    };
     let mut out: Vec<LoadedObject> = Vec::new();
-    let mut seen: Vec<(String, u64, String)> = Vec::new();
-    for (i, m) in maps.iter().enumerate() {
-        if !m.is_file() {
-            continue;
-        }
-        let key = (m.dev.clone(), m.inode, m.path.clone());
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
-        let group: Vec<&MapEntry> = maps[i..]
+    for (i, m) in first_mappings(&maps) {
+        let group = maps[i..]
             .iter()
-            .filter(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path)
-            .collect();
-        let Some((map_file, data)) = read_object_file(pid, m) else {
+            .filter(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path);
+        let ranges: Vec<Range<u64>> = group.map(|g| g.start..g.end).collect();
+        let Some((map_file, file)) = read_object_file(pid, m) else {
             // Unreadable file: still report it if its ELF notes are in memory.
-            if let Some(bid) = mem
-                .as_ref()
-                .and_then(|mm| build_id_from_memory(mm, m.start))
-            {
+            if let Some(bid) = mem().and_then(|mm| build_id_from_memory(mm, m.start)) {
                 out.push(LoadedObject {
                     path: m.path.clone(),
                     build_id: Some(bid),
                     load_bias: m.start,
-                    ranges: group.iter().map(|g| g.start..g.end).collect(),
+                    ranges,
                     kind: ElfKind::Other,
                     map_file: String::new(),
                     data: Arc::from(Vec::new()),
@@ -237,31 +280,124 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
             }
             continue;
         };
+        let data = &file.data;
         if !data.starts_with(b"\x7fELF") {
             continue;
         }
-        let Some(bias) = load_bias(&data, m.start, m.offset) else {
+        let Some(bias) = load_bias(data, m.start, m.offset) else {
             continue;
         };
-        let build_id = object::File::parse(&data[..])
-            .ok()
-            .and_then(|f| f.build_id().ok().flatten().map(hex))
-            .or_else(|| {
-                mem.as_ref()
-                    .and_then(|mm| build_id_from_memory(mm, m.start))
-            });
+        let build_id = file
+            .build_id
+            .clone()
+            .or_else(|| mem().and_then(|mm| build_id_from_memory(mm, m.start)));
         let is_main = exe.as_deref() == Some(m.path.as_str());
         out.push(LoadedObject {
             path: m.path.clone(),
             build_id,
             load_bias: bias,
-            ranges: group.iter().map(|g| g.start..g.end).collect(),
-            kind: kind_of(&data, is_main),
+            ranges,
+            kind: kind_of(data, is_main),
             map_file,
-            data,
+            data: data.clone(),
         });
     }
     Ok(out)
+}
+
+/// The first mapping of each distinct file (device, inode, path), with its index.
+fn first_mappings(maps: &[MapEntry]) -> impl Iterator<Item = (usize, &MapEntry)> {
+    maps.iter().enumerate().filter(move |(i, m)| {
+        m.is_file()
+            && !maps[..*i]
+                .iter()
+                .any(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path)
+    })
+}
+
+/// Reads the few header and note bytes `object` looks at for a build-id, without
+/// reading the whole file (a process may map a 100 MB library nobody patches).
+fn build_id_of_path(path: &str) -> std::io::Result<FileBuildId> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
+        return Ok(FileBuildId::NotElf);
+    }
+    let cache = object::ReadCache::new(f);
+    Ok(object::File::parse(&cache)
+        .ok()
+        .and_then(|f| f.build_id().ok().flatten().map(hex))
+        .map_or(FileBuildId::Unknown, FileBuildId::Id))
+}
+
+/// What the file cache already knows about `key`'s build-id, if it read the file.
+fn cached_file_build_id(key: &FileKey) -> Option<FileBuildId> {
+    let c = file_cache().lock().ok()?;
+    let f = c.get(key)?;
+    Some(if !f.data.starts_with(b"\x7fELF") {
+        FileBuildId::NotElf
+    } else {
+        f.build_id
+            .clone()
+            .map_or(FileBuildId::Unknown, FileBuildId::Id)
+    })
+}
+
+impl LoadedObject {
+    /// Cheap pre-check for `-p all`: false only if `pid` certainly maps no object with
+    /// one of `build_ids` (what [`loaded_objects`] would report), so the caller can
+    /// skip it without reading any object file in full. For a file that names no
+    /// build-id (rustc's 100 MB libraries) or cannot be read, the ELF notes in the
+    /// process's memory decide, as in [`loaded_objects`]. Build-ids read from files are
+    /// cached per (device, inode, size).
+    pub fn any_build_id_in(pid: Pid, build_ids: &[&str]) -> Result<bool, Error> {
+        let maps = read_maps(pid)?;
+        let mem_cell = std::cell::OnceCell::new();
+        let mem = || {
+            mem_cell
+                .get_or_init(|| RemoteMemory::open(pid).ok())
+                .as_ref()
+        };
+        // Where loaded_objects would look when the file names no build-id.
+        let in_memory = |m: &MapEntry| {
+            mem()
+                .and_then(|mm| build_id_from_memory(mm, m.start))
+                .is_some_and(|b| build_ids.contains(&b.as_str()))
+        };
+        for (_, m) in first_mappings(&maps) {
+            let (mf, key) = file_key(pid, m);
+            let cached = key.as_ref().and_then(|k| {
+                build_id_cache()
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.get(k).cloned())
+                    .or_else(|| cached_file_build_id(k))
+            });
+            let bid = match cached {
+                Some(b) => b,
+                None => match build_id_of_path(&mf) {
+                    Ok(b) => {
+                        if let (Some(k), Ok(mut c)) = (key, build_id_cache().lock()) {
+                            c.insert(k, b.clone());
+                        }
+                        b
+                    }
+                    // Unreadable: loaded_objects reports it only by its notes in memory.
+                    Err(_) if in_memory(m) => return Ok(true),
+                    Err(_) => continue,
+                },
+            };
+            match bid {
+                FileBuildId::NotElf => {}
+                FileBuildId::Id(b) if build_ids.contains(&b.as_str()) => return Ok(true),
+                FileBuildId::Id(_) => {}
+                FileBuildId::Unknown if in_memory(m) => return Ok(true),
+                FileBuildId::Unknown => {}
+            }
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
@@ -283,6 +419,35 @@ mod tests {
         assert_eq!(libc.kind, ElfKind::SharedLibrary);
         assert_eq!(libc.build_id.as_ref().map(|b| b.len()), Some(40));
         assert_eq!(libc.load_bias & 0xfff, 0);
+    }
+
+    #[test]
+    fn build_id_precheck_agrees_with_loaded_objects() {
+        let me = Pid(std::process::id() as i32);
+        let objs = loaded_objects(me).unwrap();
+        let libc = objs
+            .iter()
+            .find(|o| o.name().starts_with("libc.so"))
+            .and_then(|o| o.build_id.clone())
+            .expect("libc with a build-id");
+        assert!(LoadedObject::any_build_id_in(me, &[&libc]).unwrap());
+        assert!(LoadedObject::any_build_id_in(me, &["00", &libc]).unwrap());
+        // Every ELF file this test maps names its build-id, so an id none has is
+        // ruled out from the headers alone.
+        assert!(objs.iter().all(|o| o.build_id.is_some()));
+        let none = "0123456789abcdef0123456789abcdef01234567";
+        assert!(!LoadedObject::any_build_id_in(me, &[none]).unwrap());
+        // Twice: the second answer comes from the cache and must not differ.
+        assert!(!LoadedObject::any_build_id_in(me, &[none]).unwrap());
+        assert!(LoadedObject::any_build_id_in(me, &[&libc]).unwrap());
+    }
+
+    #[test]
+    fn build_id_precheck_of_a_dead_process_is_an_error() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = Pid(child.id() as i32);
+        child.wait().unwrap();
+        assert!(LoadedObject::any_build_id_in(pid, &["00"]).is_err());
     }
 
     /// The fuzz crash files: 16 bytes (mapping start, file offset), then the ELF.
