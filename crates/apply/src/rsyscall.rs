@@ -24,20 +24,73 @@ use livecare_process::{read_maps, Regs, RemoteMemory, ThreadSet};
 
 use crate::Error;
 
-/// Stub code (x86_64); `RESUME_AT` holds the 8-byte address it returns to.
+/// Stub code (x86_64); `RESUME_AT` holds the 8-byte address it returns to. After the
+/// syscall it waits `BUDGET` TSC ticks (about a second) before restoring the thread:
+/// the tracer normally stops it there within microseconds, and a thread never runs
+/// on while the tracer still needs the result slot.
 fn stub() -> Vec<u8> {
-    let mut c = vec![0x0f, 0x05]; // syscall
-    c.extend_from_slice(&[0x48, 0x89, 0x44, 0x24, RESULT_SLOT as u8]); // mov %rax,RESULT(%rsp)
-    c.push(0xb9); // mov $SPIN,%ecx
-    c.extend_from_slice(&SPIN.to_le_bytes());
-    c.extend_from_slice(&[0xf3, 0x90, 0xe2, 0xfc]); // 1: pause; loop 1b
-                                                    // pop %rax, %rdi, %rsi, %rdx, %r10, %r8, %r9, %rcx, %r11 (FRAME order)
-    c.extend_from_slice(&[
-        0x58, 0x5f, 0x5e, 0x5a, 0x41, 0x5a, 0x41, 0x58, 0x41, 0x59, 0x59, 0x41, 0x5b,
-    ]);
-    // lea 8+RED_ZONE(%rsp),%rsp: past the result slot and the red zone.
-    c.extend_from_slice(&[0x48, 0x8d, 0xa4, 0x24]);
-    c.extend_from_slice(&((8 + RED_ZONE) as u32).to_le_bytes());
+    let mut c = vec![
+        0x0f,
+        0x05, // syscall
+        0x48,
+        0x89,
+        0x44,
+        0x24,
+        RESULT_SLOT as u8, // mov %rax,RESULT(%rsp)
+        0x0f,
+        0x31, // rdtsc
+        0x48,
+        0xc1,
+        0xe2,
+        0x20, // shl $32,%rdx
+        0x48,
+        0x09,
+        0xd0, // or %rdx,%rax
+        0x48,
+        0x03,
+        0x44,
+        0x24,
+        BUDGET_SLOT as u8, // add BUDGET(%rsp),%rax
+        0x48,
+        0x89,
+        0xc1, // mov %rax,%rcx: the end tick
+        0xf3,
+        0x90, // 1: pause
+        0x0f,
+        0x31, // rdtsc
+        0x48,
+        0xc1,
+        0xe2,
+        0x20, // shl $32,%rdx
+        0x48,
+        0x09,
+        0xd0, // or %rdx,%rax
+        0x48,
+        0x39,
+        0xc8, // cmp %rcx,%rax
+        0x72,
+        0xf0, // jb 1b
+        // pop %rax, %rdi, %rsi, %rdx, %r10, %r8, %r9, %rcx, %r11 (frame order)
+        0x58,
+        0x5f,
+        0x5e,
+        0x5a,
+        0x41,
+        0x5a,
+        0x41,
+        0x58,
+        0x41,
+        0x59,
+        0x59,
+        0x41,
+        0x5b,
+        0x9d, // popfq
+        0x48,
+        0x8d,
+        0xa4,
+        0x24, // lea 16+RED_ZONE(%rsp),%rsp: past the last slots
+    ];
+    c.extend_from_slice(&((16 + RED_ZONE) as u32).to_le_bytes());
     c.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp *resume(%rip)
     debug_assert_eq!(c.len() as u64, RESUME_AT);
     c.extend_from_slice(&0u64.to_le_bytes());
@@ -45,19 +98,21 @@ fn stub() -> Vec<u8> {
 }
 
 /// Offset of the resume address in the stub.
-const RESUME_AT: u64 = 0x2b;
-/// Offset (from the frame start) of the result slot: after the nine saved registers.
-const RESULT_SLOT: u64 = 9 * 8;
+const RESUME_AT: u64 = 0x44;
+/// Frame slots (from the frame start): nine saved registers, rflags, then these.
+const RESULT_SLOT: u64 = 10 * 8;
+/// The wait budget in TSC ticks.
+const BUDGET_SLOT: u64 = 11 * 8;
 /// The red zone of the x86_64 ABI, left untouched below the thread's stack pointer.
 const RED_ZONE: u64 = 128;
-/// Bytes of frame: nine registers and the result.
-const FRAME: u64 = 10 * 8;
-/// `pause` iterations the stub waits for the tracer after the syscall.
-const SPIN: u32 = 200_000;
+/// Bytes of frame.
+const FRAME: u64 = 12 * 8;
+/// TSC ticks the stub waits after the syscall (about a second at 2-3 GHz).
+const BUDGET: u64 = 2_000_000_000;
 /// A value no syscall returns (not a small negative errno, not a user address).
 const PENDING: u64 = 0x8000_0000_0000_0001;
-/// The padding a stub needs (a little more than its length, to stay clear of code).
-const NEED: u64 = 64;
+/// The padding a stub takes.
+const NEED: u64 = 96;
 /// How long the syscall may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -149,17 +204,24 @@ fn resume_point(r: &Regs) -> (u64, u64) {
     }
 }
 
-/// Runs syscall `nr` in one thread of the target through the stub (stopping one
-/// thread briefly if none is stopped); negative results become errors.
+/// Runs syscall `nr` in one thread of the target through the stub, stopping one
+/// thread briefly; negative results become errors. When the caller already holds
+/// stopped threads, the plain remote syscall is used instead.
 pub fn syscall(
     threads: &mut ThreadSet,
     name: &'static str,
     nr: u64,
     args: [u64; 6],
 ) -> Result<u64, Error> {
+    let had_stopped = threads.tids().into_iter().any(|t| threads.is_stopped(t));
+    if had_stopped {
+        // Threads held by the caller (`run` holds a program it started, which dies
+        // with livecare anyway, and whose tracee cannot be interrupted): the plain
+        // single-stepped syscall, which never lets the thread run on.
+        return threads.syscall(name, nr, args).map_err(Error::from);
+    }
     let mem = RemoteMemory::open(threads.pid())?;
     let site = stub_site(threads, &mem)?;
-    let had_stopped = threads.tids().into_iter().any(|t| threads.is_stopped(t));
     let tid = threads.stop_one()?;
     let saved = threads.regs(tid)?;
     let (resume_rip, resume_rax) = resume_point(&saved);
@@ -174,8 +236,18 @@ pub fn syscall(
     }
     let mut f = Vec::with_capacity(FRAME as usize);
     for v in [
-        resume_rax, saved.rdi, saved.rsi, saved.rdx, saved.r10, saved.r8, saved.r9, saved.rcx,
-        saved.r11, PENDING,
+        resume_rax,
+        saved.rdi,
+        saved.rsi,
+        saved.rdx,
+        saved.r10,
+        saved.r8,
+        saved.r9,
+        saved.rcx,
+        saved.r11,
+        saved.eflags,
+        PENDING,
+        BUDGET,
     ] {
         f.extend_from_slice(&v.to_le_bytes());
     }
@@ -197,11 +269,21 @@ pub fn syscall(
     // From here on the thread is safe whatever happens to us: the stub brings it back.
     threads.set_regs(tid, &r)?;
     let deadline = Instant::now() + TIMEOUT;
+    let in_stub = |rip: u64| (site..site + RESUME_AT).contains(&rip);
     let outcome = (|| -> Result<u64, Error> {
         loop {
             // Short slices: the stub waits for us after the syscall, and the thread
             // is stopped again at the end of each slice.
             threads.run_one_until_stop(tid, Duration::from_micros(200))?;
+            if !in_stub(threads.regs(tid)?.rip) {
+                // Only after a second without us: the slot may be overwritten since.
+                return Err(livecare_process::Error::RemoteSyscall {
+                    name,
+                    tid,
+                    what: "the thread left the stub before its result was read".into(),
+                }
+                .into());
+            }
             let v = mem.read_u64(frame + RESULT_SLOT)?;
             if v != PENDING {
                 return Ok(v);
@@ -218,7 +300,6 @@ pub fn syscall(
     })();
     // Still in the stub (the normal case): exactly the registers it had. Otherwise it
     // has already restored itself and gone back.
-    let in_stub = |rip: u64| (site..site + code.len() as u64).contains(&rip);
     if let Ok(now) = threads.regs(tid) {
         if in_stub(now.rip) {
             threads.set_regs(tid, &saved)?;
@@ -229,9 +310,7 @@ pub fn syscall(
             let _ = mem.write(site, &vec![0u8; code.len()]);
         }
     }
-    if !had_stopped {
-        threads.resume(tid)?;
-    }
+    threads.resume(tid)?;
     let v = outcome? as i64;
     if (-4095..0).contains(&v) {
         return Err(livecare_process::Error::RemoteSyscall {

@@ -279,19 +279,26 @@ fn every_fault_step(threads: &str) -> Result<()> {
         .with_context(|| ctx(step))?;
     }
 
-    for step in ["half-restores", "before-munmap"] {
+    for step in ["half-restores", "before-munmap", "before-detach"] {
         (|| -> Result<()> {
             patch_ok(&mut t, &f)?;
             aborted(&lc_fault(step, &["unpatch", "-p", &pid]))?;
             ensure!(t.is_alive(), "target died");
             assert_free(t.pid())?;
             let (seen, verdicts) = assert_info_truthful(&mut t)?;
-            if step == "half-restores" {
-                ensure!(seen.len() == 1, "not half removed: {seen:?}");
-                ensure!(verdicts == ["finish-removal"], "{verdicts:?}");
-            } else {
-                ensure!(seen.is_empty(), "{seen:?}");
-                ensure!(verdicts == ["unmap"], "{verdicts:?}");
+            match step {
+                "half-restores" => {
+                    ensure!(seen.len() == 1, "not half removed: {seen:?}");
+                    ensure!(verdicts == ["finish-removal"], "{verdicts:?}");
+                }
+                "before-munmap" => {
+                    ensure!(seen.is_empty(), "{seen:?}");
+                    ensure!(verdicts == ["unmap"], "{verdicts:?}");
+                }
+                _ => {
+                    ensure!(seen.is_empty(), "{seen:?}");
+                    ensure!(verdicts.is_empty(), "{verdicts:?}");
+                }
             }
             repair(&mut t)?;
             ensure!(observed(&mut t)?.is_empty(), "unpatch not finished");
