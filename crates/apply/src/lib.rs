@@ -6,20 +6,32 @@
 //! within ±2 GiB with one remote `mmap`, relocate, write the body and the undo data)
 //! runs while the target runs; **commit** stops every thread at once, checks that no
 //! thread is inside a function being replaced, writes the 5-byte jumps and resumes.
-//! A busy thread is run alone to a breakpoint at the return address of its outermost
-//! busy frame (others stay stopped, bounded to 200 ms), otherwise every thread is
-//! resumed and the commit retried with backoff until the timeout.
+//! A busy thread is run alone until the return of its outermost busy frame, caught by
+//! a trampoline its return address is redirected to (others stay stopped, bounded to
+//! 200 ms), otherwise every thread is resumed and the commit retried with backoff
+//! until the timeout.
 //! All state lives in the target (a header at the start of each region), so `info` and
 //! `unpatch` need nothing on the host. Every failure before the jumps leaves nothing
 //! behind but an unmapped region, and every thread is detached on every path.
+//!
+//! Crash consistency: livecare may be killed at any instant without harming the
+//! target. Nothing it leaves behind can trap (no breakpoints; the return trampoline
+//! and the remote-syscall stub finish on their own), the header's state word is a
+//! journal written before the first and after the last code write of a commit, and
+//! [`repair`] completes or rolls back whatever a dead livecare left half done.
+//! Several patches (or removals) in one call are all or nothing.
 
 pub mod arch;
 mod callsites;
 mod container;
 mod error;
+pub mod fault;
 mod prepare;
 mod region;
+mod repair;
+mod rsyscall;
 mod safety;
+mod trampoline;
 pub mod unwind;
 
 use std::time::{Duration, Instant};
@@ -34,6 +46,7 @@ pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch
 pub use error::Error;
 use prepare::{ObjectView, PatchElf};
 pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
+pub use repair::{check as check_regions, repair, RegionCheck, RepairReport, Repaired, Verdict};
 use safety::Busy;
 
 /// Knobs of apply and unpatch.
@@ -113,6 +126,9 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Objects with build-ids (patched ones carry their patches).
     pub objects: Vec<ObjectInfo>,
+    /// Regions not cleanly applied: interrupted commits or removals, and leftovers
+    /// (see `repair`). Empty when every patch is fully in or fully out.
+    pub incomplete: Vec<RegionCheck>,
 }
 
 /// Reads the patch state of `pid` (no ptrace needed, only /proc access).
@@ -124,6 +140,7 @@ pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
         pid: pid.0,
         comm: pid.comm(),
         objects: Vec::new(),
+        incomplete: repair::check(pid, false)?,
     };
     for o in objects {
         let Some(bid) = o.build_id.clone() else {
@@ -141,6 +158,23 @@ pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
         });
     }
     Ok(out)
+}
+
+/// Patching on top of an interrupted operation would build on code of unknown state:
+/// refuse, naming the way out.
+fn refuse_if_interrupted(pid: Pid) -> Result<(), Error> {
+    let bad: Vec<String> = find_regions(pid)?
+        .into_iter()
+        .filter(|r| r.state.is_incomplete())
+        .map(|r| format!("patch {} ({:?})", r.patch_id, r.state).to_lowercase())
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unpatch(format!(
+        "pid {pid} has an operation interrupted mid-way ({}); run `livecare repair -p {pid}` first",
+        bad.join(", ")
+    )))
 }
 
 /// A process we can work on: it exists and is not a kernel thread.
@@ -230,6 +264,7 @@ pub fn apply_to_objects(
     }
     let mut threads = ThreadSet::seize(pid)?;
     let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
+    fault::point("before-detach");
     threads.detach_all()?;
     Ok(done)
 }
@@ -263,15 +298,26 @@ fn apply_with_objects(
     objects: &[LoadedObject],
     opts: &Options,
 ) -> Result<Vec<ApplyReport>, Error> {
+    refuse_if_interrupted(threads.pid())?;
     let mut done: Vec<ApplyReport> = Vec::new();
     for p in matching_patches(patches, objects) {
         match apply_one(threads, p, objects, opts) {
             Ok(r) => done.push(r),
             Err(e) => {
-                for r in done.iter().rev() {
-                    let _ = unpatch_regions(threads, &[r.region], opts);
+                // All or nothing: the patches applied before this one come off again,
+                // in one stop (newest first).
+                let addrs: Vec<u64> = done.iter().rev().map(|r| r.region).collect();
+                if addrs.is_empty() {
+                    return Err(e);
                 }
-                return Err(e);
+                return match unpatch_regions(threads, &addrs, opts) {
+                    Ok(_) => Err(e),
+                    Err(re) => Err(Error::Unpatch(format!(
+                        "{e}; rolling back the {} patch(es) applied before it failed too ({re}): \
+                         they stay applied (see `livecare info`)",
+                        addrs.len()
+                    ))),
+                };
             }
         }
     }
@@ -378,25 +424,46 @@ fn apply_one(
         size: lay.size,
     })?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-    let got = threads.syscall(
+    let got = rsyscall::syscall(
+        threads,
         "mmap",
         SYS_MMAP,
         [base, lay.size, PROT_RW, flags, u64::MAX, 0],
     )?;
     if got != base {
         // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
-        let _ = threads.syscall("munmap", SYS_MUNMAP, [got, lay.size, 0, 0, 0, 0]);
+        let _ = rsyscall::syscall(threads, "munmap", SYS_MUNMAP, [got, lay.size, 0, 0, 0, 0]);
         return Err(Error::NoHole {
             object: target.path.clone(),
             size: lay.size,
         });
     }
+    // Mark the fresh mapping as ours at once (Prepared, no hunks), so a livecare
+    // killed before the body is written leaves a region `info` lists and `repair`
+    // unmaps, not an anonymous mapping nobody can tell from the target's own.
+    let stub = RegionHeader {
+        addr: base,
+        total_len: lay.size,
+        seq: 0,
+        build_id: patch.build_id.clone(),
+        patch_id: patch.patch_id.clone(),
+        hash: patch.hash,
+        level: patch.level,
+        eh_frame: 0,
+        eh_frame_len: 0,
+        load_bias: target.load_bias,
+        exec_len: 0,
+        state: RegionState::Prepared,
+        hunks: Vec::new(),
+    };
+    let _ = mem.write(base, &stub.encode());
+    fault::point("after-mmap");
     let result = fill_and_commit(
         threads, &mem, patch, target, &view, &elf, &lay, base, &existing, objects, &sites, opts,
     );
     if result.is_err() {
         // Nothing jumps into the region yet (commit restores its jumps on failure).
-        let _ = threads.syscall("munmap", SYS_MUNMAP, [base, lay.size, 0, 0, 0, 0]);
+        let _ = rsyscall::syscall(threads, "munmap", SYS_MUNMAP, [base, lay.size, 0, 0, 0, 0]);
     }
     let (hunks, pause, attempts) = result?;
     Ok(ApplyReport {
@@ -518,7 +585,8 @@ fn fill_and_commit(
     }
     image[..hb.len()].copy_from_slice(&hb);
     mem.write(base, &image)?;
-    threads.syscall(
+    rsyscall::syscall(
+        threads,
         "mprotect",
         SYS_MPROTECT,
         [base, lay.exec_len, PROT_RX, 0, 0, 0],
@@ -562,43 +630,6 @@ fn fill_and_commit(
 /// thread is resumed (it might wait for a lock held by a stopped thread).
 const BREAKPOINT_WAIT: Duration = Duration::from_millis(200);
 
-/// Plants a breakpoint at `ret`, runs only `tid` until it gets there (true) or
-/// `timeout` passes (false); the original byte is back in place either way.
-fn run_to_return(
-    threads: &mut ThreadSet,
-    mem: &RemoteMemory,
-    tid: livecare_process::Tid,
-    ret: u64,
-    timeout: Duration,
-) -> Result<bool, Error> {
-    let bp = Native::BREAKPOINT;
-    let orig = mem.read_vec(ret, bp.len())?;
-    mem.write(ret, bp)?;
-    let deadline = Instant::now() + timeout;
-    let outcome = (|| -> Result<bool, Error> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match threads.run_one_until_stop(tid, left)? {
-                None => return Ok(false),
-                Some(sig) => {
-                    let mut regs = threads.regs(tid)?;
-                    if sig == libc::SIGTRAP && regs.rip == ret + bp.len() as u64 {
-                        regs.rip = ret; // back over the breakpoint
-                        threads.set_regs(tid, &regs)?;
-                        return Ok(true);
-                    }
-                    if sig == libc::SIGTRAP || left.is_zero() {
-                        return Ok(false);
-                    }
-                    // Another signal: it is delivered when the thread goes on.
-                }
-            }
-        }
-    })();
-    mem.write(ret, &orig)?;
-    outcome
-}
-
 /// A contiguous range of target code covering one or more hunk writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct WriteSpan {
@@ -640,6 +671,23 @@ fn span_of(spans: &[WriteSpan], addr: u64) -> (usize, usize) {
     (i, (addr - spans[i].start) as usize)
 }
 
+/// The state a region's journal word holds while the code writes that lead to
+/// `target` are under way.
+fn in_flight(target: RegionState) -> RegionState {
+    match target {
+        RegionState::Applied => RegionState::Committing,
+        _ => RegionState::Removing,
+    }
+}
+
+/// The state a region had before a commit towards `target` began.
+fn before(target: RegionState) -> RegionState {
+    match target {
+        RegionState::Applied => RegionState::Prepared,
+        _ => RegionState::Applied,
+    }
+}
+
 /// Stops all threads, checks `busy`, writes `(addr, new, expected_old)` and the state
 /// word of `region`, resumes; retries with backoff until the timeout.
 #[allow(clippy::too_many_arguments)]
@@ -653,12 +701,49 @@ fn commit(
     action: &'static str,
     opts: &Options,
 ) -> Result<(Duration, u32), Error> {
+    let journal: Vec<(u64, RegionState)> = region_state.into_iter().collect();
+    commit_journal(threads, mem, unwinder, busy, writes, &journal, action, opts)
+}
+
+/// [`commit`] for several regions at once: every region's state word is the journal.
+/// Inside the stop, each word is set to `Committing`/`Removing` before the first code
+/// write and to its final state after the last, so a livecare killed in between leaves
+/// a state `info` reports and `repair` resolves. A busy thread is caught at its return
+/// through the first region's trampoline (see [`trampoline`]).
+#[allow(clippy::too_many_arguments)]
+fn commit_journal(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    unwinder: &mut unwind::Unwinder,
+    busy: &[Busy],
+    writes: &[(u64, Vec<u8>, Vec<u8>)],
+    journal: &[(u64, RegionState)],
+    action: &'static str,
+    opts: &Options,
+) -> Result<(Duration, u32), Error> {
+    fault::point(if action == "patch" {
+        "after-body"
+    } else {
+        "before-stop"
+    });
     let pid = threads.pid();
     let start = Instant::now();
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0u32;
     let maps = read_maps(pid)?;
     let spans = write_spans(writes);
+    let tramp = journal
+        .first()
+        .and_then(|(base, _)| RegionHeader::trampoline_at(mem, *base));
+    let set_states = |to: &dyn Fn(RegionState) -> RegionState| -> Result<(), Error> {
+        for (base, state) in journal {
+            mem.write(
+                base + RegionHeader::STATE_OFFSET,
+                &to(*state).word().to_le_bytes(),
+            )?;
+        }
+        Ok(())
+    };
     loop {
         attempts += 1;
         let t0 = Instant::now();
@@ -695,6 +780,31 @@ fn commit(
                 let (i, off) = span_of(&spans, *addr);
                 wanted[i][off..off + new.len()].copy_from_slice(new);
             }
+            // Journal first: from here on, a kill leaves Committing/Removing behind.
+            set_states(&|s| in_flight(s))?;
+            let half = if action == "patch" {
+                "half-jumps"
+            } else {
+                "half-restores"
+            };
+            if fault::armed(half) {
+                // Half of the functions: every write (entry jump, call site) that
+                // leads to the first half of the new bodies (patch) or away from them.
+                let mut targets: Vec<Option<u64>> = Vec::new();
+                let key = |(addr, new, old): &(u64, Vec<u8>, Vec<u8>)| {
+                    fault::branch_target(*addr, if action == "patch" { new } else { old })
+                };
+                for w in writes {
+                    if !targets.contains(&key(w)) {
+                        targets.push(key(w));
+                    }
+                }
+                let first = &targets[..targets.len().div_ceil(2)];
+                for w in writes.iter().filter(|w| first.contains(&key(w))) {
+                    mem.write(w.0, &w.1)?;
+                }
+                fault::point(half);
+            }
             for (i, span) in spans.iter().enumerate() {
                 if let Err(e) = mem.write(span.start, &wanted[i]) {
                     // Put back the spans already written (and this one, which may be
@@ -702,15 +812,13 @@ fn commit(
                     for (j, done) in spans.iter().enumerate().take(i + 1) {
                         let _ = mem.write(done.start, &current[j]);
                     }
+                    let _ = set_states(&before);
                     return Err(e.into());
                 }
             }
-            // The state word flips inside the same stop as the jumps, so a later
+            // The final state flips inside the same stop as the code, so a later
             // invocation never sees jumps and state disagree.
-            if let Some((base, state)) = region_state {
-                let word = matches!(state, RegionState::Applied) as u32;
-                mem.write(base + RegionHeader::STATE_OFFSET, &word.to_le_bytes())?;
-            }
+            set_states(&|s| s)?;
             Ok(None)
         })();
         match res {
@@ -740,15 +848,22 @@ fn commit(
                         secs: start.elapsed().as_secs_f64(),
                     });
                 }
-                if let Some(ret) = off.return_to {
-                    // Let only the busy thread run to where its outermost busy frame
-                    // returns; everything else stays stopped, and threads it creates
-                    // start stopped, so no untraced thread can reach the breakpoint.
+                // Let only the busy thread run to where its outermost busy frame
+                // returns; everything else stays stopped, and threads it creates
+                // start stopped. It is caught by a trampoline, not a breakpoint, so
+                // a livecare killed meanwhile leaves nothing that can trap.
+                let slot = match (off.return_to, tramp) {
+                    (Some(_), Some(_)) => {
+                        trampoline::return_slot(threads, mem, unwinder, off.tid, busy)
+                    }
+                    _ => None,
+                };
+                if let (Some((slot, ret)), Some(tramp)) = (slot, tramp) {
                     let left = opts
                         .timeout
                         .saturating_sub(start.elapsed())
                         .min(BREAKPOINT_WAIT);
-                    if run_to_return(threads, mem, off.tid, ret, left)? {
+                    if trampoline::run_to_return(threads, mem, off.tid, slot, ret, tramp, left)? {
                         continue; // re-check at once, still inside the same stop
                     }
                 }
@@ -777,6 +892,7 @@ pub struct UnpatchSelect {
 /// object (removing an older patch under a newer one is refused).
 pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<UnpatchReport>, Error> {
     check_pid(pid)?;
+    refuse_if_interrupted(pid)?;
     let regions: Vec<RegionHeader> = find_regions(pid)?
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
@@ -830,10 +946,13 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
     let mut threads = ThreadSet::seize(pid)?;
     let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
     let out = unpatch_regions(&mut threads, &addrs, opts)?;
+    fault::point("before-detach");
     threads.detach_all()?;
     Ok(out)
 }
 
+/// Removes the regions at `addrs` (newest first) in one stop: every restore of every
+/// region is written, or none is; then the regions are unmapped.
 fn unpatch_regions(
     threads: &mut ThreadSet,
     addrs: &[u64],
@@ -845,21 +964,25 @@ fn unpatch_regions(
     let maps = read_maps(pid)?;
     let objects = loaded_objects(pid)?;
     let mut unwinder = safety::build_unwinder(&mem, &maps, &objects, &all);
-    let mut out = Vec::new();
+    let mut writes: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut busy = Vec::new();
+    let mut journal = Vec::new();
+    let mut chosen = Vec::new();
     for addr in addrs {
         let Some(r) = all.iter().find(|r| r.addr == *addr) else {
             continue;
         };
-        let mut writes = Vec::new();
+        let mut region_writes = Vec::new();
         for h in &r.hunks {
             let jump = Native::jump(h.daddr, h.saddr).unwrap_or_default();
-            writes.push((h.daddr, h.saved[..Native::JUMP_LEN].to_vec(), jump));
+            region_writes.push((h.daddr, h.saved[..Native::JUMP_LEN].to_vec(), jump));
         }
-        writes.extend(callsites::restore_writes(&r.hunks));
-        let mut busy = vec![Busy {
+        region_writes.extend(callsites::restore_writes(&r.hunks));
+        merge_newer_first(&mut writes, region_writes);
+        busy.push(Busy {
             range: r.addr..r.addr + r.exec_len,
             name: format!("patch {} code", r.patch_id),
-        }];
+        });
         for h in &r.hunks {
             busy.insert(
                 0,
@@ -869,41 +992,61 @@ fn unpatch_regions(
                 },
             );
         }
-        let (pause, _) = commit_unpatch(threads, &mem, &mut unwinder, &busy, &writes, r, opts)?;
-        out.push(UnpatchReport {
+        // Marked inactive together with the restore, unmapped once no thread can be
+        // inside (the safety check covered the whole region's code).
+        journal.push((r.addr, RegionState::Prepared));
+        chosen.push(r);
+    }
+    if chosen.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (pause, _) = commit_journal(
+        threads,
+        &mem,
+        &mut unwinder,
+        &busy,
+        &writes,
+        &journal,
+        "unpatch",
+        opts,
+    )?;
+    fault::point("before-munmap");
+    for r in &chosen {
+        rsyscall::syscall(
+            threads,
+            "munmap",
+            SYS_MUNMAP,
+            [r.addr, r.total_len, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(chosen
+        .iter()
+        .map(|r| UnpatchReport {
             pid: pid.0,
             build_id: r.build_id.clone(),
             patch_id: r.patch_id.clone(),
             hunks: r.hunks.len(),
             pause_us: pause.as_micros() as u64,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
-fn commit_unpatch(
-    threads: &mut ThreadSet,
-    mem: &RemoteMemory,
-    unwinder: &mut unwind::Unwinder,
-    busy: &[Busy],
-    writes: &[(u64, Vec<u8>, Vec<u8>)],
-    r: &RegionHeader,
-    opts: &Options,
-) -> Result<(Duration, u32), Error> {
-    // Mark the region inactive together with the restore, then unmap it once no
-    // thread can be inside (the safety check covered the whole region's code).
-    let res = commit(
-        threads,
-        mem,
-        unwinder,
-        busy,
-        writes,
-        Some((r.addr, RegionState::Prepared)),
-        "unpatch",
-        opts,
-    )?;
-    threads.syscall("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0])?;
-    Ok(res)
+/// Adds an older region's restore writes to those of newer ones: where both write the
+/// same place, the bytes expected now stay the newest region's and the bytes written
+/// become the older one's (what was there before any of them).
+fn merge_newer_first(
+    writes: &mut Vec<(u64, Vec<u8>, Vec<u8>)>,
+    older: Vec<(u64, Vec<u8>, Vec<u8>)>,
+) {
+    for (addr, new, old) in older {
+        match writes
+            .iter_mut()
+            .find(|w| w.0 == addr && w.1.len() == new.len())
+        {
+            Some(w) => w.1 = new,
+            None => writes.push((addr, new, old)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ mod off {
     pub const EXEC_LEN: usize = 168;
     pub const STATE: usize = 176;
     pub const NAMES: usize = 180; // u32 offset of the name strings
+    pub const TRAMPOLINE_AT: usize = 184; // u32 offset of the return trampoline (0: none)
 }
 
 /// A direct `call rel32` in the patched object that the patch made call the new
@@ -77,13 +78,49 @@ pub struct Hunk {
     pub call_sites: Vec<CallSite>,
 }
 
-/// Whether a region's jumps are live.
+/// Whether a region's jumps are live: the state word is the journal of the commit.
+/// Each value is written inside the stop, before the first or after the last code
+/// write, so a livecare killed between the two leaves `Committing` or `Removing`
+/// behind, which `info` reports and `repair` resolves from the live bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RegionState {
-    /// Body written, jumps not yet (or no longer) in place.
+    /// Body written, jumps not yet (or no longer) in place; nothing jumps here.
     Prepared,
     /// Jumps written: the patch is active.
     Applied,
+    /// Jump writes begun, not finished (some hunks may be live, some not).
+    Committing,
+    /// Restore writes begun, not finished (some hunks may still jump here).
+    Removing,
+}
+
+impl RegionState {
+    /// The state word stored in the header.
+    pub fn word(self) -> u32 {
+        match self {
+            RegionState::Prepared => 0,
+            RegionState::Applied => 1,
+            RegionState::Committing => 2,
+            RegionState::Removing => 3,
+        }
+    }
+
+    /// Decodes a state word; an unknown value is treated as an interrupted commit,
+    /// so `repair` decides from the live bytes instead of trusting it.
+    pub fn from_word(w: u32) -> RegionState {
+        match w {
+            0 => RegionState::Prepared,
+            1 => RegionState::Applied,
+            3 => RegionState::Removing,
+            _ => RegionState::Committing,
+        }
+    }
+
+    /// True when a commit or a removal was interrupted.
+    pub fn is_incomplete(self) -> bool {
+        matches!(self, RegionState::Committing | RegionState::Removing)
+    }
 }
 
 /// The header of a patch region.
@@ -147,7 +184,8 @@ impl RegionHeader {
     /// Bytes needed to encode a header with these hunks and call sites.
     pub fn encoded_len_with_sites(nhunks: usize, names_len: usize, nsites: usize) -> usize {
         let sites_at = (FIXED_LEN + nhunks * HUNK_LEN + names_len).div_ceil(4) * 4;
-        (sites_at + nsites * CALL_SITE_LEN).div_ceil(16) * 16
+        // The return trampoline (16-byte aligned) ends the header.
+        (sites_at + nsites * CALL_SITE_LEN).div_ceil(16) * 16 + crate::trampoline::LEN
     }
 
     /// Encodes the header.
@@ -171,8 +209,12 @@ impl RegionHeader {
             .copy_from_slice(&self.eh_frame_len.to_le_bytes());
         b[off::LOAD_BIAS..off::LOAD_BIAS + 8].copy_from_slice(&self.load_bias.to_le_bytes());
         b[off::EXEC_LEN..off::EXEC_LEN + 8].copy_from_slice(&self.exec_len.to_le_bytes());
-        let state = matches!(self.state, RegionState::Applied) as u32;
-        b[off::STATE..off::STATE + 4].copy_from_slice(&state.to_le_bytes());
+        b[off::STATE..off::STATE + 4].copy_from_slice(&self.state.word().to_le_bytes());
+        let tramp = crate::trampoline::code();
+        let tramp_at = len - tramp.len();
+        b[tramp_at..].copy_from_slice(&tramp);
+        b[off::TRAMPOLINE_AT..off::TRAMPOLINE_AT + 4]
+            .copy_from_slice(&(tramp_at as u32).to_le_bytes());
         let names_at = FIXED_LEN + self.hunks.len() * HUNK_LEN;
         b[off::NAMES..off::NAMES + 4].copy_from_slice(&(names_at as u32).to_le_bytes());
         let mut name_pos = names_at;
@@ -200,6 +242,23 @@ impl RegionHeader {
 
     /// Offset of the state word (rewritten at commit).
     pub const STATE_OFFSET: u64 = off::STATE as u64;
+    /// Address of the return trampoline (see [`crate::trampoline`]) of the region at
+    /// `base`, when its header has one.
+    pub fn trampoline_at(mem: &RemoteMemory, base: u64) -> Option<u64> {
+        let fixed = mem.read_vec(base, FIXED_LEN).ok()?;
+        let at = rd32(&fixed, off::TRAMPOLINE_AT) as u64;
+        let len = rd32(&fixed, off::HEADER_LEN) as u64;
+        (&fixed[..8] == REGION_MAGIC
+            && at >= FIXED_LEN as u64
+            && at + crate::trampoline::LEN as u64 <= len)
+            .then_some(base + at)
+    }
+
+    /// The range holding the region's code (header and trampoline included); at
+    /// least the header for a region whose body was never written.
+    pub fn code_range(&self) -> std::ops::Range<u64> {
+        self.addr..self.addr + self.exec_len.max(4096)
+    }
 
     /// Reads the header of the region at `addr`, if it carries our magic.
     pub fn read(mem: &RemoteMemory, addr: u64, map_len: u64) -> Option<RegionHeader> {
@@ -258,11 +317,7 @@ impl RegionHeader {
             eh_frame_len: rd64(&b, off::EH_FRAME_LEN),
             load_bias: rd64(&b, off::LOAD_BIAS),
             exec_len: rd64(&b, off::EXEC_LEN),
-            state: if rd32(&b, off::STATE) == 1 {
-                RegionState::Applied
-            } else {
-                RegionState::Prepared
-            },
+            state: RegionState::from_word(rd32(&b, off::STATE)),
             hunks,
         })
     }
