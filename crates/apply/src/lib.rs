@@ -1052,6 +1052,27 @@ fn merge_newer_first(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn stacked_restores_write_the_oldest_bytes_expecting_the_newest() {
+        // Newer region B jumps over older region A's jump at 0x1000; removing both
+        // in one stop expects B's jump and writes what was there before A.
+        let mut w = vec![(0x1000, b"jmpA".to_vec(), b"jmpB".to_vec())];
+        super::merge_newer_first(
+            &mut w,
+            vec![
+                (0x1000, b"orig".to_vec(), b"jmpA".to_vec()),
+                (0x2000, b"orig".to_vec(), b"jmpA".to_vec()),
+            ],
+        );
+        assert_eq!(
+            w,
+            vec![
+                (0x1000, b"orig".to_vec(), b"jmpB".to_vec()),
+                (0x2000, b"orig".to_vec(), b"jmpA".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
     fn nearby_hunks_share_one_span_and_far_ones_do_not() {
         let w = |a: u64| (a, vec![0xe9; 5], vec![0x55; 5]);
         let writes = vec![w(0x1040), w(0x1000), w(0x1100), w(0x9000)];

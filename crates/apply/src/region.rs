@@ -345,6 +345,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_journal_state_round_trips_and_unknown_words_count_as_interrupted() {
+        for st in [
+            RegionState::Prepared,
+            RegionState::Applied,
+            RegionState::Committing,
+            RegionState::Removing,
+        ] {
+            assert_eq!(RegionState::from_word(st.word()), st);
+        }
+        assert_eq!(RegionState::from_word(77), RegionState::Committing);
+        assert!(RegionState::from_word(77).is_incomplete());
+        assert!(!RegionState::Prepared.is_incomplete());
+    }
+
+    #[test]
+    fn header_ends_with_the_return_trampoline_named_by_its_offset() {
+        let h = RegionHeader {
+            addr: 0,
+            total_len: 0x1000,
+            seq: 1,
+            build_id: String::new(),
+            patch_id: String::new(),
+            hash: 0,
+            level: 0,
+            eh_frame: 0,
+            eh_frame_len: 0,
+            load_bias: 0,
+            exec_len: 0,
+            state: RegionState::Prepared,
+            hunks: Vec::new(),
+        };
+        let b = h.encode();
+        let at = rd32(&b, off::TRAMPOLINE_AT) as usize;
+        assert_eq!(at % 16, 0);
+        assert_eq!(&b[at..], &crate::trampoline::code()[..]);
+    }
+
+    #[test]
     fn header_round_trips_through_bytes() {
         let h = RegionHeader {
             addr: 0,
