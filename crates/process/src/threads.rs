@@ -682,6 +682,12 @@ impl ThreadSet {
     pub fn detach_all(&mut self) -> Result<(), Error> {
         let mut first_err = None;
         let deadline = Instant::now() + STOP_TIMEOUT;
+        // Each thread is held from its stop to its DETACH; do not get preempted between.
+        let _boost = if self.boost.is_none() && !self.threads.is_empty() {
+            crate::priority::Boost::raise()
+        } else {
+            None
+        };
         // Blocking waits, interrupted now and then so the deadline is noticed.
         let timer = if self.threads.values().any(|t| !t.stopped) {
             crate::wake::WakeTimer::every(Duration::from_millis(1))
