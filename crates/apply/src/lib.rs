@@ -732,6 +732,7 @@ fn commit_journal(
     let mut attempts = 0u32;
     let maps = read_maps(pid)?;
     let spans = write_spans(writes);
+    safety::prewarm(unwinder, mem, &maps, threads);
     let tramp = journal
         .first()
         .and_then(|(base, _)| RegionHeader::trampoline_at(mem, *base));
@@ -858,6 +859,14 @@ fn commit_journal(
                     }
                     _ => None,
                 };
+                tracing::debug!(
+                    tid = off.tid.0,
+                    return_to = ?off.return_to,
+                    slot = ?slot,
+                    tramp = ?tramp,
+                    "busy thread: {}",
+                    off.name
+                );
                 if let (Some((slot, ret)), Some(tramp)) = (slot, tramp) {
                     let left = opts
                         .timeout

@@ -221,6 +221,7 @@ pub fn run_to_return(
         mem.write(slot, &ret.to_le_bytes())?;
     }
     mem.write(tramp + ORIG_OFFSET, &0u64.to_le_bytes())?;
+    tracing::debug!(tid = tid.0, ret, returned = ?outcome.as_ref().ok(), "run to return");
     outcome
 }
 
