@@ -112,3 +112,26 @@ fn bench_rejects_a_missing_gensrc_input() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/file.s"));
 }
+
+#[test]
+fn all_bench_patches_every_process_with_one_and_parallel_jobs() {
+    let doc = bench(&["all", "--processes", "4", "--rounds", "1"]);
+    assert_eq!(num(&doc, "processes"), 4.0);
+    assert_eq!(num(&doc, "rounds"), 1.0);
+    assert!(num(&doc, "jobs_parallel") >= 1.0, "{doc}");
+    for k in [
+        "all_ms_jobs1_median",
+        "all_ms_parallel_median",
+        "all_ms_per_process_jobs1",
+        "all_ms_per_process_parallel",
+        "unpatch_all_ms_median",
+    ] {
+        assert!(num(&doc, k) > 0.0, "{k} must be positive in {doc}");
+    }
+    // Per-process figures are the whole command divided by the processes patched.
+    let per = num(&doc, "all_ms_jobs1_median") / 4.0;
+    assert!(
+        (num(&doc, "all_ms_per_process_jobs1") - per).abs() < 0.01,
+        "{doc}"
+    );
+}

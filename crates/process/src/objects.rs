@@ -245,7 +245,11 @@ fn hex(b: &[u8]) -> String {
 
 /// The ELF objects mapped into `pid`, in address order.
 pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
-    let maps = read_maps(pid)?;
+    Ok(objects_in(pid, &read_maps(pid)?))
+}
+
+/// [`loaded_objects`] from an already read `/proc/PID/maps`.
+fn objects_in(pid: Pid, maps: &[MapEntry]) -> Vec<LoadedObject> {
     let exe = std::fs::read_link(format!("/proc/{}/exe", pid.0)).ok();
     let exe = exe.as_ref().map(|p| {
         p.to_string_lossy()
@@ -260,7 +264,7 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
             .as_ref()
     };
     let mut out: Vec<LoadedObject> = Vec::new();
-    for (i, m) in first_mappings(&maps) {
+    for (i, m) in first_mappings(maps) {
         let group = maps[i..]
             .iter()
             .filter(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path);
@@ -302,7 +306,7 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
             data: data.clone(),
         });
     }
-    Ok(out)
+    out
 }
 
 /// The first mapping of each distinct file (device, inode, path), with its index.
@@ -324,11 +328,55 @@ fn build_id_of_path(path: &str) -> std::io::Result<FileBuildId> {
     if f.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
         return Ok(FileBuildId::NotElf);
     }
+    if let Some(b) = note_sections_build_id(&f) {
+        return Ok(b);
+    }
+    // Unusual layout: let `object` read what it needs (it also parses the symbol
+    // tables, so this is the slow path).
     let cache = object::ReadCache::new(f);
     Ok(object::File::parse(&cache)
         .ok()
         .and_then(|f| f.build_id().ok().flatten().map(hex))
         .map_or(FileBuildId::Unknown, FileBuildId::Id))
+}
+
+/// The build-id in the file's SHT_NOTE sections, found as `object` does (first GNU
+/// build-id note in section order) from a few small reads. `None` when the file
+/// needs the general path (no section headers, extended numbering, odd sizes).
+/// Without a build-id note the answer is `Unknown`, which sends the caller to the
+/// process's memory, as [`loaded_objects`] would.
+fn note_sections_build_id(f: &std::fs::File) -> Option<FileBuildId> {
+    use object::read::elf::{NoteIterator, SectionHeader};
+    use std::os::unix::fs::FileExt;
+    type Hdr = elf::FileHeader64<Endianness>;
+    let read = |off: u64, len: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off).ok()?;
+        Some(buf)
+    };
+    let head = read(0, std::mem::size_of::<Hdr>())?;
+    let hdr = Hdr::parse(&head[..]).ok()?;
+    let e = hdr.endian().ok()?;
+    let (shoff, shnum) = (hdr.e_shoff(e), usize::from(hdr.e_shnum(e)));
+    if shoff == 0 || shnum == 0 || usize::from(hdr.e_shentsize(e)) != 64 {
+        return None;
+    }
+    let table = read(shoff, shnum * 64)?;
+    let (secs, _) =
+        object::pod::slice_from_bytes::<elf::SectionHeader64<Endianness>>(&table, shnum).ok()?;
+    for s in secs.iter().filter(|s| s.sh_type(e) == elf::SHT_NOTE) {
+        let len = usize::try_from(s.sh_size(e))
+            .ok()
+            .filter(|&l| l <= 1 << 20)?;
+        let data = read(s.sh_offset(e), len)?;
+        let mut notes = NoteIterator::<Hdr>::new(e, s.sh_addralign(e), &data).ok()?;
+        while let Some(note) = notes.next().ok()? {
+            if note.name() == elf::ELF_NOTE_GNU && note.n_type(e) == elf::NT_GNU_BUILD_ID {
+                return Some(FileBuildId::Id(hex(note.desc())));
+            }
+        }
+    }
+    Some(FileBuildId::Unknown)
 }
 
 /// What the file cache already knows about `key`'s build-id, if it read the file.
@@ -352,52 +400,66 @@ impl LoadedObject {
     /// process's memory decide, as in [`loaded_objects`]. Build-ids read from files are
     /// cached per (device, inode, size).
     pub fn any_build_id_in(pid: Pid, build_ids: &[&str]) -> Result<bool, Error> {
-        let maps = read_maps(pid)?;
-        let mem_cell = std::cell::OnceCell::new();
-        let mem = || {
-            mem_cell
-                .get_or_init(|| RemoteMemory::open(pid).ok())
-                .as_ref()
-        };
-        // Where loaded_objects would look when the file names no build-id.
-        let in_memory = |m: &MapEntry| {
-            mem()
-                .and_then(|mm| build_id_from_memory(mm, m.start))
-                .is_some_and(|b| build_ids.contains(&b.as_str()))
-        };
-        for (_, m) in first_mappings(&maps) {
-            let (mf, key) = file_key(pid, m);
-            let cached = key.as_ref().and_then(|k| {
-                build_id_cache()
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.get(k).cloned())
-                    .or_else(|| cached_file_build_id(k))
-            });
-            let bid = match cached {
-                Some(b) => b,
-                None => match build_id_of_path(&mf) {
-                    Ok(b) => {
-                        if let (Some(k), Ok(mut c)) = (key, build_id_cache().lock()) {
-                            c.insert(k, b.clone());
-                        }
-                        b
-                    }
-                    // Unreadable: loaded_objects reports it only by its notes in memory.
-                    Err(_) if in_memory(m) => return Ok(true),
-                    Err(_) => continue,
-                },
-            };
-            match bid {
-                FileBuildId::NotElf => {}
-                FileBuildId::Id(b) if build_ids.contains(&b.as_str()) => return Ok(true),
-                FileBuildId::Id(_) => {}
-                FileBuildId::Unknown if in_memory(m) => return Ok(true),
-                FileBuildId::Unknown => {}
-            }
-        }
-        Ok(false)
+        Ok(any_build_id_in_maps(pid, &read_maps(pid)?, build_ids))
     }
+
+    /// [`loaded_objects`] of `pid` if [`LoadedObject::any_build_id_in`] says it may
+    /// map one of `build_ids`, else `None`; `/proc/PID/maps` is read once for both.
+    pub fn if_any_build_id_in(
+        pid: Pid,
+        build_ids: &[&str],
+    ) -> Result<Option<Vec<LoadedObject>>, Error> {
+        let maps = read_maps(pid)?;
+        Ok(any_build_id_in_maps(pid, &maps, build_ids).then(|| objects_in(pid, &maps)))
+    }
+}
+
+/// [`LoadedObject::any_build_id_in`] on an already read `/proc/PID/maps`.
+fn any_build_id_in_maps(pid: Pid, maps: &[MapEntry], build_ids: &[&str]) -> bool {
+    let mem_cell = std::cell::OnceCell::new();
+    let mem = || {
+        mem_cell
+            .get_or_init(|| RemoteMemory::open(pid).ok())
+            .as_ref()
+    };
+    // Where loaded_objects would look when the file names no build-id.
+    let in_memory = |m: &MapEntry| {
+        mem()
+            .and_then(|mm| build_id_from_memory(mm, m.start))
+            .is_some_and(|b| build_ids.contains(&b.as_str()))
+    };
+    for (_, m) in first_mappings(maps) {
+        let (mf, key) = file_key(pid, m);
+        let cached = key.as_ref().and_then(|k| {
+            build_id_cache()
+                .lock()
+                .ok()
+                .and_then(|c| c.get(k).cloned())
+                .or_else(|| cached_file_build_id(k))
+        });
+        let bid = match cached {
+            Some(b) => b,
+            None => match build_id_of_path(&mf) {
+                Ok(b) => {
+                    if let (Some(k), Ok(mut c)) = (key, build_id_cache().lock()) {
+                        c.insert(k, b.clone());
+                    }
+                    b
+                }
+                // Unreadable: loaded_objects reports it only by its notes in memory.
+                Err(_) if in_memory(m) => return true,
+                Err(_) => continue,
+            },
+        };
+        match bid {
+            FileBuildId::NotElf => {}
+            FileBuildId::Id(b) if build_ids.contains(&b.as_str()) => return true,
+            FileBuildId::Id(_) => {}
+            FileBuildId::Unknown if in_memory(m) => return true,
+            FileBuildId::Unknown => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -440,6 +502,33 @@ mod tests {
         // Twice: the second answer comes from the cache and must not differ.
         assert!(!LoadedObject::any_build_id_in(me, &[none]).unwrap());
         assert!(LoadedObject::any_build_id_in(me, &[&libc]).unwrap());
+    }
+
+    #[test]
+    fn note_section_build_ids_match_objects_for_every_mapped_file() {
+        let me = Pid(std::process::id() as i32);
+        let objs = loaded_objects(me).unwrap();
+        assert!(objs.len() >= 3, "{objs:?}");
+        for o in &objs {
+            let f = std::fs::File::open(&o.path).unwrap();
+            match note_sections_build_id(&f) {
+                Some(FileBuildId::Id(b)) => assert_eq!(Some(b), o.build_id, "{}", o.path),
+                Some(FileBuildId::Unknown) => assert_eq!(file_build_id(&o.data), None),
+                Some(FileBuildId::NotElf) => panic!("{} is ELF", o.path),
+                None => {} // general path
+            }
+        }
+        let objs2 = LoadedObject::if_any_build_id_in(me, &["00"]).unwrap();
+        assert!(objs2.is_none());
+        let libc = objs
+            .iter()
+            .find(|o| o.name().starts_with("libc.so"))
+            .unwrap();
+        let bid = libc.build_id.as_deref().unwrap();
+        let again = LoadedObject::if_any_build_id_in(me, &[bid])
+            .unwrap()
+            .unwrap();
+        assert!(again.iter().any(|o| o.build_id.as_deref() == Some(bid)));
     }
 
     #[test]

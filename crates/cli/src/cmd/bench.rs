@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+mod all;
 mod target;
 
 /// Flags of `livecare bench`.
@@ -42,6 +43,8 @@ pub enum What {
     Overhead(OverheadArgs),
     /// Throughput of gensrc (a file against itself) and of the filter.
     Gensrc(GensrcArgs),
+    /// Cost per process of `patch -p all`, `--jobs 1` against parallel.
+    All(all::AllArgs),
 }
 
 /// Flags of `livecare bench pause`.
@@ -109,6 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let json = a.json;
             (gensrc(&a)?, json)
         }
+        What::All(a) => (all::all(&a)?, a.json),
     };
     match doc {
         (d, true) => println!("{}", serde_json::to_string_pretty(&d)?),

@@ -40,8 +40,12 @@ enum Outcome {
 fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Options) -> Outcome {
     let result = if all {
         // Only processes with an object some patch is for count; the others
-        // (including ones we cannot read or that exit meanwhile) are skipped.
-        let Ok(objects) = livecare_process::loaded_objects(pid) else {
+        // (including ones we cannot read or that exit meanwhile) are skipped. The
+        // build-ids in the files' headers rule most processes out before any object
+        // file is read in full.
+        let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
+        let Ok(Some(objects)) = livecare_process::LoadedObject::if_any_build_id_in(pid, &ids)
+        else {
             return Outcome::Skipped;
         };
         if livecare_apply::matching_patches(patches, &objects).is_empty() {
