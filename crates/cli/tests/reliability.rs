@@ -279,7 +279,12 @@ fn every_fault_step(threads: &str) -> Result<()> {
         .with_context(|| ctx(step))?;
     }
 
-    for step in ["half-restores", "before-munmap", "before-detach"] {
+    for step in [
+        "before-stop",
+        "half-restores",
+        "before-munmap",
+        "before-detach",
+    ] {
         (|| -> Result<()> {
             patch_ok(&mut t, &f)?;
             aborted(&lc_fault(step, &["unpatch", "-p", &pid]))?;
@@ -294,6 +299,11 @@ fn every_fault_step(threads: &str) -> Result<()> {
                 "before-munmap" => {
                     ensure!(seen.is_empty(), "{seen:?}");
                     ensure!(verdicts == ["unmap"], "{verdicts:?}");
+                }
+                "before-stop" => {
+                    ensure!(seen == all_new(), "{seen:?}");
+                    ensure!(verdicts.is_empty(), "{verdicts:?}");
+                    unpatch_ok(&mut t)?;
                 }
                 _ => {
                     ensure!(seen.is_empty(), "{seen:?}");
