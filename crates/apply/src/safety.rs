@@ -217,3 +217,55 @@ pub fn first_offender(
 fn near_end(lo: u64, end: u64) -> u64 {
     (lo + 1024).min(end)
 }
+
+/// Warms the unwinder's rule cache before the stop, so the walks inside it mostly hit
+/// the cache. A thread blocked in a syscall shows its stack pointer and pc in
+/// `/proc/PID/task/TID/syscall` without being stopped, and its frames stay put while it
+/// is blocked; walking them now (results discarded: the stack may change at any time)
+/// derives the CFI rules of exactly the addresses the commit will look up.
+pub fn prewarm(
+    unwinder: &mut Unwinder,
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    threads: &ThreadSet,
+) {
+    let pid = threads.pid();
+    let mut buf = [0u8; 256];
+    for tid in threads.tids() {
+        let Ok(mut f) = std::fs::File::open(format!("/proc/{}/task/{}/syscall", pid.0, tid.0))
+        else {
+            continue;
+        };
+        let Ok(n) = std::io::Read::read(&mut f, &mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+            .collect();
+        // "nr a1..a6 sp pc" when blocked in a syscall; "running" otherwise.
+        let [.., sp, pc] = fields[..] else {
+            continue;
+        };
+        let Some(m) = stack_map(maps, sp) else {
+            continue;
+        };
+        let lo = sp & !7;
+        let Ok(stack) = mem.read_vec(lo, (near_end(lo, m.end) - lo) as usize) else {
+            continue;
+        };
+        let mut read = |addr: u64| -> Option<u64> {
+            let o = addr.checked_sub(lo)? as usize;
+            Some(u64::from_le_bytes(stack.get(o..o + 8)?.try_into().ok()?))
+        };
+        let _ = unwinder.unwind(
+            Regs {
+                rip: pc,
+                rsp: sp,
+                rbp: 0,
+            },
+            &mut read,
+        );
+    }
+}
