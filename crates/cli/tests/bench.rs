@@ -128,6 +128,13 @@ fn all_bench_patches_every_process_with_one_and_parallel_jobs() {
     ] {
         assert!(num(&doc, k) > 0.0, "{k} must be positive in {doc}");
     }
+    for k in [
+        "all_cpu_ms_per_process_jobs1",
+        "all_cpu_ms_per_process_parallel",
+        "unpatch_all_cpu_ms_per_process",
+    ] {
+        assert!(num(&doc, k) >= 0.0, "{k} in {doc}");
+    }
     // Per-process figures are the whole command divided by the processes patched.
     let per = num(&doc, "all_ms_jobs1_median") / 4.0;
     assert!(
