@@ -395,8 +395,15 @@ fn apply_one(
     // thread (the region's mmap below stops one anyway) and read its fs_base.
     let thread_pointers: Vec<u64> =
         if target.kind != livecare_process::ElfKind::Executable && elf.has_tls_relocations() {
+            let held = threads.tids().into_iter().any(|t| threads.is_stopped(t));
             let tid = threads.stop_one()?;
-            vec![threads.regs(tid)?.fs_base]
+            let fs_base = threads.regs(tid)?.fs_base;
+            // Let it go again unless the caller holds the threads: the region's mmap
+            // then runs through the crash-safe stub (see `rsyscall`).
+            if !held {
+                threads.resume(tid)?;
+            }
+            vec![fs_base]
         } else {
             Vec::new()
         };
