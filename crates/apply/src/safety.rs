@@ -12,8 +12,9 @@
 //!    left in live frames' padding can make it report false positives, which is why the
 //!    unwind comes first.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use livecare_process::{LoadedObject, MapEntry, RemoteMemory, ThreadSet, Tid};
 
@@ -47,10 +48,8 @@ pub fn build_unwinder(
             continue;
         }
         for m in maps.iter().filter(|m| m.exec && m.path == o.path) {
-            if let Ok(cm) =
-                CodeModule::from_elf(o.path.clone(), o.data.clone(), o.load_bias, m.start..m.end)
-            {
-                modules.push(cm);
+            if let Some(cm) = cached_module(o) {
+                modules.push(cm.rebased(o.load_bias, m.start..m.end));
             }
         }
     }
@@ -79,6 +78,34 @@ pub fn build_unwinder(
         }
     }
     Unwinder::new(modules)
+}
+
+/// The unwind module of an object file, built once per invocation and shared by every
+/// process that maps it (`-p all` would otherwise index libc's CFI once per process).
+/// Keyed by path, build-id and the file bytes' identity (the object cache shares them
+/// per file identity; each entry keeps its bytes alive so the address is never reused),
+/// so a replaced file is never served stale tables.
+fn cached_module(o: &LoadedObject) -> Option<CodeModule> {
+    type Key = (String, Option<String>, usize, usize);
+    type Entry = (Arc<[u8]>, Option<CodeModule>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Entry>>> = OnceLock::new();
+    let key = (
+        o.path.clone(),
+        o.build_id.clone(),
+        o.data.as_ptr() as usize,
+        o.data.len(),
+    );
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some((_, hit)) = cache.lock().ok()?.get(&key) {
+        return hit.clone();
+    }
+    // Built outside the lock: parallel jobs do not wait on each other's parsing.
+    let built = CodeModule::from_elf(o.path.clone(), o.data.clone(), 0, 0..0).ok();
+    cache
+        .lock()
+        .ok()?
+        .insert(key, (o.data.clone(), built.clone()));
+    built
 }
 
 /// A thread found inside a busy range.

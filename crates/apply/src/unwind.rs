@@ -179,8 +179,9 @@ struct CfiTable {
     range: Range<usize>,
     kind: CfiKind,
     bases: BaseAddresses,
-    /// (first svma covered, FDE offset in the section), sorted by svma.
-    index: Vec<(u64, usize)>,
+    /// (first svma covered, FDE offset in the section), sorted by svma; shared by the
+    /// rebased copies of a module (see [`CodeModule::rebased`]).
+    index: Arc<[(u64, usize)]>,
 }
 
 impl CfiTable {
@@ -211,13 +212,13 @@ impl CfiTable {
             range,
             kind,
             bases,
-            index: Vec::new(),
+            index: Arc::from(Vec::new()),
         };
         let from_hdr = hdr.and_then(|(svma, r)| t.index_from_hdr(r, svma));
-        t.index = match from_hdr {
+        t.index = Arc::from(match from_hdr {
             Some(index) => index,
             None => t.index_by_walking(module)?,
-        };
+        });
         Ok(t)
     }
 
@@ -402,6 +403,18 @@ impl CodeModule {
             bias: 0,
             tables: vec![table],
         })
+    }
+
+    /// The same object's unwind info at another place: a module built from an ELF file
+    /// once can serve every process that maps the file (the index is in file
+    /// addresses and shared, only the bias and the answered range change).
+    pub fn rebased(&self, load_bias: u64, avma_range: Range<u64>) -> CodeModule {
+        CodeModule {
+            name: self.name.clone(),
+            avma: avma_range,
+            bias: load_bias,
+            tables: self.tables.clone(),
+        }
     }
 
     /// The module's name, as given at construction.
@@ -1079,7 +1092,56 @@ mod tests {
         let walked = eh.index_by_walking(&path).unwrap();
         assert!(walked.len() > 1000, "{} FDEs in {path}", walked.len());
         assert_eq!(from_hdr, walked);
-        assert_eq!(eh.index, from_hdr);
+        assert_eq!(&eh.index[..], &from_hdr[..]);
+    }
+
+    #[test]
+    fn a_rebased_module_unwinds_like_one_built_in_place() {
+        // Walk this test's own stack with libc built at bias 0 and rebased to where
+        // it is mapped, and with libc built at its real bias: same frames.
+        let path = own_libc();
+        let data: Arc<[u8]> = std::fs::read(&path).unwrap().into();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let (start, end, off) = maps
+            .lines()
+            .find(|l| l.contains("/libc.so") && l.split_whitespace().nth(1) == Some("r-xp"))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (a, b) = f[0].split_once('-').unwrap();
+                let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
+                (hex(a), hex(b), hex(f[2]))
+            })
+            .unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let seg = object::Object::segments(&file)
+            .find(|s| object::ObjectSegment::file_range(s).0 == off)
+            .unwrap();
+        let bias = start - object::ObjectSegment::address(&seg);
+        let direct = CodeModule::from_elf(path.clone(), data.clone(), bias, start..end).unwrap();
+        let rebased = CodeModule::from_elf(path, data, 0, 0..0)
+            .unwrap()
+            .rebased(bias, start..end);
+        assert_eq!(format!("{direct:?}"), format!("{rebased:?}"));
+        // A pc inside libc (its `getpid`) derives the same rule from both.
+        let pc = libc::getpid as *const () as usize as u64;
+        assert!((start..end).contains(&pc));
+        let mut a = Unwinder::new(vec![direct]);
+        let mut b = Unwinder::new(vec![rebased]);
+        let stack = vec![0u64; 64];
+        let sp = stack.as_ptr() as u64;
+        let mut read = |addr: u64| -> Option<u64> {
+            let i = (addr.checked_sub(sp)? / 8) as usize;
+            stack.get(i).copied()
+        };
+        let r = Regs {
+            rip: pc,
+            rsp: sp,
+            rbp: 0,
+        };
+        assert_eq!(
+            format!("{:?}", a.unwind(r, &mut read)),
+            format!("{:?}", b.unwind(r, &mut read))
+        );
     }
 
     #[test]

@@ -70,7 +70,14 @@ fn parse_line(line: &str) -> Option<MapEntry> {
 /// Parses `/proc/PID/maps`.
 pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
     let path = format!("/proc/{}/maps", pid.0);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    // A large buffer up front: read_to_string would stat the file (size 0 in /proc)
+    // and grow from 32 bytes, about ten reads for a small process.
+    let read = || -> std::io::Result<String> {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        std::io::Read::read_to_end(&mut std::fs::File::open(&path)?, &mut buf)?;
+        String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    };
+    let text = read().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::NoSuchProcess(pid)
         } else {
