@@ -11,7 +11,8 @@ cargo build --release -q -p livecare
 R=target/release/livecare
 for f in 1 100; do for m in busy sleeping; do for t in 1 8 64; do
   c=$CYCLES; [ "$t" = 64 ] && [ "$m" = busy ] && c=$(( (CYCLES + 1) / 2 ))
-  $R bench pause --threads $t --$m --functions $f --cycles $c --json > "$OUT/pause-$t-$m-$f.json"
+  $R bench pause --threads $t --$m --functions $f --cycles $c --json > "$OUT/pause-$t-$m-$f.json" \
+    || { echo "pause $t $m $f failed" >&2; rm -f "$OUT/pause-$t-$m-$f.json"; }
 done; done; done
 python3 - "$OUT" <<'PY'
 import json, sys, glob, os
