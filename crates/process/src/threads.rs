@@ -696,18 +696,36 @@ impl ThreadSet {
         result
     }
 
-    /// Detaches every thread. Stopped threads are detached at once; running ones are
-    /// stopped and detached one at a time, so detaching never stops the whole process
-    /// again (each thread only sees its own short stop).
+    /// Detaches every thread. Stopped threads are detached at once; running ones all
+    /// get an INTERRUPT together and each is detached the moment its own stop arrives,
+    /// so detaching never holds the whole process again (each thread only sees its own
+    /// short stop) and busy threads stop in parallel.
     pub fn detach_all(&mut self) -> Result<(), Error> {
         let mut first_err = None;
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let detach = |tid: Tid, sig: i32, first_err: &mut Option<Error>| {
+            // DETACH resumes the thread, delivering a signal that arrived while held.
+            if ptrace(libc::PTRACE_DETACH, tid, 0, sig as u64) < 0 && errno() != libc::ESRCH {
+                first_err.get_or_insert(Error::ptrace("DETACH", tid));
+            }
+        };
+        let running: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|t| !t.1.stopped)
+            .map(|t| *t.0)
+            .collect();
         // Each thread is held from its stop to its DETACH; do not get preempted between.
-        let _boost = if self.boost.is_none() && !self.threads.is_empty() {
+        let _boost = if self.boost.is_none() && !running.is_empty() {
             crate::priority::Boost::raise()
         } else {
             None
         };
+        for tid in running {
+            if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                self.threads.remove(&tid);
+            }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
         // Blocking waits, interrupted now and then so the deadline is noticed.
         let timer = if self.threads.values().any(|t| !t.stopped) {
             crate::wake::WakeTimer::every(Duration::from_millis(1))
@@ -715,50 +733,41 @@ impl ThreadSet {
             None
         };
         let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
-        while let Some((&tid, &st)) = self.threads.iter().next() {
-            if !st.stopped {
-                // INTERRUPT then wait for this thread only; a clone event it reports
-                // first adds the new thread to the set, which is detached in its turn.
-                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
-                    self.threads.remove(&tid);
-                    continue;
-                }
-                let gone = loop {
-                    match waitpid(tid.0, flags) {
-                        Ok(Some((t, status))) => {
-                            if !self.note_status(t, status) {
-                                break true;
-                            }
-                            if self.is_stopped(tid) {
-                                break false;
-                            }
-                        }
-                        Ok(None) | Err(Error::Wait(_)) if Instant::now() > deadline => {
-                            // The work is done; this thread is stuck in the kernel
-                            // (uninterruptible sleep: seen here for seconds during host
-                            // memory stalls). Failing the command now would misreport
-                            // it; the kernel releases the thread, with its pending stop
-                            // cleared, when this tracer exits.
-                            tracing::warn!(
-                                "thread {tid} did not stop within {STOP_TIMEOUT:?} to be detached; \
-                                 it is released when livecare exits"
-                            );
-                            break true;
-                        }
-                        Ok(None) => std::thread::sleep(Duration::from_micros(20)),
-                        Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
-                        Err(_) => break true,
-                    }
-                };
-                if gone {
-                    self.threads.remove(&tid);
-                    continue;
-                }
+        loop {
+            let stopped: Vec<(Tid, i32)> = self
+                .threads
+                .iter()
+                .filter(|t| t.1.stopped)
+                .map(|(t, s)| (*t, s.pending_sig))
+                .collect();
+            for (tid, sig) in stopped {
+                self.threads.remove(&tid);
+                detach(tid, sig, &mut first_err);
             }
-            let sig = self.threads.remove(&tid).map_or(0, |s| s.pending_sig);
-            // DETACH resumes the thread, delivering a signal that arrived while held.
-            if ptrace(libc::PTRACE_DETACH, tid, 0, sig as u64) < 0 && errno() != libc::ESRCH {
-                first_err.get_or_insert(Error::ptrace("DETACH", tid));
+            if self.threads.is_empty() {
+                break;
+            }
+            match waitpid(-1, flags) {
+                // A clone event adds the new thread, whose own first stop follows.
+                Ok(Some((t, status))) => {
+                    self.note_status(t, status);
+                }
+                Ok(None) | Err(Error::Wait(_)) if Instant::now() > deadline => {
+                    // The work is done; these threads are stuck in the kernel
+                    // (uninterruptible sleep: seen here for seconds during host memory
+                    // stalls). Failing the command now would misreport it; the kernel
+                    // releases them, pending stop cleared, when this tracer exits.
+                    let left: Vec<i32> = self.threads.keys().map(|t| t.0).collect();
+                    tracing::warn!(
+                        "threads {left:?} did not stop within {STOP_TIMEOUT:?} to be detached; \
+                         they are released when livecare exits"
+                    );
+                    self.threads.clear();
+                }
+                Ok(None) => std::thread::sleep(Duration::from_micros(20)),
+                Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // No traced children left: every remaining thread is gone.
+                Err(_) => self.threads.clear(),
             }
         }
         drop(timer);
