@@ -26,6 +26,7 @@ mod callsites;
 mod container;
 mod error;
 pub mod fault;
+mod ifunc;
 mod prepare;
 mod region;
 mod repair;

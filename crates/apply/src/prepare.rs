@@ -1202,7 +1202,11 @@ fn resolve_undefined(
             ));
         }
         if s.st_type == elf::STT_GNU_IFUNC {
-            // The resolver picks the implementation for this CPU; run it in the target.
+            // The resolver picks the implementation for this CPU: run it here when we
+            // have the same object, else in the target.
+            if let Some(real) = crate::ifunc::resolve_locally(name, o, &s) {
+                return Ok(SymVal::External(real));
+            }
             let real = call_resolver(s.addr)
                 .map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))?;
             return Ok(SymVal::External(real));

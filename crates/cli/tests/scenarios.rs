@@ -44,6 +44,13 @@ struct Out {
     stderr: String,
 }
 
+thread_local! {
+    /// Environment for the livecare commands of the current test (each test runs on
+    /// its own thread).
+    static EXTRA_ENV: std::cell::RefCell<Vec<(&'static str, &'static str)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn livecare<I, S>(args: I) -> Result<Out>
 where
     I: IntoIterator<Item = S>,
@@ -51,6 +58,11 @@ where
 {
     let mut cmd = Command::new(LIVECARE);
     cmd.args(args);
+    EXTRA_ENV.with(|e| {
+        for (k, v) in e.borrow().iter() {
+            cmd.env(k, v);
+        }
+    });
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     Ok(Out {
         code: out.status.code(),
@@ -429,6 +441,20 @@ fn patched_code_references_glibc_data_the_original_never_used_through_got() -> R
 
 #[test]
 fn patched_code_calls_glibc_ifuncs_strlen_memcpy() -> Result<()> {
+    exe_case(
+        Flags::default(),
+        "patched-ifunc.c",
+        "value",
+        "t0 value=112",
+        "t0 value=1",
+    )
+}
+
+/// The same with the resolvers run in a target thread (the fallback when livecare does
+/// not have the target's libc loaded; forced here through a debug-build switch).
+#[test]
+fn patched_code_calls_glibc_ifuncs_resolved_in_the_target() -> Result<()> {
+    EXTRA_ENV.with(|e| e.borrow_mut().push(("LIVECARE_REMOTE_IFUNC", "1")));
     exe_case(
         Flags::default(),
         "patched-ifunc.c",
