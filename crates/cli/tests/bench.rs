@@ -135,10 +135,11 @@ fn all_bench_patches_every_process_with_one_and_parallel_jobs() {
     ] {
         assert!(num(&doc, k) >= 0.0, "{k} in {doc}");
     }
-    // Per-process figures are the whole command divided by the processes patched.
+    // Per-process figures are the whole command divided by the processes patched
+    // (the median is printed to 0.1 ms and the ratio to 1 µs: allow both roundings).
     let per = num(&doc, "all_ms_jobs1_median") / 4.0;
     assert!(
-        (num(&doc, "all_ms_per_process_jobs1") - per).abs() < 0.01,
+        (num(&doc, "all_ms_per_process_jobs1") - per).abs() <= 0.05 / 4.0 + 0.001,
         "{doc}"
     );
 }

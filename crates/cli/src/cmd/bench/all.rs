@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{load_average, r1, scratch, summary, target::livecare};
+use super::target::{build_recipe, livecare, Built, Recipe};
+use super::{load_average, r1, scratch, summary};
 
 /// Flags of `livecare bench all`.
 #[derive(clap::Args, Debug)]
@@ -75,32 +76,9 @@ int main(int argc, char **argv)
 /// How long a process may take to show the expected version.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// Runs a command and fails with its output when it fails.
-fn step(what: &str, cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("starting `{what}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{what}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// The target executable, its build-id and its patch (`bench_version` returns 2).
-struct Built {
-    exe: PathBuf,
-    build_id: String,
-    patch: PathBuf,
-}
-
-/// Builds the target and its patch in `dir` the LibCare way: kept assembly,
-/// `gensrc`, link with `-Wl,-q`, the `strip` steps, `make`.
+/// Builds the target and its patch in `dir` (`bench_version` returns 2 when patched);
+/// a nonce in the source gives this run's target a build-id of its own.
 fn build(dir: &Path) -> Result<Built> {
-    const CFLAGS: [&str; 3] = ["-O2", "-g", "-fPIE"];
-    let lc = livecare()?;
     let nonce = format!(
         "livecare-bench-all-{}-{}",
         std::process::id(),
@@ -109,102 +87,21 @@ fn build(dir: &Path) -> Result<Built> {
             .map(|d| d.as_nanos())
             .unwrap_or_default()
     );
-    let mut asm = Vec::new();
-    for (version, sub) in [(1, "orig"), (2, "patched")] {
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d)?;
-        let src = TARGET_C
+    let src = |version: u32| {
+        TARGET_C
             .replace("@NONCE@", &nonce)
-            .replace("@VERSION@", &version.to_string());
-        std::fs::write(d.join("target.c"), src)?;
-        step(
-            "gcc -S",
-            Command::new("gcc")
-                .current_dir(&d)
-                .args(CFLAGS)
-                .args(["-S", "target.c", "-o", "target.s"]),
-        )?;
-        asm.push(d.join("target.s"));
-    }
-    let link = |input: &Path, out: &Path, keep_relocs: bool| -> Result<()> {
-        let obj = input.with_extension("o");
-        step(
-            "gcc -c",
-            Command::new("gcc")
-                .args(CFLAGS)
-                .arg("-c")
-                .arg(input)
-                .arg("-o")
-                .arg(&obj),
-        )?;
-        let mut c = Command::new("gcc");
-        c.arg("-pie");
-        if keep_relocs {
-            c.arg("-Wl,-q");
-        }
-        step("gcc link", c.arg(&obj).arg("-o").arg(out))
+            .replace("@VERSION@", &version.to_string())
     };
-    let exe = dir.join("bench-all-target");
-    link(&asm[0], &exe, false)?;
-    let build_id = build_id_of(&exe)?;
-    let pd = dir.join("patched");
-    let aug = pd.join("aug.s");
-    step(
-        "livecare gensrc",
-        Command::new(&lc)
-            .arg("gensrc")
-            .arg("-i")
-            .arg(&asm[0])
-            .arg("-i")
-            .arg(&asm[1])
-            .arg("-o")
-            .arg(&aug),
-    )?;
-    let linked = pd.join("linked");
-    link(&aug, &linked, true)?;
-    let elf = pd.join("patch.elf");
-    step(
-        "livecare strip --strip",
-        Command::new(&lc)
-            .args(["strip", "--strip"])
-            .arg(&linked)
-            .arg(&elf),
-    )?;
-    step(
-        "strip --strip-unneeded",
-        Command::new("strip").arg("--strip-unneeded").arg(&elf),
-    )?;
-    for what in ["--rel-fixup", "--undo-link"] {
-        step(
-            &format!("livecare strip {what}"),
-            Command::new(&lc).args(["strip", what]).arg(&exe).arg(&elf),
-        )?;
-    }
-    let patch = dir.join(format!("{build_id}.kpatch"));
-    step(
-        "livecare make",
-        Command::new(&lc)
-            .args(["make", "-b", &build_id, "-i", "benchal", "-o"])
-            .arg(&patch)
-            .arg(&elf),
-    )?;
-    Ok(Built {
-        exe,
-        build_id,
-        patch,
-    })
-}
-
-/// The GNU build-id of the file at `path`, as lowercase hex.
-fn build_id_of(path: &Path) -> Result<String> {
-    use object::Object as _;
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data).context("parsing the built target")?;
-    let id = file
-        .build_id()
-        .context("reading the target's build-id")?
-        .context("the target has no build-id")?;
-    Ok(id.iter().map(|b| format!("{b:02x}")).collect())
+    build_recipe(
+        dir,
+        &Recipe {
+            sources: [src(1), src(2)],
+            cflags: &["-O2", "-g", "-fPIE"],
+            ldflags: &[],
+            exe_name: "bench-all-target",
+            patch_id: "benchal",
+        },
+    )
 }
 
 /// The started copies of the target; killed on drop.

@@ -62,25 +62,54 @@ pub fn livecare() -> Result<PathBuf> {
 pub struct Built {
     /// The executable.
     pub exe: PathBuf,
+    /// Its GNU build-id (lowercase hex).
+    pub build_id: String,
     /// The `.kpatch` changing every generated function.
     pub patch: PathBuf,
 }
 
-/// Builds the target with `k` functions and its patch in `dir`, the LibCare way:
-/// kept assembly, `gensrc`, link with `-Wl,-q`, the `strip` steps, `make`.
+/// How to build a bench target and its patch.
+pub struct Recipe<'a> {
+    /// C source of the original and of the patched program.
+    pub sources: [String; 2],
+    /// Compiler flags for both.
+    pub cflags: &'a [&'a str],
+    /// Extra link flags (after `-pie`).
+    pub ldflags: &'a [&'a str],
+    /// File name of the executable in the build directory.
+    pub exe_name: &'a str,
+    /// Patch id written into the `.kpatch`.
+    pub patch_id: &'a str,
+}
+
+/// Builds the target with `k` functions and its patch in `dir`.
 pub fn build(dir: &Path, k: usize) -> Result<Built> {
-    const CFLAGS: [&str; 4] = ["-O2", "-g", "-pthread", "-fPIE"];
+    build_recipe(
+        dir,
+        &Recipe {
+            sources: [source(k, 1), source(k, 2)],
+            cflags: &["-O2", "-g", "-pthread", "-fPIE"],
+            ldflags: &["-pthread"],
+            exe_name: "bench-target",
+            patch_id: "bench",
+        },
+    )
+}
+
+/// Builds a target and its patch in `dir` the LibCare way: kept assembly, `gensrc`,
+/// link with `-Wl,-q`, the `strip` steps, `make`.
+pub fn build_recipe(dir: &Path, r: &Recipe<'_>) -> Result<Built> {
     let lc = livecare()?;
     let mut asm = Vec::new();
-    for (version, sub) in [(1, "orig"), (2, "patched")] {
+    for (src, sub) in r.sources.iter().zip(["orig", "patched"]) {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("target.c"), source(k, version))?;
+        std::fs::write(d.join("target.c"), src)?;
         step(
             "gcc -S",
             Command::new("gcc")
                 .current_dir(&d)
-                .args(CFLAGS)
+                .args(r.cflags)
                 .args(["-S", "target.c", "-o", "target.s"]),
         )?;
         asm.push(d.join("target.s"));
@@ -90,20 +119,20 @@ pub fn build(dir: &Path, k: usize) -> Result<Built> {
         step(
             "gcc -c",
             Command::new("gcc")
-                .args(CFLAGS)
+                .args(r.cflags)
                 .arg("-c")
                 .arg(input)
                 .arg("-o")
                 .arg(&obj),
         )?;
         let mut c = Command::new("gcc");
-        c.args(["-pie", "-pthread"]);
+        c.arg("-pie").args(r.ldflags);
         if keep_relocs {
             c.arg("-Wl,-q");
         }
         step("gcc link", c.arg(&obj).arg("-o").arg(out))
     };
-    let exe = dir.join("bench-target");
+    let exe = dir.join(r.exe_name);
     link(&asm[0], &exe, false)?;
     let build_id = {
         let data = std::fs::read(&exe)?;
@@ -151,11 +180,15 @@ pub fn build(dir: &Path, k: usize) -> Result<Built> {
     step(
         "livecare make",
         Command::new(&lc)
-            .args(["make", "-b", &build_id, "-i", "bench", "-o"])
+            .args(["make", "-b", &build_id, "-i", r.patch_id, "-o"])
             .arg(&patch)
             .arg(&elf),
     )?;
-    Ok(Built { exe, patch })
+    Ok(Built {
+        exe,
+        build_id,
+        patch,
+    })
 }
 
 /// The started target and the shared file it writes; killed on drop.
