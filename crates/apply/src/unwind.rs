@@ -460,13 +460,13 @@ fn eh_frame_from_segments(
         return None;
     };
     // The section ends with the segment holding it (its size is not recorded anywhere).
-    let seg = file.segments().find(|s| {
-        let (a, len) = (s.address(), s.size());
-        eh_svma >= a && eh_svma < a + len
-    })?;
+    // (Hostile headers: every sum is checked.)
+    let seg = file
+        .segments()
+        .find(|s| eh_svma >= s.address() && eh_svma - s.address() < s.size())?;
     let (seg_off, seg_size) = seg.file_range();
-    let off = seg_off + (eh_svma - seg.address());
-    let end = (seg_off + seg_size).min(elf.len() as u64);
+    let off = seg_off.checked_add(eh_svma - seg.address())?;
+    let end = seg_off.checked_add(seg_size)?.min(elf.len() as u64);
     (off < end).then_some((
         (
             eh_svma,
@@ -1151,6 +1151,21 @@ mod tests {
             CodeModule::from_elf("junk".into(), junk, 0, 0..1),
             Err(UnwindError::BadElf { .. })
         ));
+    }
+
+    #[test]
+    fn fuzz_found_target_elfs_are_errors_not_panics() {
+        // fuzz/crashes/target_elf: 16 bytes of mapping data, then the object's bytes.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/crashes/target_elf");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(e.unwrap().path()).unwrap();
+            let elf: Arc<[u8]> = Arc::from(data.get(16..).unwrap_or_default());
+            let _ = CodeModule::from_elf("fuzz".into(), elf, 0, 0..u64::MAX);
+            n += 1;
+        }
+        assert!(n >= 3, "{n} files in {}", dir.display());
     }
 
     #[test]
