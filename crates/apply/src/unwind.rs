@@ -1156,8 +1156,8 @@ mod tests {
     #[test]
     fn fuzz_found_target_elfs_are_errors_not_panics() {
         // fuzz/crashes/target_elf: 16 bytes of mapping data, then the object's bytes.
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fuzz/crashes/target_elf");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/crashes/target_elf");
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let data = std::fs::read(e.unwrap().path()).unwrap();
