@@ -452,9 +452,26 @@ impl ThreadSet {
                 None if done() || Instant::now() >= deadline => {
                     // INTERRUPT + wait: the thread is stopped again when we return.
                     if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) == 0 {
-                        if let Some((_, status)) = waitpid(tid.0, 0)? {
-                            if !self.note_status(tid, status) {
-                                return Err(Error::ThreadGone(tid));
+                        // Bounded: a thread stuck in the kernel must not hang us.
+                        let timer = crate::wake::WakeTimer::every(Duration::from_millis(1));
+                        let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
+                        let until = Instant::now() + STOP_TIMEOUT;
+                        loop {
+                            match waitpid(tid.0, flags) {
+                                Ok(Some((_, status))) => {
+                                    if !self.note_status(tid, status) {
+                                        return Err(Error::ThreadGone(tid));
+                                    }
+                                    break;
+                                }
+                                Ok(None) | Err(Error::Wait(_)) if Instant::now() > until => {
+                                    return Err(Error::Timeout(format!(
+                                        "thread {tid} did not stop"
+                                    )));
+                                }
+                                Ok(None) => std::thread::sleep(Duration::from_micros(20)),
+                                Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                                Err(e) => return Err(e),
                             }
                         }
                     }
