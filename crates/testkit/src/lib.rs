@@ -180,6 +180,39 @@ pub fn build_id_of(path: &Path) -> Result<String> {
         .with_context(|| format!("{} has no GNU build-id note", path.display()))
 }
 
+/// `ETXTBSY` ("Text file busy") on Linux.
+const ETXTBSY: i32 = 26;
+
+/// Spawns `cmd`, retrying for a while on `ETXTBSY`: an executable this test process
+/// has just written (a copied fixture) can still be open for writing in a child that
+/// another test thread forked and has not exec'ed yet, and the kernel refuses to run
+/// it until that child's exec closes the descriptor.
+pub fn spawn_retrying_etxtbsy(cmd: &mut Command) -> Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.with_context(|| format!("spawning {cmd:?}")),
+        }
+    }
+}
+
+/// How a line of a target's output relates to a change just made to it (see
+/// [`Running::settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not a line this check looks at.
+    Ignore,
+    /// A valid state that may only come before the final one: printed before the
+    /// change was complete (the reader thread may deliver it late, even after a
+    /// `drain`), or computed partly before and partly after it.
+    Transitional,
+    /// The state the change must lead to.
+    Final,
+}
+
 /// A running fixture process whose stdout lines are collected; killed on drop.
 pub struct Running {
     child: Child,
@@ -191,7 +224,7 @@ impl Running {
     /// Starts `cmd` with stdout piped (stderr inherited).
     pub fn spawn(mut cmd: Command) -> Result<Running> {
         cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let mut child = spawn_retrying_etxtbsy(&mut cmd)?;
         let stdout = child.stdout.take().context("no stdout pipe")?;
         let (tx, rx) = mpsc::channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -257,6 +290,45 @@ impl Running {
                 }
             }
         }
+    }
+
+    /// Waits until `n` consecutive lines classified [`Seen::Final`] arrive, after any
+    /// number of [`Seen::Transitional`] ones, and returns those final lines. Fails when
+    /// `classify` fails (a line that is never valid), when a transitional line follows
+    /// a final one (the state went back), or after `timeout`.
+    ///
+    /// Use it after livecare changed the target instead of asserting on the first
+    /// line after a `drain`: that line can predate the change or straddle it.
+    pub fn settle(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+        mut classify: impl FnMut(&str) -> Result<Seen>,
+    ) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut finals: Vec<String> = Vec::new();
+        let mut transitional = 0usize;
+        while finals.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.wait_for_match(|_| true, left).with_context(|| {
+                format!(
+                    "waiting for {n} consecutive lines of the final state \
+                         ({} seen, after {transitional} transitional)",
+                    finals.len()
+                )
+            })?;
+            match classify(&line).with_context(|| format!("line {line:?}"))? {
+                Seen::Ignore => {}
+                Seen::Transitional if finals.is_empty() => transitional += 1,
+                Seen::Transitional => bail!(
+                    "{line:?} after {} line(s) of the final state ({:?}): the state went back",
+                    finals.len(),
+                    finals
+                ),
+                Seen::Final => finals.push(line),
+            }
+        }
+        Ok(finals)
     }
 
     /// Drops every line received so far, so the next wait sees only new output.
@@ -385,6 +457,42 @@ mod tests {
             let snap = MemorySnapshot::take(p.pid())?;
             snap.assert_same(&MemorySnapshot::take(p.pid())?)?;
         }
+        Ok(())
+    }
+
+    fn sh(script: &str) -> Result<Running> {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        Running::spawn(c)
+    }
+
+    fn old_new(l: &str) -> Result<Seen> {
+        Ok(match l {
+            "old" => Seen::Transitional,
+            "new" => Seen::Final,
+            "noise" => Seen::Ignore,
+            _ => bail!("garbage"),
+        })
+    }
+
+    #[test]
+    fn settle_skips_transitional_lines_and_fails_when_the_state_goes_back() -> Result<()> {
+        let mut p = sh("echo old; echo noise; echo old; echo new; echo noise; echo new; sleep 5")?;
+        assert_eq!(
+            p.settle(2, Duration::from_secs(5), old_new)?,
+            ["new", "new"]
+        );
+        let mut p = sh("echo old; echo new; echo old; echo new; sleep 5")?;
+        let err = p.settle(2, Duration::from_secs(5), old_new).unwrap_err();
+        assert!(format!("{err:#}").contains("went back"), "{err:#}");
+        let mut p = sh("echo old; echo what; echo new; echo new; sleep 5")?;
+        let err = p.settle(2, Duration::from_secs(5), old_new).unwrap_err();
+        assert!(format!("{err:#}").contains("garbage"), "{err:#}");
+        let mut p = sh("echo old; echo new; sleep 5")?;
+        let err = p
+            .settle(2, Duration::from_millis(300), old_new)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("1 seen"), "{err:#}");
         Ok(())
     }
 
