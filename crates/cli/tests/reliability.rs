@@ -19,7 +19,8 @@ use serde_json::Value;
 use testkit::patchbuild::{Builder, Flags, Object, Patch};
 use testkit::{Running, Scratch};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous: CI machines are small and loaded; a wait only ends this early on failure.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// Old and new results of the patched functions at x = 0 (see the fixture).
 const ALPHA: (i64, i64) = (1, 1001);
@@ -60,23 +61,25 @@ fn lc_fault(fault: &str, args: &[&str]) -> Output {
 /// The set of patched functions whose new code runs, from the target's own output;
 /// also fails on any result that was neither old nor new.
 fn observed(t: &mut Running) -> Result<BTreeSet<String>> {
-    let mut seen = None;
-    // The first tick after a drain may have been computed before livecare stopped
-    // the thread and printed after it resumed, straddling the change (`printf`'s
-    // arguments are evaluated one call at a time); skip it. The next two ticks were
-    // computed after livecare exited, and nothing changes the code now.
+    // Only ticks computed after this moment count: livecare has exited, so nothing
+    // changes the code any more. Older ticks can still arrive (the reader thread may
+    // deliver them late, even after a drain), and one of them may straddle the change
+    // (computed partly before livecare stopped the thread, printed after it resumed).
+    // The fixture reads the clock before calling alpha() and beta(); a tick one
+    // microsecond (its printed precision) or more after `since` began after it.
+    let since = monotonic_now() + 1e-6;
     t.drain();
-    t.wait_for("tick", WAIT)?;
-    for _ in 0..2 {
+    let mut seen = None;
+    let mut compared = 0;
+    while compared < 2 {
         let line = t.wait_for("tick", WAIT)?;
-        let field = |k: &str| -> Result<i64> {
+        let field = |k: &str| -> Result<&str> {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))
-                .with_context(|| format!("no {k} in {line:?}"))?
-                .parse()
-                .with_context(|| line.clone())
+                .with_context(|| format!("no {k} in {line:?}"))
         };
-        let (a, b, bad) = (field("a=")?, field("b=")?, field("bad=")?);
+        let int = |k: &str| -> Result<i64> { field(k)?.parse().with_context(|| line.clone()) };
+        let (a, b, bad) = (int("a=")?, int("b=")?, int("bad=")?);
         ensure!(bad == 0, "a call returned neither old nor new: {line}");
         let mut new = BTreeSet::new();
         for (name, v, (old, newv)) in [("alpha", a, ALPHA), ("beta", b, BETA)] {
@@ -85,13 +88,18 @@ fn observed(t: &mut Running) -> Result<BTreeSet<String>> {
                 new.insert(name.to_string());
             }
         }
+        let at: f64 = field("t=")?.parse().with_context(|| line.clone())?;
+        if at < since {
+            continue;
+        }
         if let Some(prev) = &seen {
             ensure!(
                 prev == &new,
-                "code changed between ticks: {prev:?} then {new:?}"
+                "code changed between ticks computed after livecare exited: {prev:?} then {new:?}"
             );
         }
         seen = Some(new);
+        compared += 1;
     }
     Ok(seen.unwrap_or_default())
 }
@@ -100,10 +108,10 @@ fn all_new() -> BTreeSet<String> {
     ["alpha", "beta"].iter().map(|s| s.to_string()).collect()
 }
 
-/// Every thread of `pid` runs untraced (retrying briefly: the kernel releases the
+/// Every thread of `pid` runs untraced (retrying for a while: the kernel releases the
 /// tracees of a dead tracer as it exits).
 fn assert_free(pid: u32) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut bad = Vec::new();
         for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
@@ -479,7 +487,8 @@ fn later_patch_failing_rolls_back_the_earlier_one_in_the_same_process() -> Resul
     // A thread parked inside lib_value for good: the library patch can never commit,
     // after the executable's patch has been applied.
     let mut t = Running::start(&m.exe.path, &["stuck"])?;
-    t.wait_for("parking", WAIT)?;
+    // Printed from inside lib_value ("parking" comes before the call).
+    t.wait_for("parked", WAIT)?;
     t.wait_for("tick exe=1 lib=1", WAIT)?;
     let before = testkit::MemorySnapshot::take(t.pid())?;
     let pid = t.pid().to_string();
@@ -513,7 +522,7 @@ fn unpatch_of_several_patches_is_all_or_nothing() -> Result<()> {
     // Park a thread inside the library's new code: that patch cannot come off.
     // SAFETY: kill(2) on our own child with a valid signal number.
     assert_eq!(unsafe { libc::kill(t.pid() as i32, libc::SIGUSR1) }, 0);
-    t.wait_for("parking", WAIT)?;
+    t.wait_for("parked", WAIT)?;
     let before = testkit::MemorySnapshot::take(t.pid())?;
     let both = [
         "unpatch",

@@ -65,3 +65,15 @@ pub fn map_base(pid: u32, path: &Path) -> Result<u64> {
     let start = line.split('-').next().unwrap_or("0");
     Ok(u64::from_str_radix(start, 16)?)
 }
+
+/// CLOCK_MONOTONIC in seconds, the clock fixtures print to say when a line was computed.
+pub fn monotonic_now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
