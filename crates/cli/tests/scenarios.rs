@@ -15,7 +15,8 @@ use testkit::patchbuild::{Builder, Flags, Object, Patch};
 use testkit::{fixture_dir, Link, MemorySnapshot, Running, Scratch};
 
 const LIVECARE: &str = env!("CARGO_BIN_EXE_livecare");
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous for a loaded CI machine: a wait only lasts this long on failure.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// A scratch directory and a builder for fixture `case`.
 fn setup(case: &str, flags: Flags) -> Result<(Scratch, Builder)> {
@@ -648,21 +649,44 @@ fn safety_setup(mode: &str, workers: u32, patched: &str) -> Result<(Scratch, Pat
 #[test]
 fn patch_waits_for_a_thread_to_leave_the_function() -> Result<()> {
     let (_d, patch_, mut p) = safety_setup("hold", 1, "patched.c")?;
-    p.wait_for("inside", WAIT)?;
-    let t0 = Instant::now();
+    let inside = entered_at(&p.wait_for("inside", WAIT)?)?;
     let out = patch(&p, &patch_.path)?;
     ensure!(out.contains("value"), "{out}");
     // Thread 1 sleeps 1.5 s inside value(): the patch had to wait for it.
-    ensure!(
-        t0.elapsed() > Duration::from_millis(500),
-        "patched after {:?} while a thread was inside",
-        t0.elapsed()
-    );
+    ensure_waited_for_hold(inside)?;
     see(&mut p, "value=2")?;
     assert_clean(&mut p)?;
     unpatch(&p, &[])?;
     see(&mut p, "value=1")?;
     assert_clean(&mut p)
+}
+
+/// When the holding thread came into value(): `t=` of the fixture's `inside` line
+/// (CLOCK_MONOTONIC seconds).
+fn entered_at(line: &str) -> Result<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("t="))
+        .with_context(|| format!("no t= in {line:?}"))?
+        .parse()
+        .with_context(|| format!("t= in {line:?}"))
+}
+
+/// The patch that just returned ended after the thread that came into value() at
+/// `inside` left it: it sleeps there 1.5 s. (Measured from the fixture's own clock
+/// reading, not from when the test saw the line, which a loaded machine delays.)
+fn ensure_waited_for_hold(inside: f64) -> Result<()> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    ensure!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0);
+    let waited = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9 - inside;
+    ensure!(
+        waited >= 1.5 - 1e-6,
+        "patched {waited:.3} s after a thread came into value() to sleep there 1.5 s"
+    );
+    Ok(())
 }
 
 /// A patch that can never be safe fails with exit 1 naming a stuck thread and the
@@ -730,14 +754,9 @@ fn patch_waits_while_new_threads_pass_the_return_breakpoint() -> Result<()> {
     // Worker 1 sits in value() for 1.5 s; workers 2 and 3 keep creating threads that run
     // through the same caller, past the return address the patch waits at.
     let (_d, patch_, mut p) = safety_setup("churnhold", 3, "patched.c")?;
-    p.wait_for("inside", WAIT)?;
-    let t0 = Instant::now();
+    let inside = entered_at(&p.wait_for("inside", WAIT)?)?;
     patch(&p, &patch_.path)?;
-    ensure!(
-        t0.elapsed() > Duration::from_millis(500),
-        "patched after {:?} while a thread was inside",
-        t0.elapsed()
-    );
+    ensure_waited_for_hold(inside)?;
     see(&mut p, "value=2")?;
     std::thread::sleep(Duration::from_millis(300));
     assert_clean(&mut p)?;
