@@ -10,7 +10,8 @@ use common::*;
 use testkit::{MemorySnapshot, Running, Scratch};
 
 const FOO_BUILD_ID: &str = "7788a89bcdbac583d60693ece924593d0d07e6a9";
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous for a loaded CI machine: a wait only lasts this long on failure.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// Copies the interop vectors into a scratch dir, or None if they are not present.
 fn interop() -> Result<Option<Scratch>> {

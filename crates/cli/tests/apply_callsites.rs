@@ -15,7 +15,8 @@ use common::*;
 use testkit::patchbuild::{Builder, Flags};
 use testkit::{Link, MemorySnapshot, Running, Scratch};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous for a loaded CI machine: a wait only lasts this long on failure.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// Link addresses of the `call <value>` instructions in `main` and `twice`, as
 /// objdump decodes them.

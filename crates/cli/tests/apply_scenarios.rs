@@ -12,7 +12,8 @@ use common::*;
 use testkit::patchbuild::{Builder, Flags, Object, Patch};
 use testkit::{Link, MemorySnapshot, Running, Scratch};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous for a loaded CI machine: a wait only lasts this long on failure.
+const WAIT: Duration = Duration::from_secs(20);
 
 fn builder(s: &Scratch, fixture: &str, link: Link, opt: &str) -> Result<Builder> {
     // --force-gotpcrel: glibc data the original never imported (stderr) lives in
