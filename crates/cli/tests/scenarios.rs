@@ -1030,12 +1030,13 @@ fn forged_build_id_is_refused_and_target_unchanged() -> Result<()> {
 
 #[test]
 fn dead_pid_is_refused() -> Result<()> {
-    let mut child = Command::new("true").spawn()?;
-    let pid = child.id();
-    child.wait()?;
     let (_d, b) = setup("scenario-exe", Flags::default())?;
     let exe = b.executable("orig.c", "prog", &[])?;
     let patch_ = b.patch(&exe, "patched-basic.c", "0001")?;
+    // Right before use: the longer a dead pid waits, the likelier it is reused.
+    let mut child = Command::new("true").spawn()?;
+    let pid = child.id();
+    child.wait()?;
     let err = lc_fails([
         OsStr::new("patch"),
         OsStr::new("-p"),
