@@ -583,12 +583,12 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
 
     let mut server = Running::start(&exe.path, &[&WORKERS.to_string(), "spawn"])?;
     let port: u16 = server
-        .wait_for("port ", Duration::from_secs(5))?
+        .wait_for("port ", Duration::from_secs(30))?
         .trim_start_matches("port ")
         .trim()
         .parse()
         .context("port line")?;
-    server.wait_for("ready", Duration::from_secs(5))?;
+    server.wait_for("ready", Duration::from_secs(30))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let pid = server.pid().to_string();
     probe(addr, "first", Code::Old)?;
