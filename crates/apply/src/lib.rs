@@ -88,6 +88,8 @@ pub struct ApplyReport {
     pub hunks: Vec<Hunk>,
     /// Length of the stop in which the jumps were written, in µs.
     pub pause_us: u64,
+    /// That stop's first thread stop and last resume, `CLOCK_MONOTONIC` ns.
+    pub pause_window_ns: [u64; 2],
     /// Commit attempts (1 = safe at first try).
     pub attempts: u32,
 }
@@ -105,6 +107,8 @@ pub struct UnpatchReport {
     pub hunks: usize,
     /// Pause in µs.
     pub pause_us: u64,
+    /// The stop's first thread stop and last resume, `CLOCK_MONOTONIC` ns.
+    pub pause_window_ns: [u64; 2],
 }
 
 /// One object of a process with the patches applied to it.
@@ -483,6 +487,7 @@ fn apply_one(
         region: base,
         hunks,
         pause_us: pause.as_micros() as u64,
+        pause_window_ns: threads.watch.last_window_ns.unwrap_or_default(),
         attempts,
     })
 }
@@ -740,6 +745,7 @@ fn commit_journal(
     let mut attempts = 0u32;
     let maps = read_maps(pid)?;
     let spans = write_spans(writes);
+    let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
     safety::prewarm(unwinder, mem, &maps, threads);
     let tramp = journal
         .first()
@@ -760,11 +766,23 @@ fn commit_journal(
         let t_stopped = Instant::now();
         let mut t_checked = t_stopped;
         let res = (|| -> Result<Option<safety::Offender>, Error> {
-            // One read and one write per span of nearby hunks, not per hunk: each
-            // syscall inside the stop lengthens the pause.
+            // One read and one write per span of nearby hunks, not per hunk, and the
+            // reads go in the same batch as the stacks: each syscall inside the stop
+            // lengthens the pause.
+            let mut read = Vec::with_capacity(spans.len());
+            if let Some(off) =
+                safety::first_offender(threads, mem, &maps, unwinder, busy, &ranges, &mut read)?
+            {
+                return Ok(Some(off));
+            }
+            t_checked = Instant::now();
             let mut current = Vec::with_capacity(spans.len());
-            for span in &spans {
-                current.push(mem.read_vec(span.start, span.len)?);
+            for (span, bytes) in spans.iter().zip(read) {
+                current.push(match bytes {
+                    Some(b) => b,
+                    // Read again alone for the error that says why.
+                    None => mem.read_vec(span.start, span.len)?,
+                });
             }
             for (addr, _, old) in writes {
                 let (i, off) = span_of(&spans, *addr);
@@ -780,10 +798,6 @@ fn commit_journal(
                     });
                 }
             }
-            if let Some(off) = safety::first_offender(threads, mem, &maps, unwinder, busy)? {
-                return Ok(Some(off));
-            }
-            t_checked = Instant::now();
             let mut wanted = current.clone();
             for (addr, new, _) in writes {
                 let (i, off) = span_of(&spans, *addr);
@@ -836,7 +850,12 @@ fn commit_journal(
                     return Ok((Duration::ZERO, attempts));
                 }
                 let t_written = Instant::now();
-                threads.resume_all()?;
+                // Resume by detaching: DETACH lets a stopped thread run just as CONT
+                // does, and the threads are free at once. Resuming and detaching later
+                // would stop every thread a second time (a tracee must be stopped to be
+                // detached). Later steps that need a thread (the unpatch's munmap, the
+                // next patch) seize again, outside any pause.
+                threads.detach_all()?;
                 tracing::debug!(
                     interrupt_us = (t_stopped - t0).as_micros() as u64,
                     check_us = (t_checked - t_stopped).as_micros() as u64,
@@ -1027,6 +1046,8 @@ fn unpatch_regions(
         "unpatch",
         opts,
     )?;
+    // Before the munmap below, whose borrowed thread is a stop of its own.
+    let window = threads.watch.last_window_ns.unwrap_or_default();
     fault::point("before-munmap");
     for r in &chosen {
         rsyscall::syscall(
@@ -1044,6 +1065,7 @@ fn unpatch_regions(
             patch_id: r.patch_id.clone(),
             hunks: r.hunks.len(),
             pause_us: pause.as_micros() as u64,
+            pause_window_ns: window,
         })
         .collect())
 }

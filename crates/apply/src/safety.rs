@@ -120,13 +120,18 @@ pub struct Offender {
     pub return_to: Option<u64>,
 }
 
-/// Returns the first thread found (possibly) inside a busy range.
+/// Returns the first thread found (possibly) inside a busy range. The ranges `also`
+/// are read in the same batched read as the stacks (one syscall fewer each inside the
+/// stop) into `also_read`, in order (`None`: unreadable); it is filled whenever no
+/// offender is returned.
 pub fn first_offender(
     threads: &ThreadSet,
     mem: &RemoteMemory,
     maps: &[MapEntry],
     unwinder: &mut Unwinder,
     busy: &[Busy],
+    also: &[(u64, usize)],
+    also_read: &mut Vec<Option<Vec<u8>>>,
 ) -> Result<Option<Offender>, Error> {
     let in_busy_exact = |pc: u64| busy.iter().find(|b| b.range.contains(&pc));
     let off = |tid, name: String, return_to| {
@@ -164,11 +169,13 @@ pub fn first_offender(
     // The frames are usually within a page of the stack pointer, while the mapping's
     // top holds thread descriptors and TLS: read the near part for every thread in
     // the batch and the rest only when a walk or scan needs it (cost is per page).
-    let ranges: Vec<(u64, usize)> = held
+    let mut ranges: Vec<(u64, usize)> = held
         .iter()
         .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
         .collect();
-    let stacks = mem.read_ranges(&ranges);
+    ranges.extend_from_slice(also);
+    let mut stacks = mem.read_ranges(&ranges);
+    *also_read = stacks.split_off(held.len());
     for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
         let top_busy = in_busy_exact(regs.rip);
         let Some(mut stack) = stack else {

@@ -44,6 +44,14 @@ fn check_pause_figures(doc: &Value) {
     assert!(num(doc, "pause_us_p99") >= num(doc, "pause_us_median"));
     assert!(num(doc, "pause_us_max") >= num(doc, "pause_us_p99"));
     assert!(num(doc, "tool_pause_us_p99") >= num(doc, "tool_pause_us_median"));
+    // The pause is one of the gaps of the command's window (the one holding the
+    // tool's stop), so no order statistic of it exceeds the window's.
+    for q in ["median", "p99", "max"] {
+        assert!(
+            num(doc, &format!("pause_us_{q}")) <= num(doc, &format!("window_gap_us_{q}")),
+            "pause_us_{q} > window_gap_us_{q} in {doc}"
+        );
+    }
 }
 
 #[test]

@@ -8,6 +8,8 @@ use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
 
 /// How long we wait for threads to report a stop before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a wait for stops polls before it blocks.
+const STOP_SPIN: Duration = Duration::from_micros(30);
 
 /// Why a task could not be seized, as /proc tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,12 +32,28 @@ struct ThreadState {
 /// Pause measurement: first thread stopped → last thread resumed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StopWatch {
-    started: Option<Instant>,
+    started: Option<(Instant, u64)>,
     /// The last complete pause.
     pub last: Option<Duration>,
+    /// When the last complete pause began and ended, in `CLOCK_MONOTONIC` ns (the
+    /// clock every process shares: a target can match it against its own readings).
+    pub last_window_ns: Option<[u64; 2]>,
+}
+
+/// `CLOCK_MONOTONIC` now, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own (a vDSO call, no syscall).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// Every thread of one process, seized with ptrace. Dropping it detaches them all.
+/// After [`ThreadSet::detach_all`] it holds none; [`ThreadSet::interrupt_all`] and
+/// [`ThreadSet::stop_one`] seize again when needed.
 pub struct ThreadSet {
     pid: Pid,
     threads: BTreeMap<Tid, ThreadState>,
@@ -183,6 +201,18 @@ impl ThreadSet {
         }
     }
 
+    /// Seizes one task of the process (the first that can be seized).
+    fn seize_one(&mut self) -> Result<(), Error> {
+        for tid in self.pid.tasks()? {
+            // SEIZE leaves the thread running; TRACECLONE as in `seize_new_tasks`.
+            if ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACECLONE as u64) == 0 {
+                self.threads.insert(tid, ThreadState::default());
+                return Ok(());
+            }
+        }
+        Err(Error::NoSuchProcess(self.pid))
+    }
+
     /// What /proc says of a task we could not seize; `None` when it is gone.
     fn task_status(&self, tid: Tid) -> Option<TaskStatus> {
         let status =
@@ -231,7 +261,7 @@ impl ThreadSet {
             return true;
         }
         if self.watch.started.is_none() {
-            self.watch.started = Some(Instant::now());
+            self.watch.started = Some((Instant::now(), monotonic_ns()));
         }
         let sig = libc::WSTOPSIG(status);
         let event = status >> 16;
@@ -251,10 +281,26 @@ impl ThreadSet {
 
     /// Waits until every thread we hold is stopped (new threads included).
     fn wait_all_stopped(&mut self) -> Result<(), Error> {
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        // Block in waitpid (woken the moment a stop arrives); the timer interrupts it
-        // every millisecond so the deadline and vanished tasks are still noticed.
-        // Without a timer, poll.
+        let start = Instant::now();
+        let deadline = start + STOP_TIMEOUT;
+        // Polled for the first few µs: a running thread stops that fast, and arming the
+        // timer below costs three syscalls while the threads are already stopping.
+        while self.threads.values().any(|t| !t.stopped) && start.elapsed() < STOP_SPIN {
+            match waitpid(-1, libc::WNOHANG) {
+                Ok(Some((tid, status))) => {
+                    self.note_status(tid, status);
+                }
+                Ok(None) => std::hint::spin_loop(),
+                // Errors are handled by the blocking loop below.
+                Err(_) => break,
+            }
+        }
+        if self.threads.values().all(|t| t.stopped) {
+            return Ok(());
+        }
+        // Then block in waitpid (woken the moment a stop arrives; a sleeping thread may
+        // need this CPU to reach its stop); the timer interrupts it every millisecond
+        // so the deadline and vanished tasks are still noticed. Without a timer, poll.
         let timer = crate::wake::WakeTimer::every(Duration::from_millis(1));
         let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
         let mut idle = 0u32;
@@ -344,7 +390,7 @@ impl ThreadSet {
         if self.threads.is_empty() {
             return Err(Error::NoSuchProcess(self.pid));
         }
-        if let Some(s) = self.watch.started {
+        if let Some((s, _)) = self.watch.started {
             tracing::debug!(
                 threads = self.threads.len(),
                 since_first_stop_us = s.elapsed().as_micros() as u64,
@@ -358,6 +404,11 @@ impl ThreadSet {
     pub fn stop_one(&mut self) -> Result<Tid, Error> {
         if let Some((tid, _)) = self.threads.iter().find(|t| t.1.stopped) {
             return Ok(*tid);
+        }
+        if self.threads.is_empty() {
+            // Released after a commit: one thread is enough to borrow (the others
+            // keep running untraced; `interrupt_all` seizes them when it needs them).
+            self.seize_one()?;
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         while let Some(tid) = self.threads.keys().next().copied() {
@@ -496,8 +547,9 @@ impl ThreadSet {
     }
 
     fn end_pause(&mut self) {
-        if let Some(s) = self.watch.started.take() {
+        if let Some((s, ns)) = self.watch.started.take() {
             self.watch.last = Some(s.elapsed());
+            self.watch.last_window_ns = Some([ns, monotonic_ns()]);
         }
         // Back to normal scheduling once nothing is held.
         if self.threads.values().all(|t| !t.stopped) {

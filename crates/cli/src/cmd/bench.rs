@@ -3,14 +3,20 @@
 //! `pause` and `overhead` build their own target program (generated C, see
 //! `bench/target.rs`) and its patch through the normal pipeline, start it, and run the
 //! real `livecare patch`/`unpatch` commands against it. The target itself measures
-//! what it suffers: each thread records the largest gap between its consecutive
-//! monotonic clock readings, so the pause figures are the truth as seen from inside,
-//! next to the pause the tool reports about itself.
+//! what it suffers: each thread records the gaps between its consecutive monotonic
+//! clock readings (a sleeping thread: how late each wake-up came), so the pause
+//! figures are the truth as seen from inside, next to the pause the tool reports about
+//! itself. `--threads N` busy means a process of exactly N threads (main is one).
 //!
-//! The observed window spans the whole command, so it also holds any preemption of the
-//! target (by the tool's own prepare work or by other load); `baseline_gap_us_*` gives
-//! the same figure over an idle window of the same length to read it against. With
-//! more busy threads than CPUs the two are equal: scheduling, not the stop, dominates.
+//! `pause_us_*` is, per command, the longest gap of any thread that overlaps the
+//! commit's stop as the tool reports it in the shared monotonic clock
+//! (`pause_window_ns`): how long the stop held the threads, from each thread's last
+//! reading before it to its first after it (so it includes the wake-up after the
+//! resume). `window_gap_us_*` is the largest gap over the whole command, which also
+//! holds the remote mmap's borrowed thread and any preemption of the target (by the
+//! tool's own prepare work or by other load); `baseline_gap_us_*` gives that figure
+//! over an idle window of the same length to read it against. With more busy threads
+//! than CPUs the two are equal: scheduling, not the stop, dominates.
 //! `runqueue_wait_us_*` is, per command, the largest total time one target thread spent
 //! runnable but without a CPU during the window (schedstat `run_delay`; a ptrace stop
 //! does not count): when it exceeds the observed gap, preemption explains the gap.
@@ -170,8 +176,10 @@ fn r1(x: f64) -> f64 {
 /// Figures of one kind of operation (patch or unpatch).
 #[derive(Default)]
 struct Samples {
-    /// Largest gap seen by any target thread during the command, µs.
+    /// Longest gap of any target thread that overlaps the tool's stop, µs.
     pause: Vec<f64>,
+    /// Largest gap seen by any target thread during the whole command, µs.
+    window: Vec<f64>,
     /// Same, over an idle window as long as the command.
     baseline: Vec<f64>,
     /// The tool's own figure, µs.
@@ -189,6 +197,7 @@ impl Samples {
         let (pm, p99, pmax) = summary(&self.pause);
         let (tm, t99, tmax) = summary(&self.tool);
         let (bm, b99, _) = summary(&self.baseline);
+        let (gm, g99, gmax) = summary(&self.window);
         let (wm, w99, _) = summary(&self.wall);
         let (_, _, amax) = summary(&self.attempts);
         let (rm, r99, _) = summary(&self.runqueue);
@@ -200,6 +209,9 @@ impl Samples {
             "tool_pause_us_median": r1(tm),
             "tool_pause_us_p99": r1(t99),
             "tool_pause_us_max": r1(tmax),
+            "window_gap_us_median": r1(gm),
+            "window_gap_us_p99": r1(g99),
+            "window_gap_us_max": r1(gmax),
             "baseline_gap_us_median": r1(bm),
             "baseline_gap_us_p99": r1(b99),
             "wall_ms_median": (wm / 10.0).round() / 100.0,
@@ -239,8 +251,12 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
         .max()
         .unwrap_or(0);
     s.runqueue.push(waited as f64 / 1e3);
+    let window = op
+        .window_ns
+        .context("the tool reported no pause window (pause_window_ns)")?;
     s.baseline.push(base as f64 / 1e3);
-    s.pause.push(gap as f64 / 1e3);
+    s.window.push(gap as f64 / 1e3);
+    s.pause.push(t.gap_overlapping(window) as f64 / 1e3);
     s.tool.push(op.tool_pause_us as f64);
     s.wall.push(op.wall_us);
     s.attempts.push(op.attempts as f64);

@@ -12,10 +12,17 @@ use object::Object as _;
 const TARGET_C: &str = include_str!("../../../../../tests/fixtures/bench-target/target.c");
 /// Where the generated functions go.
 const MARKER: &str = "/*@FUNCTIONS@*/";
-/// Size of the shared file (matches the target's mapping).
-const SHM_BYTES: usize = 4096 * 8;
-/// First per-thread word of the shared file.
+/// First per-thread word of the shared file (matches target.c).
 const SLOT_BASE: usize = 8;
+/// Words per thread: acknowledged generation, largest gap, gaps recorded, a spare
+/// word, then the ring of recorded gaps (start, end).
+const SLOT_WORDS: usize = 256;
+/// Entries of a thread's gap ring.
+const RING: usize = (SLOT_WORDS - 4) / 2;
+/// Most measuring threads the target supports.
+const MAX_SLOTS: usize = 1001;
+/// Size of the shared file (matches the target's mapping).
+const SHM_BYTES: usize = 8 * (SLOT_BASE + SLOT_WORDS * MAX_SLOTS);
 /// How long the target's threads may take to acknowledge a generation.
 const ACK_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -311,7 +318,7 @@ impl Target {
         self.word(0).store(g, std::sync::atomic::Ordering::Release);
         let deadline = Instant::now() + ACK_TIMEOUT;
         for s in 0..self.slots {
-            while self.load(SLOT_BASE + 2 * s) != g {
+            while self.load(Self::slot(s)) != g {
                 if Instant::now() > deadline {
                     bail!("target thread {s} did not acknowledge within {ACK_TIMEOUT:?}");
                 }
@@ -322,9 +329,35 @@ impl Target {
             }
         }
         Ok((0..self.slots)
-            .map(|s| self.load(SLOT_BASE + 2 * s + 1))
+            .map(|s| self.load(Self::slot(s) + 1))
             .max()
             .unwrap_or(0))
+    }
+
+    /// First word of thread `s`'s slot.
+    fn slot(s: usize) -> usize {
+        SLOT_BASE + SLOT_WORDS * s
+    }
+
+    /// The longest gap any thread recorded that overlaps `[start, end]` (ns, the
+    /// shared monotonic clock): how long the threads were held by a stop the tool
+    /// reports at that time, apart from gaps elsewhere in the window. 0 when no thread
+    /// recorded a gap there (a sleeping thread whose wake-up the stop did not delay).
+    /// Call after [`Self::close_window`], when every thread has run again.
+    pub fn gap_overlapping(&self, [start, end]: [u64; 2]) -> u64 {
+        let mut longest = 0;
+        for s in 0..self.slots {
+            let base = Self::slot(s);
+            let n = self.load(base + 2) as usize;
+            for j in n.saturating_sub(RING)..n {
+                let e = base + 4 + 2 * (j % RING);
+                let (from, to) = (self.load(e), self.load(e + 1));
+                if from <= end && to >= start {
+                    longest = longest.max(to.saturating_sub(from));
+                }
+            }
+        }
+        longest
     }
 }
 
@@ -347,6 +380,8 @@ pub struct Op {
     pub hunks: usize,
     /// Commit attempts the tool reported (1 when the first stop was safe; 1 for unpatch).
     pub attempts: u64,
+    /// The commit's stop as the tool reports it: first stop, last resume (monotonic ns).
+    pub window_ns: Option<[u64; 2]>,
 }
 
 /// Runs `livecare patch -p PID --json PATCH` (or `unpatch` when `patch` is None).
@@ -388,10 +423,15 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         None => 0,
     };
     let attempts = r.get("attempts").and_then(|v| v.as_u64()).unwrap_or(1);
+    let window_ns = match r.get("pause_window_ns").and_then(|v| v.as_array()) {
+        Some(a) if a.len() == 2 => a[0].as_u64().zip(a[1].as_u64()).map(|(s, e)| [s, e]),
+        _ => None,
+    };
     Ok(Op {
         wall_us,
         tool_pause_us,
         hunks,
         attempts,
+        window_ns,
     })
 }
