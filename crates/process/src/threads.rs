@@ -1,5 +1,6 @@
 //! The thread set of a traced process: seize, interrupt, resume, detach, remote syscalls.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,10 @@ pub struct ThreadSet {
     pub watch: StopWatch,
     /// Real-time priority held while threads are stopped (see [`crate::priority`]).
     boost: Option<crate::priority::Boost>,
+    /// Registers of stopped threads, read as each stop arrives (while the others are
+    /// still stopping) instead of all after the last; dropped whenever the thread
+    /// runs or its registers are written.
+    regs_cache: RefCell<BTreeMap<Tid, Regs>>,
 }
 
 fn waitpid(tid: i32, flags: i32) -> Result<Option<(Tid, i32)>, Error> {
@@ -122,6 +127,7 @@ impl ThreadSet {
             syscall_pc: None,
             watch: StopWatch::default(),
             boost: None,
+            regs_cache: RefCell::default(),
         };
         set.seize_new_tasks()?;
         if set.threads.is_empty() {
@@ -158,6 +164,7 @@ impl ThreadSet {
             syscall_pc: None,
             watch: StopWatch::default(),
             boost: None,
+            regs_cache: RefCell::default(),
         })
     }
 
@@ -253,6 +260,8 @@ impl ThreadSet {
 
     /// Records a wait status for `tid`; returns false if the thread is gone.
     fn note_status(&mut self, tid: Tid, status: i32) -> bool {
+        // Whatever happened, the thread ran since its registers were cached.
+        self.regs_cache.get_mut().remove(&tid);
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             self.threads.remove(&tid);
             return false;
@@ -289,6 +298,7 @@ impl ThreadSet {
             match waitpid(-1, libc::WNOHANG) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
+                    self.prefetch_regs(tid);
                 }
                 Ok(None) => std::hint::spin_loop(),
                 // Errors are handled by the blocking loop below.
@@ -308,6 +318,7 @@ impl ThreadSet {
             match waitpid(-1, flags) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
+                    self.prefetch_regs(tid);
                     idle = 0;
                 }
                 Ok(None) => {
@@ -459,6 +470,7 @@ impl ThreadSet {
             return Err(Error::ptrace("CONT", tid));
         }
         st.stopped = false;
+        self.regs_cache.get_mut().remove(&tid);
         Ok(())
     }
 
@@ -559,6 +571,26 @@ impl ThreadSet {
 
     /// Reads the registers of a stopped thread.
     pub fn regs(&self, tid: Tid) -> Result<Regs, Error> {
+        if let Some(r) = self.regs_cache.borrow().get(&tid) {
+            return Ok(*r);
+        }
+        let regs = self.read_regs(tid)?;
+        if self.is_stopped(tid) {
+            self.regs_cache.borrow_mut().insert(tid, regs);
+        }
+        Ok(regs)
+    }
+
+    /// Caches the registers of `tid` if it is stopped (errors surface on the next
+    /// [`Self::regs`]).
+    fn prefetch_regs(&mut self, tid: Tid) {
+        if self.is_stopped(tid) {
+            let _ = self.regs(tid);
+        }
+    }
+
+    /// PTRACE_GETREGS.
+    fn read_regs(&self, tid: Tid) -> Result<Regs, Error> {
         // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
         let mut regs: Regs = unsafe { std::mem::zeroed() };
         // GETREGS fills the struct whose address we pass.
@@ -570,6 +602,8 @@ impl ThreadSet {
 
     /// Writes the registers of a stopped thread.
     pub fn set_regs(&self, tid: Tid, regs: &Regs) -> Result<(), Error> {
+        // Read back from the kernel next time (it may adjust what we wrote).
+        self.regs_cache.borrow_mut().remove(&tid);
         // SETREGS reads the struct at the address we pass.
         if ptrace(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as u64) < 0 {
             return Err(Error::ptrace("SETREGS", tid));
@@ -840,6 +874,7 @@ impl ThreadSet {
             }
         }
         drop(timer);
+        self.regs_cache.get_mut().clear();
         self.end_pause();
         first_err.map_or(Ok(()), Err)
     }
