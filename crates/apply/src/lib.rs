@@ -344,7 +344,12 @@ fn apply_one(
             build_id: patch.build_id.clone(),
             loaded: String::new(),
         })?;
-    let existing: Vec<RegionHeader> = find_regions(pid)?
+    // One open of the memory and one read of the maps serve the whole prepare: the
+    // regions, the hole, the stub's place and the unwind tables (none of which the new
+    // region changes).
+    let mem = RemoteMemory::open(pid)?;
+    let maps = read_maps(pid)?;
+    let existing: Vec<RegionHeader> = region::find_regions_in(&mem, &maps)
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
         .collect();
@@ -391,7 +396,6 @@ fn apply_one(
             return apply_one(threads, patch, objects, opts);
         }
     }
-    let mem = RemoteMemory::open(pid)?;
     let view = ObjectView::new(target)?;
     let all = views(objects);
     let elf = PatchElf::parse(patch)?;
@@ -430,21 +434,23 @@ fn apply_one(
     // their undo records before the region is mapped.
     let sites = callsites::plan(target, &view, &elf.hunk_targets(&lay), &existing);
     lay.grow_header(sites.header_bytes());
-    let maps = read_maps(pid)?;
     let base = hole_near(&maps, target, lay.size).ok_or_else(|| Error::NoHole {
         object: target.path.clone(),
         size: lay.size,
     })?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-    let got = rsyscall::syscall(
+    let stub = rsyscall::Stub::find(threads, &mem, &maps)?;
+    let got = stub.syscall(
         threads,
+        &mem,
         "mmap",
         SYS_MMAP,
         [base, lay.size, PROT_RW, flags, u64::MAX, 0],
     )?;
     if got != base {
         // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
-        let _ = rsyscall::syscall(threads, "munmap", SYS_MUNMAP, [got, lay.size, 0, 0, 0, 0]);
+        let munmap = [got, lay.size, 0, 0, 0, 0];
+        let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
         return Err(Error::NoHole {
             object: target.path.clone(),
             size: lay.size,
@@ -453,7 +459,7 @@ fn apply_one(
     // Mark the fresh mapping as ours at once (Prepared, no hunks), so a livecare
     // killed before the body is written leaves a region `info` lists and `repair`
     // unmaps, not an anonymous mapping nobody can tell from the target's own.
-    let stub = RegionHeader {
+    let header_stub = RegionHeader {
         addr: base,
         total_len: lay.size,
         seq: 0,
@@ -468,14 +474,28 @@ fn apply_one(
         state: RegionState::Prepared,
         hunks: Vec::new(),
     };
-    let _ = mem.write(base, &stub.encode());
+    let _ = mem.write(base, &header_stub.encode());
     fault::point("after-mmap");
-    let result = fill_and_commit(
-        threads, &mem, patch, target, &view, &elf, &lay, base, &existing, objects, &sites, opts,
-    );
+    // The code part is read+exec from now on: the body and the header are written
+    // through /proc/PID/mem, which ignores protections.
+    let result = stub
+        .syscall(
+            threads,
+            &mem,
+            "mprotect",
+            SYS_MPROTECT,
+            [base, lay.exec_len, PROT_RX, 0, 0, 0],
+        )
+        .and_then(|_| {
+            fill_and_commit(
+                threads, &mem, &maps, patch, target, &view, &elf, &lay, base, &existing, objects,
+                &sites, opts,
+            )
+        });
     if result.is_err() {
         // Nothing jumps into the region yet (commit restores its jumps on failure).
-        let _ = rsyscall::syscall(threads, "munmap", SYS_MUNMAP, [base, lay.size, 0, 0, 0, 0]);
+        let munmap = [base, lay.size, 0, 0, 0, 0];
+        let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
     }
     let (hunks, pause, attempts) = result?;
     Ok(ApplyReport {
@@ -496,6 +516,7 @@ fn apply_one(
 fn fill_and_commit(
     threads: &mut ThreadSet,
     mem: &RemoteMemory,
+    maps: &[MapEntry],
     patch: &Patch,
     target: &LoadedObject,
     view: &ObjectView,
@@ -598,12 +619,6 @@ fn fill_and_commit(
     }
     image[..hb.len()].copy_from_slice(&hb);
     mem.write(base, &image)?;
-    rsyscall::syscall(
-        threads,
-        "mprotect",
-        SYS_MPROTECT,
-        [base, lay.exec_len, PROT_RX, 0, 0, 0],
-    )?;
 
     let busy: Vec<Busy> = hunks
         .iter()
@@ -624,8 +639,7 @@ fn fill_and_commit(
         .collect();
     writes.extend(callsites::retarget_writes(&hunks));
     header.state = RegionState::Applied;
-    let maps = read_maps(threads.pid())?;
-    let mut unwinder = safety::build_unwinder(mem, &maps, objects, existing);
+    let mut unwinder = safety::build_unwinder(mem, maps, objects, existing);
     let (pause, attempts) = commit(
         threads,
         mem,
@@ -762,7 +776,9 @@ fn commit_journal(
     loop {
         attempts += 1;
         let t0 = Instant::now();
-        threads.interrupt_all()?;
+        // Each thread is judged as its stop arrives, while the others still stop.
+        let mut check = safety::StopCheck::new(mem, &maps, busy);
+        threads.interrupt_all_with(&mut |tid, regs| check.thread(pid, unwinder, tid, regs))?;
         let t_stopped = Instant::now();
         let mut t_checked = t_stopped;
         let res = (|| -> Result<Option<safety::Offender>, Error> {
@@ -770,9 +786,7 @@ fn commit_journal(
             // reads go in the same batch as the stacks: each syscall inside the stop
             // lengthens the pause.
             let mut read = Vec::with_capacity(spans.len());
-            if let Some(off) =
-                safety::first_offender(threads, mem, &maps, unwinder, busy, &ranges, &mut read)?
-            {
+            if let Some(off) = check.finish(threads, unwinder, &ranges, &mut read)? {
                 return Ok(Some(off));
             }
             t_checked = Instant::now();

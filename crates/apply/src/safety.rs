@@ -16,10 +16,10 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use livecare_process::{LoadedObject, MapEntry, RemoteMemory, ThreadSet, Tid};
+use livecare_process::{LoadedObject, MapEntry, Pid, Regs, RemoteMemory, ThreadSet, Tid};
 
 use crate::region::RegionHeader;
-use crate::unwind::{CodeModule, Regs, Unwinder};
+use crate::unwind::{CodeModule, Regs as UnwindRegs, Unwinder};
 use crate::Error;
 
 /// A code range that must not be in use, with the function's name.
@@ -120,130 +120,211 @@ pub struct Offender {
     pub return_to: Option<u64>,
 }
 
-/// Returns the first thread found (possibly) inside a busy range. The ranges `also`
-/// are read in the same batched read as the stacks (one syscall fewer each inside the
-/// stop) into `also_read`, in order (`None`: unreadable); it is filled whenever no
-/// offender is returned.
-pub fn first_offender(
-    threads: &ThreadSet,
+/// The safety check of one stop, thread by thread. [`StopCheck::thread`] judges a
+/// thread the moment its stop arrives (from [`ThreadSet::interrupt_all_with`]), so the
+/// work overlaps the wait for the other threads; [`StopCheck::finish`], once every
+/// thread is stopped, judges the rest with one batched read and names the first
+/// offender. A stopped thread's stack holds still: only the thread itself writes its
+/// return addresses and saved registers, and a stray write by a thread still running
+/// could at worst turn into a false positive of the conservative scan.
+pub struct StopCheck<'a> {
+    mem: &'a RemoteMemory,
+    maps: &'a [MapEntry],
+    busy: &'a [Busy],
+    /// Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
+    fresh: Option<Vec<MapEntry>>,
+    /// Verdicts of the threads judged so far.
+    judged: HashMap<Tid, Result<Option<Offender>, Error>>,
+}
+
+impl<'a> StopCheck<'a> {
+    /// A check against `busy` with the maps read before the stop.
+    pub fn new(mem: &'a RemoteMemory, maps: &'a [MapEntry], busy: &'a [Busy]) -> StopCheck<'a> {
+        StopCheck {
+            mem,
+            maps,
+            busy,
+            fresh: None,
+            judged: HashMap::new(),
+        }
+    }
+
+    /// Judges one stopped thread now (its stack read on its own).
+    pub fn thread(&mut self, pid: Pid, unwinder: &mut Unwinder, tid: Tid, regs: &Regs) {
+        let verdict = match self.stack_of(pid, regs) {
+            Ok(Some((lo, end))) => {
+                let near = (lo, (near_end(lo, end) - lo) as usize);
+                let stack = self.mem.read_ranges(&[near]).pop().flatten();
+                Ok(judge(
+                    self.mem, unwinder, self.busy, tid, regs, lo, end, stack,
+                ))
+            }
+            Ok(None) => Ok(Some(offender(tid, "an unknown stack".into(), None))),
+            Err(e) => Err(e),
+        };
+        self.judged.insert(tid, verdict);
+    }
+
+    /// Judges every stopped thread not judged yet, in one batched read that also reads
+    /// the ranges `also` into `also_read` (in order, `None`: unreadable; filled
+    /// whenever no offender is returned); returns the first offender by thread id.
+    pub fn finish(
+        mut self,
+        threads: &ThreadSet,
+        unwinder: &mut Unwinder,
+        also: &[(u64, usize)],
+        also_read: &mut Vec<Option<Vec<u8>>>,
+    ) -> Result<Option<Offender>, Error> {
+        let pid = threads.pid();
+        let mut held = Vec::new();
+        for tid in threads.tids() {
+            if !threads.is_stopped(tid) || self.judged.contains_key(&tid) {
+                continue;
+            }
+            let regs = threads.regs(tid)?;
+            match self.stack_of(pid, &regs)? {
+                Some((lo, end)) => held.push((tid, regs, lo, end)),
+                None => {
+                    let unknown = offender(tid, "an unknown stack".into(), None);
+                    self.judged.insert(tid, Ok(Some(unknown)));
+                }
+            }
+        }
+        // The frames are usually within a page of the stack pointer, while the
+        // mapping's top holds thread descriptors and TLS: read the near part for every
+        // thread in the batch and the rest only when a walk or scan needs it (cost is
+        // per page).
+        let mut ranges: Vec<(u64, usize)> = held
+            .iter()
+            .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
+            .collect();
+        ranges.extend_from_slice(also);
+        let mut stacks = self.mem.read_ranges(&ranges);
+        *also_read = stacks.split_off(held.len());
+        for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
+            let verdict = judge(self.mem, unwinder, self.busy, tid, &regs, lo, end, stack);
+            self.judged.insert(tid, Ok(verdict));
+        }
+        // Only threads still held count (one judged early may have exited since).
+        let mut first: Option<Offender> = None;
+        for tid in threads.tids() {
+            if !threads.is_stopped(tid) {
+                continue;
+            }
+            match self.judged.remove(&tid) {
+                Some(Ok(Some(off))) if first.is_none() => first = Some(off),
+                Some(Err(e)) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(first)
+    }
+
+    /// The stack range `[sp & !7, end of its mapping)` of a thread, or None if no
+    /// mapping holds its stack pointer.
+    fn stack_of(&mut self, pid: Pid, regs: &Regs) -> Result<Option<(u64, u64)>, Error> {
+        let lo = regs.rsp & !7;
+        if let Some(m) = stack_map(self.maps, regs.rsp) {
+            return Ok(Some((lo, m.end)));
+        }
+        if self.fresh.is_none() {
+            self.fresh = Some(livecare_process::read_maps(pid)?);
+        }
+        Ok(self
+            .fresh
+            .as_deref()
+            .and_then(|f| stack_map(f, regs.rsp))
+            .map(|m| (lo, m.end)))
+    }
+}
+
+fn offender(tid: Tid, name: String, return_to: Option<u64>) -> Offender {
+    Offender {
+        tid,
+        name,
+        return_to,
+    }
+}
+
+/// Judges one stopped thread from its registers and the near part of its stack
+/// `[lo, ..)` (`None`: unreadable); the rest up to `end` is read only if needed.
+#[allow(clippy::too_many_arguments)]
+fn judge(
     mem: &RemoteMemory,
-    maps: &[MapEntry],
     unwinder: &mut Unwinder,
     busy: &[Busy],
-    also: &[(u64, usize)],
-    also_read: &mut Vec<Option<Vec<u8>>>,
-) -> Result<Option<Offender>, Error> {
+    tid: Tid,
+    regs: &Regs,
+    lo: u64,
+    end: u64,
+    stack: Option<Vec<u8>>,
+) -> Option<Offender> {
     let in_busy_exact = |pc: u64| busy.iter().find(|b| b.range.contains(&pc));
-    let off = |tid, name: String, return_to| {
-        Ok(Some(Offender {
-            tid,
-            name,
-            return_to,
-        }))
-    };
     // A return address points just after a call: inside (start, end].
     let in_busy_ret = |v: u64| busy.iter().find(|b| v > b.range.start && v <= b.range.end);
-    // Registers of every thread first, then every stack in one batched read: each
-    // syscall inside the stop lengthens the pause.
-    let mut fresh: Option<Vec<MapEntry>> = None;
-    let mut held = Vec::new();
-    for tid in threads.tids() {
-        if !threads.is_stopped(tid) {
-            continue;
+    let top_busy = in_busy_exact(regs.rip);
+    let Some(mut stack) = stack else {
+        return Some(offender(tid, "an unreadable stack".into(), None));
+    };
+    // Appends the far part of the stack once; false if it cannot be read.
+    let complete = |stack: &mut Vec<u8>| -> bool {
+        let have = lo + stack.len() as u64;
+        if have >= end {
+            return true;
         }
-        let regs = threads.regs(tid)?;
-        let end = match stack_map(maps, regs.rsp) {
-            Some(m) => m.end,
-            None => {
-                if fresh.is_none() {
-                    fresh = Some(livecare_process::read_maps(threads.pid())?);
-                }
-                match fresh.as_deref().and_then(|f| stack_map(f, regs.rsp)) {
-                    Some(m) => m.end,
-                    None => return off(tid, "an unknown stack".into(), None),
-                }
+        match mem.read_vec(have, (end - have) as usize) {
+            Ok(rest) => {
+                stack.extend_from_slice(&rest);
+                true
             }
-        };
-        held.push((tid, regs, regs.rsp & !7, end));
+            Err(_) => false,
+        }
+    };
+    let mut read = |addr: u64| -> Option<u64> {
+        if addr >= lo && addr + 8 <= end {
+            if addr + 8 > lo + stack.len() as u64 && !complete(&mut stack) {
+                return None;
+            }
+            let o = (addr - lo) as usize;
+            return Some(u64::from_le_bytes(stack[o..o + 8].try_into().ok()?));
+        }
+        mem.read_u64(addr).ok()
+    };
+    let unwound = unwinder.unwind(
+        UnwindRegs {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rbp: regs.rbp,
+        },
+        &mut read,
+    );
+    if let Ok(frames) = &unwound {
+        let busy_at = |i: usize, pc: u64| if i == 0 { top_busy } else { in_busy_ret(pc) };
+        let outermost = frames
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, &pc)| busy_at(i, pc).map(|b| (i, b)));
+        return outermost.map(|(i, b)| offender(tid, b.name.clone(), frames.get(i + 1).copied()));
     }
-    // The frames are usually within a page of the stack pointer, while the mapping's
-    // top holds thread descriptors and TLS: read the near part for every thread in
-    // the batch and the rest only when a walk or scan needs it (cost is per page).
-    let mut ranges: Vec<(u64, usize)> = held
-        .iter()
-        .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
-        .collect();
-    ranges.extend_from_slice(also);
-    let mut stacks = mem.read_ranges(&ranges);
-    *also_read = stacks.split_off(held.len());
-    for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
-        let top_busy = in_busy_exact(regs.rip);
-        let Some(mut stack) = stack else {
-            return off(tid, "an unreadable stack".into(), None);
-        };
-        // Appends the far part of the stack once; false if it cannot be read.
-        let complete = |stack: &mut Vec<u8>| -> bool {
-            let have = lo + stack.len() as u64;
-            if have >= end {
-                return true;
-            }
-            match mem.read_vec(have, (end - have) as usize) {
-                Ok(rest) => {
-                    stack.extend_from_slice(&rest);
-                    true
-                }
-                Err(_) => false,
-            }
-        };
-        let mut read = |addr: u64| -> Option<u64> {
-            if addr >= lo && addr + 8 <= end {
-                if addr + 8 > lo + stack.len() as u64 && !complete(&mut stack) {
-                    return None;
-                }
-                let o = (addr - lo) as usize;
-                return Some(u64::from_le_bytes(stack[o..o + 8].try_into().ok()?));
-            }
-            mem.read_u64(addr).ok()
-        };
-        let unwound = unwinder.unwind(
-            Regs {
-                rip: regs.rip,
-                rsp: regs.rsp,
-                rbp: regs.rbp,
-            },
-            &mut read,
-        );
-        if let Ok(frames) = &unwound {
-            let busy_at = |i: usize, pc: u64| if i == 0 { top_busy } else { in_busy_ret(pc) };
-            let outermost = frames
-                .iter()
-                .enumerate()
-                .rev()
-                .find_map(|(i, &pc)| busy_at(i, pc).map(|b| (i, b)));
-            match outermost {
-                Some((i, b)) => return off(tid, b.name.clone(), frames.get(i + 1).copied()),
-                None => continue,
-            }
-        }
-        if let Some(b) = top_busy {
-            return off(tid, b.name.clone(), None);
-        }
-        // No complete unwind: fall back to the conservative scan of the whole stack.
-        if !complete(&mut stack) {
-            return off(tid, "an unreadable stack".into(), None);
-        }
-        for w in stack.chunks_exact(8) {
-            let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
-            if let Some(b) = in_busy_ret(v) {
-                let why = unwound
-                    .err()
-                    .map(|e| format!(" (stack not unwindable: {e})"))
-                    .unwrap_or_default();
-                return off(tid, format!("{}{why}", b.name), None);
-            }
+    if let Some(b) = top_busy {
+        return Some(offender(tid, b.name.clone(), None));
+    }
+    // No complete unwind: fall back to the conservative scan of the whole stack.
+    if !complete(&mut stack) {
+        return Some(offender(tid, "an unreadable stack".into(), None));
+    }
+    for w in stack.chunks_exact(8) {
+        let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+        if let Some(b) = in_busy_ret(v) {
+            let why = unwound
+                .err()
+                .map(|e| format!(" (stack not unwindable: {e})"))
+                .unwrap_or_default();
+            return Some(offender(tid, format!("{}{why}", b.name), None));
         }
     }
-    Ok(None)
+    None
 }
 
 /// End of the part of a stack read in the first batch: 1 KiB past the stack pointer
@@ -294,7 +375,7 @@ pub fn prewarm(
             Some(u64::from_le_bytes(stack.get(o..o + 8)?.try_into().ok()?))
         };
         let _ = unwinder.unwind(
-            Regs {
+            UnwindRegs {
                 rip: pc,
                 rsp: sp,
                 rbp: 0,

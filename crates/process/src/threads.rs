@@ -288,8 +288,9 @@ impl ThreadSet {
         true
     }
 
-    /// Waits until every thread we hold is stopped (new threads included).
-    fn wait_all_stopped(&mut self) -> Result<(), Error> {
+    /// Waits until every thread we hold is stopped (new threads included), calling
+    /// `on_stop` with each one's registers as its stop arrives.
+    fn wait_all_stopped(&mut self, on_stop: &mut dyn FnMut(Tid, &Regs)) -> Result<(), Error> {
         let start = Instant::now();
         let deadline = start + STOP_TIMEOUT;
         // Polled for the first few µs: a running thread stops that fast, and arming the
@@ -298,7 +299,7 @@ impl ThreadSet {
             match waitpid(-1, libc::WNOHANG) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
-                    self.prefetch_regs(tid);
+                    self.on_stopped(tid, on_stop);
                 }
                 Ok(None) => std::hint::spin_loop(),
                 // Errors are handled by the blocking loop below.
@@ -318,7 +319,7 @@ impl ThreadSet {
             match waitpid(-1, flags) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
-                    self.prefetch_regs(tid);
+                    self.on_stopped(tid, on_stop);
                     idle = 0;
                 }
                 Ok(None) => {
@@ -366,6 +367,14 @@ impl ThreadSet {
     /// Stops every thread: sends every interrupt first, then waits for all of them,
     /// then re-scans `/proc/PID/task` until no untraced thread remains.
     pub fn interrupt_all(&mut self) -> Result<(), Error> {
+        self.interrupt_all_with(&mut |_, _| {})
+    }
+
+    /// [`Self::interrupt_all`], calling `on_stop` with the registers of each thread
+    /// this call stops as soon as its stop arrives, while others may still be running:
+    /// per-thread work done there overlaps the wait for the rest. (A thread already
+    /// stopped before the call is not passed.)
+    pub fn interrupt_all_with(&mut self, on_stop: &mut dyn FnMut(Tid, &Regs)) -> Result<(), Error> {
         // A pause that is still going on (some thread held) keeps its start.
         if self.threads.values().all(|t| !t.stopped) {
             self.watch.started = None;
@@ -386,7 +395,7 @@ impl ThreadSet {
                     self.threads.remove(&tid);
                 }
             }
-            self.wait_all_stopped()?;
+            self.wait_all_stopped(on_stop)?;
             // Threads born from traced threads are ours (TRACECLONE); only one cloned
             // while we were seizing its parent could be untraced. When the kernel's
             // thread count equals ours there is none, and the costlier listing of
@@ -581,11 +590,13 @@ impl ThreadSet {
         Ok(regs)
     }
 
-    /// Caches the registers of `tid` if it is stopped (errors surface on the next
-    /// [`Self::regs`]).
-    fn prefetch_regs(&mut self, tid: Tid) {
+    /// Caches the registers of `tid` if it is stopped and hands them to `on_stop`
+    /// (a read error surfaces on the next [`Self::regs`]).
+    fn on_stopped(&mut self, tid: Tid, on_stop: &mut dyn FnMut(Tid, &Regs)) {
         if self.is_stopped(tid) {
-            let _ = self.regs(tid);
+            if let Ok(r) = self.regs(tid) {
+                on_stop(tid, &r);
+            }
         }
     }
 
