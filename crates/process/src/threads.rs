@@ -293,9 +293,12 @@ impl ThreadSet {
     fn wait_all_stopped(&mut self, on_stop: &mut dyn FnMut(Tid, &Regs)) -> Result<(), Error> {
         let start = Instant::now();
         let deadline = start + STOP_TIMEOUT;
-        // Polled for the first few µs: a running thread stops that fast, and arming the
-        // timer below costs three syscalls while the threads are already stopping.
-        while self.threads.values().any(|t| !t.stopped) && start.elapsed() < STOP_SPIN {
+        // With one or two threads to wait for, polled for the first few µs: a running
+        // thread stops that fast, and arming the timer below costs three syscalls while
+        // the threads are already stopping. With more, some of them likely need this
+        // CPU to reach their stop, which our (real-time) polling would deny them.
+        let few = self.threads.values().filter(|t| !t.stopped).count() <= 2;
+        while few && self.threads.values().any(|t| !t.stopped) && start.elapsed() < STOP_SPIN {
             match waitpid(-1, libc::WNOHANG) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
