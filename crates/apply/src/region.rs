@@ -2,7 +2,7 @@
 //! version, patch id, build-id, hunks with saved original bytes) that later
 //! invocations read back from the target's own memory.
 
-use livecare_process::{read_maps, Pid, RemoteMemory};
+use livecare_process::{read_maps, MapEntry, Pid, RemoteMemory};
 
 use crate::Error;
 
@@ -326,18 +326,22 @@ impl RegionHeader {
 /// Every patch region in `pid`, by scanning anonymous mappings for the magic; in
 /// application order.
 pub fn find_regions(pid: Pid) -> Result<Vec<RegionHeader>, Error> {
-    let mem = RemoteMemory::open(pid)?;
+    Ok(find_regions_in(&RemoteMemory::open(pid)?, &read_maps(pid)?))
+}
+
+/// [`find_regions`] with the target's memory open and its `/proc/PID/maps` read.
+pub(crate) fn find_regions_in(mem: &RemoteMemory, maps: &[MapEntry]) -> Vec<RegionHeader> {
     let mut out = Vec::new();
-    for m in read_maps(pid)? {
+    for m in maps {
         if !m.is_anonymous() || !m.read {
             continue;
         }
-        if let Some(h) = RegionHeader::read(&mem, m.start, m.end - m.start) {
+        if let Some(h) = RegionHeader::read(mem, m.start, m.end - m.start) {
             out.push(h);
         }
     }
     out.sort_by_key(|h| h.seq);
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

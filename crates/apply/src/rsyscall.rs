@@ -20,15 +20,25 @@
 
 use std::time::{Duration, Instant};
 
-use livecare_process::{read_maps, Regs, RemoteMemory, ThreadSet};
+use livecare_process::{read_maps, MapEntry, Pid, Regs, RemoteMemory, ThreadSet};
 
 use crate::Error;
 
 /// Stub code (x86_64); `RESUME_AT` holds the 8-byte address it returns to. After the
-/// syscall it waits `BUDGET` TSC ticks (about a second) before restoring the thread:
-/// the tracer normally stops it there within microseconds, and a thread never runs
-/// on while the tracer still needs the result slot.
-fn stub() -> Vec<u8> {
+/// syscall it waits, until `BUDGET` TSC ticks (about a second) have passed, before
+/// restoring the thread: the tracer normally stops it there within microseconds, and
+/// a thread never runs on while the tracer still needs the result slot.
+///
+/// The wait sleeps in `ppoll(_, 0, &ts, NULL)` (`ts` in the frame, one second) rather
+/// than spinning: a spinning thread keeps the CPU the tracer needs to notice the
+/// result, which cost a whole scheduler slice (about 3 ms) per remote syscall on a
+/// busy machine. `ppoll` keeps no restart block (unlike `nanosleep` or `poll`, whose
+/// restart block would replace the one of a sleep the thread was interrupted in), and
+/// the kernel writes the time left back into `ts`, so a sleep cut short by a signal
+/// handler goes on for the rest. With `spin` (targets under a seccomp filter, which
+/// might not allow `ppoll`) the `ppoll`'s `syscall` is a `pause` instead: the same
+/// stub, busy-waiting as before.
+fn stub(spin: bool) -> Vec<u8> {
     let mut c = vec![
         0x0f,
         0x05, // syscall
@@ -53,9 +63,26 @@ fn stub() -> Vec<u8> {
         BUDGET_SLOT as u8, // add BUDGET(%rsp),%rax
         0x48,
         0x89,
-        0xc1, // mov %rax,%rcx: the end tick
-        0xf3,
-        0x90, // 1: pause
+        0x44,
+        0x24,
+        BUDGET_SLOT as u8, // mov %rax,BUDGET(%rsp): the end tick, kept across syscalls
+        0xb8,
+        0x0f,
+        0x01,
+        0x00,
+        0x00, // 1: mov $SYS_ppoll,%eax
+        0x31,
+        0xf6, // xor %esi,%esi: no descriptors (so %rdi is never read)
+        0x48,
+        0x8d,
+        0x54,
+        0x24,
+        TS_SLOT as u8, // lea TS(%rsp),%rdx
+        0x45,
+        0x31,
+        0xd2, // xor %r10d,%r10d: no signal mask
+        0x0f,
+        0x05, // syscall (pause when spinning)
         0x0f,
         0x31, // rdtsc
         0x48,
@@ -66,10 +93,12 @@ fn stub() -> Vec<u8> {
         0x09,
         0xd0, // or %rdx,%rax
         0x48,
-        0x39,
-        0xc8, // cmp %rcx,%rax
+        0x3b,
+        0x44,
+        0x24,
+        BUDGET_SLOT as u8, // cmp END(%rsp),%rax
         0x72,
-        0xf0, // jb 1b
+        0xdf, // jb 1b
         // pop %rax, %rdi, %rsi, %rdx, %r10, %r8, %r9, %rcx, %r11 (frame order)
         0x58,
         0x5f,
@@ -88,27 +117,36 @@ fn stub() -> Vec<u8> {
         0x48,
         0x8d,
         0xa4,
-        0x24, // lea 16+RED_ZONE(%rsp),%rsp: past the last slots
+        0x24, // lea FRAME-80+RED_ZONE(%rsp),%rsp: past the last slots
     ];
-    c.extend_from_slice(&((16 + RED_ZONE) as u32).to_le_bytes());
+    if spin {
+        c[WAIT_SYSCALL_AT..WAIT_SYSCALL_AT + 2].copy_from_slice(&[0xf3, 0x90]);
+    }
+    c.extend_from_slice(&((FRAME - 80 + RED_ZONE) as u32).to_le_bytes());
     c.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp *resume(%rip)
     debug_assert_eq!(c.len() as u64, RESUME_AT);
     c.extend_from_slice(&0u64.to_le_bytes());
     c
 }
 
+/// Offset of the wait's `syscall` (a `pause` in the spinning stub).
+const WAIT_SYSCALL_AT: usize = 41;
 /// Offset of the resume address in the stub.
-const RESUME_AT: u64 = 0x44;
+const RESUME_AT: u64 = 0x57;
 /// Frame slots (from the frame start): nine saved registers, rflags, then these.
 const RESULT_SLOT: u64 = 10 * 8;
-/// The wait budget in TSC ticks.
+/// The wait budget in TSC ticks (the end tick once the stub has read the clock).
 const BUDGET_SLOT: u64 = 11 * 8;
+/// The `ppoll` timeout (struct timespec, two slots).
+const TS_SLOT: u64 = 12 * 8;
 /// The red zone of the x86_64 ABI, left untouched below the thread's stack pointer.
 const RED_ZONE: u64 = 128;
 /// Bytes of frame.
-const FRAME: u64 = 12 * 8;
+const FRAME: u64 = 14 * 8;
 /// TSC ticks the stub waits after the syscall (about a second at 2-3 GHz).
 const BUDGET: u64 = 2_000_000_000;
+/// Seconds of each `ppoll` sleep: the TSC budget ends the wait at about this time.
+const SLEEP_SECS: u64 = 1;
 /// A value no syscall returns (not a small negative errno, not a user address).
 const PENDING: u64 = 0x8000_0000_0000_0001;
 /// The padding a stub takes.
@@ -119,18 +157,19 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// True when `w` holds a stub (whatever its resume address): one a dead livecare
 /// left behind.
 fn is_stub(w: &[u8]) -> bool {
-    let code = stub();
+    let at = RESUME_AT as usize;
     w.len() == NEED as usize
-        && w[..RESUME_AT as usize] == code[..RESUME_AT as usize]
-        && w[code.len()..].iter().all(|&x| x == 0)
+        && [stub(false), stub(true)]
+            .iter()
+            .any(|code| w[..at] == code[..at] && w[code.len()..].iter().all(|&x| x == 0))
 }
 
 /// The `NEED`-byte windows at the end of each file-backed executable mapping that
 /// are page padding (all zero) or stale stubs, from the end backwards, stopping at
 /// the first window holding anything else (code).
-fn padding_windows(threads: &ThreadSet, mem: &RemoteMemory) -> Result<Vec<(u64, bool)>, Error> {
+fn padding_windows(mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Vec<(u64, bool)>, Error> {
     let mut out = Vec::new();
-    for m in read_maps(threads.pid())? {
+    for m in maps {
         if !m.exec || !m.path.starts_with('/') {
             continue;
         }
@@ -154,8 +193,8 @@ fn padding_windows(threads: &ThreadSet, mem: &RemoteMemory) -> Result<Vec<(u64, 
 
 /// A place for the stub: a padding window at the end of an executable mapping, not
 /// one holding a stub a dead livecare left (a thread may still be finishing it).
-fn stub_site(threads: &ThreadSet, mem: &RemoteMemory) -> Result<u64, Error> {
-    padding_windows(threads, mem)?
+fn stub_site(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<u64, Error> {
+    padding_windows(mem, maps)?
         .into_iter()
         .find(|w| !w.1)
         .map(|w| w.0)
@@ -169,6 +208,88 @@ fn stub_site(threads: &ThreadSet, mem: &RemoteMemory) -> Result<u64, Error> {
         })
 }
 
+/// True unless `/proc/PID/status` says the process has no seccomp filter: a filter
+/// might kill it for the stub's `ppoll`, so the stub then spins instead.
+fn under_seccomp_filter(pid: Pid) -> bool {
+    let Ok(status) = livecare_process::read_proc_file(&format!("/proc/{}/status", pid.0), 4096)
+    else {
+        return true;
+    };
+    String::from_utf8_lossy(&status)
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .is_none_or(|v| v.trim() != "0")
+}
+
+/// What remote syscalls into one process need, found once and reused for each:
+/// where the stub goes and whether it must spin.
+#[derive(Debug, Clone, Copy)]
+pub struct Stub {
+    /// Start of the padding window the stub is written to.
+    site: u64,
+    /// Busy-wait instead of sleeping (see [`stub`]).
+    spin: bool,
+}
+
+impl Stub {
+    /// Finds the stub's place from `maps` (`/proc/PID/maps` of the target).
+    pub fn find(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Stub, Error> {
+        Ok(Stub {
+            site: stub_site(threads, mem, maps)?,
+            spin: under_seccomp_filter(threads.pid()),
+        })
+    }
+
+    /// Runs syscall `nr` in one thread of the target through the stub, stopping one
+    /// thread briefly; negative results become errors. When the caller already holds
+    /// stopped threads, the plain remote syscall is used instead.
+    pub fn syscall(
+        &self,
+        threads: &mut ThreadSet,
+        mem: &RemoteMemory,
+        name: &'static str,
+        nr: u64,
+        args: [u64; 6],
+    ) -> Result<u64, Error> {
+        let had_stopped = threads.tids().into_iter().any(|t| threads.is_stopped(t));
+        if had_stopped {
+            // Threads held by the caller (`run` holds a program it started, which dies
+            // with livecare anyway, and whose tracee cannot be interrupted): the plain
+            // single-stepped syscall, which never lets the thread run on.
+            return threads.syscall(name, nr, args).map_err(Error::from);
+        }
+        // The window was padding when found; the target may have unmapped or replaced
+        // the mapping since (dlclose): write the stub only over zeros.
+        if mem
+            .read_vec(self.site, NEED as usize)
+            .map_or(true, |w| w.iter().any(|&x| x != 0))
+        {
+            return Err(livecare_process::Error::RemoteSyscall {
+                name,
+                tid: livecare_process::Tid(threads.pid().0),
+                what: format!("the stub's padding at {:#x} changed", self.site),
+            }
+            .into());
+        }
+        run(threads, mem, self.site, self.spin, name, nr, args)
+    }
+}
+
+/// [`Stub::syscall`] with the stub's place found for this one call.
+pub fn syscall(
+    threads: &mut ThreadSet,
+    name: &'static str,
+    nr: u64,
+    args: [u64; 6],
+) -> Result<u64, Error> {
+    if threads.tids().into_iter().any(|t| threads.is_stopped(t)) {
+        return threads.syscall(name, nr, args).map_err(Error::from);
+    }
+    let mem = RemoteMemory::open(threads.pid())?;
+    let maps = read_maps(threads.pid())?;
+    Stub::find(threads, &mem, &maps)?.syscall(threads, &mem, name, nr, args)
+}
+
 /// Clears stubs dead livecares left behind that no stopped thread is executing;
 /// returns how many. Every thread must be stopped.
 pub fn clear_stale(threads: &ThreadSet, mem: &RemoteMemory) -> Result<usize, Error> {
@@ -177,7 +298,7 @@ pub fn clear_stale(threads: &ThreadSet, mem: &RemoteMemory) -> Result<usize, Err
         pcs.push(threads.regs(t)?.rip);
     }
     let mut n = 0;
-    for (addr, stale) in padding_windows(threads, mem)? {
+    for (addr, stale) in padding_windows(mem, &read_maps(threads.pid())?)? {
         if stale && !pcs.iter().any(|pc| (addr..addr + NEED).contains(pc)) {
             mem.write(addr, &[0u8; NEED as usize])?;
             n += 1;
@@ -204,24 +325,18 @@ fn resume_point(r: &Regs) -> (u64, u64) {
     }
 }
 
-/// Runs syscall `nr` in one thread of the target through the stub, stopping one
-/// thread briefly; negative results become errors. When the caller already holds
-/// stopped threads, the plain remote syscall is used instead.
-pub fn syscall(
+/// Runs syscall `nr` through the stub at `site`: stops one thread, points it at the
+/// stub with a frame below its red zone, lets it run until the result is in, puts its
+/// registers back and lets it go.
+fn run(
     threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    site: u64,
+    spin: bool,
     name: &'static str,
     nr: u64,
     args: [u64; 6],
 ) -> Result<u64, Error> {
-    let had_stopped = threads.tids().into_iter().any(|t| threads.is_stopped(t));
-    if had_stopped {
-        // Threads held by the caller (`run` holds a program it started, which dies
-        // with livecare anyway, and whose tracee cannot be interrupted): the plain
-        // single-stepped syscall, which never lets the thread run on.
-        return threads.syscall(name, nr, args).map_err(Error::from);
-    }
-    let mem = RemoteMemory::open(threads.pid())?;
-    let site = stub_site(threads, &mem)?;
     let tid = threads.stop_one()?;
     let saved = threads.regs(tid)?;
     let (resume_rip, resume_rax) = resume_point(&saved);
@@ -248,10 +363,12 @@ pub fn syscall(
         saved.eflags,
         PENDING,
         BUDGET,
+        SLEEP_SECS,
+        0,
     ] {
         f.extend_from_slice(&v.to_le_bytes());
     }
-    let mut code = stub();
+    let mut code = stub(spin);
     code[RESUME_AT as usize..].copy_from_slice(&resume_rip.to_le_bytes());
     mem.write(frame, &f)?;
     mem.write(site, &code)?;
@@ -332,14 +449,65 @@ mod tests {
 
     #[test]
     fn stub_restores_its_frame_in_order_and_ends_in_an_indirect_jump() {
-        let c = stub();
-        assert_eq!(c.len() as u64, RESUME_AT + 8);
-        assert!(c.len() as u64 <= NEED);
-        assert_eq!(&c[..2], &[0x0f, 0x05]);
+        for spin in [false, true] {
+            let c = stub(spin);
+            assert_eq!(c.len() as u64, RESUME_AT + 8);
+            assert!(c.len() as u64 <= NEED);
+            assert_eq!(&c[..2], &[0x0f, 0x05]);
+            assert_eq!(
+                &c[RESUME_AT as usize - 6..RESUME_AT as usize],
+                &[0xff, 0x25, 0, 0, 0, 0]
+            );
+            assert!(is_stub(
+                &[&c[..], &[0; (NEED - RESUME_AT - 8) as usize]].concat()
+            ));
+        }
+    }
+
+    /// Decodes the stub: the instructions, their order and the operands that depend on
+    /// the frame layout, so a change of one constant cannot silently break the other.
+    #[test]
+    fn stub_sleeps_in_ppoll_on_its_frame_until_the_end_tick_then_pops_the_frame() {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+        let decode = |spin: bool| {
+            let c = stub(spin);
+            let mut d = Decoder::with_ip(64, &c[..RESUME_AT as usize], 0, DecoderOptions::NONE);
+            let mut v = Vec::new();
+            while d.can_decode() {
+                v.push(d.decode());
+            }
+            v
+        };
+        let ins = decode(false);
+        let m: Vec<Mnemonic> = ins.iter().map(|i| i.mnemonic()).collect();
+        use Mnemonic::*;
         assert_eq!(
-            &c[RESUME_AT as usize - 6..RESUME_AT as usize],
-            &[0xff, 0x25, 0, 0, 0, 0]
+            m,
+            [
+                Syscall, Mov, Rdtsc, Shl, Or, Add, Mov, Mov, Xor, Lea, Xor, Syscall, Rdtsc, Shl,
+                Or, Cmp, Jb, Pop, Pop, Pop, Pop, Pop, Pop, Pop, Pop, Pop, Popfq, Lea, Jmp
+            ]
         );
+        let at = |i: usize| ins[i].ip() as usize;
+        // The wait syscall is where the spinning variant puts its pause, and is ppoll.
+        assert_eq!(at(11), WAIT_SYSCALL_AT);
+        assert_eq!(ins[7].immediate32(), 271);
+        assert_eq!(ins[7].op0_register(), Register::EAX);
+        assert_eq!(ins[9].memory_displacement64(), TS_SLOT);
+        assert_eq!(ins[1].memory_displacement64(), RESULT_SLOT);
+        for i in [5, 6, 15] {
+            assert_eq!(ins[i].memory_displacement64(), BUDGET_SLOT, "insn {i}");
+        }
+        // The loop goes back to the ppoll's number, not to the clock setup.
+        assert_eq!(ins[16].op0_kind(), OpKind::NearBranch64);
+        assert_eq!(ins[16].near_branch64(), at(7) as u64);
+        // Nine registers and flags popped, then the stack pointer back to the thread's.
+        assert_eq!(ins[27].memory_displacement64(), FRAME - 80 + RED_ZONE);
+        assert_eq!(RESULT_SLOT, 80);
+        const { assert!(TS_SLOT + 16 <= FRAME) };
+        let spin = decode(true);
+        assert_eq!(spin[11].mnemonic(), Pause);
+        assert_eq!(spin.len(), ins.len());
     }
 
     #[test]
