@@ -22,7 +22,7 @@ mod wake;
 pub use arch::Regs;
 pub use error::Error;
 pub use launch::launch_at_entry;
-pub use maps::{auxv, read_maps, MapEntry, AT_ENTRY, AT_PHDR};
+pub use maps::{auxv, read_maps, read_proc_file, MapEntry, AT_ENTRY, AT_PHDR};
 pub use mem::RemoteMemory;
 pub use objects::{loaded_objects, ElfKind, LoadedObject};
 pub use threads::{StopWatch, ThreadSet};
@@ -52,8 +52,8 @@ impl fmt::Display for Tid {
 impl Pid {
     /// The short command name (`/proc/PID/comm`), empty when unreadable.
     pub fn comm(self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/comm", self.0))
-            .map(|s| s.trim().to_string())
+        maps::read_proc_file(&format!("/proc/{}/comm", self.0), 64)
+            .map(|s| String::from_utf8_lossy(&s).trim().to_string())
             .unwrap_or_default()
     }
 
@@ -69,7 +69,9 @@ impl Pid {
 
     /// True for kernel threads (no address space: empty `/proc/PID/cmdline` and no exe).
     pub fn is_kernel_thread(self) -> bool {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+        let stat = maps::read_proc_file(&format!("/proc/{}/stat", self.0), 1024)
+            .map(|s| String::from_utf8_lossy(&s).into_owned())
+            .unwrap_or_default();
         // Field 9 (flags) carries PF_KTHREAD (0x00200000); comm may contain spaces, so
         // split after the closing parenthesis.
         if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {

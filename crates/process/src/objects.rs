@@ -119,8 +119,11 @@ fn file_build_id(data: &[u8]) -> Option<String> {
         .and_then(|f| f.build_id().ok().flatten().map(hex))
 }
 
-fn read_object_file(pid: Pid, first: &MapEntry) -> Option<(String, Arc<FileInfo>)> {
-    let (mf, key) = file_key(pid, first);
+fn read_object_file(
+    pid: Pid,
+    first: &MapEntry,
+    (mf, key): (String, Option<FileKey>),
+) -> Option<(String, Arc<FileInfo>)> {
     if let Some(k) = &key {
         if let Some(f) = file_cache().lock().ok()?.get(k) {
             return Some((mf, f.clone()));
@@ -248,8 +251,29 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
     Ok(objects_in(pid, &read_maps(pid)?))
 }
 
+/// The first mapping of each distinct file with its `map_files` entry and cache key
+/// (one `statx` each): [`LoadedObject::if_any_build_id_in`] computes them once for
+/// both of its steps.
+fn keyed_mappings(pid: Pid, maps: &[MapEntry]) -> Vec<(usize, String, Option<FileKey>)> {
+    first_mappings(maps)
+        .map(|(i, m)| {
+            let (mf, key) = file_key(pid, m);
+            (i, mf, key)
+        })
+        .collect()
+}
+
 /// [`loaded_objects`] from an already read `/proc/PID/maps`.
 fn objects_in(pid: Pid, maps: &[MapEntry]) -> Vec<LoadedObject> {
+    objects_in_keyed(pid, maps, &keyed_mappings(pid, maps))
+}
+
+/// [`objects_in`] with [`keyed_mappings`] already computed.
+fn objects_in_keyed(
+    pid: Pid,
+    maps: &[MapEntry],
+    keyed: &[(usize, String, Option<FileKey>)],
+) -> Vec<LoadedObject> {
     let exe = std::fs::read_link(format!("/proc/{}/exe", pid.0)).ok();
     let exe = exe.as_ref().map(|p| {
         p.to_string_lossy()
@@ -264,12 +288,13 @@ fn objects_in(pid: Pid, maps: &[MapEntry]) -> Vec<LoadedObject> {
             .as_ref()
     };
     let mut out: Vec<LoadedObject> = Vec::new();
-    for (i, m) in first_mappings(maps) {
+    for (i, mf, key) in keyed {
+        let (i, m) = (*i, &maps[*i]);
         let group = maps[i..]
             .iter()
             .filter(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path);
         let ranges: Vec<Range<u64>> = group.map(|g| g.start..g.end).collect();
-        let Some((map_file, file)) = read_object_file(pid, m) else {
+        let Some((map_file, file)) = read_object_file(pid, m, (mf.clone(), key.clone())) else {
             // Unreadable file: still report it if its ELF notes are in memory.
             if let Some(bid) = mem().and_then(|mm| build_id_from_memory(mm, m.start)) {
                 out.push(LoadedObject {
@@ -400,7 +425,13 @@ impl LoadedObject {
     /// process's memory decide, as in [`loaded_objects`]. Build-ids read from files are
     /// cached per (device, inode, size).
     pub fn any_build_id_in(pid: Pid, build_ids: &[&str]) -> Result<bool, Error> {
-        Ok(any_build_id_in_maps(pid, &read_maps(pid)?, build_ids))
+        let maps = read_maps(pid)?;
+        Ok(any_build_id_in_maps(
+            pid,
+            &maps,
+            &keyed_mappings(pid, &maps),
+            build_ids,
+        ))
     }
 
     /// [`loaded_objects`] of `pid` if [`LoadedObject::any_build_id_in`] says it may
@@ -410,12 +441,19 @@ impl LoadedObject {
         build_ids: &[&str],
     ) -> Result<Option<Vec<LoadedObject>>, Error> {
         let maps = read_maps(pid)?;
-        Ok(any_build_id_in_maps(pid, &maps, build_ids).then(|| objects_in(pid, &maps)))
+        let keyed = keyed_mappings(pid, &maps);
+        Ok(any_build_id_in_maps(pid, &maps, &keyed, build_ids)
+            .then(|| objects_in_keyed(pid, &maps, &keyed)))
     }
 }
 
 /// [`LoadedObject::any_build_id_in`] on an already read `/proc/PID/maps`.
-fn any_build_id_in_maps(pid: Pid, maps: &[MapEntry], build_ids: &[&str]) -> bool {
+fn any_build_id_in_maps(
+    pid: Pid,
+    maps: &[MapEntry],
+    keyed: &[(usize, String, Option<FileKey>)],
+    build_ids: &[&str],
+) -> bool {
     let mem_cell = std::cell::OnceCell::new();
     let mem = || {
         mem_cell
@@ -428,8 +466,8 @@ fn any_build_id_in_maps(pid: Pid, maps: &[MapEntry], build_ids: &[&str]) -> bool
             .and_then(|mm| build_id_from_memory(mm, m.start))
             .is_some_and(|b| build_ids.contains(&b.as_str()))
     };
-    for (_, m) in first_mappings(maps) {
-        let (mf, key) = file_key(pid, m);
+    for (i, mf, key) in keyed {
+        let m = &maps[*i];
         let cached = key.as_ref().and_then(|k| {
             build_id_cache()
                 .lock()
@@ -439,10 +477,10 @@ fn any_build_id_in_maps(pid: Pid, maps: &[MapEntry], build_ids: &[&str]) -> bool
         });
         let bid = match cached {
             Some(b) => b,
-            None => match build_id_of_path(&mf) {
+            None => match build_id_of_path(mf) {
                 Ok(b) => {
                     if let (Some(k), Ok(mut c)) = (key, build_id_cache().lock()) {
-                        c.insert(k, b.clone());
+                        c.insert(k.clone(), b.clone());
                     }
                     b
                 }
