@@ -440,22 +440,55 @@ fn apply_one(
     })?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let stub = rsyscall::Stub::find(threads, &mem, &maps)?;
-    let got = stub.syscall(
+    // The mapping and the protection of its code part in one pass of one thread
+    // through the stub (the mprotect only once the mapping is where it was asked):
+    // the body and the header are written through /proc/PID/mem, which ignores
+    // protections.
+    let (results, ran) = stub.syscalls(
         threads,
         &mem,
-        "mmap",
-        SYS_MMAP,
-        [base, lay.size, PROT_RW, flags, u64::MAX, 0],
-    )?;
-    if got != base {
-        // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
-        let munmap = [got, lay.size, 0, 0, 0, 0];
-        let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
-        return Err(Error::NoHole {
+        &[
+            (
+                "mmap",
+                SYS_MMAP,
+                [base, lay.size, PROT_RW, flags, u64::MAX, 0],
+            ),
+            (
+                "mprotect",
+                SYS_MPROTECT,
+                [base, lay.exec_len, PROT_RX, 0, 0, 0],
+            ),
+        ],
+        &|_, v| v == base,
+    );
+    let mut results = results.into_iter();
+    match results.next() {
+        Some(Ok(got)) if got == base => {}
+        Some(Ok(got)) => {
+            // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
+            let munmap = [got, lay.size, 0, 0, 0, 0];
+            let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
+            return Err(Error::NoHole {
+                object: target.path.clone(),
+                size: lay.size,
+            });
+        }
+        Some(Err(e)) => return Err(e),
+        None => {
+            return Err(ran.err().unwrap_or(Error::NoHole {
+                object: target.path.clone(),
+                size: lay.size,
+            }))
+        }
+    }
+    let protected = match (results.next(), ran) {
+        (Some(r), _) => r.map(|_| ()),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Err(Error::NoHole {
             object: target.path.clone(),
             size: lay.size,
-        });
-    }
+        }),
+    };
     // Mark the fresh mapping as ours at once (Prepared, no hunks), so a livecare
     // killed before the body is written leaves a region `info` lists and `repair`
     // unmaps, not an anonymous mapping nobody can tell from the target's own.
@@ -476,22 +509,12 @@ fn apply_one(
     };
     let _ = mem.write(base, &header_stub.encode());
     fault::point("after-mmap");
-    // The code part is read+exec from now on: the body and the header are written
-    // through /proc/PID/mem, which ignores protections.
-    let result = stub
-        .syscall(
-            threads,
-            &mem,
-            "mprotect",
-            SYS_MPROTECT,
-            [base, lay.exec_len, PROT_RX, 0, 0, 0],
+    let result = protected.and_then(|_| {
+        fill_and_commit(
+            threads, &mem, &maps, patch, target, &view, &elf, &lay, base, &existing, objects,
+            &sites, opts,
         )
-        .and_then(|_| {
-            fill_and_commit(
-                threads, &mem, &maps, patch, target, &view, &elf, &lay, base, &existing, objects,
-                &sites, opts,
-            )
-        });
+    });
     if result.is_err() {
         // Nothing jumps into the region yet (commit restores its jumps on failure).
         let munmap = [base, lay.size, 0, 0, 0, 0];

@@ -153,6 +153,8 @@ const PENDING: u64 = 0x8000_0000_0000_0001;
 const NEED: u64 = 96;
 /// How long the syscall may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the thread runs through the stub before it is stopped to be looked at.
+const SLICE: Duration = Duration::from_millis(50);
 
 /// True when `w` holds a stub (whatever its resume address): one a dead livecare
 /// left behind.
@@ -167,7 +169,11 @@ fn is_stub(w: &[u8]) -> bool {
 /// The `NEED`-byte windows at the end of each file-backed executable mapping that
 /// are page padding (all zero) or stale stubs, from the end backwards, stopping at
 /// the first window holding anything else (code).
-fn padding_windows(mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Vec<(u64, bool)>, Error> {
+fn padding_windows(
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    first_free_only: bool,
+) -> Result<Vec<(u64, bool)>, Error> {
     let mut out = Vec::new();
     for m in maps {
         if !m.exec || !m.path.starts_with('/') {
@@ -181,6 +187,10 @@ fn padding_windows(mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Vec<(u64, bo
             let addr = m.end - len + (w.as_ptr() as usize - page.as_ptr() as usize) as u64;
             if w.iter().all(|&x| x == 0) {
                 out.push((addr, false));
+                if first_free_only {
+                    // The stub's place: no need to read the other mappings' pages.
+                    return Ok(out);
+                }
             } else if is_stub(w) {
                 out.push((addr, true));
             } else {
@@ -194,7 +204,7 @@ fn padding_windows(mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Vec<(u64, bo
 /// A place for the stub: a padding window at the end of an executable mapping, not
 /// one holding a stub a dead livecare left (a thread may still be finishing it).
 fn stub_site(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<u64, Error> {
-    padding_windows(mem, maps)?
+    padding_windows(mem, maps, true)?
         .into_iter()
         .find(|w| !w.1)
         .map(|w| w.0)
@@ -231,6 +241,9 @@ pub struct Stub {
     spin: bool,
 }
 
+/// One remote syscall: its name (for messages), number and arguments.
+pub type Call = (&'static str, u64, [u64; 6]);
+
 impl Stub {
     /// Finds the stub's place from `maps` (`/proc/PID/maps` of the target).
     pub fn find(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Stub, Error> {
@@ -251,12 +264,45 @@ impl Stub {
         nr: u64,
         args: [u64; 6],
     ) -> Result<u64, Error> {
-        let had_stopped = threads.tids().into_iter().any(|t| threads.is_stopped(t));
-        if had_stopped {
+        let (mut res, ran) = self.syscalls(threads, mem, &[(name, nr, args)], &|_, _| true);
+        match res.pop() {
+            Some(r) => r,
+            None => Err(ran.err().unwrap_or_else(|| not_run(threads, name))),
+        }
+    }
+
+    /// Runs `calls` in order in one thread, in one stop of it: after each result the
+    /// thread, still in the stub (whose frame keeps its own registers, so a dead
+    /// livecare leaves it safe at every step), is sent through the stub again for the
+    /// next call, while `go_on(index, raw result)` says so. Returns the result of each
+    /// call that ran (negative ones as errors) and whether the mechanics worked.
+    pub fn syscalls(
+        &self,
+        threads: &mut ThreadSet,
+        mem: &RemoteMemory,
+        calls: &[Call],
+        go_on: &dyn Fn(usize, u64) -> bool,
+    ) -> (Vec<Result<u64, Error>>, Result<(), Error>) {
+        let mut out = Vec::new();
+        if threads.tids().into_iter().any(|t| threads.is_stopped(t)) {
             // Threads held by the caller (`run` holds a program it started, which dies
             // with livecare anyway, and whose tracee cannot be interrupted): the plain
             // single-stepped syscall, which never lets the thread run on.
-            return threads.syscall(name, nr, args).map_err(Error::from);
+            for (i, &(name, nr, args)) in calls.iter().enumerate() {
+                match threads.syscall(name, nr, args) {
+                    Ok(v) => {
+                        out.push(Ok(v));
+                        if !go_on(i, v) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        out.push(Err(e.into()));
+                        break;
+                    }
+                }
+            }
+            return (out, Ok(()));
         }
         // The window was padding when found; the target may have unmapped or replaced
         // the mapping since (dlclose): write the stub only over zeros.
@@ -264,15 +310,48 @@ impl Stub {
             .read_vec(self.site, NEED as usize)
             .map_or(true, |w| w.iter().any(|&x| x != 0))
         {
-            return Err(livecare_process::Error::RemoteSyscall {
+            let name = calls.first().map_or("any", |c| c.0);
+            let e = livecare_process::Error::RemoteSyscall {
                 name,
                 tid: livecare_process::Tid(threads.pid().0),
                 what: format!("the stub's padding at {:#x} changed", self.site),
-            }
-            .into());
+            };
+            return (out, Err(e.into()));
         }
-        run(threads, mem, self.site, self.spin, name, nr, args)
+        let mut raw = Vec::new();
+        let ran = run(threads, mem, self.site, self.spin, calls, go_on, &mut raw);
+        let pid = threads.pid();
+        let out = raw
+            .into_iter()
+            .zip(calls)
+            .map(|(v, c)| errno_result(c.0, pid, v))
+            .collect();
+        (out, ran)
     }
+}
+
+/// A raw syscall result, negative errno values as errors.
+fn errno_result(name: &'static str, pid: Pid, v: u64) -> Result<u64, Error> {
+    let v = v as i64;
+    if (-4095..0).contains(&v) {
+        return Err(livecare_process::Error::RemoteSyscall {
+            name,
+            tid: livecare_process::Tid(pid.0),
+            what: std::io::Error::from_raw_os_error(-v as i32).to_string(),
+        }
+        .into());
+    }
+    Ok(v as u64)
+}
+
+/// The error of a call that did not run although nothing failed (no calls given).
+fn not_run(threads: &ThreadSet, name: &'static str) -> Error {
+    livecare_process::Error::RemoteSyscall {
+        name,
+        tid: livecare_process::Tid(threads.pid().0),
+        what: "not run".into(),
+    }
+    .into()
 }
 
 /// [`Stub::syscall`] with the stub's place found for this one call.
@@ -298,7 +377,7 @@ pub fn clear_stale(threads: &ThreadSet, mem: &RemoteMemory) -> Result<usize, Err
         pcs.push(threads.regs(t)?.rip);
     }
     let mut n = 0;
-    for (addr, stale) in padding_windows(mem, &read_maps(threads.pid())?)? {
+    for (addr, stale) in padding_windows(mem, &read_maps(threads.pid())?, false)? {
         if stale && !pcs.iter().any(|pc| (addr..addr + NEED).contains(pc)) {
             mem.write(addr, &[0u8; NEED as usize])?;
             n += 1;
@@ -325,30 +404,40 @@ fn resume_point(r: &Regs) -> (u64, u64) {
     }
 }
 
-/// Runs syscall `nr` through the stub at `site`: stops one thread, points it at the
-/// stub with a frame below its red zone, lets it run until the result is in, puts its
-/// registers back and lets it go.
+/// Runs `calls` through the stub at `site`: stops one thread, points it at the stub
+/// with a frame below its red zone, lets it run until each result is in (pushing the
+/// raw results to `out`), puts its registers back and lets it go.
 fn run(
     threads: &mut ThreadSet,
     mem: &RemoteMemory,
     site: u64,
     spin: bool,
-    name: &'static str,
-    nr: u64,
-    args: [u64; 6],
-) -> Result<u64, Error> {
+    calls: &[Call],
+    go_on: &dyn Fn(usize, u64) -> bool,
+    out: &mut Vec<u64>,
+) -> Result<(), Error> {
+    let Some(&(first, _, _)) = calls.first() else {
+        return Ok(());
+    };
     let tid = threads.stop_one()?;
     let saved = threads.regs(tid)?;
     let (resume_rip, resume_rax) = resume_point(&saved);
     let frame = (saved.rsp - RED_ZONE - FRAME) & !7;
     if frame + FRAME + RED_ZONE != saved.rsp {
+        threads.resume(tid)?;
         return Err(livecare_process::Error::RemoteSyscall {
-            name,
+            name: first,
             tid,
             what: format!("misaligned stack pointer {:#x}", saved.rsp),
         }
         .into());
     }
+    // The slots the stub changes (result, end tick, the sleep's time left), as they
+    // must be before each pass through it.
+    let fresh: Vec<u8> = [PENDING, BUDGET, SLEEP_SECS, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let mut f = Vec::with_capacity(FRAME as usize);
     for v in [
         resume_rax,
@@ -361,86 +450,104 @@ fn run(
         saved.rcx,
         saved.r11,
         saved.eflags,
-        PENDING,
-        BUDGET,
-        SLEEP_SECS,
-        0,
     ] {
         f.extend_from_slice(&v.to_le_bytes());
     }
+    f.extend_from_slice(&fresh);
+    debug_assert_eq!(f.len() as u64, FRAME);
     let mut code = stub(spin);
     code[RESUME_AT as usize..].copy_from_slice(&resume_rip.to_le_bytes());
     mem.write(frame, &f)?;
     mem.write(site, &code)?;
-    let mut r = saved;
-    r.rip = site;
-    r.rsp = frame;
-    r.rax = nr;
-    r.orig_rax = u64::MAX; // not in a syscall: no restart on the way out of the stop
-    r.rdi = args[0];
-    r.rsi = args[1];
-    r.rdx = args[2];
-    r.r10 = args[3];
-    r.r8 = args[4];
-    r.r9 = args[5];
-    // From here on the thread is safe whatever happens to us: the stub brings it back.
-    threads.set_regs(tid, &r)?;
-    let deadline = Instant::now() + TIMEOUT;
     let in_stub = |rip: u64| (site..site + RESUME_AT).contains(&rip);
-    let outcome = (|| -> Result<u64, Error> {
-        loop {
-            // Short slices: the stub waits for us after the syscall, and the thread
-            // is stopped again at the end of each slice.
-            let slot = frame + RESULT_SLOT;
-            threads.run_one_until(tid, Duration::from_micros(200), &mut || {
-                mem.read_u64(slot).is_ok_and(|v| v != PENDING)
-            })?;
-            if !in_stub(threads.regs(tid)?.rip) {
-                // Only after a second without us: the slot may be overwritten since.
-                return Err(livecare_process::Error::RemoteSyscall {
-                    name,
-                    tid,
-                    what: "the thread left the stub before its result was read".into(),
-                }
-                .into());
+    let outcome = (|| -> Result<(), Error> {
+        for (i, &(name, nr, args)) in calls.iter().enumerate() {
+            if i > 0 {
+                // The thread is stopped in the stub, its frame intact: rearm the slots
+                // for another pass (a stale end tick would make the wait endless).
+                mem.write(frame + RESULT_SLOT, &fresh)?;
             }
-            let v = mem.read_u64(frame + RESULT_SLOT)?;
-            if v != PENDING {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                return Err(livecare_process::Error::RemoteSyscall {
-                    name,
-                    tid,
-                    what: "did not complete".into(),
-                }
-                .into());
+            let mut r = saved;
+            r.rip = site;
+            r.rsp = frame;
+            r.rax = nr;
+            r.orig_rax = u64::MAX; // not in a syscall: no restart on the way out of the stop
+            r.rdi = args[0];
+            r.rsi = args[1];
+            r.rdx = args[2];
+            r.r10 = args[3];
+            r.r8 = args[4];
+            r.r9 = args[5];
+            // From here on the thread is safe whatever happens to us: the stub brings
+            // it back.
+            threads.set_regs(tid, &r)?;
+            let v = wait_result(threads, mem, tid, frame, name, &in_stub)?;
+            out.push(v);
+            if !go_on(i, v) {
+                break;
             }
         }
+        Ok(())
     })();
     // Still in the stub (the normal case): exactly the registers it had. Otherwise it
     // has already restored itself and gone back.
-    if let Ok(now) = threads.regs(tid) {
-        if in_stub(now.rip) {
-            threads.set_regs(tid, &saved)?;
-        }
-        // Put the padding back once the thread is out (a stub left behind by a dead
-        // livecare is harmless: nothing jumps there).
-        if threads.regs(tid).is_ok_and(|r| !in_stub(r.rip)) {
-            let _ = mem.write(site, &vec![0u8; code.len()]);
-        }
+    let out_of_stub = match threads.regs(tid) {
+        Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &saved).is_ok(),
+        Ok(_) => true,
+        Err(_) => false,
+    };
+    // Put the padding back once the thread is out (a stub left behind by a dead
+    // livecare is harmless: nothing jumps there).
+    if out_of_stub {
+        let _ = mem.write(site, &vec![0u8; code.len()]);
     }
     threads.resume(tid)?;
-    let v = outcome? as i64;
-    if (-4095..0).contains(&v) {
-        return Err(livecare_process::Error::RemoteSyscall {
-            name,
-            tid,
-            what: std::io::Error::from_raw_os_error(-v as i32).to_string(),
+    outcome
+}
+
+/// Lets `tid` run through the stub until the result slot of the frame at `frame` is
+/// filled; returns the raw result with the thread stopped in the stub.
+fn wait_result(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    tid: livecare_process::Tid,
+    frame: u64,
+    name: &'static str,
+    in_stub: &dyn Fn(u64) -> bool,
+) -> Result<u64, Error> {
+    let deadline = Instant::now() + TIMEOUT;
+    let slot = frame + RESULT_SLOT;
+    loop {
+        // The result slot is polled all along; the slice only bounds how long the
+        // thread runs unwatched, far below the stub's second of waiting for us.
+        // Short slices (200 µs) hurt: on a busy machine the thread often has not
+        // been scheduled yet when the slice ends, and stopping it again needs it
+        // scheduled too (measured: several ms per remote syscall at load 6).
+        threads.run_one_until(tid, SLICE, &mut || {
+            mem.read_u64(slot).is_ok_and(|v| v != PENDING)
+        })?;
+        if !in_stub(threads.regs(tid)?.rip) {
+            // Only after a second without us: the slot may be overwritten since.
+            return Err(livecare_process::Error::RemoteSyscall {
+                name,
+                tid,
+                what: "the thread left the stub before its result was read".into(),
+            }
+            .into());
         }
-        .into());
+        let v = mem.read_u64(slot)?;
+        if v != PENDING {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(livecare_process::Error::RemoteSyscall {
+                name,
+                tid,
+                what: "did not complete".into(),
+            }
+            .into());
+        }
     }
-    Ok(v as u64)
 }
 
 #[cfg(test)]

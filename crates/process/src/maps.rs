@@ -73,22 +73,32 @@ fn parse_line(line: &str) -> Option<MapEntry> {
 /// per file, and `-p all` reads several per process.
 pub fn read_proc_file(path: &str, cap: usize) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; cap.max(64)];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match f.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    // One zeroed buffer per thread, reused: zeroing 64 KiB per read of a 2 KiB maps
+    // file was a quarter of `-p all`'s instructions.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    buf.truncate(len);
-    Ok(buf)
+    let mut f = std::fs::File::open(path)?;
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        if buf.len() < cap.max(64) {
+            buf.resize(cap.max(64), 0);
+        }
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                let grown = buf.len() * 2;
+                buf.resize(grown, 0);
+            }
+            match f.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(buf[..len].to_vec())
+    })
 }
 
 /// Parses `/proc/PID/maps`.
