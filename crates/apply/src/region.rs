@@ -331,9 +331,19 @@ pub fn find_regions(pid: Pid) -> Result<Vec<RegionHeader>, Error> {
 
 /// [`find_regions`] with the target's memory open and its `/proc/PID/maps` read.
 pub(crate) fn find_regions_in(mem: &RemoteMemory, maps: &[MapEntry]) -> Vec<RegionHeader> {
+    // The magic of every candidate in one batched read (a process with many threads
+    // has a stack mapping per thread), then the headers that carry it.
+    let cands: Vec<&MapEntry> = maps
+        .iter()
+        .filter(|m| m.is_anonymous() && m.read && m.end - m.start >= FIXED_LEN as u64)
+        .collect();
+    let ranges: Vec<(u64, usize)> = cands
+        .iter()
+        .map(|m| (m.start, REGION_MAGIC.len()))
+        .collect();
     let mut out = Vec::new();
-    for m in maps {
-        if !m.is_anonymous() || !m.read {
+    for (m, magic) in cands.iter().zip(mem.read_ranges(&ranges)) {
+        if magic.as_deref() != Some(&REGION_MAGIC[..]) {
             continue;
         }
         if let Some(h) = RegionHeader::read(mem, m.start, m.end - m.start) {
