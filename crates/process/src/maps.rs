@@ -42,21 +42,39 @@ impl MapEntry {
     }
 }
 
+/// Parses one line of `/proc/PID/maps` (`start-end perms offset dev inode   path`).
+/// Byte by byte: `-p all` parses every line of every process's maps, and the generic
+/// `splitn` + `from_str_radix` took a quarter of its instructions.
 fn parse_line(line: &str) -> Option<MapEntry> {
-    let mut it = line.splitn(6, ' ');
-    let range = it.next()?;
-    let perms = it.next()?.as_bytes();
-    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let dev = it.next()?.to_string();
-    let inode = it.next()?.parse().ok()?;
-    let path = it.next().unwrap_or("").trim_start().to_string();
+    let b = line.as_bytes();
+    let mut pos = 0usize;
+    // The next space-separated field, as `splitn(6, ' ')` yields them.
+    let mut field = || -> Option<&str> {
+        if pos > b.len() {
+            return None;
+        }
+        let start = pos;
+        let end = b[start..]
+            .iter()
+            .position(|&c| c == b' ')
+            .map_or(b.len(), |i| start + i);
+        pos = end + 1;
+        // Spaces are ASCII: both ends are character boundaries.
+        line.get(start..end)
+    };
+    let range = field()?;
+    let perms = field()?.as_bytes();
+    let offset = hex(field()?)?;
+    let dev = field()?.to_string();
+    let inode = field()?.parse().ok()?;
+    let path = line.get(pos..).unwrap_or("").trim_start().to_string();
     let (lo, hi) = range.split_once('-')?;
     if perms.len() < 4 {
         return None;
     }
     Some(MapEntry {
-        start: u64::from_str_radix(lo, 16).ok()?,
-        end: u64::from_str_radix(hi, 16).ok()?,
+        start: hex(lo)?,
+        end: hex(hi)?,
         read: perms[0] == b'r',
         write: perms[1] == b'w',
         exec: perms[2] == b'x',
@@ -65,6 +83,24 @@ fn parse_line(line: &str) -> Option<MapEntry> {
         inode,
         path,
     })
+}
+
+/// A hexadecimal number without prefix; `None` when empty, malformed or too large.
+fn hex(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for c in s.bytes() {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = v.checked_mul(16)?.checked_add(u64::from(d))?;
+    }
+    Some(v)
 }
 
 /// Reads a whole /proc file with plain `read`s into a buffer of `cap` bytes (grown if
@@ -150,6 +186,63 @@ pub fn auxv(pid: Pid) -> Result<Vec<(u64, u64)>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parser before it was made byte-wise, kept as the reference.
+    fn parse_line_reference(line: &str) -> Option<MapEntry> {
+        let mut it = line.splitn(6, ' ');
+        let range = it.next()?;
+        let perms = it.next()?.as_bytes();
+        let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+        let dev = it.next()?.to_string();
+        let inode = it.next()?.parse().ok()?;
+        let path = it.next().unwrap_or("").trim_start().to_string();
+        let (lo, hi) = range.split_once('-')?;
+        if perms.len() < 4 {
+            return None;
+        }
+        Some(MapEntry {
+            start: u64::from_str_radix(lo, 16).ok()?,
+            end: u64::from_str_radix(hi, 16).ok()?,
+            read: perms[0] == b'r',
+            write: perms[1] == b'w',
+            exec: perms[2] == b'x',
+            offset,
+            dev,
+            inode,
+            path,
+        })
+    }
+
+    #[test]
+    fn byte_parser_agrees_with_the_reference_on_live_and_odd_lines() {
+        let mut lines: Vec<String> = Vec::new();
+        for pid in Pid::all() {
+            if let Ok(t) = std::fs::read_to_string(format!("/proc/{}/maps", pid.0)) {
+                lines.extend(t.lines().map(str::to_string));
+            }
+        }
+        assert!(lines.len() > 20);
+        for odd in [
+            "1000-2000 rw-p 00000000 00:00 0",
+            "1000-2000 rw-p 00000000 00:00 0 ",
+            "1000-2000 r-xp 00001000 08:01 42      /a path/with spaces (deleted)",
+            "1000-2000 r-xp 0000100g 08:01 42 /x",
+            "1000+2000 r-xp 00001000 08:01 42 /x",
+            "1000-2000 r-x 00001000 08:01 42 /x",
+            "1000-2000 r-xp 00001000 08:01 x42 /x",
+            "ffffffffffffffffff-1 r-xp 0 08:01 1 /x",
+            "-2000 r-xp 0 08:01 1 /x",
+            "1000-2000 r-xp",
+            "",
+            "1000-2000  r-xp 0 08:01 1 /x",
+            "1000-2000 r-xp 0 08:01 1 /é",
+        ] {
+            lines.push(odd.to_string());
+        }
+        for l in &lines {
+            assert_eq!(parse_line(l), parse_line_reference(l), "{l:?}");
+        }
+    }
 
     #[test]
     fn parses_maps_lines_with_and_without_path() {
