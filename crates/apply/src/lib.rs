@@ -166,10 +166,10 @@ pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
 }
 
 /// Patching on top of an interrupted operation would build on code of unknown state:
-/// refuse, naming the way out.
-fn refuse_if_interrupted(pid: Pid) -> Result<(), Error> {
-    let bad: Vec<String> = find_regions(pid)?
-        .into_iter()
+/// refuse, naming the way out (`regions`: all of the process's, as found).
+fn refuse_if_interrupted_in(pid: Pid, regions: &[RegionHeader]) -> Result<(), Error> {
+    let bad: Vec<String> = regions
+        .iter()
         .filter(|r| r.state.is_incomplete())
         .map(|r| format!("patch {} ({:?})", r.patch_id, r.state).to_lowercase())
         .collect();
@@ -303,7 +303,8 @@ fn apply_with_objects(
     objects: &[LoadedObject],
     opts: &Options,
 ) -> Result<Vec<ApplyReport>, Error> {
-    refuse_if_interrupted(threads.pid())?;
+    // `apply_one` refuses to build on an interrupted operation (it reads the regions
+    // anyway), before the first patch changes anything.
     let mut done: Vec<ApplyReport> = Vec::new();
     for p in matching_patches(patches, objects) {
         match apply_one(threads, p, objects, opts) {
@@ -349,7 +350,9 @@ fn apply_one(
     // region changes).
     let mem = RemoteMemory::open(pid)?;
     let maps = read_maps(pid)?;
-    let existing: Vec<RegionHeader> = region::find_regions_in(&mem, &maps)
+    let regions = region::find_regions_in(&mem, &maps);
+    refuse_if_interrupted_in(pid, &regions)?;
+    let existing: Vec<RegionHeader> = regions
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
         .collect();
@@ -666,6 +669,7 @@ fn fill_and_commit(
     let (pause, attempts) = commit(
         threads,
         mem,
+        maps,
         &mut unwinder,
         &busy,
         &writes,
@@ -747,6 +751,7 @@ fn before(target: RegionState) -> RegionState {
 fn commit(
     threads: &mut ThreadSet,
     mem: &RemoteMemory,
+    maps: &[MapEntry],
     unwinder: &mut unwind::Unwinder,
     busy: &[Busy],
     writes: &[(u64, Vec<u8>, Vec<u8>)],
@@ -755,7 +760,9 @@ fn commit(
     opts: &Options,
 ) -> Result<(Duration, u32), Error> {
     let journal: Vec<(u64, RegionState)> = region_state.into_iter().collect();
-    commit_journal(threads, mem, unwinder, busy, writes, &journal, action, opts)
+    commit_journal(
+        threads, mem, maps, unwinder, busy, writes, &journal, action, opts,
+    )
 }
 
 /// [`commit`] for several regions at once: every region's state word is the journal.
@@ -767,6 +774,7 @@ fn commit(
 fn commit_journal(
     threads: &mut ThreadSet,
     mem: &RemoteMemory,
+    maps: &[MapEntry],
     unwinder: &mut unwind::Unwinder,
     busy: &[Busy],
     writes: &[(u64, Vec<u8>, Vec<u8>)],
@@ -783,10 +791,9 @@ fn commit_journal(
     let start = Instant::now();
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0u32;
-    let maps = read_maps(pid)?;
     let spans = write_spans(writes);
     let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
-    safety::prewarm(unwinder, mem, &maps, threads);
+    safety::prewarm(unwinder, mem, maps, threads);
     let tramp = journal
         .first()
         .and_then(|(base, _)| RegionHeader::trampoline_at(mem, *base));
@@ -806,7 +813,7 @@ fn commit_journal(
         // still stop; with few there is little wait to overlap, and one batched read
         // after the last stop (stacks and spans together) costs fewer syscalls.
         let eager = pid.thread_count().unwrap_or(threads.tids().len()) >= EAGER_CHECK_THREADS;
-        let mut check = safety::StopCheck::new(mem, &maps, busy);
+        let mut check = safety::StopCheck::new(mem, maps, busy);
         threads.interrupt_all_with(&mut |tid, regs| {
             if eager {
                 check.thread(pid, unwinder, tid, regs)
@@ -975,8 +982,9 @@ pub struct UnpatchSelect {
 /// object (removing an older patch under a newer one is refused).
 pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<UnpatchReport>, Error> {
     check_pid(pid)?;
-    refuse_if_interrupted(pid)?;
-    let regions: Vec<RegionHeader> = find_regions(pid)?
+    let all = find_regions(pid)?;
+    refuse_if_interrupted_in(pid, &all)?;
+    let regions: Vec<RegionHeader> = all
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
         .collect();
@@ -1086,6 +1094,7 @@ fn unpatch_regions(
     let (pause, _) = commit_journal(
         threads,
         &mem,
+        &maps,
         &mut unwinder,
         &busy,
         &writes,

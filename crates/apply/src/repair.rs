@@ -243,6 +243,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         crate::commit_journal(
             &mut threads,
             &mem,
+            &maps,
             &mut unwinder,
             &busy,
             &writes,

@@ -55,10 +55,8 @@ pub fn build_unwinder(
     }
     if let Some(v) = maps.iter().find(|m| m.path == "[vdso]") {
         if let Ok(bytes) = mem.read_vec(v.start, (v.end - v.start) as usize) {
-            if let Ok(cm) =
-                CodeModule::from_elf("[vdso]".into(), Arc::from(bytes), v.start, v.start..v.end)
-            {
-                modules.push(cm);
+            if let Some(cm) = cached_vdso(bytes) {
+                modules.push(cm.rebased(v.start, v.start..v.end));
             }
         }
     }
@@ -105,6 +103,21 @@ fn cached_module(o: &LoadedObject) -> Option<CodeModule> {
         .lock()
         .ok()?
         .insert(key, (o.data.clone(), built.clone()));
+    built
+}
+
+/// The unwind module of the vdso, parsed once per invocation: every process of one
+/// kernel maps the same vdso (checked by its bytes), only at another address.
+fn cached_vdso(bytes: Vec<u8>) -> Option<CodeModule> {
+    type Entry = (Arc<[u8]>, Option<CodeModule>);
+    static CACHE: OnceLock<Mutex<Vec<Entry>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some((_, hit)) = cache.lock().ok()?.iter().find(|(b, _)| **b == *bytes) {
+        return hit.clone();
+    }
+    let bytes: Arc<[u8]> = Arc::from(bytes);
+    let built = CodeModule::from_elf("[vdso]".into(), bytes.clone(), 0, 0..0).ok();
+    cache.lock().ok()?.push((bytes, built.clone()));
     built
 }
 
