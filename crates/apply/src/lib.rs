@@ -680,6 +680,10 @@ fn fill_and_commit(
     Ok((hunks, pause, attempts))
 }
 
+/// How long the unpatch waits after its commit before borrowing a thread for the
+/// munmap (a resumed thread is usually running again within tens of µs).
+const LET_RESUMED_RUN: Duration = Duration::from_micros(500);
+
 /// From this many threads on, the commit judges each thread as its stop arrives.
 const EAGER_CHECK_THREADS: usize = 4;
 
@@ -1105,6 +1109,11 @@ fn unpatch_regions(
     // Before the munmap below, whose borrowed thread is a stop of its own.
     let window = threads.watch.last_window_ns.unwrap_or_default();
     fault::point("before-munmap");
+    if !opts.hold {
+        // The thread the munmap borrows may be one the commit has just resumed: let it
+        // get its CPU first, or its stop would run on into the borrow as one long gap.
+        std::thread::sleep(LET_RESUMED_RUN);
+    }
     for r in &chosen {
         rsyscall::syscall(
             threads,
