@@ -684,9 +684,6 @@ fn fill_and_commit(
 /// munmap (a resumed thread is usually running again within tens of µs).
 const LET_RESUMED_RUN: Duration = Duration::from_micros(500);
 
-/// From this many threads on, the commit judges each thread as its stop arrives.
-const EAGER_CHECK_THREADS: usize = 4;
-
 /// How long one busy thread may run alone towards its return address before every
 /// thread is resumed (it might wait for a lock held by a stopped thread).
 const BREAKPOINT_WAIT: Duration = Duration::from_millis(200);
@@ -813,16 +810,8 @@ fn commit_journal(
     loop {
         attempts += 1;
         let t0 = Instant::now();
-        // With several threads, each is judged as its stop arrives, while the others
-        // still stop; with few there is little wait to overlap, and one batched read
-        // after the last stop (stacks and spans together) costs fewer syscalls.
-        let eager = pid.thread_count().unwrap_or(threads.tids().len()) >= EAGER_CHECK_THREADS;
-        let mut check = safety::StopCheck::new(mem, maps, busy);
-        threads.interrupt_all_with(&mut |tid, regs| {
-            if eager {
-                check.thread(pid, unwinder, tid, regs)
-            }
-        })?;
+        threads.interrupt_all()?;
+        let check = safety::StopCheck::new(mem, maps, busy);
         let t_stopped = Instant::now();
         let mut t_checked = t_stopped;
         let res = (|| -> Result<Option<safety::Offender>, Error> {

@@ -133,20 +133,17 @@ pub struct Offender {
     pub return_to: Option<u64>,
 }
 
-/// The safety check of one stop, thread by thread. [`StopCheck::thread`] judges a
-/// thread the moment its stop arrives (from [`ThreadSet::interrupt_all_with`]), so the
-/// work overlaps the wait for the other threads; [`StopCheck::finish`], once every
-/// thread is stopped, judges the rest with one batched read and names the first
-/// offender. A stopped thread's stack holds still: only the thread itself writes its
-/// return addresses and saved registers, and a stray write by a thread still running
-/// could at worst turn into a false positive of the conservative scan.
+/// The safety check of one stop: once every thread is stopped, [`StopCheck::finish`]
+/// reads every stack (and the caller's code spans) in one batched read, judges each
+/// thread and names the first offender. (Judging threads as their stops arrived, to
+/// overlap the wait for the others, measured slower: see `ThreadSet::interrupt_all`.)
 pub struct StopCheck<'a> {
     mem: &'a RemoteMemory,
     maps: &'a [MapEntry],
     busy: &'a [Busy],
     /// Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
     fresh: Option<Vec<MapEntry>>,
-    /// Verdicts of the threads judged so far.
+    /// Verdicts of the threads judged.
     judged: HashMap<Tid, Result<Option<Offender>, Error>>,
 }
 
@@ -160,22 +157,6 @@ impl<'a> StopCheck<'a> {
             fresh: None,
             judged: HashMap::new(),
         }
-    }
-
-    /// Judges one stopped thread now (its stack read on its own).
-    pub fn thread(&mut self, pid: Pid, unwinder: &mut Unwinder, tid: Tid, regs: &Regs) {
-        let verdict = match self.stack_of(pid, regs) {
-            Ok(Some((lo, end))) => {
-                let near = (lo, (near_end(lo, end) - lo) as usize);
-                let stack = self.mem.read_ranges(&[near]).pop().flatten();
-                Ok(judge(
-                    self.mem, unwinder, self.busy, tid, regs, lo, end, stack,
-                ))
-            }
-            Ok(None) => Ok(Some(offender(tid, "an unknown stack".into(), None))),
-            Err(e) => Err(e),
-        };
-        self.judged.insert(tid, verdict);
     }
 
     /// Judges every stopped thread not judged yet, in one batched read that also reads
