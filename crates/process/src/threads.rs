@@ -675,6 +675,7 @@ impl ThreadSet {
             if let Some(st) = self.threads.get_mut(&tid) {
                 st.stopped = false;
             }
+            self.regs_cache.get_mut().remove(&tid);
             let (_, status) = waitpid(tid.0, 0)?.ok_or_else(|| fail("no status".into()))?;
             if !self.note_status(tid, status) {
                 return Err(Error::ThreadGone(tid));
@@ -754,6 +755,7 @@ impl ThreadSet {
             if let Some(st) = self.threads.get_mut(&tid) {
                 st.stopped = false;
             }
+            self.regs_cache.get_mut().remove(&tid);
             let deadline = Instant::now() + STOP_TIMEOUT;
             loop {
                 match waitpid(tid.0, libc::WNOHANG)? {
