@@ -207,9 +207,13 @@ impl ThreadSet {
         }
     }
 
-    /// Seizes one task of the process (the first that can be seized).
+    /// Seizes one task of the process: the main thread if it can be seized (it usually
+    /// lives as long as the process), else the first other that can.
     fn seize_one(&mut self) -> Result<(), Error> {
-        for tid in self.pid.tasks()? {
+        let mut tasks = self.pid.tasks()?;
+        // Main first: thread ids wrap, so short-lived threads may have lower ids.
+        tasks.sort_by_key(|t| t.0 != self.pid.0);
+        for tid in tasks {
             // SEIZE leaves the thread running; TRACECLONE as in `seize_new_tasks`.
             if ptrace(libc::PTRACE_SEIZE, tid, 0, libc::PTRACE_O_TRACECLONE as u64) == 0 {
                 self.threads.insert(tid, ThreadState::default());
@@ -420,40 +424,48 @@ impl ThreadSet {
         if let Some((tid, _)) = self.threads.iter().find(|t| t.1.stopped) {
             return Ok(*tid);
         }
-        if self.threads.is_empty() {
-            // Released after a commit: one thread is enough to borrow (the others
-            // keep running untraced; `interrupt_all` seizes them when it needs them).
-            self.seize_one()?;
-        }
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while let Some(tid) = self.threads.keys().next().copied() {
-            if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
-                self.threads.remove(&tid);
-                continue;
+        loop {
+            if self.threads.is_empty() {
+                // Released after a commit (or every thread we held has exited): one
+                // thread is enough to borrow (the others keep running untraced;
+                // `interrupt_all` seizes them when it needs them). Fails only when no
+                // task of the process is left to seize.
+                self.seize_one()?;
             }
-            loop {
-                // Other threads' events queue up for later; we only need this one.
-                match waitpid(tid.0, 0) {
-                    Ok(Some((t, status))) => {
-                        if !self.note_status(t, status) {
+            while let Some(tid) = self.threads.keys().next().copied() {
+                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                    self.threads.remove(&tid);
+                    continue;
+                }
+                loop {
+                    // Other threads' events queue up for later; we only need this one.
+                    match waitpid(tid.0, 0) {
+                        Ok(Some((t, status))) => {
+                            if !self.note_status(t, status) {
+                                break;
+                            }
+                            if self.is_stopped(tid) {
+                                return Ok(tid);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => {
+                            self.threads.remove(&tid);
                             break;
                         }
-                        if self.is_stopped(tid) {
-                            return Ok(tid);
-                        }
                     }
-                    Ok(None) => {}
-                    Err(_) => {
-                        self.threads.remove(&tid);
-                        break;
+                    if Instant::now() > deadline {
+                        return Err(Error::Timeout(format!("thread {tid} did not stop")));
                     }
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::Timeout(format!("thread {tid} did not stop")));
                 }
             }
+            // Every thread we held exited meanwhile (short-lived threads do): seize
+            // another one, unless time is up.
+            if Instant::now() > deadline {
+                return Err(Error::NoSuchProcess(self.pid));
+            }
         }
-        Err(Error::NoSuchProcess(self.pid))
     }
 
     /// Resumes one stopped thread (re-injecting a signal that arrived meanwhile).
