@@ -811,7 +811,7 @@ fn commit_journal(
         attempts += 1;
         let t0 = Instant::now();
         threads.interrupt_all()?;
-        let check = safety::StopCheck::new(mem, maps, busy);
+
         let t_stopped = Instant::now();
         let mut t_checked = t_stopped;
         let res = (|| -> Result<Option<safety::Offender>, Error> {
@@ -819,7 +819,9 @@ fn commit_journal(
             // reads go in the same batch as the stacks: each syscall inside the stop
             // lengthens the pause.
             let mut read = Vec::with_capacity(spans.len());
-            if let Some(off) = check.finish(threads, unwinder, &ranges, &mut read)? {
+            if let Some(off) =
+                safety::first_offender(threads, mem, maps, unwinder, busy, &ranges, &mut read)?
+            {
                 return Ok(Some(off));
             }
             t_checked = Instant::now();

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use livecare_process::{LoadedObject, MapEntry, Pid, Regs, RemoteMemory, ThreadSet, Tid};
+use livecare_process::{LoadedObject, MapEntry, Regs, RemoteMemory, ThreadSet, Tid};
 
 use crate::region::RegionHeader;
 use crate::unwind::{CodeModule, Regs as UnwindRegs, Unwinder};
@@ -133,103 +133,68 @@ pub struct Offender {
     pub return_to: Option<u64>,
 }
 
-/// The safety check of one stop: once every thread is stopped, [`StopCheck::finish`]
-/// reads every stack (and the caller's code spans) in one batched read, judges each
-/// thread and names the first offender. (Judging threads as their stops arrived, to
-/// overlap the wait for the others, measured slower: see `ThreadSet::interrupt_all`.)
-pub struct StopCheck<'a> {
-    mem: &'a RemoteMemory,
-    maps: &'a [MapEntry],
-    busy: &'a [Busy],
-    /// Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
-    fresh: Option<Vec<MapEntry>>,
-    /// Verdicts of the threads judged.
-    judged: HashMap<Tid, Result<Option<Offender>, Error>>,
-}
-
-impl<'a> StopCheck<'a> {
-    /// A check against `busy` with the maps read before the stop.
-    pub fn new(mem: &'a RemoteMemory, maps: &'a [MapEntry], busy: &'a [Busy]) -> StopCheck<'a> {
-        StopCheck {
-            mem,
-            maps,
-            busy,
-            fresh: None,
-            judged: HashMap::new(),
+/// The safety check of one stop, once every thread is stopped: reads every stack (and
+/// the ranges `also`, e.g. the caller's code spans, into `also_read`, in order; `None`:
+/// unreadable) in one batched read, judges each thread, and returns the first
+/// offender by thread id. (Judging threads as their stops arrived, to overlap the wait
+/// for the others, measured slower: see `ThreadSet::interrupt_all`.)
+#[allow(clippy::too_many_arguments)]
+pub fn first_offender(
+    threads: &ThreadSet,
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    unwinder: &mut Unwinder,
+    busy: &[Busy],
+    also: &[(u64, usize)],
+    also_read: &mut Vec<Option<Vec<u8>>>,
+) -> Result<Option<Offender>, Error> {
+    // Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
+    let mut fresh: Option<Vec<MapEntry>> = None;
+    let mut held = Vec::new();
+    let mut first: Option<Offender> = None;
+    for tid in threads.tids() {
+        if !threads.is_stopped(tid) {
+            continue;
         }
-    }
-
-    /// Judges every stopped thread not judged yet, in one batched read that also reads
-    /// the ranges `also` into `also_read` (in order, `None`: unreadable; filled
-    /// whenever no offender is returned); returns the first offender by thread id.
-    pub fn finish(
-        mut self,
-        threads: &ThreadSet,
-        unwinder: &mut Unwinder,
-        also: &[(u64, usize)],
-        also_read: &mut Vec<Option<Vec<u8>>>,
-    ) -> Result<Option<Offender>, Error> {
-        let pid = threads.pid();
-        let mut held = Vec::new();
-        for tid in threads.tids() {
-            if !threads.is_stopped(tid) || self.judged.contains_key(&tid) {
-                continue;
-            }
-            let regs = threads.regs(tid)?;
-            match self.stack_of(pid, &regs)? {
-                Some((lo, end)) => held.push((tid, regs, lo, end)),
-                None => {
-                    let unknown = offender(tid, "an unknown stack".into(), None);
-                    self.judged.insert(tid, Ok(Some(unknown)));
+        let regs = threads.regs(tid)?;
+        let end = match stack_map(maps, regs.rsp) {
+            Some(m) => Some(m.end),
+            None => {
+                if fresh.is_none() {
+                    fresh = Some(livecare_process::read_maps(threads.pid())?);
                 }
+                fresh
+                    .as_deref()
+                    .and_then(|f| stack_map(f, regs.rsp))
+                    .map(|m| m.end)
+            }
+        };
+        match end {
+            Some(end) => held.push((tid, regs, regs.rsp & !7, end)),
+            None => {
+                first.get_or_insert(offender(tid, "an unknown stack".into(), None));
             }
         }
-        // The frames are usually within a page of the stack pointer, while the
-        // mapping's top holds thread descriptors and TLS: read the near part for every
-        // thread in the batch and the rest only when a walk or scan needs it (cost is
-        // per page).
-        let mut ranges: Vec<(u64, usize)> = held
-            .iter()
-            .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
-            .collect();
-        ranges.extend_from_slice(also);
-        let mut stacks = self.mem.read_ranges(&ranges);
-        *also_read = stacks.split_off(held.len());
-        for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
-            let verdict = judge(self.mem, unwinder, self.busy, tid, &regs, lo, end, stack);
-            self.judged.insert(tid, Ok(verdict));
-        }
-        // Only threads still held count (one judged early may have exited since).
-        let mut first: Option<Offender> = None;
-        for tid in threads.tids() {
-            if !threads.is_stopped(tid) {
-                continue;
-            }
-            match self.judged.remove(&tid) {
-                Some(Ok(Some(off))) if first.is_none() => first = Some(off),
-                Some(Err(e)) => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(first)
     }
-
-    /// The stack range `[sp & !7, end of its mapping)` of a thread, or None if no
-    /// mapping holds its stack pointer.
-    fn stack_of(&mut self, pid: Pid, regs: &Regs) -> Result<Option<(u64, u64)>, Error> {
-        let lo = regs.rsp & !7;
-        if let Some(m) = stack_map(self.maps, regs.rsp) {
-            return Ok(Some((lo, m.end)));
+    // The frames are usually within a page of the stack pointer, while the mapping's
+    // top holds thread descriptors and TLS: read the near part for every thread in the
+    // batch and the rest only when a walk or scan needs it (cost is per page).
+    let mut ranges: Vec<(u64, usize)> = held
+        .iter()
+        .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
+        .collect();
+    ranges.extend_from_slice(also);
+    let mut stacks = mem.read_ranges(&ranges);
+    *also_read = stacks.split_off(held.len());
+    for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
+        if let Some(off) = judge(mem, unwinder, busy, tid, &regs, lo, end, stack) {
+            // `held` is in thread-id order; an unknown stack of a lower id came first.
+            if first.as_ref().is_none_or(|f| f.tid > tid) {
+                first = Some(off);
+            }
         }
-        if self.fresh.is_none() {
-            self.fresh = Some(livecare_process::read_maps(pid)?);
-        }
-        Ok(self
-            .fresh
-            .as_deref()
-            .and_then(|f| stack_map(f, regs.rsp))
-            .map(|m| (lo, m.end)))
     }
+    Ok(first)
 }
 
 fn offender(tid: Tid, name: String, return_to: Option<u64>) -> Offender {
