@@ -10,15 +10,17 @@
 //! Here the thread runs a small stub instead: `syscall`, store the result, wait a
 //! bounded moment (so the tracer can stop it there), restore every register it
 //! touched from a frame below the thread's red zone, and jump back to where it was,
-//! restarting an interrupted syscall as the kernel would. The tracer polls the result
-//! slot, stops the thread and puts the exact original registers back. Whenever
-//! livecare dies, the thread completes the stub on its own and carries on.
+//! restarting an interrupted syscall as the kernel would. The tracer lets the thread
+//! run only its `syscall` (PTRACE_SYSCALL: it stops at the syscall's entry and exit,
+//! no trap flag involved), reads the result there, and puts the original registers
+//! back. Whenever livecare dies, the thread completes the stub on its own and carries
+//! on.
 //!
 //! The stub lives in the zero padding at the end of a file-backed executable mapping
 //! (the end of a text segment's last page), written before each call and cleared
 //! after; a stub left behind by a dead livecare is never executed again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livecare_process::{read_maps, MapEntry, Pid, Regs, RemoteMemory, ThreadSet};
 
@@ -26,8 +28,9 @@ use crate::Error;
 
 /// Stub code (x86_64); `RESUME_AT` holds the 8-byte address it returns to. After the
 /// syscall it waits, until `BUDGET` TSC ticks (about a second) have passed, before
-/// restoring the thread: the tracer normally stops it there within microseconds, and
-/// a thread never runs on while the tracer still needs the result slot.
+/// restoring the thread. The tracer stops the thread at the syscall's exit and never
+/// lets it get that far; a thread whose livecare died at a stop gets there, with the
+/// result in its slot, and goes back on its own.
 ///
 /// The wait sleeps in `ppoll(_, 0, &ts, NULL)` (`ts` in the frame, one second) rather
 /// than spinning: a spinning thread keeps the CPU the tracer needs to notice the
@@ -153,8 +156,6 @@ const PENDING: u64 = 0x8000_0000_0000_0001;
 const NEED: u64 = 96;
 /// How long the syscall may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the thread runs through the stub before it is stopped to be looked at.
-const SLICE: Duration = Duration::from_millis(50);
 
 /// True when `w` holds a stub (whatever its resume address): one a dead livecare
 /// left behind.
@@ -305,10 +306,13 @@ impl Stub {
             return (out, Ok(()));
         }
         // The window was padding when found; the target may have unmapped or replaced
-        // the mapping since (dlclose): write the stub only over zeros.
+        // the mapping since (dlclose): write the stub only over zeros. Writing the
+        // zeros back now makes the kernel copy the page (copy-on-write, ~16 µs) before
+        // the thread is stopped rather than while it is.
         if mem
             .read_vec(self.site, NEED as usize)
             .map_or(true, |w| w.iter().any(|&x| x != 0))
+            || mem.write(self.site, &[0u8; NEED as usize]).is_err()
         {
             let name = calls.first().map_or("any", |c| c.0);
             let e = livecare_process::Error::RemoteSyscall {
@@ -462,11 +466,6 @@ fn run(
     let in_stub = |rip: u64| (site..site + RESUME_AT).contains(&rip);
     let outcome = (|| -> Result<(), Error> {
         for (i, &(name, nr, args)) in calls.iter().enumerate() {
-            if i > 0 {
-                // The thread is stopped in the stub, its frame intact: rearm the slots
-                // for another pass (a stale end tick would make the wait endless).
-                mem.write(frame + RESULT_SLOT, &fresh)?;
-            }
             let mut r = saved;
             r.rip = site;
             r.rsp = frame;
@@ -481,7 +480,7 @@ fn run(
             // From here on the thread is safe whatever happens to us: the stub brings
             // it back.
             threads.set_regs(tid, &r)?;
-            let v = wait_result(threads, mem, tid, frame, name, &in_stub)?;
+            let v = run_call(threads, tid, name, &in_stub)?;
             out.push(v);
             if !go_on(i, v) {
                 break;
@@ -489,65 +488,49 @@ fn run(
         }
         Ok(())
     })();
-    // Still in the stub (the normal case): exactly the registers it had. Otherwise it
-    // has already restored itself and gone back.
+    // Still in the stub (the normal case): the registers it had, at a syscall's exit
+    // stop, where the kernel restarts nothing: a syscall it was interrupted in is
+    // restarted here as the stub would. Otherwise it has already restored itself and
+    // gone back.
+    let mut back = saved;
+    (back.rip, back.rax) = (resume_rip, resume_rax);
+    back.orig_rax = u64::MAX;
     let out_of_stub = match threads.regs(tid) {
-        Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &saved).is_ok(),
+        Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &back).is_ok(),
         Ok(_) => true,
         Err(_) => false,
     };
-    // Put the padding back once the thread is out (a stub left behind by a dead
-    // livecare is harmless: nothing jumps there).
+    let resumed = threads.resume(tid);
+    // Put the padding back once the thread is out, after letting it go: it never
+    // comes back here (a stub left behind by a dead livecare is harmless: nothing
+    // jumps there).
     if out_of_stub {
         let _ = mem.write(site, &vec![0u8; code.len()]);
     }
-    threads.resume(tid)?;
+    resumed?;
     outcome
 }
 
-/// Lets `tid` run through the stub until the result slot of the frame at `frame` is
-/// filled; returns the raw result with the thread stopped in the stub.
-fn wait_result(
+/// Lets `tid`, stopped with its registers at the stub's `syscall`, run that syscall
+/// and stop at its exit; returns the raw result with the thread stopped in the stub
+/// (just past the `syscall`, its frame intact).
+fn run_call(
     threads: &mut ThreadSet,
-    mem: &RemoteMemory,
     tid: livecare_process::Tid,
-    frame: u64,
     name: &'static str,
     in_stub: &dyn Fn(u64) -> bool,
 ) -> Result<u64, Error> {
-    let deadline = Instant::now() + TIMEOUT;
-    let slot = frame + RESULT_SLOT;
-    loop {
-        // The result slot is polled all along; the slice only bounds how long the
-        // thread runs unwatched, far below the stub's second of waiting for us.
-        // Short slices (200 µs) hurt: on a busy machine the thread often has not
-        // been scheduled yet when the slice ends, and stopping it again needs it
-        // scheduled too (measured: several ms per remote syscall at load 6).
-        threads.run_one_until(tid, SLICE, &mut || {
-            mem.read_u64(slot).is_ok_and(|v| v != PENDING)
-        })?;
-        if !in_stub(threads.regs(tid)?.rip) {
-            // Only after a second without us: the slot may be overwritten since.
-            return Err(livecare_process::Error::RemoteSyscall {
-                name,
-                tid,
-                what: "the thread left the stub before its result was read".into(),
-            }
-            .into());
-        }
-        let v = mem.read_u64(slot)?;
-        if v != PENDING {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            return Err(livecare_process::Error::RemoteSyscall {
-                name,
-                tid,
-                what: "did not complete".into(),
-            }
-            .into());
-        }
+    let fail = |what: String| -> Error {
+        livecare_process::Error::RemoteSyscall { name, tid, what }.into()
+    };
+    if !threads.run_one_syscall(tid, TIMEOUT)? {
+        return Err(fail("did not complete".into()));
     }
+    let r = threads.regs(tid)?;
+    if !in_stub(r.rip) {
+        return Err(fail(format!("the thread left the stub (pc {:#x})", r.rip)));
+    }
+    Ok(r.rax)
 }
 
 #[cfg(test)]
