@@ -17,8 +17,8 @@ done; done; done
 python3 - "$OUT" <<'PY'
 import json, sys, glob, os
 out = sys.argv[1]
-print("| threads | mode | functions | op | observed pause med / p99 µs | tool med / p99 µs | window gap med / p99 µs | baseline gap med µs | wall ms med | attempts | loadavg before |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| threads | mode | functions | op | observed pause med / p99 µs | tool med / p99 µs | entry / exit med µs | window gap med / p99 µs | baseline gap med µs | wall ms med | attempts | loadavg before |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for f in (1, 100):
     for m in ("busy", "sleeping"):
         for t in (1, 8, 64):
@@ -30,6 +30,7 @@ for f in (1, 100):
                 x = d[op]
                 print(f"| {t} | {m} | {f} | {op} | {x['pause_us_median']:.0f} / {x['pause_us_p99']:.0f} | "
                       f"{x['tool_pause_us_median']:.0f} / {x['tool_pause_us_p99']:.0f} | "
+                      f"{x.get('entry_us_median', 0):.0f} / {x.get('exit_us_median', 0):.0f} | "
                       f"{x['window_gap_us_median']:.0f} / {x['window_gap_us_p99']:.0f} | {x['baseline_gap_us_median']:.0f} | "
                       f"{x['wall_ms_median']:.1f} | {x['attempts_mean']} | {d['loadavg_before']} |")
 PY

@@ -12,7 +12,9 @@
 //! commit's stop as the tool reports it in the shared monotonic clock
 //! (`pause_window_ns`): how long the stop held the threads, from each thread's last
 //! reading before it to its first after it (so it includes the wake-up after the
-//! resume). `window_gap_us_*` is the largest gap over the whole command, which also
+//! resume). `entry_us_*` splits off the part before the tool's first stop (the
+//! interrupt reaching the thread) and `exit_us_*` the part after its last resume (the
+//! thread being woken and run). `window_gap_us_*` is the largest gap over the whole command, which also
 //! holds the remote mmap's borrowed thread and any preemption of the target (by the
 //! tool's own prepare work or by other load); `baseline_gap_us_*` gives that figure
 //! over an idle window of the same length to read it against. With more busy threads
@@ -178,6 +180,10 @@ fn r1(x: f64) -> f64 {
 struct Samples {
     /// Longest gap of any target thread that overlaps the tool's stop, µs.
     pause: Vec<f64>,
+    /// From the start of that gap to the tool's first stop, µs: the interrupt's way in.
+    entry: Vec<f64>,
+    /// From the tool's last resume to the end of that gap, µs: the thread's wake-up.
+    exit: Vec<f64>,
     /// Largest gap seen by any target thread during the whole command, µs.
     window: Vec<f64>,
     /// Same, over an idle window as long as the command.
@@ -201,6 +207,8 @@ impl Samples {
         let (wm, w99, _) = summary(&self.wall);
         let (_, _, amax) = summary(&self.attempts);
         let (rm, r99, _) = summary(&self.runqueue);
+        let (em, e99, _) = summary(&self.entry);
+        let (xm, x99, _) = summary(&self.exit);
         let amean = self.attempts.iter().sum::<f64>() / self.attempts.len().max(1) as f64;
         json!({
             "pause_us_median": r1(pm),
@@ -209,6 +217,10 @@ impl Samples {
             "tool_pause_us_median": r1(tm),
             "tool_pause_us_p99": r1(t99),
             "tool_pause_us_max": r1(tmax),
+            "entry_us_median": r1(em),
+            "entry_us_p99": r1(e99),
+            "exit_us_median": r1(xm),
+            "exit_us_p99": r1(x99),
             "window_gap_us_median": r1(gm),
             "window_gap_us_p99": r1(g99),
             "window_gap_us_max": r1(gmax),
@@ -256,7 +268,14 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
         .context("the tool reported no pause window (pause_window_ns)")?;
     s.baseline.push(base as f64 / 1e3);
     s.window.push(gap as f64 / 1e3);
-    s.pause.push(t.gap_overlapping(window) as f64 / 1e3);
+    let held = t.gap_overlapping(window);
+    let [from, to] = held.unwrap_or(window);
+    s.pause
+        .push(held.map_or(0, |[f, t]| t.saturating_sub(f)) as f64 / 1e3);
+    if held.is_some() {
+        s.entry.push(window[0].saturating_sub(from) as f64 / 1e3);
+        s.exit.push(to.saturating_sub(window[1]) as f64 / 1e3);
+    }
     s.tool.push(op.tool_pause_us as f64);
     s.wall.push(op.wall_us);
     s.attempts.push(op.attempts as f64);

@@ -340,20 +340,32 @@ impl Target {
     }
 
     /// The longest gap any thread recorded that overlaps `[start, end]` (ns, the
-    /// shared monotonic clock): how long the threads were held by a stop the tool
-    /// reports at that time, apart from gaps elsewhere in the window. 0 when no thread
-    /// recorded a gap there (a sleeping thread whose wake-up the stop did not delay).
-    /// Call after [`Self::close_window`], when every thread has run again.
-    pub fn gap_overlapping(&self, [start, end]: [u64; 2]) -> u64 {
-        let mut longest = 0;
+    /// shared monotonic clock), as its `[from, to]`: how long the threads were held by
+    /// a stop the tool reports at that time, apart from gaps elsewhere in the window.
+    /// None when no thread recorded a gap there (a sleeping thread whose wake-up the
+    /// stop did not delay). Call after [`Self::close_window`], when every thread has
+    /// run again.
+    pub fn gap_overlapping(&self, [start, end]: [u64; 2]) -> Option<[u64; 2]> {
+        let mut longest: Option<[u64; 2]> = None;
         for s in 0..self.slots {
             let base = Self::slot(s);
             let n = self.load(base + 2) as usize;
             for j in n.saturating_sub(RING)..n {
                 let e = base + 4 + 2 * (j % RING);
                 let (from, to) = (self.load(e), self.load(e + 1));
-                if from <= end && to >= start {
-                    longest = longest.max(to.saturating_sub(from));
+                // The thread runs on and reuses ring slots: an entry rewritten while we
+                // read it (index j + RING started) would pair one gap's start with
+                // another's end. The thread publishes its count after each entry.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                if self.load(base + 2) as usize >= j + RING {
+                    continue;
+                }
+                let len = to.saturating_sub(from);
+                if from <= end
+                    && to >= start
+                    && longest.is_none_or(|[f, t]| len > t.saturating_sub(f))
+                {
+                    longest = Some([from, to]);
                 }
             }
         }
