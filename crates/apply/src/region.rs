@@ -79,9 +79,10 @@ pub struct Hunk {
 }
 
 /// Whether a region's jumps are live: the state word is the journal of the commit.
-/// Each value is written inside the stop, before the first or after the last code
-/// write, so a livecare killed between the two leaves `Committing` or `Removing`
-/// behind, which `info` reports and `repair` resolves from the live bytes.
+/// `Committing`/`Removing` is written before the commit's stop and the final value
+/// after the threads are released (outside the stop, to keep it short), so a livecare
+/// killed anywhere between the two leaves `Committing` or `Removing` behind, which
+/// `info` reports and `repair` resolves from the live bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegionState {
