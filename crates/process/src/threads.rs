@@ -30,7 +30,11 @@ struct ThreadState {
     pending_sig: i32,
 }
 
-/// Pause measurement: first thread stopped → last thread resumed.
+/// Pause measurement: first thread stopped → last thread resumed. When the tracer
+/// interrupts the threads itself, the pause is counted from its first INTERRUPT: no
+/// thread stops before that, and with many threads the first stops happen while the
+/// later INTERRUPTs are still being sent, before any is seen (64 sleeping threads:
+/// about 450 µs of INTERRUPTs before the first wait).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StopWatch {
     started: Option<(Instant, u64)>,
@@ -409,11 +413,11 @@ impl ThreadSet {
     /// then re-scans `/proc/PID/task` until no untraced thread remains.
     pub fn interrupt_all(&mut self) -> Result<(), Error> {
         // A pause that is still going on (some thread held) keeps its start.
-        if self.threads.values().all(|t| !t.stopped) {
-            self.watch.started = None;
-        }
         if self.boost.is_none() {
             self.boost = crate::priority::Boost::raise();
+        }
+        if self.threads.values().all(|t| !t.stopped) {
+            self.watch.started = None;
         }
         loop {
             let tids: Vec<Tid> = self
@@ -422,6 +426,9 @@ impl ThreadSet {
                 .filter(|t| !t.1.stopped)
                 .map(|t| *t.0)
                 .collect();
+            if self.watch.started.is_none() && !tids.is_empty() {
+                self.watch.started = Some((Instant::now(), monotonic_ns()));
+            }
             // All INTERRUPTs before any wait: the threads stop in parallel.
             for tid in tids {
                 if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 && errno() == libc::ESRCH {
