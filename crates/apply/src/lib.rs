@@ -242,14 +242,14 @@ pub fn apply(pid: Pid, patches: &[Patch], opts: &Options) -> Result<Vec<ApplyRep
 
 /// Like [`apply`], with the process's loaded objects already read by the caller
 /// (`-p all` reads them once to pick the processes; reading every object file again
-/// per step would dominate the per-process cost).
+/// per step would dominate the per-process cost). A process that died since, or a
+/// kernel thread (which maps no objects), fails when its threads are seized.
 pub fn apply_to_objects(
     pid: Pid,
     patches: &[Patch],
     objects: Vec<LoadedObject>,
     opts: &Options,
 ) -> Result<Vec<ApplyReport>, Error> {
-    check_pid(pid)?;
     if matching_patches(patches, &objects).is_empty() {
         let loaded = objects
             .iter()
