@@ -88,7 +88,7 @@ pub struct ApplyReport {
     pub hunks: Vec<Hunk>,
     /// Length of the stop in which the jumps were written, in µs.
     pub pause_us: u64,
-    /// That stop's first thread stop and last resume, `CLOCK_MONOTONIC` ns.
+    /// That stop's first INTERRUPT and last resume, `CLOCK_MONOTONIC` ns.
     pub pause_window_ns: [u64; 2],
     /// Commit attempts (1 = safe at first try).
     pub attempts: u32,
@@ -107,7 +107,7 @@ pub struct UnpatchReport {
     pub hunks: usize,
     /// Pause in µs.
     pub pause_us: u64,
-    /// The stop's first thread stop and last resume, `CLOCK_MONOTONIC` ns.
+    /// The stop's first INTERRUPT and last resume, `CLOCK_MONOTONIC` ns.
     pub pause_window_ns: [u64; 2],
 }
 

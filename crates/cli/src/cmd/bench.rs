@@ -12,9 +12,9 @@
 //! commit's stop as the tool reports it in the shared monotonic clock
 //! (`pause_window_ns`): how long the stop held the threads, from each thread's last
 //! reading before it to its first after it (so it includes the wake-up after the
-//! resume). `entry_us_*` splits off the part before the tool's first stop (the
-//! interrupt reaching the thread) and `exit_us_*` the part after its last resume (the
-//! thread being woken and run). `window_gap_us_*` is the largest gap over the whole command, which also
+//! resume). `entry_us_*` is the part before the tool's first INTERRUPT (≈ 0: the
+//! window opens before a thread can stop) and `exit_us_*` the part after its last
+//! resume (the thread being woken and run). `window_gap_us_*` is the largest gap over the whole command, which also
 //! holds the remote mmap's borrowed thread and any preemption of the target (by the
 //! tool's own prepare work or by other load); `baseline_gap_us_*` gives that figure
 //! over an idle window of the same length to read it against. With more busy threads
@@ -180,7 +180,7 @@ fn r1(x: f64) -> f64 {
 struct Samples {
     /// Longest gap of any target thread that overlaps the tool's stop, µs.
     pause: Vec<f64>,
-    /// From the start of that gap to the tool's first stop, µs: the interrupt's way in.
+    /// From the start of that gap to the tool's first INTERRUPT, µs (0 when the window opens first).
     entry: Vec<f64>,
     /// From the tool's last resume to the end of that gap, µs: the thread's wake-up.
     exit: Vec<f64>,
