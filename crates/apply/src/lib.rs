@@ -58,6 +58,9 @@ pub struct Options {
     /// Keep every thread stopped after the commit (for `run`, which patches a
     /// program stopped at its entry point and lets it go only at the end).
     pub hold: bool,
+    /// Keep the target's CPUs from halting during the pauses
+    /// ([`ThreadSet::keep_cpus_warm`]): for one process at a time, not parallel jobs.
+    pub warm_cpus: bool,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
         Options {
             timeout: Duration::from_secs(3),
             hold: false,
+            warm_cpus: false,
         }
     }
 }
@@ -268,6 +272,9 @@ pub fn apply_to_objects(
         });
     }
     let mut threads = ThreadSet::seize(pid)?;
+    if opts.warm_cpus {
+        threads.keep_cpus_warm();
+    }
     let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
     fault::point("before-detach");
     threads.detach_all()?;
@@ -1079,6 +1086,9 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
     }
     chosen.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let mut threads = ThreadSet::seize(pid)?;
+    if opts.warm_cpus {
+        threads.keep_cpus_warm();
+    }
     let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
     let out = unpatch_regions(&mut threads, &addrs, opts)?;
     fault::point("before-detach");

@@ -18,6 +18,7 @@ mod objects;
 mod priority;
 mod threads;
 mod wake;
+mod warm;
 
 pub use arch::Regs;
 pub use error::Error;

@@ -159,11 +159,13 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     if patches.is_empty() {
         anyhow::bail!("no patches found in {}", args.patch.display());
     }
+    let (pids, all) = targets(&args.pid)?;
     let opts = Options {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
         hold: false,
+        // One process at a time: the other CPUs are spare during its pauses.
+        warm_cpus: !all,
     };
-    let (pids, all) = targets(&args.pid)?;
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();
     let outcomes = if all {

@@ -35,6 +35,8 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let opts = Options {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
         hold: false,
+        // One process at a time: the other CPUs are spare during its pauses.
+        warm_cpus: !all,
     };
     let mut reports = Vec::new();
     let mut failed = Vec::new();
