@@ -284,12 +284,12 @@ impl ThreadSet {
     }
 
     /// Keeps the CPU a single-threaded target runs on from halting during each pause
-    /// from now on (see `warm.rs`): its thread then runs again 10–17 µs after the
-    /// resume instead of 29–42 µs, and the pause it sees went from 99–152 µs to
-    /// 79–99 µs (alternating runs, 1 busy thread). Only for a process of one thread,
-    /// and only one process at a time:
-    /// - with 8 busy or 64 sleeping threads the tool's pause got longer (8 busy:
-    ///   0.25–0.31 → 1.5–2.8 ms), so it is not used there;
+    /// from now on (see `warm.rs`): its thread then runs again 6–18 µs after the
+    /// resume instead of 22–41 µs, and the pause it sees went from 84–112 µs to
+    /// 61–101 µs for patch (alternating runs, 1 busy thread). Only for a process of one
+    /// thread, and only one process at a time:
+    /// - with 8 busy threads the tool's pause got longer (0.26–0.31 → 1.8–3.3 ms), so
+    ///   it is not used there;
     /// - with parallel jobs the CPUs are not spare (`-p all`: 0.81–0.83 → 0.87–0.89 ms
     ///   per process).
     pub fn keep_cpus_warm(&mut self) {
@@ -611,24 +611,10 @@ impl ThreadSet {
             // Gone (or not ours any more): the caller's next request says which.
             return Ok(());
         }
-        let timer = crate::wake::WakeTimer::every(Duration::from_millis(1));
-        let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
-        let until = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match waitpid(tid.0, flags) {
-                Ok(Some((_, status))) => {
-                    if !self.note_status(tid, status) {
-                        return Err(Error::ThreadGone(tid));
-                    }
-                    return Ok(());
-                }
-                Ok(None) | Err(Error::Wait(_)) if Instant::now() > until => {
-                    return Err(Error::Timeout(format!("thread {tid} did not stop")));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_micros(20)),
-                Err(Error::Wait(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(e),
-            }
+        match wait_one(tid, Instant::now() + STOP_TIMEOUT)? {
+            Some(status) if self.note_status(tid, status) => Ok(()),
+            Some(_) => Err(Error::ThreadGone(tid)),
+            None => Err(Error::Timeout(format!("thread {tid} did not stop"))),
         }
     }
 
