@@ -821,8 +821,13 @@ fn commit_journal(
         }
         Ok(())
     };
-    // Journal first: from here on, a kill leaves Committing/Removing behind.
-    set_states(&|s| in_flight(s))?;
+    // Journal first: from here on, a kill leaves Committing/Removing behind. A word
+    // left in flight by a failed write here would make `repair` act on a commit that
+    // never began (finish a removal nobody made), so all are put back.
+    if let Err(e) = set_states(&|s| in_flight(s)) {
+        let _ = set_states(&before);
+        return Err(e);
+    }
     let mut written = false;
     let res = commit_loop(
         threads,
