@@ -61,6 +61,12 @@ pub struct Options {
     /// Keep the target's CPUs from halting during the pauses
     /// ([`ThreadSet::keep_cpus_warm`]): for one process at a time, not parallel jobs.
     pub warm_cpus: bool,
+    /// Leave threads that stayed blocked in a syscall while the patch was prepared
+    /// inside it, fenced, instead of stopping them in the commit
+    /// ([`ThreadSet::fence_idle`]). [`apply`] and [`unpatch`] then trace a
+    /// multi-threaded process from a thread of their own, whose exit releases the
+    /// threads still fenced without waking them.
+    pub fence_idle: bool,
 }
 
 impl Default for Options {
@@ -69,6 +75,7 @@ impl Default for Options {
             timeout: Duration::from_secs(3),
             hold: false,
             warm_cpus: false,
+            fence_idle: false,
         }
     }
 }
@@ -96,6 +103,8 @@ pub struct ApplyReport {
     pub pause_window_ns: [u64; 2],
     /// Commit attempts (1 = safe at first try).
     pub attempts: u32,
+    /// Threads left fenced in their syscall during that stop, not stopped.
+    pub threads_fenced: usize,
 }
 
 /// What one removed patch did.
@@ -113,6 +122,8 @@ pub struct UnpatchReport {
     pub pause_us: u64,
     /// The stop's first INTERRUPT and last resume, `CLOCK_MONOTONIC` ns.
     pub pause_window_ns: [u64; 2],
+    /// Threads left fenced in their syscall during the stop, not stopped.
+    pub threads_fenced: usize,
 }
 
 /// One object of a process with the patches applied to it.
@@ -271,14 +282,58 @@ pub fn apply_to_objects(
             loaded,
         });
     }
+    on_tracer_thread(pid, opts, |fence| {
+        let mut threads = seize(pid, opts, fence)?;
+        let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
+        fault::point("before-detach");
+        threads.detach_all()?;
+        Ok(done)
+    })
+}
+
+/// Fewest threads a process has for its idle ones to be fenced: a lone thread gains
+/// little (its one stop is short) and would need a tracer thread of its own.
+const FENCE_MIN_THREADS: usize = 2;
+
+/// Seizes every thread of `pid` as `opts` say; idle threads will be fenced if `fence`.
+fn seize(pid: Pid, opts: &Options, fence: bool) -> Result<ThreadSet, Error> {
     let mut threads = ThreadSet::seize(pid)?;
     if opts.warm_cpus {
         threads.keep_cpus_warm();
     }
-    let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
-    fault::point("before-detach");
-    threads.detach_all()?;
-    Ok(done)
+    if fence {
+        // Threads that run at all until the commit are stopped there as usual.
+        threads.note_idle();
+    }
+    Ok(threads)
+}
+
+/// Runs `f`, which traces `pid`, on a thread of its own when threads may be fenced
+/// (`f` is told whether to fence): when that thread exits, the kernel detaches the
+/// threads left fenced in their syscall without waking them (`PTRACE_DETACH` needs a
+/// stopped tracee). Otherwise a fenced thread whose syscall returns would wait at its
+/// exit stop for as long as the caller's thread lives (the next process of `-p all`).
+fn on_tracer_thread<T: Send>(
+    pid: Pid,
+    opts: &Options,
+    f: impl FnOnce(bool) -> Result<T, Error> + Send,
+) -> Result<T, Error> {
+    if !opts.fence_idle || pid.thread_count().unwrap_or(0) < FENCE_MIN_THREADS {
+        return f(false);
+    }
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("livecare-tracer".into())
+            .spawn_scoped(s, || f(true))
+            .map_err(|e| {
+                Error::Process(livecare_process::Error::Parse {
+                    path: format!("/proc/{pid}"),
+                    what: format!("cannot start the tracer thread: {e}"),
+                })
+            })?
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// The patches some loaded object has the build-id of.
@@ -542,6 +597,7 @@ fn apply_one(
         pause_us: pause.as_micros() as u64,
         pause_window_ns: threads.watch.last_window_ns.unwrap_or_default(),
         attempts,
+        threads_fenced: threads.watch.last_fenced,
     })
 }
 
@@ -873,8 +929,27 @@ fn commit_loop(
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0u32;
     let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
+    // Offenders among the fenced threads, judged before the stop: a fenced thread runs
+    // no user code, so its frames stay as they are until it stops at its syscall's
+    // exit, and a thread that has stopped is judged again inside the stop.
+    let mut fenced_offenders = Vec::new();
     loop {
         attempts += 1;
+        if opts.fence_idle && attempts == 1 && threads.fence_idle()? > 0 {
+            // Last thing before the stop: a fenced thread that wakes waits at its exit
+            // stop until the commit is over.
+            let pick = |t| threads.is_fenced(t);
+            fenced_offenders = safety::offenders(
+                threads,
+                mem,
+                maps,
+                unwinder,
+                busy,
+                &[],
+                &mut Vec::new(),
+                &pick,
+            )?;
+        }
         let t0 = Instant::now();
         threads.interrupt_all()?;
 
@@ -885,8 +960,15 @@ fn commit_loop(
             // reads go in the same batch as the stacks: each syscall inside the stop
             // lengthens the pause.
             let mut read = Vec::with_capacity(spans.len());
-            if let Some(off) =
-                safety::first_offender(threads, mem, maps, unwinder, busy, &ranges, &mut read)?
+            let unjudged = |t| !threads.is_fenced(t);
+            let now = safety::offenders(
+                threads, mem, maps, unwinder, busy, &ranges, &mut read, &unjudged,
+            )?;
+            let still_fenced = fenced_offenders.iter().filter(|o| threads.is_fenced(o.tid));
+            if let Some(off) = now
+                .into_iter()
+                .chain(still_fenced.cloned())
+                .min_by_key(|o| o.tid)
             {
                 return Ok(Some(off));
             }
@@ -991,6 +1073,8 @@ fn commit_loop(
                 // start stopped. It is caught by a trampoline, not a breakpoint, so
                 // a livecare killed meanwhile leaves nothing that can trap.
                 let slot = match (off.return_to, tramp) {
+                    // A fenced thread sleeps in its syscall: only time gets it out.
+                    _ if threads.is_fenced(off.tid) => None,
                     (Some(_), Some(_)) => {
                         trampoline::return_slot(threads, mem, unwinder, off.tid, busy)
                     }
@@ -1014,7 +1098,8 @@ fn commit_loop(
                     }
                 }
                 threads.resume_all()?;
-                std::thread::sleep(backoff);
+                // Stops that come meanwhile (a fenced thread woke) are let go at once.
+                threads.idle(backoff)?;
                 backoff = (backoff * 2).min(Duration::from_millis(20));
             }
             Err(e) => {
@@ -1090,15 +1175,14 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
         }
     }
     chosen.sort_by_key(|r| std::cmp::Reverse(r.seq));
-    let mut threads = ThreadSet::seize(pid)?;
-    if opts.warm_cpus {
-        threads.keep_cpus_warm();
-    }
     let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
-    let out = unpatch_regions(&mut threads, &addrs, opts)?;
-    fault::point("before-detach");
-    threads.detach_all()?;
-    Ok(out)
+    on_tracer_thread(pid, opts, |fence| {
+        let mut threads = seize(pid, opts, fence)?;
+        let out = unpatch_regions(&mut threads, &addrs, opts)?;
+        fault::point("before-detach");
+        threads.detach_all()?;
+        Ok(out)
+    })
 }
 
 /// Removes the regions at `addrs` (newest first) in one stop: every restore of every
@@ -1163,6 +1247,7 @@ fn unpatch_regions(
     )?;
     // Before the munmap below, whose borrowed thread is a stop of its own.
     let window = threads.watch.last_window_ns.unwrap_or_default();
+    let fenced = threads.watch.last_fenced;
     fault::point("before-munmap");
     if !opts.hold {
         // The thread the munmap borrows may be one the commit has just resumed: let it
@@ -1186,6 +1271,7 @@ fn unpatch_regions(
             hunks: r.hunks.len(),
             pause_us: pause.as_micros() as u64,
             pause_window_ns: window,
+            threads_fenced: fenced,
         })
         .collect())
 }

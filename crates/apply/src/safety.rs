@@ -135,11 +135,12 @@ pub struct Offender {
 
 /// The safety check of one stop, once every thread is stopped: reads every stack (and
 /// the ranges `also`, e.g. the caller's code spans, into `also_read`, in order; `None`:
-/// unreadable) in one batched read, judges each thread, and returns the first
-/// offender by thread id. (Judging threads as their stops arrived, to overlap the wait
-/// for the others, measured slower: see `ThreadSet::interrupt_all`.)
+/// unreadable) in one batched read, judges each held thread that `pick` names, and
+/// returns the offenders in thread-id order. (Judging threads as their stops arrived,
+/// to overlap the wait for the others, measured slower: see
+/// `ThreadSet::interrupt_all`.)
 #[allow(clippy::too_many_arguments)]
-pub fn first_offender(
+pub fn offenders(
     threads: &ThreadSet,
     mem: &RemoteMemory,
     maps: &[MapEntry],
@@ -147,13 +148,16 @@ pub fn first_offender(
     busy: &[Busy],
     also: &[(u64, usize)],
     also_read: &mut Vec<Option<Vec<u8>>>,
-) -> Result<Option<Offender>, Error> {
+    pick: &dyn Fn(Tid) -> bool,
+) -> Result<Vec<Offender>, Error> {
     // Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
     let mut fresh: Option<Vec<MapEntry>> = None;
     let mut held = Vec::new();
-    let mut first: Option<Offender> = None;
+    let mut found: Vec<Offender> = Vec::new();
     for tid in threads.tids() {
-        if !threads.is_stopped(tid) {
+        // A fenced thread is judged from the registers of its syscall entry: it runs
+        // no user code until it stops at the syscall's exit.
+        if !threads.is_held(tid) || !pick(tid) {
             continue;
         }
         let regs = threads.regs(tid)?;
@@ -171,9 +175,7 @@ pub fn first_offender(
         };
         match end {
             Some(end) => held.push((tid, regs, regs.rsp & !7, end)),
-            None => {
-                first.get_or_insert(offender(tid, "an unknown stack".into(), None));
-            }
+            None => found.push(offender(tid, "an unknown stack".into(), None)),
         }
     }
     // The frames are usually within a page of the stack pointer, while the mapping's
@@ -188,13 +190,11 @@ pub fn first_offender(
     *also_read = stacks.split_off(held.len());
     for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
         if let Some(off) = judge(mem, unwinder, busy, tid, &regs, lo, end, stack) {
-            // `held` is in thread-id order; an unknown stack of a lower id came first.
-            if first.as_ref().is_none_or(|f| f.tid > tid) {
-                first = Some(off);
-            }
+            found.push(off);
         }
     }
-    Ok(first)
+    found.sort_by_key(|o| o.tid);
+    Ok(found)
 }
 
 fn offender(tid: Tid, name: String, return_to: Option<u64>) -> Offender {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use crate::arch::{Native, ProcessArch, Regs};
 use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
 
+mod fence;
+
 /// How long we wait for threads to report a stop before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a wait for stops polls before it blocks.
@@ -23,11 +25,23 @@ enum TaskStatus {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Copy, Default)]
 struct ThreadState {
     stopped: bool,
     /// A signal that arrived while we held the thread; re-injected on resume.
     pending_sig: i32,
+    /// Fenced (see `fence.rs`): inside a syscall with its exit stop armed, with the
+    /// registers of its entry stop.
+    fenced: Option<Regs>,
+    /// How much it had run when [`ThreadSet::note_idle`] looked.
+    runs: Option<fence::RunCount>,
+}
+
+impl ThreadState {
+    /// Free to run user code: neither stopped nor fenced.
+    fn running(&self) -> bool {
+        !self.stopped && self.fenced.is_none()
+    }
 }
 
 /// Pause measurement: first thread stopped → last thread resumed. When the tracer
@@ -43,6 +57,8 @@ pub struct StopWatch {
     /// When the last complete pause began and ended, in `CLOCK_MONOTONIC` ns (the
     /// clock every process shares: a target can match it against its own readings).
     pub last_window_ns: Option<[u64; 2]>,
+    /// Threads held fenced, not stopped, in the last pause (see `fence.rs`).
+    pub last_fenced: usize,
 }
 
 /// `CLOCK_MONOTONIC` now, in ns.
@@ -56,12 +72,16 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// Every thread of one process, seized with ptrace. Dropping it detaches them all.
-/// After [`ThreadSet::detach_all`] it holds none; [`ThreadSet::interrupt_all`] and
-/// [`ThreadSet::stop_one`] seize again when needed.
+/// Every thread of one process, seized with ptrace. Dropping it detaches them all,
+/// except fenced threads still inside their syscall ([`ThreadSet::fence_idle`]): those
+/// stay traced by the calling OS thread until it exits, when the kernel detaches them
+/// without waking them. After [`ThreadSet::detach_all`] it holds none;
+/// [`ThreadSet::interrupt_all`] and [`ThreadSet::stop_one`] seize again when needed.
 pub struct ThreadSet {
     pid: Pid,
     threads: BTreeMap<Tid, ThreadState>,
+    /// Fenced threads left in their syscall by [`ThreadSet::detach_all`], still ours.
+    left: std::collections::BTreeSet<Tid>,
     syscall_pc: Option<u64>,
     /// Pause timing of the last interrupt/resume cycle.
     pub watch: StopWatch,
@@ -164,6 +184,7 @@ impl ThreadSet {
         let mut set = ThreadSet {
             pid,
             threads: BTreeMap::new(),
+            left: Default::default(),
             syscall_pc: None,
             watch: StopWatch::default(),
             boost: None,
@@ -190,12 +211,13 @@ impl ThreadSet {
             tid,
             ThreadState {
                 stopped: true,
-                pending_sig: 0,
+                ..Default::default()
             },
         );
         Ok(ThreadSet {
             pid,
             threads,
+            left: Default::default(),
             syscall_pc: None,
             watch: StopWatch::default(),
             boost: None,
@@ -221,8 +243,10 @@ impl ThreadSet {
                     match (err.raw_os_error(), self.task_status(tid)) {
                         (Some(libc::ESRCH), _) => continue, // it exited meanwhile
                         // Born from a traced thread: TRACECLONE already made it ours;
-                        // its first stop is on its way.
-                        (Some(libc::EPERM), Some(TaskStatus::TracedByUs)) => {}
+                        // its first stop is on its way. Or fenced and left by us.
+                        (Some(libc::EPERM), Some(TaskStatus::TracedByUs)) => {
+                            self.left.remove(&tid);
+                        }
                         // Exiting (zombie) or already gone: nothing left to hold.
                         (Some(libc::EPERM), None | Some(TaskStatus::Exiting)) => continue,
                         _ => {
@@ -256,6 +280,11 @@ impl ThreadSet {
                 self.threads.insert(tid, ThreadState::default());
                 return Ok(());
             }
+        }
+        // Only threads we fenced and left are there: still ours, take one back.
+        if let Some(tid) = self.left.pop_first() {
+            self.threads.insert(tid, ThreadState::default());
+            return Ok(());
         }
         Err(Error::NoSuchProcess(self.pid))
     }
@@ -329,8 +358,10 @@ impl ThreadSet {
         }
         let sig = libc::WSTOPSIG(status);
         let event = status >> 16;
+        self.left.remove(&tid);
         let st = self.threads.entry(tid).or_default();
         st.stopped = true;
+        st.fenced = None;
         if event == libc::PTRACE_EVENT_CLONE {
             let mut msg: libc::c_ulong = 0;
             // GETEVENTMSG at a clone stop yields the new thread's id.
@@ -360,8 +391,8 @@ impl ThreadSet {
         // thread stops that fast, and arming the timer below costs three syscalls while
         // the threads are already stopping. With more, some of them likely need this
         // CPU to reach their stop, which our (real-time) polling would deny them.
-        let few = self.threads.values().filter(|t| !t.stopped).count() <= 2;
-        while few && self.threads.values().any(|t| !t.stopped) && start.elapsed() < STOP_SPIN {
+        let few = self.threads.values().filter(|t| t.running()).count() <= 2;
+        while few && self.threads.values().any(|t| t.running()) && start.elapsed() < STOP_SPIN {
             match waitpid(-1, libc::WNOHANG) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
@@ -371,7 +402,7 @@ impl ThreadSet {
                 Err(_) => break,
             }
         }
-        if self.threads.values().all(|t| t.stopped) {
+        if !self.threads.values().any(|t| t.running()) {
             return Ok(());
         }
         // Then block in waitpid (woken the moment a stop arrives; a sleeping thread may
@@ -380,7 +411,7 @@ impl ThreadSet {
         let timer = crate::wake::WakeTimer::every(Duration::from_millis(1));
         let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
         let mut idle = 0u32;
-        while self.threads.values().any(|t| !t.stopped) {
+        while self.threads.values().any(|t| t.running()) {
             match waitpid(-1, flags) {
                 Ok(Some((tid, status))) => {
                     self.note_status(tid, status);
@@ -413,7 +444,7 @@ impl ThreadSet {
             let running: Vec<_> = self
                 .threads
                 .iter()
-                .filter(|t| !t.1.stopped)
+                .filter(|t| t.1.running())
                 .map(|t| t.0 .0)
                 .collect();
             return Err(Error::Timeout(format!("threads {running:?} did not stop")));
@@ -422,14 +453,15 @@ impl ThreadSet {
         if idle.is_multiple_of(50) {
             let pid = self.pid.0;
             self.threads.retain(|t, s| {
-                s.stopped || std::path::Path::new(&format!("/proc/{pid}/task/{}", t.0)).exists()
+                !s.running() || std::path::Path::new(&format!("/proc/{pid}/task/{}", t.0)).exists()
             });
         }
         Ok(())
     }
 
     /// Stops every thread: sends every interrupt first, then waits for all of them,
-    /// then re-scans `/proc/PID/task` until no untraced thread remains.
+    /// then re-scans `/proc/PID/task` until no untraced thread remains. Fenced threads
+    /// are held as they are, not interrupted.
     pub fn interrupt_all(&mut self) -> Result<(), Error> {
         // A pause that is still going on (some thread held) keeps its start.
         if self.boost.is_none() {
@@ -442,10 +474,12 @@ impl ThreadSet {
             let tids: Vec<Tid> = self
                 .threads
                 .iter()
-                .filter(|t| !t.1.stopped)
+                .filter(|t| t.1.running())
                 .map(|t| *t.0)
                 .collect();
-            if self.watch.started.is_none() && !tids.is_empty() {
+            // Started even with no thread to interrupt (all fenced): the commit holds
+            // them from here on.
+            if self.watch.started.is_none() {
                 if let Some(w) = &self.warm {
                     w.arm();
                 }
@@ -472,9 +506,11 @@ impl ThreadSet {
         if self.threads.is_empty() {
             return Err(Error::NoSuchProcess(self.pid));
         }
+        self.watch.last_fenced = self.fenced_count();
         if let Some((s, _)) = self.watch.started {
             tracing::debug!(
                 threads = self.threads.len(),
+                fenced = self.watch.last_fenced,
                 since_first_stop_us = s.elapsed().as_micros() as u64,
                 "all threads stopped"
             );
@@ -496,7 +532,14 @@ impl ThreadSet {
                 // task of the process is left to seize.
                 self.seize_one()?;
             }
-            while let Some(tid) = self.threads.keys().next().copied() {
+            // Not a fenced thread if there is another: it sleeps in its syscall.
+            while let Some(tid) = self
+                .threads
+                .iter()
+                .find(|t| t.1.fenced.is_none())
+                .or_else(|| self.threads.iter().next())
+                .map(|t| *t.0)
+            {
                 if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
                     self.threads.remove(&tid);
                     continue;
@@ -682,10 +725,14 @@ impl ThreadSet {
         }
     }
 
-    /// Reads the registers of a stopped thread.
+    /// Reads the registers of a stopped (or fenced) thread.
     pub fn regs(&self, tid: Tid) -> Result<Regs, Error> {
         if let Some(r) = self.regs_cache.borrow().get(&tid) {
             return Ok(*r);
+        }
+        // A fenced thread's user registers are those of its syscall-entry stop.
+        if let Some(r) = self.threads.get(&tid).and_then(|t| t.fenced) {
+            return Ok(r);
         }
         let regs = self.read_regs(tid)?;
         if self.is_stopped(tid) {
@@ -909,8 +956,28 @@ impl ThreadSet {
     /// Detaches every thread. Stopped threads are detached at once; running ones all
     /// get an INTERRUPT together and each is detached the moment its own stop arrives,
     /// so detaching never holds the whole process again (each thread only sees its own
-    /// short stop) and busy threads stop in parallel.
+    /// short stop) and busy threads stop in parallel. Fenced threads still inside their
+    /// syscall are left so, not woken: they stay traced by the calling OS thread, and
+    /// the kernel detaches them (clearing the exit stop) when it exits; if one stops
+    /// before that, the next wait on this set takes it back.
     pub fn detach_all(&mut self) -> Result<(), Error> {
+        // A fenced thread that woke is at its exit stop now: detached below. One
+        // WNOHANG wait per report, not one per fenced thread.
+        if self.threads.values().any(|t| t.fenced.is_some()) {
+            while let Ok(Some((tid, status))) = waitpid(-1, libc::WNOHANG) {
+                self.note_status(tid, status);
+            }
+            let left: Vec<Tid> = self
+                .threads
+                .iter()
+                .filter(|t| t.1.fenced.is_some())
+                .map(|t| *t.0)
+                .collect();
+            for tid in left {
+                self.threads.remove(&tid);
+                self.left.insert(tid);
+            }
+        }
         let mut first_err = None;
         let detach = |tid: Tid, sig: i32, first_err: &mut Option<Error>| {
             // DETACH resumes the thread, delivering a signal that arrived while held.

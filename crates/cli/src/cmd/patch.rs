@@ -118,6 +118,15 @@ pub(crate) fn targets(spec: &str) -> anyhow::Result<(Vec<Pid>, bool)> {
     Ok((vec![Pid(n)], false))
 }
 
+/// For human output: how many blocked threads the pause did not stop.
+pub(crate) fn fenced_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (1 blocked thread left in its syscall)".into(),
+        n => format!(" ({n} blocked threads left in their syscalls)"),
+    }
+}
+
 /// A shortened build-id for human output.
 pub(crate) fn short_id(b: &str) -> String {
     if b.len() > 8 {
@@ -139,14 +148,15 @@ fn print_report(r: &ApplyReport, face: super::Face) {
         super::Face::Native => {
             let names: Vec<&str> = r.hunks.iter().map(|h| h.name.as_str()).collect();
             println!(
-                "patched {} function{} ({}) in pid {} ({}, build-id {}), paused {} µs",
+                "patched {} function{} ({}) in pid {} ({}, build-id {}), paused {} µs{}",
                 r.hunks.len(),
                 if r.hunks.len() == 1 { "" } else { "s" },
                 names.join(", "),
                 r.pid,
                 r.comm,
                 short_id(&r.build_id),
-                r.pause_us
+                r.pause_us,
+                fenced_note(r.threads_fenced)
             );
         }
     }
@@ -165,6 +175,8 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         hold: false,
         // One process at a time: the other CPUs are spare during its pauses.
         warm_cpus: !all,
+        // Threads blocked in a syscall stay in it during the commit (see README).
+        fence_idle: std::env::var_os("LIVECARE_NO_FENCE").is_none(),
     };
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();

@@ -37,6 +37,8 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         hold: false,
         // One process at a time: the other CPUs are spare during its pauses.
         warm_cpus: !all,
+        // Threads blocked in a syscall stay in it during the commit (see README).
+        fence_idle: std::env::var_os("LIVECARE_NO_FENCE").is_none(),
     };
     let mut reports = Vec::new();
     let mut failed = Vec::new();
@@ -67,13 +69,14 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                     r.hunks, r.pid
                 ),
                 super::Face::Native => println!(
-                    "unpatched {} ({} function{}) from pid {} (build-id {}), paused {} µs",
+                    "unpatched {} ({} function{}) from pid {} (build-id {}), paused {} µs{}",
                     r.patch_id,
                     r.hunks,
                     if r.hunks == 1 { "" } else { "s" },
                     r.pid,
                     super::patch::short_id(&r.build_id),
-                    r.pause_us
+                    r.pause_us,
+                    super::patch::fenced_note(r.threads_fenced)
                 ),
             }
         }

@@ -1,0 +1,158 @@
+//! Fencing against a real process (tests/fixtures/process-fence): workers blocked in
+//! `read()` are fenced, not stopped; one woken while fenced waits at its syscall's exit
+//! without running a user instruction; the rest are released, unwoken, when the tracing
+//! OS thread exits.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use livecare_process::{Pid, ThreadSet, Tid};
+use testkit::{Link, Running, Scratch};
+
+const WAIT: Duration = Duration::from_secs(5);
+const WORKERS: usize = 4;
+
+/// The scheduler state letter of a task (`S` sleeping, `t` tracing stop, ...).
+fn state(pid: Pid, tid: Tid) -> Result<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", pid.0, tid.0))?;
+    let rest = stat.rsplit_once(')').context("stat without comm")?.1;
+    rest.trim_start()
+        .chars()
+        .next()
+        .context("stat without state")
+}
+
+/// The tracer of a task (0: none).
+fn tracer(pid: Pid, tid: Tid) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{}/task/{}/status", pid.0, tid.0))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .context("no TracerPid")?
+        .trim()
+        .parse()
+        .context("TracerPid")
+}
+
+/// Waits until `f` holds, or fails after `WAIT`.
+fn until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !f()? {
+        ensure!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+#[test]
+fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_exits() -> Result<()>
+{
+    let s = Scratch::new()?;
+    let src = testkit::fixture_dir("process-fence").join("fence.c");
+    let exe = testkit::gcc(&[&src], &s.join("fence"), Link::Pie, &["-O2", "-pthread"])?;
+    let mut p = Running::start(&exe, &[&WORKERS.to_string()])?;
+    let ready = p.wait_for("ready wfd=", WAIT)?;
+    let wfd = ready.rsplit('=').next().context("wfd")?.trim().to_string();
+    let pid = Pid(p.pid() as i32);
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{}/fd/{wfd}", pid.0))?;
+    let main = Tid(pid.0);
+    // Every worker in its read() before we look (a new thread may still be starting).
+    until("every worker sleeps in its read", || {
+        let tasks = pid.tasks()?;
+        Ok(tasks.len() == WORKERS + 1
+            && tasks
+                .iter()
+                .filter(|t| **t != main)
+                .all(|t| state(pid, *t).ok() == Some('S')))
+    })?;
+
+    // ptrace ties tracees to the OS thread that seized them: trace from one of ours,
+    // so that its exit is the release of what is left fenced.
+    let workers = std::thread::scope(|sc| {
+        sc.spawn(|| -> Result<Vec<Tid>> {
+            let mut set = ThreadSet::seize(pid)?;
+            set.note_idle();
+            // Long enough for the napping main thread to run (and be no candidate).
+            std::thread::sleep(Duration::from_millis(30));
+            let fenced = set.fence_idle()?;
+            ensure!(fenced == WORKERS, "{fenced} fenced, want {WORKERS}");
+            ensure!(!set.is_fenced(main), "the napping main thread was fenced");
+            let workers: Vec<Tid> = set.tids().into_iter().filter(|t| *t != main).collect();
+            for &t in &workers {
+                ensure!(set.is_fenced(t) && set.is_held(t) && !set.is_stopped(t));
+                // Back in its read() (it may still be on its way in for a moment),
+                // not in a tracing stop; its registers are those of the read's entry.
+                until(
+                    "the worker sleeps in its read",
+                    || Ok(state(pid, t)? == 'S'),
+                )?;
+                ensure!(set.regs(t)?.orig_rax == libc::SYS_read as u64);
+            }
+
+            // The commit's stop: only main is interrupted.
+            set.interrupt_all()?;
+            ensure!(set.is_stopped(main));
+            ensure!(set.watch.last_fenced == WORKERS);
+            for &t in &workers {
+                ensure!(state(pid, t)? == 'S', "worker {t} was stopped");
+            }
+
+            // Wake one worker: its read returns, and it stops at the syscall's exit
+            // before it can print.
+            p.drain();
+            pipe.write_all(b"x")?;
+            until("a worker stops at its read's exit", || {
+                Ok(workers
+                    .iter()
+                    .filter(|t| state(pid, **t).ok() == Some('t'))
+                    .count()
+                    == 1)
+            })?;
+            std::thread::sleep(Duration::from_millis(20));
+            ensure!(
+                p.wait_for("woke", Duration::from_millis(1)).is_err(),
+                "a fenced worker ran user code"
+            );
+
+            // Release: main and the woken worker are detached and run on; the others
+            // stay in their read, still ours until this thread exits.
+            set.detach_all()?;
+            p.wait_for("woke", WAIT)?;
+            for &t in &workers {
+                ensure!(state(pid, t)? != 't', "worker {t} left stopped");
+            }
+            ensure!(tracer(pid, main)? == 0);
+            ensure!(
+                workers
+                    .iter()
+                    .filter(|t| tracer(pid, **t).ok() != Some(0))
+                    .count()
+                    == WORKERS - 1,
+                "the unwoken workers should still be traced by this thread"
+            );
+            Ok(workers)
+        })
+        .join()
+        .expect("tracer thread")
+    })?;
+
+    // The tracing thread has exited: nobody traces anything, nothing was woken.
+    for &t in &workers {
+        ensure!(tracer(pid, t)? == 0, "worker {t} still traced");
+        ensure!(state(pid, t)? == 'S', "worker {t} is {}", state(pid, t)?);
+    }
+    ensure!(
+        p.wait_for("woke", Duration::from_millis(50)).is_err(),
+        "a worker woke with nothing to read"
+    );
+    // And every worker still works.
+    pipe.write_all(&[b'y'; WORKERS])?;
+    for _ in 0..WORKERS {
+        p.wait_for("woke", WAIT)?;
+    }
+    ensure!(p.is_alive());
+    Ok(())
+}
