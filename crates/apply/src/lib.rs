@@ -935,9 +935,14 @@ fn commit_loop(
     let mut fenced_offenders = Vec::new();
     loop {
         attempts += 1;
-        if opts.fence_idle && attempts == 1 && threads.fence_idle()? > 0 {
+        if opts.fence_idle && attempts == 1 {
             // Last thing before the stop: a fenced thread that wakes waits at its exit
             // stop until the commit is over.
+            threads.fence_idle()?;
+        }
+        // Every thread fenced now is judged here, and no thread is fenced later in
+        // this loop (between attempts they can only stop and be let go).
+        if attempts == 1 && threads.fenced_count() > 0 {
             let pick = |t| threads.is_fenced(t);
             fenced_offenders = safety::offenders(
                 threads,

@@ -80,8 +80,9 @@ pub fn monotonic_ns() -> u64 {
 pub struct ThreadSet {
     pid: Pid,
     threads: BTreeMap<Tid, ThreadState>,
-    /// Fenced threads left in their syscall by [`ThreadSet::detach_all`], still ours.
-    left: std::collections::BTreeSet<Tid>,
+    /// Fenced threads left in their syscall by [`ThreadSet::detach_all`], still ours,
+    /// with their fenced registers; [`ThreadSet::fence_idle`] takes them back.
+    left: BTreeMap<Tid, Regs>,
     syscall_pc: Option<u64>,
     /// Pause timing of the last interrupt/resume cycle.
     pub watch: StopWatch,
@@ -282,8 +283,14 @@ impl ThreadSet {
             }
         }
         // Only threads we fenced and left are there: still ours, take one back.
-        if let Some(tid) = self.left.pop_first() {
-            self.threads.insert(tid, ThreadState::default());
+        if let Some((tid, regs)) = self.left.pop_first() {
+            self.threads.insert(
+                tid,
+                ThreadState {
+                    fenced: Some(regs),
+                    ..Default::default()
+                },
+            );
             return Ok(());
         }
         Err(Error::NoSuchProcess(self.pid))
@@ -967,15 +974,14 @@ impl ThreadSet {
             while let Ok(Some((tid, status))) = waitpid(-1, libc::WNOHANG) {
                 self.note_status(tid, status);
             }
-            let left: Vec<Tid> = self
+            let left: Vec<(Tid, Regs)> = self
                 .threads
                 .iter()
-                .filter(|t| t.1.fenced.is_some())
-                .map(|t| *t.0)
+                .filter_map(|(t, s)| s.fenced.map(|r| (*t, r)))
                 .collect();
-            for tid in left {
+            for (tid, regs) in left {
                 self.threads.remove(&tid);
-                self.left.insert(tid);
+                self.left.insert(tid, regs);
             }
         }
         let mut first_err = None;

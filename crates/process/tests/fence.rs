@@ -45,21 +45,19 @@ fn until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_exits() -> Result<()>
-{
-    let s = Scratch::new()?;
+/// Starts the fixture with [`WORKERS`] workers and waits until each sleeps in its
+/// `read()` (a new thread may still be starting); returns it and its pipe's write end.
+fn start(s: &Scratch) -> Result<(Running, std::fs::File)> {
     let src = testkit::fixture_dir("process-fence").join("fence.c");
     let exe = testkit::gcc(&[&src], &s.join("fence"), Link::Pie, &["-O2", "-pthread"])?;
     let mut p = Running::start(&exe, &[&WORKERS.to_string()])?;
     let ready = p.wait_for("ready wfd=", WAIT)?;
     let wfd = ready.rsplit('=').next().context("wfd")?.trim().to_string();
     let pid = Pid(p.pid() as i32);
-    let mut pipe = std::fs::OpenOptions::new()
+    let pipe = std::fs::OpenOptions::new()
         .write(true)
         .open(format!("/proc/{}/fd/{wfd}", pid.0))?;
     let main = Tid(pid.0);
-    // Every worker in its read() before we look (a new thread may still be starting).
     until("every worker sleeps in its read", || {
         let tasks = pid.tasks()?;
         Ok(tasks.len() == WORKERS + 1
@@ -68,6 +66,16 @@ fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_e
                 .filter(|t| **t != main)
                 .all(|t| state(pid, *t).ok() == Some('S')))
     })?;
+    Ok((p, pipe))
+}
+
+#[test]
+fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_exits() -> Result<()>
+{
+    let s = Scratch::new()?;
+    let (mut p, mut pipe) = start(&s)?;
+    let pid = Pid(p.pid() as i32);
+    let main = Tid(pid.0);
 
     // ptrace ties tracees to the OS thread that seized them: trace from one of ours,
     // so that its exit is the release of what is left fenced.
@@ -97,7 +105,10 @@ fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_e
             ensure!(set.is_stopped(main));
             ensure!(set.watch.last_fenced == WORKERS);
             for &t in &workers {
-                ensure!(state(pid, t)? == 'S', "worker {t} was stopped");
+                // (A stopped worker would never be seen sleeping.)
+                until("the worker sleeps, not stopped", || {
+                    Ok(state(pid, t)? == 'S')
+                })?;
             }
 
             // Wake one worker: its read returns, and it stops at the syscall's exit
@@ -149,6 +160,70 @@ fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_e
         "a worker woke with nothing to read"
     );
     // And every worker still works.
+    pipe.write_all(&[b'y'; WORKERS])?;
+    for _ in 0..WORKERS {
+        p.wait_for("woke", WAIT)?;
+    }
+    ensure!(p.is_alive());
+    Ok(())
+}
+
+#[test]
+fn threads_left_fenced_are_taken_back_fenced_by_the_next_commit() -> Result<()> {
+    let s = Scratch::new()?;
+    let (mut p, mut pipe) = start(&s)?;
+    let pid = Pid(p.pid() as i32);
+    let main = Tid(pid.0);
+    std::thread::scope(|sc| {
+        sc.spawn(|| -> Result<()> {
+            let mut set = ThreadSet::seize(pid)?;
+            set.note_idle();
+            std::thread::sleep(Duration::from_millis(30));
+            ensure!(set.fence_idle()? == WORKERS);
+            let before: Vec<(Tid, u64)> = set
+                .tids()
+                .into_iter()
+                .filter(|t| set.is_fenced(*t))
+                .map(|t| Ok((t, set.regs(t)?.rsp)))
+                .collect::<Result<_>>()?;
+            // First commit: released, the workers left fenced.
+            set.interrupt_all()?;
+            set.detach_all()?;
+            ensure!(set.tids().is_empty());
+            // Second commit of the same command: the workers come back fenced, with the
+            // same registers, without being stopped; main is seized and stopped anew.
+            ensure!(set.fence_idle()? == WORKERS);
+            for (t, rsp) in &before {
+                ensure!(set.is_fenced(*t) && set.regs(*t)?.rsp == *rsp);
+            }
+            set.interrupt_all()?;
+            ensure!(set.is_stopped(main), "main not held by the second stop");
+            ensure!(set.watch.last_fenced == WORKERS);
+            for (t, _) in &before {
+                until("the worker sleeps, not stopped", || {
+                    Ok(state(pid, *t)? == 'S')
+                })?;
+            }
+            p.drain();
+            pipe.write_all(b"x")?;
+            until("a worker stops at its read's exit", || {
+                Ok(before
+                    .iter()
+                    .filter(|(t, _)| state(pid, *t).ok() == Some('t'))
+                    .count()
+                    == 1)
+            })?;
+            set.detach_all()?;
+            p.wait_for("woke", WAIT)?;
+            Ok(())
+        })
+        .join()
+        .expect("tracer thread")
+    })?;
+    for t in pid.tasks()? {
+        ensure!(tracer(pid, t)? == 0, "task {t} still traced");
+        ensure!(state(pid, t)? != 't', "task {t} left stopped");
+    }
     pipe.write_all(&[b'y'; WORKERS])?;
     for _ in 0..WORKERS {
         p.wait_for("woke", WAIT)?;

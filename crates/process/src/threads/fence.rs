@@ -75,10 +75,22 @@ impl ThreadSet {
 
     /// Fences every held thread that has not run since [`Self::note_idle`]: stops it,
     /// lets it re-enter its syscall under PTRACE_SYSCALL, and keeps the registers of
-    /// that entry stop. The next [`Self::interrupt_all`] counts fenced threads as held
-    /// without interrupting them. Returns how many are fenced. Nobody else is stopped
-    /// here, and each candidate only for the few µs between its stops.
+    /// that entry stop. Threads an earlier [`Self::detach_all`] left fenced are taken
+    /// back as they are. The next [`Self::interrupt_all`] counts fenced threads as held
+    /// without interrupting them. Returns how many are fenced now. Nobody else is
+    /// stopped here, and each candidate only for the few µs between its stops.
     pub fn fence_idle(&mut self) -> Result<usize, Error> {
+        for (tid, regs) in std::mem::take(&mut self.left) {
+            // Still in its syscall, or stopped at its exit with the report pending (the
+            // next wait takes it as a stop): fenced either way.
+            self.threads.insert(
+                tid,
+                super::ThreadState {
+                    fenced: Some(regs),
+                    ..Default::default()
+                },
+            );
+        }
         let pid = self.pid;
         let mut steps: std::collections::BTreeMap<Tid, Step> = self
             .threads
@@ -92,7 +104,7 @@ impl ThreadSet {
             .map(|(tid, _)| (*tid, Step::Interrupting))
             .collect();
         if steps.is_empty() {
-            return Ok(0);
+            return Ok(self.fenced_count());
         }
         // All INTERRUPTs first: the candidates reach their stops in parallel.
         steps.retain(|tid, _| {
@@ -145,7 +157,7 @@ impl ThreadSet {
         // waits for them like any running thread, and DETACH or CONT disarms it.
         let fenced = steps.values().filter(|s| **s == Step::Fenced).count();
         tracing::debug!(candidates = steps.len(), fenced, "fenced idle threads");
-        Ok(fenced)
+        Ok(self.fenced_count())
     }
 
     /// Resumes stopped `tid` with PTRACE_SYSCALL towards its next syscall-entry stop,
