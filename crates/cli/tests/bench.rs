@@ -86,6 +86,50 @@ fn pause_bench_reports_target_and_tool_pauses_for_patch_and_unpatch() {
 }
 
 #[test]
+fn pause_bench_blocked_mode_measures_the_observer_and_counts_fenced_workers() {
+    let doc = bench(&[
+        "pause",
+        "--threads",
+        "8",
+        "--blocked",
+        "--functions",
+        "2",
+        "--cycles",
+        "4",
+    ]);
+    assert_eq!(doc["mode"], "blocked", "{doc}");
+    assert_eq!(num(&doc, "threads"), 8.0);
+    // The blocked workers never run, so only the spinning observer measures.
+    assert_eq!(num(&doc, "measuring_threads"), 1.0, "{doc}");
+    for op in ["patch", "unpatch"] {
+        let d = &doc[op];
+        check_pause_figures(d);
+        // Workers blocked since before the command are left in their syscalls; the
+        // spinning observer never is, so at most the 8 workers are counted.
+        let (median, mean) = (
+            num(d, "threads_fenced_median"),
+            num(d, "threads_fenced_mean"),
+        );
+        assert!((1.0..=8.0).contains(&median), "{op}: {d}");
+        assert!(mean > 0.0 && mean <= 8.0, "{op}: {d}");
+    }
+    assert_eq!(
+        num(&doc, "threads_fenced_median"),
+        num(&doc["patch"], "threads_fenced_median")
+    );
+}
+
+#[test]
+fn pause_bench_rejects_two_modes_at_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_livecare"))
+        .args(["bench", "pause", "--blocked", "--sleeping"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--blocked"));
+}
+
+#[test]
 fn overhead_bench_measures_patched_and_unpatched_call_rates() {
     let doc = bench(&["overhead", "--window-ms", "100", "--rounds", "2"]);
     let (u, p) = (

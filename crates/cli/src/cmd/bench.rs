@@ -7,6 +7,10 @@
 //! clock readings (a sleeping thread: how late each wake-up came), so the pause
 //! figures are the truth as seen from inside, next to the pause the tool reports about
 //! itself. `--threads N` busy means a process of exactly N threads (main is one).
+//! `--blocked` gives N idle workers blocked in the kernel (a condition variable nobody
+//! signals) plus one spinning observer, the only thread that measures: what the stop
+//! costs a running thread when most of the process sleeps. `threads_fenced_*` is what
+//! the tool reports of those it left in their syscalls instead of stopping them.
 //!
 //! `pause_us_*` is, per command, the longest gap of any thread that overlaps the
 //! commit's stop as the tool reports it in the shared monotonic clock
@@ -58,15 +62,19 @@ pub enum What {
 /// Flags of `livecare bench pause`.
 #[derive(clap::Args, Debug)]
 pub struct PauseArgs {
-    /// Target threads that measure (sleeping mode adds one spinning observer).
+    /// Target threads (sleeping and blocked modes add one spinning observer).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Threads spin reading the clock (the default).
-    #[arg(long, conflicts_with = "sleeping")]
+    #[arg(long, conflicts_with_all = ["sleeping", "blocked"])]
     pub busy: bool,
     /// Threads sleep to 1 ms deadlines and record their lateness; one extra thread spins.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "blocked")]
     pub sleeping: bool,
+    /// Threads block forever on a condition variable (idle workers); one extra thread
+    /// spins and is the only one that measures.
+    #[arg(long)]
+    pub blocked: bool,
     /// Functions the patch replaces.
     #[arg(long, default_value_t = 1)]
     pub functions: usize,
@@ -196,6 +204,8 @@ struct Samples {
     attempts: Vec<f64>,
     /// Largest total time one target thread waited for a CPU during the command, µs.
     runqueue: Vec<f64>,
+    /// Threads the commit left in their syscalls instead of stopping them.
+    fenced: Vec<f64>,
 }
 
 impl Samples {
@@ -210,6 +220,8 @@ impl Samples {
         let (em, e99, _) = summary(&self.entry);
         let (xm, x99, _) = summary(&self.exit);
         let amean = self.attempts.iter().sum::<f64>() / self.attempts.len().max(1) as f64;
+        let (fm, _, _) = summary(&self.fenced);
+        let fmean = self.fenced.iter().sum::<f64>() / self.fenced.len().max(1) as f64;
         json!({
             "pause_us_median": r1(pm),
             "pause_us_p99": r1(p99),
@@ -232,6 +244,8 @@ impl Samples {
             "runqueue_wait_us_p99": r1(r99),
             "attempts_mean": (amean * 100.0).round() / 100.0,
             "attempts_max": amax,
+            "threads_fenced_median": fm,
+            "threads_fenced_mean": (fmean * 100.0).round() / 100.0,
         })
     }
 }
@@ -279,6 +293,7 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
     s.tool.push(op.tool_pause_us as f64);
     s.wall.push(op.wall_us);
     s.attempts.push(op.attempts as f64);
+    s.fenced.push(op.threads_fenced as f64);
     Ok(())
 }
 
@@ -295,7 +310,13 @@ fn pause(a: &PauseArgs) -> Result<serde_json::Value> {
     }
     let dir = scratch()?;
     let built = target::build(dir.path(), a.functions).context("building the bench target")?;
-    let mode = if a.sleeping { 's' } else { 'b' };
+    let (mode, mode_name) = if a.sleeping {
+        ('s', "sleeping")
+    } else if a.blocked {
+        ('k', "blocked")
+    } else {
+        ('b', "busy")
+    };
     let mut t = target::Target::start(&built.exe, &dir.path().join("shm"), a.threads, mode)?;
     let (mut p, mut u) = (Samples::default(), Samples::default());
     let load_before = load_average();
@@ -315,10 +336,7 @@ fn pause(a: &PauseArgs) -> Result<serde_json::Value> {
     }
     let mut doc = p.json();
     let m = doc.as_object_mut().context("summary is an object")?;
-    m.insert(
-        "mode".into(),
-        json!(if a.sleeping { "sleeping" } else { "busy" }),
-    );
+    m.insert("mode".into(), json!(mode_name));
     m.insert("threads".into(), json!(a.threads));
     m.insert("measuring_threads".into(), json!(t.slots));
     m.insert("functions".into(), json!(a.functions));

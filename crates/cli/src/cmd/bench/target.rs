@@ -204,12 +204,15 @@ pub struct Target {
     map: *mut u64,
     /// Threads with a measuring slot.
     pub slots: usize,
+    /// The first of them (blocked mode: only the observer, on the last slot, measures).
+    first: usize,
     generation: u64,
 }
 
 impl Target {
-    /// Starts `exe` with `threads` threads in `mode` (`b`, `s` or `o`), with the
-    /// shared file at `shm`, and waits until every thread runs.
+    /// Starts `exe` with `threads` threads in `mode` (`b` busy, `s` sleeping, `k`
+    /// blocked or `o` overhead), with the shared file at `shm`, and waits until every
+    /// thread has started.
     pub fn start(exe: &Path, shm: &Path, threads: usize, mode: char) -> Result<Target> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -246,18 +249,22 @@ impl Target {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let slots = match mode {
-            's' => threads + 1,
-            'o' => 0,
-            _ => threads,
+        // (first measuring slot, measuring slots, threads that count themselves started)
+        let (first, slots, started) = match mode {
+            's' => (0, threads + 1, threads + 1),
+            // Blocked threads never run again after starting: only the observer measures.
+            'k' => (threads, 1, threads + 1),
+            'o' => (0, 0, 1),
+            _ => (0, threads, threads),
         };
         let mut t = Target {
             child,
             map: map.cast(),
             slots,
+            first,
             generation: 0,
         };
-        let want = if mode == 'o' { 1 } else { slots as u64 };
+        let want = started as u64;
         let deadline = Instant::now() + ACK_TIMEOUT;
         while t.load(1) < want {
             if Instant::now() > deadline {
@@ -317,7 +324,7 @@ impl Target {
         let g = self.generation;
         self.word(0).store(g, std::sync::atomic::Ordering::Release);
         let deadline = Instant::now() + ACK_TIMEOUT;
-        for s in 0..self.slots {
+        for s in self.measuring() {
             while self.load(Self::slot(s)) != g {
                 if Instant::now() > deadline {
                     bail!("target thread {s} did not acknowledge within {ACK_TIMEOUT:?}");
@@ -328,10 +335,16 @@ impl Target {
                 std::thread::yield_now();
             }
         }
-        Ok((0..self.slots)
+        Ok(self
+            .measuring()
             .map(|s| self.load(Self::slot(s) + 1))
             .max()
             .unwrap_or(0))
+    }
+
+    /// The slots of the threads that measure.
+    fn measuring(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.slots
     }
 
     /// First word of thread `s`'s slot.
@@ -347,7 +360,7 @@ impl Target {
     /// run again.
     pub fn gap_overlapping(&self, [start, end]: [u64; 2]) -> Option<[u64; 2]> {
         let mut longest: Option<[u64; 2]> = None;
-        for s in 0..self.slots {
+        for s in self.measuring() {
             let base = Self::slot(s);
             let n = self.load(base + 2) as usize;
             for j in n.saturating_sub(RING)..n {
@@ -394,6 +407,9 @@ pub struct Op {
     pub attempts: u64,
     /// The commit's stop as the tool reports it: first stop, last resume (monotonic ns).
     pub window_ns: Option<[u64; 2]>,
+    /// Threads the commit left blocked in their syscalls instead of stopping them
+    /// (0 when the tool does not report it).
+    pub threads_fenced: u64,
 }
 
 /// Runs `livecare patch -p PID --json PATCH` (or `unpatch` when `patch` is None).
@@ -435,6 +451,10 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         None => 0,
     };
     let attempts = r.get("attempts").and_then(|v| v.as_u64()).unwrap_or(1);
+    let threads_fenced = r
+        .get("threads_fenced")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
     let window_ns = match r.get("pause_window_ns").and_then(|v| v.as_array()) {
         Some(a) if a.len() == 2 => a[0].as_u64().zip(a[1].as_u64()).map(|(s, e)| [s, e]),
         _ => None,
@@ -445,5 +465,6 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         hunks,
         attempts,
         window_ns,
+        threads_fenced,
     })
 }
