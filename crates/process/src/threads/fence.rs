@@ -30,6 +30,13 @@ use crate::{Error, Pid, Tid};
 /// interrupts it like any running thread.
 const FENCE_WAIT: Duration = Duration::from_millis(20);
 
+/// How long a candidate resumed towards its next syscall is waited for: a blocked
+/// thread restarting its syscall gets there within µs.
+const REENTRY_WAIT: Duration = Duration::from_millis(1);
+
+/// Other stops (signals) a candidate may meet on its way before it is left to the commit.
+const MAX_STOPS: u8 = 4;
+
 /// `PTRACE_GET_SYSCALL_INFO` (Linux 5.3), and its `op` for a syscall-entry stop.
 const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
 const SYSCALL_INFO_ENTRY: u8 = 1;
@@ -55,9 +62,9 @@ fn run_count(pid: Pid, tid: Tid) -> Option<RunCount> {
 enum Step {
     /// INTERRUPT sent, its stop not seen yet.
     Interrupting,
-    /// Resumed with PTRACE_SYSCALL, running towards its (re-)entry stop; the count of
-    /// other stops met on the way.
-    ToEntry(u8),
+    /// Resumed with PTRACE_SYSCALL at `since`, running towards its (re-)entry stop;
+    /// `stops` counts the stops met since it became a candidate.
+    ToEntry { stops: u8, since: Instant },
     /// Inside its syscall with the exit stop armed.
     Fenced,
     /// Given up on: a plain thread for the commit.
@@ -113,10 +120,14 @@ impl ThreadSet {
             ptrace(libc::PTRACE_INTERRUPT, *tid, 0, 0) == 0 || errno() != libc::ESRCH
         });
         let deadline = Instant::now() + FENCE_WAIT;
+        // Waited for: stops still to come, and re-entries due any moment (a thread
+        // that runs user code for longer is left to the commit).
         let unresolved = |steps: &std::collections::BTreeMap<Tid, Step>| {
-            steps
-                .values()
-                .any(|s| matches!(s, Step::Interrupting | Step::ToEntry(_)))
+            steps.values().any(|s| match s {
+                Step::Interrupting => true,
+                Step::ToEntry { since, .. } => since.elapsed() < REENTRY_WAIT,
+                _ => false,
+            })
         };
         while unresolved(&steps) && Instant::now() < deadline {
             let Some((tid, status)) = waitpid(-1, libc::WNOHANG)? else {
@@ -130,21 +141,25 @@ impl ThreadSet {
             let step = steps.get(&tid).copied();
             let next = match step {
                 // Not a candidate (a signal or a clone event of a running thread, a new
-                // thread's first stop), or a fenced one that woke: let it run on, as
-                // a plain thread.
-                None | Some(Step::Fenced) | Some(Step::Plain) => {
+                // thread's first stop), a fenced one that woke (it has work to do: not
+                // held up again), or one that met too many other stops on its way: let
+                // it run on, as a plain thread. (Fencing periodic sleepers again at
+                // each wake-up was tried: with 64 threads waking every 1 ms it held
+                // them up for tens of ms.)
+                None | Some(Step::Plain) | Some(Step::Fenced) => {
+                    self.resume(tid)?;
+                    Step::Plain
+                }
+                Some(Step::ToEntry { stops, .. }) if stops >= MAX_STOPS => {
                     self.resume(tid)?;
                     Step::Plain
                 }
                 Some(Step::Interrupting) => self.rearm(tid, 0)?,
-                Some(Step::ToEntry(n)) => {
+                Some(Step::ToEntry { stops, .. }) => {
                     if self.at_syscall_entry(tid, status) {
                         self.fence(tid)?
-                    } else if n < 4 {
-                        self.rearm(tid, n + 1)?
                     } else {
-                        self.resume(tid)?;
-                        Step::Plain
+                        self.rearm(tid, stops + 1)?
                     }
                 }
             };
@@ -155,14 +170,14 @@ impl ThreadSet {
         // Candidates still on their way are left as they are: a pending INTERRUPT, or
         // PTRACE_SYSCALL armed until their next syscall; the commit interrupts and
         // waits for them like any running thread, and DETACH or CONT disarms it.
-        let fenced = steps.values().filter(|s| **s == Step::Fenced).count();
+        let fenced = steps.values().filter(|s| matches!(s, Step::Fenced)).count();
         tracing::debug!(candidates = steps.len(), fenced, "fenced idle threads");
         Ok(self.fenced_count())
     }
 
     /// Resumes stopped `tid` with PTRACE_SYSCALL towards its next syscall-entry stop,
     /// delivering a signal that arrived meanwhile.
-    fn rearm(&mut self, tid: Tid, others: u8) -> Result<Step, Error> {
+    fn rearm(&mut self, tid: Tid, stops: u8) -> Result<Step, Error> {
         let Some(st) = self.threads.get_mut(&tid) else {
             return Ok(Step::Plain);
         };
@@ -179,7 +194,10 @@ impl ThreadSet {
         }
         st.stopped = false;
         self.regs_cache.get_mut().remove(&tid);
-        Ok(Step::ToEntry(others))
+        Ok(Step::ToEntry {
+            stops,
+            since: Instant::now(),
+        })
     }
 
     /// True if `tid`'s stop (`status`) is a syscall-entry stop.
