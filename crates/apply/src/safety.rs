@@ -292,11 +292,20 @@ fn near_end(lo: u64, end: u64) -> u64 {
     (lo + 1024).min(end)
 }
 
+/// How much of the top of a running main thread's stack [`prewarm`] scans for return
+/// addresses, and how many it warms at most.
+const MAIN_STACK_SCAN: u64 = 16 << 10;
+const MAIN_STACK_WARM: usize = 48;
+
 /// Warms the unwinder's rule cache before the stop, so the walks inside it mostly hit
 /// the cache. A thread blocked in a syscall shows its stack pointer and pc in
 /// `/proc/PID/task/TID/syscall` without being stopped, and its frames stay put while it
 /// is blocked; walking them now (results discarded: the stack may change at any time)
-/// derives the CFI rules of exactly the addresses the commit will look up.
+/// derives the CFI rules of exactly the addresses the commit will look up. A running
+/// main thread shows neither, but its outer frames (`_start`, libc's start code, `main`
+/// and its loop) sit near the top of `[stack]`: the code addresses found there are
+/// warmed as return addresses. (A cold walk of one busy thread took about 10 µs of the
+/// stop, a warm one well under 1 µs.)
 pub fn prewarm(
     unwinder: &mut Unwinder,
     mem: &RemoteMemory,
@@ -320,6 +329,9 @@ pub fn prewarm(
             .collect();
         // "nr a1..a6 sp pc" when blocked in a syscall; "running" otherwise.
         let [.., sp, pc] = fields[..] else {
+            if tid.0 == pid.0 {
+                warm_main_stack(unwinder, mem, maps);
+            }
             continue;
         };
         let Some(m) = stack_map(maps, sp) else {
@@ -341,5 +353,24 @@ pub fn prewarm(
             },
             &mut read,
         );
+    }
+}
+
+/// Warms the rules of the code addresses in the top [`MAIN_STACK_SCAN`] bytes of
+/// `[stack]` (see [`prewarm`]).
+fn warm_main_stack(unwinder: &mut Unwinder, mem: &RemoteMemory, maps: &[MapEntry]) {
+    let Some(stack) = maps.iter().find(|m| m.path == "[stack]") else {
+        return;
+    };
+    let lo = stack.end.saturating_sub(MAIN_STACK_SCAN).max(stack.start);
+    let Ok(bytes) = mem.read_vec(lo, (stack.end - lo) as usize) else {
+        return;
+    };
+    let mut warmed = 0;
+    for w in bytes.chunks_exact(8) {
+        let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+        if warmed < MAIN_STACK_WARM && unwinder.warm_return_address(v) {
+            warmed += 1;
+        }
     }
 }

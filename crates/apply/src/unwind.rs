@@ -602,6 +602,26 @@ impl Unwinder {
         &self.modules
     }
 
+    /// Derives and caches the rule for a possible return address `ra` (looked up at
+    /// `ra - 1`, as [`Self::unwind`] does), so that a later walk through it hits the
+    /// cache. Returns false when `ra` is in no module. Any address is harmless here:
+    /// rules depend on the address alone.
+    pub fn warm_return_address(&mut self, ra: u64) -> bool {
+        if find_module(&self.modules, ra.wrapping_sub(1)).is_none() {
+            return false;
+        }
+        let cur = FrameRegs {
+            index: 1,
+            pc: ra,
+            rsp: 0,
+            rbp: None,
+        };
+        // The rule is cached on derivation; applying it to no stack then fails, which
+        // does not matter.
+        let _ = self.step(&cur, ra - 1, &mut |_| None);
+        true
+    }
+
     fn clear_cache(&mut self) {
         self.cache.fill((u64::MAX, EMPTY_RULE));
     }

@@ -929,3 +929,46 @@ fn patch_code_with_eh_frame_relocated_from_an_object_unwinds() {
     );
     drop(stopped);
 }
+
+#[test]
+fn warming_the_code_addresses_on_a_stack_changes_no_walk_and_makes_it_cheaper() {
+    let scratch = Scratch::new().unwrap();
+    let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
+    let mut run = Running::start(&exe, &[]).unwrap();
+    run.wait_for("ready", READY_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let pid = run.pid();
+    let stopped = Stopped::all(pid);
+    let tid = stopped.tids[0];
+    let regs = stopped.regs(tid);
+    let img = StackReader::new(pid).image(regs.rsp);
+    let mut cold = Unwinder::new(modules_of(pid, &[]));
+    let t0 = Instant::now();
+    let want = cold.unwind(regs, &mut |a| img.read(a)).unwrap();
+    let cold_time = t0.elapsed();
+
+    // What `safety::prewarm` does with a running main thread: every word of its stack
+    // that points into code is warmed as a return address.
+    let mut warmed = Unwinder::new(modules_of(pid, &[]));
+    assert!(!warmed.warm_return_address(0), "0 is in no module");
+    let mut n = 0;
+    let mut a = regs.rsp;
+    while let Some(v) = img.read(a) {
+        n += usize::from(warmed.warm_return_address(v));
+        a += 8;
+    }
+    assert!(
+        n >= want.len() - 1,
+        "every return address is a code address"
+    );
+    let t0 = Instant::now();
+    let got = warmed.unwind(regs, &mut |a| img.read(a)).unwrap();
+    let warm_time = t0.elapsed();
+    drop(stopped);
+    assert_eq!(got, want, "warming changed the walk");
+    eprintln!(
+        "unwind of {} frames: cold {cold_time:?}, after warming {n} stack words {warm_time:?}",
+        want.len()
+    );
+    assert!(run.is_alive());
+}
