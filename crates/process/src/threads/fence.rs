@@ -34,9 +34,13 @@ use crate::{Error, Pid, Tid};
 /// interrupts it like any running thread.
 const FENCE_WAIT: Duration = Duration::from_millis(20);
 
-/// How long a candidate resumed towards its next syscall is waited for: a blocked
-/// thread restarting its syscall gets there within µs.
+/// How long a candidate resumed towards its next syscall is waited for in any case: a
+/// blocked thread restarting its syscall gets there within µs of CPU time. After that
+/// it is waited for only while it has had less than [`REENTRY_CPU`] of CPU since: on a
+/// busy machine it may not have run yet, while a thread that returned to user code
+/// runs on (and is left to the commit).
 const REENTRY_WAIT: Duration = Duration::from_millis(1);
+const REENTRY_CPU: u64 = 200_000;
 
 /// Other stops (signals) a candidate may meet on its way before it is left to the commit.
 const MAX_STOPS: u8 = 4;
@@ -67,8 +71,13 @@ enum Step {
     /// INTERRUPT sent, its stop not seen yet.
     Interrupting,
     /// Resumed with PTRACE_SYSCALL at `since`, running towards its (re-)entry stop;
-    /// `stops` counts the stops met since it became a candidate.
-    ToEntry { stops: u8, since: Instant },
+    /// `ran`: how much it had run when first found still on its way after
+    /// [`REENTRY_WAIT`]; `stops` counts the stops met since it became a candidate.
+    ToEntry {
+        stops: u8,
+        since: Instant,
+        ran: Option<RunCount>,
+    },
     /// Inside its syscall with the exit stop armed.
     Fenced,
     /// Given up on: a plain thread for the commit.
@@ -124,16 +133,28 @@ impl ThreadSet {
             ptrace(libc::PTRACE_INTERRUPT, *tid, 0, 0) == 0 || errno() != libc::ESRCH
         });
         let deadline = Instant::now() + FENCE_WAIT;
-        // Waited for: stops still to come, and re-entries due any moment (a thread
-        // that runs user code for longer is left to the commit).
-        let unresolved = |steps: &std::collections::BTreeMap<Tid, Step>| {
-            steps.values().any(|s| match s {
-                Step::Interrupting => true,
-                Step::ToEntry { since, .. } => since.elapsed() < REENTRY_WAIT,
-                _ => false,
-            })
+        // Waited for: stops still to come, and re-entries still to come (see
+        // `REENTRY_WAIT`; a thread that runs user code for longer is left to the commit).
+        let unresolved = |steps: &mut std::collections::BTreeMap<Tid, Step>| {
+            let mut any = false;
+            for (tid, s) in steps.iter_mut() {
+                any |= match s {
+                    Step::Interrupting => true,
+                    Step::ToEntry { since, .. } if since.elapsed() < REENTRY_WAIT => true,
+                    Step::ToEntry { ran, .. } => match (*ran, run_count(pid, *tid)) {
+                        (Some(before), Some(now)) => now.0.saturating_sub(before.0) < REENTRY_CPU,
+                        (None, now) => {
+                            *ran = now;
+                            now.is_some()
+                        }
+                        (Some(_), None) => false,
+                    },
+                    _ => false,
+                };
+            }
+            any
         };
-        while unresolved(&steps) && Instant::now() < deadline {
+        while unresolved(&mut steps) && Instant::now() < deadline {
             let Some((tid, status)) = waitpid(-1, libc::WNOHANG)? else {
                 std::thread::sleep(Duration::from_micros(20));
                 continue;
@@ -201,6 +222,7 @@ impl ThreadSet {
         Ok(Step::ToEntry {
             stops,
             since: Instant::now(),
+            ran: None,
         })
     }
 
