@@ -365,3 +365,89 @@ fn workers_woken_during_patch_cycles_never_crash_and_settle_on_the_right_version
     ensure!(prog.is_alive(), "the target died");
     Ok(())
 }
+
+#[test]
+fn a_patch_of_the_function_blocked_workers_sleep_in_is_refused_and_leaves_them_working(
+) -> Result<()> {
+    let s = setup()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("apply-fence"),
+        s._scratch.path(),
+        Flags {
+            extra: vec!["-pthread".into()],
+            ..Flags::default()
+        },
+    )?;
+    let of_worker = b.patch(&s.exe, "patched-worker.c", "0002")?;
+    let (mut prog, mut fifo) = start(&s)?;
+    let pid = prog.pid().to_string();
+    let refused = |out: &std::process::Output| -> Result<()> {
+        ensure!(!out.status.success(), "the patch of worker() was applied");
+        let err = stderr(out);
+        ensure!(err.contains("unsafe") && err.contains("worker"), "{err}");
+        all_tasks_released(prog.pid())
+    };
+    let of_worker_path = of_worker.path.to_str().unwrap();
+    // Every worker sleeps in worker(), all of them fenced: only their judgement before
+    // the stop can find them there.
+    refused(&lc(&[
+        "patch",
+        "-p",
+        &pid,
+        "--timeout",
+        "0.3",
+        of_worker_path,
+    ]))?;
+    // Again while bytes keep waking some of them (each goes back to sleep in worker()):
+    // the retries also let go of fenced threads that woke between attempts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let waker = {
+        let stop = stop.clone();
+        let mut w = fifo.try_clone()?;
+        std::thread::spawn(move || -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(b"x")?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        })
+    };
+    let out = lc(&["patch", "-p", &pid, "--timeout", "0.5", of_worker_path]);
+    stop.store(true, Ordering::Relaxed);
+    waker.join().expect("waker thread")?;
+    refused(&out)?;
+    let info = stdout(&lc(&["info", "-p", &pid]));
+    ensure!(
+        info.lines()
+            .filter(|l| l.contains(&s.exe.build_id))
+            .all(|l| l.contains("not patched")),
+        "{info}"
+    );
+    // Nothing changed: every worker still runs the original worker() and answer().
+    prog.drain();
+    every_worker_answers(&mut prog, &mut fifo, 1)?;
+    ensure!(
+        !prog.tail(WORKERS * 2).iter().any(|l| l.ends_with(" v2")),
+        "a worker ran the refused worker(): {:?}",
+        prog.tail(WORKERS * 2)
+    );
+    // And the patch the workers are not inside still goes in, fenced (once the last
+    // workers to answer are back in read() from their nap).
+    std::thread::sleep(Duration::from_millis(50));
+    until_all_fenced(
+        prog.pid(),
+        &[
+            "patch",
+            "-p",
+            &pid,
+            "--json",
+            s.patch.path.to_str().unwrap(),
+        ],
+        "patched",
+        &["unpatch", "-p", &pid],
+    )?;
+    every_worker_answers(&mut prog, &mut fifo, 2)?;
+    ensure!(prog.is_alive(), "the target died");
+    Ok(())
+}
