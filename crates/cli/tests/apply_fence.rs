@@ -451,3 +451,88 @@ fn a_patch_of_the_function_blocked_workers_sleep_in_is_refused_and_leaves_them_w
     ensure!(prog.is_alive(), "the target died");
     Ok(())
 }
+
+/// True if `info` shows a patch applied to the fixture (after `repair`, nothing else).
+fn applied(pid: &str) -> Result<bool> {
+    let out = ok(&lc(&["info", "-p", pid, "--json"]))?;
+    let doc: serde_json::Value = serde_json::from_str(&out).context("parsing info")?;
+    let states: Vec<&str> = doc
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["objects"].as_array().into_iter().flatten())
+        .flat_map(|o| o["patches"].as_array().into_iter().flatten())
+        .filter_map(|p| p["state"].as_str())
+        .collect();
+    ensure!(
+        states.iter().all(|s| *s == "applied"),
+        "after repair: {states:?}"
+    );
+    Ok(!states.is_empty())
+}
+
+#[test]
+fn sigkill_of_livecare_while_workers_are_fenced_leaves_them_untraced_in_their_syscall() -> Result<()>
+{
+    use std::os::unix::process::ExitStatusExt as _;
+    let s = setup()?;
+    let (mut prog, mut fifo) = start(&s)?;
+    let pid = prog.pid().to_string();
+    let patch = ["patch", "-p", &pid, s.patch.path.to_str().unwrap()];
+    let unpatch = ["unpatch", "-p", &pid];
+    // How long an uninterrupted run takes: kills land within that, half of them in its
+    // second half, where the fencing, the stop and the release happen.
+    let t0 = Instant::now();
+    ok(&lc(&patch))?;
+    let span = t0.elapsed();
+    ok(&lc(&unpatch))?;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(prog.pid());
+    let mut killed = 0;
+    for trial in 0..16 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let us = span.as_micros() as u64 + 1;
+        let delay = if trial % 2 == 0 {
+            rng % (us * 6 / 5)
+        } else {
+            us / 2 + rng % (us * 7 / 10)
+        };
+        std::thread::sleep(Duration::from_millis(30)); // idle again: fence candidates
+        let args: &[&str] = if applied(&pid)? { &unpatch } else { &patch };
+        (|| -> Result<()> {
+            let mut child = std::process::Command::new(livecare())
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            std::thread::sleep(Duration::from_micros(delay));
+            let _ = child.kill();
+            killed += usize::from(child.wait()?.signal() == Some(libc::SIGKILL));
+            // The kernel released every thread with its tracer; a worker caught between
+            // its fence stops goes back into its read() by itself.
+            all_tasks_released(prog.pid())?;
+            let deadline = Instant::now() + WAIT;
+            while threads_in_read(prog.pid())? != WORKERS {
+                ensure!(
+                    Instant::now() < deadline,
+                    "workers did not go back to read()"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ok(&lc(&["repair", "-p", &pid]))?;
+            let want = if applied(&pid)? { 2 } else { 1 };
+            prog.drain();
+            prog.wait_for(&format!("main answer={want}"), WAIT)?;
+            every_worker_answers(&mut prog, &mut fifo, want)?;
+            ensure!(prog.is_alive(), "the target died");
+            Ok(())
+        })()
+        .with_context(|| format!("trial {trial}: {args:?} killed after {delay} µs"))?;
+    }
+    eprintln!("16 trials, {killed} livecare runs killed before they finished (span {span:?})");
+    if applied(&pid)? {
+        ok(&lc(&unpatch))?;
+    }
+    Ok(())
+}
