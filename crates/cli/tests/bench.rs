@@ -2,6 +2,7 @@
 //! targets and prints its figures; the checks are on shape and sanity, never on
 //! magnitudes (CI machines differ).
 
+use std::io::Write as _;
 use std::process::Command;
 
 use serde_json::Value;
@@ -15,7 +16,13 @@ fn bench(args: &[&str]) -> Value {
         .output()
         .expect("running livecare bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("$ livecare bench {} --json\n{stdout}", args.join(" "));
+    // Straight to stderr, not through `eprintln!`, which the test harness captures
+    // (and shows only on failure): the figures belong in every CI log.
+    let _ = writeln!(
+        std::io::stderr(),
+        "$ livecare bench {} --json\n{stdout}",
+        args.join(" ")
+    );
     assert!(
         out.status.success(),
         "livecare bench {args:?} failed: {}",
