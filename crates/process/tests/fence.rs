@@ -231,3 +231,52 @@ fn threads_left_fenced_are_taken_back_fenced_by_the_next_commit() -> Result<()> 
     ensure!(p.is_alive());
     Ok(())
 }
+
+#[test]
+fn threads_of_a_stopped_process_are_not_fenced_and_stay_stopped() -> Result<()> {
+    let s = Scratch::new()?;
+    let (mut p, mut pipe) = start(&s)?;
+    let pid = Pid(p.pid() as i32);
+    // SAFETY: kill with a pid we started and a valid signal.
+    ensure!(unsafe { libc::kill(pid.0, libc::SIGSTOP) } == 0);
+    until("every task is stopped", || {
+        Ok(pid
+            .tasks()?
+            .iter()
+            .all(|t| state(pid, *t).ok() == Some('T')))
+    })?;
+    std::thread::scope(|sc| {
+        sc.spawn(|| -> Result<()> {
+            let mut set = ThreadSet::seize(pid)?;
+            set.note_idle();
+            std::thread::sleep(Duration::from_millis(30));
+            // Fencing would have to resume them from their group-stop.
+            ensure!(set.fence_idle()? == 0, "a stopped thread was fenced");
+            set.interrupt_all()?;
+            set.detach_all()?;
+            Ok(())
+        })
+        .join()
+        .expect("tracer thread")
+    })?;
+    for t in pid.tasks()? {
+        ensure!(tracer(pid, t)? == 0, "task {t} still traced");
+        ensure!(
+            state(pid, t)? == 'T',
+            "task {t} is {}, not stopped",
+            state(pid, t)?
+        );
+    }
+    p.drain();
+    pipe.write_all(b"x")?;
+    std::thread::sleep(Duration::from_millis(30));
+    ensure!(
+        p.wait_for("woke", Duration::from_millis(1)).is_err(),
+        "a worker of the stopped process ran"
+    );
+    // SAFETY: as above.
+    ensure!(unsafe { libc::kill(pid.0, libc::SIGCONT) } == 0);
+    p.wait_for("woke", WAIT)?;
+    ensure!(p.is_alive());
+    Ok(())
+}

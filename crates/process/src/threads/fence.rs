@@ -45,6 +45,17 @@ const REENTRY_CPU: u64 = 200_000;
 /// Other stops (signals) a candidate may meet on its way before it is left to the commit.
 const MAX_STOPS: u8 = 4;
 
+/// True for the report of a group-stop of a seized tracee (PTRACE_EVENT_STOP with the
+/// stopping signal; an INTERRUPT's stop carries SIGTRAP).
+fn is_group_stop(status: i32) -> bool {
+    libc::WIFSTOPPED(status)
+        && status >> 16 == libc::PTRACE_EVENT_STOP
+        && matches!(
+            libc::WSTOPSIG(status),
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        )
+}
+
 /// `PTRACE_GET_SYSCALL_INFO` (Linux 5.3), and its `op` for a syscall-entry stop.
 const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
 const SYSCALL_INFO_ENTRY: u8 = 1;
@@ -165,6 +176,9 @@ impl ThreadSet {
             }
             let step = steps.get(&tid).copied();
             let next = match step {
+                // A group-stop (the process was stopped by SIGSTOP and friends): the
+                // thread stays stopped, as it would untraced; not ours to run it.
+                _ if is_group_stop(status) => Step::Plain,
                 // Not a candidate (a signal or a clone event of a running thread, a new
                 // thread's first stop), a fenced one that woke (it has work to do: not
                 // held up again), or one that met too many other stops on its way: let
