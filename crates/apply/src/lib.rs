@@ -955,6 +955,9 @@ fn commit_loop(
                 &pick,
             )?;
         }
+        // The syscalls of the stop, made once just before it (see `rehearse`).
+        threads.rehearse();
+        mem.rehearse(&ranges);
         let t0 = Instant::now();
         threads.interrupt_all()?;
 

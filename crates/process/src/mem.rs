@@ -136,6 +136,17 @@ impl RemoteMemory {
         out
     }
 
+    /// Reads `ranges` and throws the bytes away, and reads one byte of the first through
+    /// `/proc/PID/mem`, the path of [`Self::write`]: run just before a stop, it warms the
+    /// syscall paths that the stop's reads and writes take (see
+    /// `ThreadSet::rehearse`).
+    pub fn rehearse(&self, ranges: &[(u64, usize)]) {
+        let _ = self.read_ranges(ranges);
+        if let Some(&(addr, _)) = ranges.first() {
+            let _ = self.mem.read_at(&mut [0u8; 1], addr);
+        }
+    }
+
     /// Writes `data` at `addr`, also into read-only or executable pages.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
         // process_vm_writev fails with EFAULT on r-x pages; /proc/PID/mem writes with

@@ -93,7 +93,7 @@ pub struct ThreadSet {
     /// Real-time priority held while threads are stopped (see [`crate::priority`]).
     boost: Option<crate::priority::Boost>,
     /// Spinners keeping the target's CPUs from halting during a pause.
-    warm: Option<crate::warm::CpuWarmers>,
+    warm: Option<crate::warm::Warmth>,
     /// Registers of stopped threads as last read (each thread's are read once per
     /// stop); dropped whenever the thread runs or its registers are written.
     regs_cache: RefCell<BTreeMap<Tid, Regs>>,
@@ -325,18 +325,45 @@ impl ThreadSet {
         })
     }
 
-    /// Keeps the CPU a single-threaded target runs on from halting during each pause
-    /// from now on (see `warm.rs`): its thread then runs again 6–18 µs after the
-    /// resume instead of 22–41 µs, and the pause it sees went from 84–112 µs to
-    /// 61–101 µs for patch (alternating runs, 1 busy thread). Only for a process of one
-    /// thread, and only one process at a time:
-    /// - with 8 busy threads the tool's pause got longer (0.26–0.31 → 1.8–3.3 ms), so
-    ///   it is not used there;
-    /// - with parallel jobs the CPUs are not spare (`-p all`: 0.81–0.83 → 0.87–0.89 ms
-    ///   per process).
+    /// Keeps the target's CPUs from halting during each pause from now on (see
+    /// `warm.rs`), so its threads run again within microseconds of the resume:
+    /// - by making idle CPUs poll (a PM QoS request held during the pause), for any
+    ///   target: with 1 busy thread the pause it saw went from 70–81 µs to 46–50 µs;
+    /// - else by spinner threads, only for a process of one thread, and only one
+    ///   process at a time. They took the pause of 1 busy thread from 84–112 µs to
+    ///   61–101 µs, but with 8 busy threads the tool's pause got longer (0.26–0.31 →
+    ///   1.8–3.3 ms), and with parallel jobs the CPUs are not spare (`-p all`:
+    ///   0.81–0.83 → 0.87–0.89 ms per process).
     pub fn keep_cpus_warm(&mut self) {
-        if self.warm.is_none() && self.threads.len() == 1 {
-            self.warm = crate::warm::CpuWarmers::start(self.pid);
+        if self.warm.is_none() {
+            self.warm = crate::warm::Warmth::start(self.pid, self.threads.len());
+        }
+    }
+
+    /// Makes, just before a stop, the syscalls that the stop will make, without their
+    /// effects: the thread count's `fstat`, a wait that consumes nothing (`WNOWAIT`) and
+    /// a register read of a running thread (refused with ESRCH). On this VM a syscall
+    /// path that the tracer's CPU has not run lately costs several times its warm cost
+    /// (a `statx` 9–11 µs against 3 µs right after the same call; measured in C with
+    /// `scripts/ptrace-stop-floor.c`), and inside the stop every µs is pause.
+    pub fn rehearse(&self) {
+        let _ = self.thread_count();
+        // SAFETY: waitid fills a siginfo we own; WNOWAIT leaves any status to be reaped
+        // later, and WNOHANG returns at once.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+            );
+        }
+        if let Some(tid) = self.threads.iter().find(|t| t.1.running()).map(|t| *t.0) {
+            let mut regs = std::mem::MaybeUninit::<libc::user_regs_struct>::uninit();
+            // A ptrace request on a running tracee is refused (ESRCH) before touching
+            // it: only the syscall path is warmed.
+            ptrace(libc::PTRACE_GETREGS, tid, 0, regs.as_mut_ptr() as u64);
         }
     }
 
@@ -503,7 +530,7 @@ impl ThreadSet {
             // Started even with no thread to interrupt (all fenced): the commit holds
             // them from here on.
             if self.watch.started.is_none() {
-                if let Some(w) = &self.warm {
+                if let Some(w) = &mut self.warm {
                     w.arm();
                 }
                 self.watch.started = Some((Instant::now(), monotonic_ns()));
@@ -735,7 +762,7 @@ impl ThreadSet {
     }
 
     fn end_pause(&mut self) {
-        if let Some(w) = &self.warm {
+        if let Some(w) = &mut self.warm {
             w.disarm();
         }
         if let Some((s, ns)) = self.watch.started.take() {
