@@ -58,9 +58,10 @@ pub struct Options {
     /// Keep every thread stopped after the commit (for `run`, which patches a
     /// program stopped at its entry point and lets it go only at the end).
     pub hold: bool,
-    /// Keep the target's CPUs from halting during the pauses
+    /// Where idle CPUs cannot be made to poll during the pauses, keep a
+    /// single-threaded target's CPU busy with a spinner thread instead
     /// ([`ThreadSet::keep_cpus_warm`]): for one process at a time, not parallel jobs.
-    pub warm_cpus: bool,
+    pub spin_cpus: bool,
     /// Leave threads that stayed blocked in a syscall while the patch was prepared
     /// inside it, fenced, instead of stopping them in the commit
     /// ([`ThreadSet::fence_idle`]). [`apply`] and [`unpatch`] then trace a
@@ -74,7 +75,7 @@ impl Default for Options {
         Options {
             timeout: Duration::from_secs(3),
             hold: false,
-            warm_cpus: false,
+            spin_cpus: false,
             fence_idle: false,
         }
     }
@@ -298,9 +299,7 @@ const FENCE_MIN_THREADS: usize = 2;
 /// Seizes every thread of `pid` as `opts` say; idle threads will be fenced if `fence`.
 fn seize(pid: Pid, opts: &Options, fence: bool) -> Result<ThreadSet, Error> {
     let mut threads = ThreadSet::seize(pid)?;
-    if opts.warm_cpus {
-        threads.keep_cpus_warm();
-    }
+    threads.keep_cpus_warm(opts.spin_cpus);
     if fence {
         // Threads that run at all until the commit are stopped there as usual.
         threads.note_idle();

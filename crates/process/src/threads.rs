@@ -328,15 +328,17 @@ impl ThreadSet {
     /// Keeps the target's CPUs from halting during each pause from now on (see
     /// `warm.rs`), so its threads run again within microseconds of the resume:
     /// - by making idle CPUs poll (a PM QoS request held during the pause), for any
-    ///   target: with 1 busy thread the pause it saw went from 70–81 µs to 46–50 µs;
-    /// - else by spinner threads, only for a process of one thread, and only one
-    ///   process at a time. They took the pause of 1 busy thread from 84–112 µs to
-    ///   61–101 µs, but with 8 busy threads the tool's pause got longer (0.26–0.31 →
-    ///   1.8–3.3 ms), and with parallel jobs the CPUs are not spare (`-p all`:
-    ///   0.81–0.83 → 0.87–0.89 ms per process).
-    pub fn keep_cpus_warm(&mut self) {
+    ///   target: with 1 busy thread the pause it saw went from 70–81 µs to 46–50 µs,
+    ///   and `-p all --jobs 1` from 1.03–1.41 to 0.94–1.15 ms per process (parallel
+    ///   jobs: no change beyond the noise);
+    /// - else, if `spinners`, by spinner threads, only for a process of one thread
+    ///   (pass `false` with parallel jobs). They took the pause of 1 busy thread from
+    ///   84–112 µs to 61–101 µs, but with 8 busy threads the tool's pause got longer
+    ///   (0.26–0.31 → 1.8–3.3 ms), and with parallel jobs the CPUs are not spare
+    ///   (`-p all`: 0.81–0.83 → 0.87–0.89 ms per process).
+    pub fn keep_cpus_warm(&mut self, spinners: bool) {
         if self.warm.is_none() {
-            self.warm = crate::warm::Warmth::start(self.pid, self.threads.len());
+            self.warm = crate::warm::Warmth::start(self.pid, self.threads.len(), spinners);
         }
     }
 

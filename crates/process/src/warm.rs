@@ -47,16 +47,16 @@ pub(crate) enum Warmth {
 
 impl Warmth {
     /// The best way available for `pid`, `None` when turned off or there is nothing to
-    /// keep busy. Spinners only for a process of `threads` == 1 (see
+    /// keep busy. Spinners only if `spinners` and for a process of `threads` == 1 (see
     /// `ThreadSet::keep_cpus_warm`).
-    pub(crate) fn start(pid: Pid, threads: usize) -> Option<Warmth> {
+    pub(crate) fn start(pid: Pid, threads: usize, spinners: bool) -> Option<Warmth> {
         if std::env::var_os("LIVECARE_NO_WARM_CPUS").is_some() {
             return None;
         }
         if let Some(p) = IdlePoll::open() {
             return Some(Warmth::Poll(p));
         }
-        if threads != 1 {
+        if !spinners || threads != 1 {
             return None;
         }
         CpuWarmers::start(pid).map(Warmth::Spin)

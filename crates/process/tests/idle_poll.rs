@@ -57,7 +57,7 @@ fn idle_cpus_poll_while_a_process_is_held_and_halt_again_once_it_runs() -> Resul
     let pid = Pid(p.pid() as i32);
 
     let mut threads = ThreadSet::seize(pid)?;
-    threads.keep_cpus_warm();
+    threads.keep_cpus_warm(false);
     let before = polled_over_window();
     threads.interrupt_all()?;
     let held = polled_over_window();

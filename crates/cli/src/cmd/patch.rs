@@ -174,7 +174,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
         hold: false,
         // One process at a time: the other CPUs are spare during its pauses.
-        warm_cpus: !all,
+        spin_cpus: !all,
         // Threads blocked in a syscall stay in it during the commit (see README).
         fence_idle: std::env::var_os("LIVECARE_NO_FENCE").is_none(),
     };

@@ -31,7 +31,7 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
     let opts = Options {
         timeout: Duration::from_secs_f64(args.timeout.max(0.0)),
         hold: false,
-        warm_cpus: false,
+        spin_cpus: false,
         fence_idle: false,
     };
     let pending = livecare_apply::check_regions(pid, args.rollback)
