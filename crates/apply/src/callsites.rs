@@ -391,7 +391,6 @@ mod tests {
     use super::*;
     use std::path::Path;
     use std::process::Command;
-    use std::sync::Arc;
     use testkit::{Link, Scratch};
 
     /// `obj` as if loaded at its link addresses.
@@ -403,7 +402,7 @@ mod tests {
             ranges: std::iter::once(0..u64::MAX / 2).collect(),
             kind: livecare_process::ElfKind::Executable,
             map_file: String::new(),
-            data: Arc::from(std::fs::read(path).unwrap()),
+            data: livecare_process::Bytes::from(std::fs::read(path).unwrap()),
         }
     }
 

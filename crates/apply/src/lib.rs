@@ -1368,7 +1368,6 @@ mod tests {
     }
 
     use super::*;
-    use std::sync::Arc;
 
     fn map(start: u64, end: u64) -> MapEntry {
         MapEntry {
@@ -1393,7 +1392,7 @@ mod tests {
             ranges: std::iter::once(0x5555_0000_0000..0x5555_0000_4000).collect(),
             kind: livecare_process::ElfKind::Executable,
             map_file: String::new(),
-            data: Arc::from(Vec::new()),
+            data: livecare_process::Bytes::from(Vec::new()),
         };
         // A neighbour right after the object forces the search further out.
         let maps = vec![

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use object::read::elf::{FileHeader, ProgramHeader, Rela as _, SectionHeader, Sym as _};
 use object::{elf, LittleEndian as LE};
 
-use livecare_process::LoadedObject;
+use livecare_process::{Bytes, LoadedObject};
 
 use crate::arch::{Native, PatchArch, RelocInput};
 use crate::container::Patch;
@@ -227,7 +227,7 @@ pub struct ObjectView {
 /// Parsed files by identity of their bytes (address and length of the shared
 /// allocation, which the entry keeps alive so the address cannot be reused). The
 /// per-key cell lets concurrent `-p all` jobs wait for one parse instead of repeating it.
-type LinkCache = HashMap<(usize, usize), (Arc<[u8]>, Arc<OnceLock<Option<Arc<LinkView>>>>)>;
+type LinkCache = HashMap<(usize, usize), (Bytes, Arc<OnceLock<Option<Arc<LinkView>>>>)>;
 
 fn link_cache() -> &'static Mutex<LinkCache> {
     static CACHE: OnceLock<Mutex<LinkCache>> = OnceLock::new();
@@ -310,7 +310,7 @@ impl ObjectView {
 
 impl LinkView {
     /// Parses an object file's tables at link-time addresses (bias 0).
-    fn parse(data: &Arc<[u8]>) -> Result<LinkView, String> {
+    fn parse(data: &Bytes) -> Result<LinkView, String> {
         let bytes: &[u8] = data;
         let hdr = Hdr::parse(bytes).map_err(|e| e.to_string())?;
         let e = hdr.endian().map_err(|e| e.to_string())?;
@@ -1448,7 +1448,7 @@ mod tests {
     fn a_file_that_is_not_elf_is_an_error_naming_the_object() {
         let obj = LoadedObject {
             path: "/x/not-elf".into(),
-            data: Arc::from(&b"not an ELF file at all"[..]),
+            data: Bytes::from(&b"not an ELF file at all"[..]),
             ..own_libc()
         };
         let err = ObjectView::new(&obj).err().expect("refused").to_string();

@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
-use livecare_process::{LoadedObject, MapEntry, Regs, RemoteMemory, ThreadSet, Tid};
+use livecare_process::{Bytes, LoadedObject, MapEntry, Regs, RemoteMemory, ThreadSet, Tid};
 
 use crate::region::RegionHeader;
 use crate::unwind::{CodeModule, Regs as UnwindRegs, Unwinder};
@@ -85,7 +85,7 @@ pub fn build_unwinder(
 /// so a replaced file is never served stale tables.
 fn cached_module(o: &LoadedObject) -> Option<CodeModule> {
     type Key = (String, Option<String>, usize, usize);
-    type Entry = (Arc<[u8]>, Option<CodeModule>);
+    type Entry = (Bytes, Option<CodeModule>);
     static CACHE: OnceLock<Mutex<HashMap<Key, Entry>>> = OnceLock::new();
     let key = (
         o.path.clone(),
@@ -109,13 +109,13 @@ fn cached_module(o: &LoadedObject) -> Option<CodeModule> {
 /// The unwind module of the vdso, parsed once per invocation: every process of one
 /// kernel maps the same vdso (checked by its bytes), only at another address.
 fn cached_vdso(bytes: Vec<u8>) -> Option<CodeModule> {
-    type Entry = (Arc<[u8]>, Option<CodeModule>);
+    type Entry = (Bytes, Option<CodeModule>);
     static CACHE: OnceLock<Mutex<Vec<Entry>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some((_, hit)) = cache.lock().ok()?.iter().find(|(b, _)| **b == *bytes) {
         return hit.clone();
     }
-    let bytes: Arc<[u8]> = Arc::from(bytes);
+    let bytes = Bytes::from(bytes);
     let built = CodeModule::from_elf("[vdso]".into(), bytes.clone(), 0, 0..0).ok();
     cache.lock().ok()?.push((bytes, built.clone()));
     built

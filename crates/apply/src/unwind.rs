@@ -41,6 +41,7 @@ use gimli::{
     EvaluationResult, LittleEndian, Location, Pointer, Register, RegisterRule, UnwindContext,
     UnwindSection, UnwindTableRow, Value, X86_64,
 };
+use livecare_process::Bytes;
 use object::{Object, ObjectSection, ObjectSegment};
 
 /// At most this many frames are walked; a deeper stack is reported as an error.
@@ -174,7 +175,7 @@ enum CfiKind {
 /// One CFI section of a module with its FDE index.
 #[derive(Clone)]
 struct CfiTable {
-    data: Arc<[u8]>,
+    data: Bytes,
     /// Byte range of the section inside `data`.
     range: Range<usize>,
     kind: CfiKind,
@@ -201,7 +202,7 @@ impl CfiTable {
     /// walking every CIE/FDE of the section.
     fn build(
         module: &str,
-        data: Arc<[u8]>,
+        data: Bytes,
         range: Range<usize>,
         kind: CfiKind,
         bases: BaseAddresses,
@@ -306,7 +307,7 @@ impl CodeModule {
     /// first PT_LOAD p_vaddr` (the vDSO's vaddrs start at 0, so usually the start).
     pub fn from_elf(
         name: String,
-        elf: Arc<[u8]>,
+        elf: Bytes,
         load_bias: u64,
         avma_range: Range<u64>,
     ) -> Result<CodeModule, UnwindError> {
@@ -391,7 +392,7 @@ impl CodeModule {
             .set_text(text_avma.start);
         let table = CfiTable::build(
             &name,
-            Arc::from(eh_frame),
+            Bytes::from(eh_frame),
             range,
             CfiKind::EhFrame,
             bases,
@@ -1099,7 +1100,7 @@ mod tests {
     #[test]
     fn eh_frame_hdr_index_matches_walking_every_fde() {
         let path = own_libc();
-        let data: Arc<[u8]> = std::fs::read(&path).unwrap().into();
+        let data: Bytes = std::fs::read(&path).unwrap().into();
         let m = CodeModule::from_elf(path.clone(), data.clone(), 0, 0..u64::MAX).unwrap();
         let eh = &m.tables[0];
         assert_eq!(eh.kind, CfiKind::EhFrame);
@@ -1120,7 +1121,7 @@ mod tests {
         // Walk this test's own stack with libc built at bias 0 and rebased to where
         // it is mapped, and with libc built at its real bias: same frames.
         let path = own_libc();
-        let data: Arc<[u8]> = std::fs::read(&path).unwrap().into();
+        let data: Bytes = std::fs::read(&path).unwrap().into();
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let (start, end, off) = maps
             .lines()
@@ -1166,7 +1167,7 @@ mod tests {
 
     #[test]
     fn garbage_bytes_are_a_bad_elf_not_a_panic() {
-        let junk: Arc<[u8]> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let junk: Bytes = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
         assert!(matches!(
             CodeModule::from_elf("junk".into(), junk, 0, 0..1),
             Err(UnwindError::BadElf { .. })
@@ -1181,7 +1182,7 @@ mod tests {
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let data = std::fs::read(e.unwrap().path()).unwrap();
-            let elf: Arc<[u8]> = Arc::from(data.get(16..).unwrap_or_default());
+            let elf: Bytes = Bytes::from(data.get(16..).unwrap_or_default());
             let _ = CodeModule::from_elf("fuzz".into(), elf, 0, 0..u64::MAX);
             n += 1;
         }

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livecare_apply::unwind::{CodeModule, Regs, StackImage, UnwindError, Unwinder, MAX_FRAMES};
+use livecare_process::Bytes;
 use nix::sys::ptrace;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -151,11 +151,11 @@ fn modules_of(pid: u32, omit: &[&str]) -> Vec<CodeModule> {
         .iter()
         .filter(|m| !omit.iter().any(|o| m.path.contains(o)))
     {
-        let data: Arc<[u8]> = std::fs::read(&m.path).unwrap().into();
+        let data: Bytes = std::fs::read(&m.path).unwrap().into();
         modules.push(CodeModule::from_elf(m.path.clone(), data, m.bias, m.exec.clone()).unwrap());
     }
     if !vdso.is_empty() {
-        let image: Arc<[u8]> = read_mem(pid, vdso.clone()).into();
+        let image: Bytes = read_mem(pid, vdso.clone()).into();
         let file = object::File::parse(&*image).unwrap();
         let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0);
         modules.push(
@@ -900,7 +900,7 @@ fn patch_code_with_eh_frame_relocated_from_an_object_unwinds() {
         .into_iter()
         .find(|m| m.path.ends_with(name))
         .unwrap();
-    let exe_data: Arc<[u8]> = std::fs::read(&exe).unwrap().into();
+    let exe_data: Bytes = std::fs::read(&exe).unwrap().into();
     modules.push(
         CodeModule::from_elf(
             name.into(),

@@ -10,6 +10,7 @@
 //! [`ThreadSet`] guard detaches in `Drop`).
 
 pub mod arch;
+mod bytes;
 mod error;
 mod launch;
 mod maps;
@@ -21,6 +22,7 @@ mod wake;
 mod warm;
 
 pub use arch::Regs;
+pub use bytes::Bytes;
 pub use error::Error;
 pub use launch::launch_at_entry;
 pub use maps::{auxv, read_maps, read_proc_file, MapEntry, AT_ENTRY, AT_PHDR};

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{elf, Endianness, Object};
 
-use crate::{read_maps, Error, MapEntry, Pid, RemoteMemory};
+use crate::{read_maps, Bytes, Error, MapEntry, Pid, RemoteMemory};
 
 /// What kind of ELF object a mapping holds; libraries are recognised by type and
 /// `PT_DYNAMIC`, never by file name (glibc is `libc.so.6`).
@@ -38,7 +38,7 @@ pub struct LoadedObject {
     /// file was replaced or deleted on disk).
     pub map_file: String,
     /// The file's bytes, shared.
-    pub data: Arc<[u8]>,
+    pub data: Bytes,
 }
 
 impl LoadedObject {
@@ -65,7 +65,7 @@ impl LoadedObject {
 
 /// One object file as read from disk: its bytes and what they say about themselves.
 struct FileInfo {
-    data: Arc<[u8]>,
+    data: Bytes,
     /// GNU build-id found in the file (None: the file names none).
     build_id: Option<String>,
 }
@@ -129,11 +129,10 @@ fn read_object_file(
             return Some((mf, f.clone()));
         }
     }
-    let data = std::fs::read(&mf)
-        .or_else(|_| std::fs::read(format!("/proc/{}/root{}", pid.0, first.path)))
-        .or_else(|_| std::fs::read(&first.path))
+    let data = Bytes::map_path(&mf)
+        .or_else(|_| Bytes::map_path(format!("/proc/{}/root{}", pid.0, first.path)))
+        .or_else(|_| Bytes::map_path(&first.path))
         .ok()?;
-    let data: Arc<[u8]> = Arc::from(data);
     let info = Arc::new(FileInfo {
         build_id: file_build_id(&data),
         data,
@@ -256,6 +255,7 @@ pub fn loaded_objects(pid: Pid) -> Result<Vec<LoadedObject>, Error> {
 /// both of its steps.
 fn keyed_mappings(pid: Pid, maps: &[MapEntry]) -> Vec<(usize, String, Option<FileKey>)> {
     first_mappings(maps)
+        .into_iter()
         .map(|(i, m)| {
             let (mf, key) = file_key(pid, m);
             (i, mf, key)
@@ -304,7 +304,7 @@ fn objects_in_keyed(
                     ranges,
                     kind: ElfKind::Other,
                     map_file: String::new(),
-                    data: Arc::from(Vec::new()),
+                    data: Bytes::from(Vec::new()),
                 });
             }
             continue;
@@ -334,14 +334,30 @@ fn objects_in_keyed(
     out
 }
 
-/// The first mapping of each distinct file (device, inode, path), with its index.
-fn first_mappings(maps: &[MapEntry]) -> impl Iterator<Item = (usize, &MapEntry)> {
-    maps.iter().enumerate().filter(move |(i, m)| {
-        m.is_file()
-            && !maps[..*i]
-                .iter()
-                .any(|x| x.inode == m.inode && x.dev == m.dev && x.path == m.path)
-    })
+/// The first mapping of each distinct file (device, inode, path), with its index, in
+/// address order. Where the same file is also mapped whole as data (as livecare maps
+/// the object files it reads, seen when it inspects itself), the loaded image wins: a
+/// mapping at offset 0 followed at once by the file's next segment.
+fn first_mappings(maps: &[MapEntry]) -> Vec<(usize, &MapEntry)> {
+    let same =
+        |a: &MapEntry, b: &MapEntry| a.inode == b.inode && a.dev == b.dev && a.path == b.path;
+    let image_start = |i: usize| {
+        let m = &maps[i];
+        m.offset == 0
+            && maps
+                .get(i + 1)
+                .is_some_and(|n| same(m, n) && n.start == m.end && n.offset > 0)
+    };
+    let mut out: Vec<(usize, &MapEntry)> = Vec::new();
+    for (i, m) in maps.iter().enumerate().filter(|(_, m)| m.is_file()) {
+        match out.iter().position(|(_, x)| same(x, m)) {
+            None => out.push((i, m)),
+            Some(k) if !image_start(out[k].0) && image_start(i) => out[k] = (i, m),
+            Some(_) => {}
+        }
+    }
+    out.sort_by_key(|&(i, _)| i);
+    out
 }
 
 /// Reads the few header and note bytes `object` looks at for a build-id, without
@@ -503,6 +519,30 @@ fn any_build_id_in_maps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_file_mapped_as_data_below_the_loaded_image_is_not_taken_for_it() {
+        let m = |start: u64, end: u64, offset: u64, inode: u64, path: &str| MapEntry {
+            start,
+            end,
+            read: true,
+            write: false,
+            exec: false,
+            offset,
+            dev: "08:01".into(),
+            inode,
+            path: path.into(),
+        };
+        let maps = vec![
+            m(0x1000, 0x9000, 0, 7, "/lib/libc.so.6"), // livecare's own data mapping
+            m(0x10000, 0x11000, 0, 9, "/bin/prog"),
+            m(0x20000, 0x22000, 0, 7, "/lib/libc.so.6"),
+            m(0x22000, 0x26000, 0x2000, 7, "/lib/libc.so.6"),
+            m(0x30000, 0x31000, 0, 8, "/lib/alone.so"), // one segment: first mapping
+        ];
+        let got: Vec<u64> = first_mappings(&maps).iter().map(|(_, e)| e.start).collect();
+        assert_eq!(got, vec![0x10000, 0x20000, 0x30000]);
+    }
 
     #[test]
     fn own_process_has_executable_and_libc_with_build_ids() {
