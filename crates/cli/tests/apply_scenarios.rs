@@ -400,7 +400,7 @@ fn patch_all_processes_patches_every_matching_one() -> Result<()> {
 }
 
 #[test]
-fn patch_all_with_parallel_jobs_patches_every_matching_process_once() -> Result<()> {
+fn patch_and_unpatch_all_with_parallel_jobs_change_every_matching_process_once() -> Result<()> {
     let s = Scratch::new()?;
     // A define no other test uses gives this build its own build-id, so `-p all`
     // touches only these processes.
@@ -444,10 +444,18 @@ fn patch_all_with_parallel_jobs_patches_every_matching_process_once() -> Result<
         let (state, tracer) = p.proc_state()?;
         assert!(tracer == 0 && !state.starts_with('t'), "{state} {tracer}");
     }
-    ok(&lc(&["unpatch", "-p", "all", &exe.build_id]))?;
+    let out = ok(&lc(&["unpatch", "-p", "all", "--jobs", "3", &exe.build_id]))?;
     for p in &mut procs {
+        assert_eq!(
+            out.matches(&format!("from pid {} ", p.pid())).count(),
+            1,
+            "pid {} not unpatched exactly once:\n{out}",
+            p.pid()
+        );
         p.drain();
         p.wait_for("value=1", WAIT)?;
+        let (state, tracer) = p.proc_state()?;
+        assert!(tracer == 0 && !state.starts_with('t'), "{state} {tracer}");
     }
     Ok(())
 }

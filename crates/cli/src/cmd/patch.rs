@@ -69,24 +69,23 @@ fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Opti
     }
 }
 
-/// Runs `patch_one` over `pids` on up to `jobs` threads (each thread is the ptrace
-/// tracer of the processes it takes); outcomes come back in `pids` order.
-fn patch_all(
+/// Runs `each` over `pids` on up to `jobs` threads (each thread is the ptrace tracer
+/// of the processes it takes); results come back in `pids` order.
+pub(crate) fn in_parallel<T: Send>(
     pids: &[Pid],
     jobs: usize,
-    patches: &[livecare_apply::Patch],
-    opts: &Options,
-) -> Vec<Outcome> {
+    each: impl Fn(Pid) -> T + Sync,
+) -> Vec<T> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::with_capacity(pids.len()));
+    let results: Mutex<Vec<(usize, T)>> = Mutex::new(Vec::with_capacity(pids.len()));
     std::thread::scope(|scope| {
         for _ in 0..jobs.clamp(1, pids.len().max(1)) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&pid) = pids.get(i) else { break };
-                let outcome = patch_one(pid, true, patches, opts);
+                let outcome = each(pid);
                 results
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -97,6 +96,11 @@ fn patch_all(
     let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     results.sort_by_key(|(i, _)| *i);
     results.into_iter().map(|(_, o)| o).collect()
+}
+
+/// `--jobs`, or one job per CPU.
+pub(crate) fn jobs_or_cpus(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The processes `-p` names: one pid, or every process but ourselves and init. Kernel
@@ -181,10 +185,9 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();
     let outcomes = if all {
-        let jobs = args
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        patch_all(&pids, jobs, &patches, &opts)
+        in_parallel(&pids, jobs_or_cpus(args.jobs), |pid| {
+            patch_one(pid, true, &patches, &opts)
+        })
     } else {
         pids.iter()
             .map(|&pid| patch_one(pid, false, &patches, &opts))

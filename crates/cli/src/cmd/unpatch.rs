@@ -21,6 +21,9 @@ pub struct Args {
     /// Seconds to wait for threads to leave the patched code.
     #[arg(long, default_value_t = 3.0)]
     pub timeout: f64,
+    /// With `-p all`: how many processes to unpatch at once (default: one per CPU).
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Only patches of objects with these build-ids.
     pub build_ids: Vec<String>,
 }
@@ -42,17 +45,26 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     };
     let mut reports = Vec::new();
     let mut failed = Vec::new();
-    for pid in pids {
+    let one = |pid| {
         // With `all`, a process holding nothing this request selects is not a failure.
         if all && !holds_selected_patch(pid, &sel) {
-            continue;
+            return None;
         }
-        match livecare_apply::unpatch(pid, &sel, &opts) {
-            Ok(r) => reports.extend(r),
-            Err(e) if !all => {
+        Some(livecare_apply::unpatch(pid, &sel, &opts))
+    };
+    let outcomes = if all {
+        super::patch::in_parallel(&pids, super::patch::jobs_or_cpus(args.jobs), one)
+    } else {
+        pids.iter().map(|&pid| one(pid)).collect()
+    };
+    for (pid, outcome) in pids.into_iter().zip(outcomes) {
+        match outcome {
+            None => {}
+            Some(Ok(r)) => reports.extend(r),
+            Some(Err(e)) if !all => {
                 return Err(anyhow::Error::new(e).context(format!("unpatching pid {pid}")))
             }
-            Err(e) => failed.push((pid, e.to_string())),
+            Some(Err(e)) => failed.push((pid, e.to_string())),
         }
     }
     if args.json {
