@@ -92,7 +92,8 @@ pub struct ThreadSet {
     pub watch: StopWatch,
     /// Real-time priority held while threads are stopped (see [`crate::priority`]).
     boost: Option<crate::priority::Boost>,
-    /// Spinners keeping the target's CPUs from halting during a pause.
+    /// How the target's CPUs are kept from halting during a pause (idle polling or
+    /// spinners; see `warm.rs`).
     warm: Option<crate::warm::Warmth>,
     /// Registers of stopped threads as last read (each thread's are read once per
     /// stop); dropped whenever the thread runs or its registers are written.
@@ -358,7 +359,12 @@ impl ThreadSet {
                 libc::P_ALL,
                 0,
                 &mut info,
-                libc::WEXITED | libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+                libc::WEXITED
+                    | libc::WSTOPPED
+                    | libc::WNOHANG
+                    | libc::WNOWAIT
+                    | libc::__WALL
+                    | libc::__WNOTHREAD,
             );
         }
         if let Some(tid) = self.threads.iter().find(|t| t.1.running()).map(|t| *t.0) {
