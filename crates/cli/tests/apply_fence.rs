@@ -138,6 +138,21 @@ fn threads_in_read(pid: u32) -> Result<usize> {
     Ok(n)
 }
 
+/// Each task's `/proc/PID/task/TID/syscall` first field, for failure messages.
+fn syscalls_of(pid: u32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(tasks unreadable)".into();
+    };
+    dir.flatten()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path().join("syscall")).unwrap_or_default();
+            let first = text.split_whitespace().next().unwrap_or("?").to_string();
+            format!("{}:{first}", e.file_name().to_string_lossy())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Parses a `worker=<i> answer=<a>` line.
 fn worker_answer(line: &str) -> Result<(usize, u32)> {
     let field = |k: &str| {
@@ -195,11 +210,27 @@ fn until_all_fenced(pid: u32, op: &[&str], key: &str, undo: &[&str]) -> Result<(
         // All 16 workers have slept in read() since before livecare started; main
         // wakes every 2 ms and is normally stopped, but a commit could catch it asleep.
         if fenced >= WORKERS as u64 {
-            // Released where they were fenced: still inside the read() nothing ended.
-            let blocked = threads_in_read(pid)?;
+            // Released where they were fenced: inside the read() nothing ended. A
+            // worker the commit stopped instead (when main, asleep, was fenced in its
+            // place) restarts its read() only once it gets a CPU, and /proc shows a task
+            // that is being woken as running: allow a short settle, and say so.
+            let start = Instant::now();
+            let mut blocked = threads_in_read(pid)?;
+            while blocked != WORKERS && start.elapsed() < Duration::from_millis(500) {
+                std::thread::sleep(Duration::from_millis(5));
+                blocked = threads_in_read(pid)?;
+            }
+            if start.elapsed() >= Duration::from_millis(5) {
+                eprintln!(
+                    "{op:?}: {blocked} of {WORKERS} workers in read() after {:?}",
+                    start.elapsed()
+                );
+            }
             ensure!(
                 blocked == WORKERS,
-                "{blocked} threads in read() after livecare, expected {WORKERS}"
+                "{blocked} threads in read() after livecare, expected {WORKERS} \
+                 ({fenced} fenced): {}",
+                syscalls_of(pid)
             );
             return Ok(());
         }
