@@ -236,6 +236,16 @@ fn name_frames(frames: &[u64], syms: &[(u64, u64, String)]) -> Vec<String> {
         .collect()
 }
 
+/// Builds the chain fixture (PIE, -O2), starts it and lets it settle in its loop;
+/// returns the executable and the running process.
+fn start_chain(scratch: &Scratch) -> (PathBuf, Running) {
+    let exe = build_chain(scratch, "chain", Link::Pie, &["-O2"]);
+    let mut run = Running::start(&exe, &[]).unwrap();
+    run.wait_for("ready", READY_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    (exe, run)
+}
+
 fn build_chain(scratch: &Scratch, name: &str, link: Link, flags: &[&str]) -> PathBuf {
     let src = fixture_dir("unwind-chain").join("chain.c");
     gcc(&[&src], &scratch.join(name), link, flags).unwrap()
@@ -508,10 +518,7 @@ fn thread_in_vdso_unwinds_ok() {
 #[test]
 fn patch_code_eh_frame_gives_same_frames_as_the_elf() {
     let scratch = Scratch::new().unwrap();
-    let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
-    let mut run = Running::start(&exe, &[]).unwrap();
-    run.wait_for("ready", READY_TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let (exe, run) = start_chain(&scratch);
     let pid = run.pid();
     let stopped = Stopped::all(pid);
     let stack = StackReader::new(pid);
@@ -739,10 +746,7 @@ fn unwinds_through_a_signal_frame() {
 #[test]
 fn corrupted_cfi_and_elf_images_never_panic() {
     let scratch = Scratch::new().unwrap();
-    let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
-    let mut run = Running::start(&exe, &[]).unwrap();
-    run.wait_for("ready", READY_TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let (exe, run) = start_chain(&scratch);
     let pid = run.pid();
     let stopped = Stopped::all(pid);
     let regs = stopped.regs(stopped.tids[0]);
@@ -933,10 +937,7 @@ fn patch_code_with_eh_frame_relocated_from_an_object_unwinds() {
 #[test]
 fn warming_the_code_addresses_on_a_stack_changes_no_walk_and_makes_it_cheaper() {
     let scratch = Scratch::new().unwrap();
-    let exe = build_chain(&scratch, "chain", Link::Pie, &["-O2"]);
-    let mut run = Running::start(&exe, &[]).unwrap();
-    run.wait_for("ready", READY_TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let (_exe, mut run) = start_chain(&scratch);
     let pid = run.pid();
     let stopped = Stopped::all(pid);
     let tid = stopped.tids[0];
