@@ -928,6 +928,7 @@ fn commit_loop(
     let mut backoff = Duration::from_micros(500);
     let mut attempts = 0u32;
     let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
+    let mut reads = safety::StopReads::new(maps, ranges);
     // Offenders among the fenced threads, judged before the stop: a fenced thread runs
     // no user code, so its frames stay as they are until it stops at its syscall's
     // exit, and a thread that has stopped is judged again inside the stop.
@@ -949,14 +950,13 @@ fn commit_loop(
                 maps,
                 unwinder,
                 busy,
-                &[],
-                &mut Vec::new(),
+                &mut safety::StopReads::default(),
                 &pick,
             )?;
         }
         // The syscalls of the stop, made once just before it (see `rehearse`).
         threads.rehearse();
-        mem.rehearse(&ranges);
+        reads.rehearse(mem);
         let t0 = Instant::now();
         threads.interrupt_all()?;
 
@@ -966,11 +966,9 @@ fn commit_loop(
             // One read and one write per span of nearby hunks, not per hunk, and the
             // reads go in the same batch as the stacks: each syscall inside the stop
             // lengthens the pause.
-            let mut read = Vec::with_capacity(spans.len());
             let unjudged = |t| !threads.is_fenced(t);
-            let now = safety::offenders(
-                threads, mem, maps, unwinder, busy, &ranges, &mut read, &unjudged,
-            )?;
+            let now = safety::offenders(threads, mem, maps, unwinder, busy, &mut reads, &unjudged)?;
+            let read = std::mem::take(&mut reads.also_read);
             let still_fenced = fenced_offenders.iter().filter(|o| threads.is_fenced(o.tid));
             if let Some(off) = now
                 .into_iter()

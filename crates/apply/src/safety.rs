@@ -12,6 +12,7 @@
 //!    left in live frames' padding can make it report false positives, which is why the
 //!    unwind comes first.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Mutex, OnceLock};
@@ -133,27 +134,104 @@ pub struct Offender {
     pub return_to: Option<u64>,
 }
 
+/// What a stop reads besides the stacks of the threads it judges, prepared before it.
+///
+/// The caller's ranges (the code spans to be written) and the top [`MAIN_STACK_SCAN`]
+/// bytes of `[stack]` are read before any thread's registers when the main thread is
+/// judged: a thread's registers can be read only once it has left its CPU, which on
+/// this VM takes 5–16 µs after its stop is reported, and this read fills that time.
+/// The main thread's frames are usually in that window (while it runs its loop, its
+/// stack pointer sits a few KiB below the top, and the unwind reads up to `_start`);
+/// when they are not, its stack is read with the others', after the registers.
+#[derive(Default)]
+pub struct StopReads {
+    /// Ranges read for the caller, in order.
+    also: Vec<(u64, usize)>,
+    /// Their bytes once read, in the same order (`None`: unreadable).
+    pub also_read: Vec<Option<Vec<u8>>>,
+    /// Start of the window at the top of `[stack]`, and its buffer (touched here: the
+    /// first touch of a fresh page costs microseconds on this VM).
+    window: Option<(u64, Vec<u8>)>,
+    /// Whether `window` holds the bytes of the current stop.
+    window_read: bool,
+}
+
+impl StopReads {
+    /// The reads of a stop that also reads `also` for the caller.
+    pub fn new(maps: &[MapEntry], also: Vec<(u64, usize)>) -> StopReads {
+        let window =
+            main_stack_window(maps).map(|w| (w.start, vec![0u8; (w.end - w.start) as usize]));
+        StopReads {
+            also,
+            window,
+            ..StopReads::default()
+        }
+    }
+
+    /// Makes this stop's reads once, just before it (see `ThreadSet::rehearse`): cold,
+    /// each costs several times more on this VM. The window is read into its own
+    /// buffer, which also touches the buffer's pages.
+    pub fn rehearse(&mut self, mem: &RemoteMemory) {
+        mem.rehearse(&self.also);
+        if let Some((start, buf)) = &mut self.window {
+            let _ = mem.read_ranges_into(&mut [(*start, buf.as_mut_slice())]);
+        }
+    }
+
+    /// Reads `also` and the window, before any register.
+    fn read_early(&mut self, mem: &RemoteMemory) {
+        let Some((start, buf)) = &mut self.window else {
+            return;
+        };
+        let mut bufs: Vec<Vec<u8>> = self.also.iter().map(|&(_, l)| vec![0u8; l]).collect();
+        let mut into: Vec<(u64, &mut [u8])> = self
+            .also
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(addr, _), b)| (addr, b.as_mut_slice()))
+            .collect();
+        into.push((*start, buf.as_mut_slice()));
+        let mut ok = mem.read_ranges_into(&mut into);
+        self.window_read = ok.pop().unwrap_or(false);
+        self.also_read = bufs
+            .into_iter()
+            .zip(ok)
+            .map(|(b, ok)| ok.then_some(b))
+            .collect();
+    }
+
+    /// The stack `[lo, end)` from the window, if it holds all of it.
+    fn stack_from_window(&self, lo: u64, end: u64) -> Option<&[u8]> {
+        let (start, buf) = self.window.as_ref().filter(|_| self.window_read)?;
+        let top = start + buf.len() as u64;
+        (lo >= *start && end == top).then(|| &buf[(lo - start) as usize..])
+    }
+}
+
 /// The safety check of one stop, once every thread is stopped: reads every stack (and
-/// the ranges `also`, e.g. the caller's code spans, into `also_read`, in order; `None`:
-/// unreadable) in one batched read, judges each held thread that `pick` names, and
-/// returns the offenders in thread-id order. (Judging threads as their stops arrived,
-/// to overlap the wait for the others, measured slower: see
+/// the ranges of `reads`) in as few batched reads as it can, judges each held thread
+/// that `pick` names, and returns the offenders in thread-id order. (Judging threads as
+/// their stops arrived, to overlap the wait for the others, measured slower: see
 /// `ThreadSet::interrupt_all`.)
-#[allow(clippy::too_many_arguments)]
 pub fn offenders(
     threads: &ThreadSet,
     mem: &RemoteMemory,
     maps: &[MapEntry],
     unwinder: &mut Unwinder,
     busy: &[Busy],
-    also: &[(u64, usize)],
-    also_read: &mut Vec<Option<Vec<u8>>>,
+    reads: &mut StopReads,
     pick: &dyn Fn(Tid) -> bool,
 ) -> Result<Vec<Offender>, Error> {
     // Maps re-read once when a stack is not in `maps` (a thread started meanwhile).
     let mut fresh: Option<Vec<MapEntry>> = None;
     let mut held = Vec::new();
     let mut found: Vec<Offender> = Vec::new();
+    let main = Tid(threads.pid().0);
+    let early = threads.is_stopped(main) && !threads.is_fenced(main) && pick(main);
+    reads.window_read = false;
+    if early {
+        reads.read_early(mem);
+    }
     for tid in threads.tids() {
         // A fenced thread is judged from the registers of its syscall entry: it runs
         // no user code until it stops at the syscall's exit.
@@ -183,11 +261,30 @@ pub fn offenders(
     // batch and the rest only when a walk or scan needs it (cost is per page).
     let mut ranges: Vec<(u64, usize)> = held
         .iter()
+        .filter(|&&(_, _, lo, end)| reads.stack_from_window(lo, end).is_none())
         .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
         .collect();
-    ranges.extend_from_slice(also);
-    let mut stacks = mem.read_ranges(&ranges);
-    *also_read = stacks.split_off(held.len());
+    let also_late = !early || reads.window.is_none();
+    if also_late {
+        ranges.extend_from_slice(&reads.also);
+    }
+    let mut late = mem.read_ranges(&ranges);
+    if also_late {
+        reads.also_read = late.split_off(late.len() - reads.also.len());
+    }
+    let mut late = late.into_iter();
+    let stacks: Vec<Option<Cow<[u8]>>> = held
+        .iter()
+        .map(
+            |&(tid, _, lo, end)| match reads.stack_from_window(lo, end) {
+                Some(s) => {
+                    tracing::debug!(tid = tid.0, "stack read before the registers");
+                    Some(Cow::Borrowed(s))
+                }
+                None => late.next().flatten().map(Cow::Owned),
+            },
+        )
+        .collect();
     for ((tid, regs, lo, end), stack) in held.into_iter().zip(stacks) {
         if let Some(off) = judge(mem, unwinder, busy, tid, &regs, lo, end, stack) {
             found.push(off);
@@ -216,7 +313,7 @@ fn judge(
     regs: &Regs,
     lo: u64,
     end: u64,
-    stack: Option<Vec<u8>>,
+    stack: Option<Cow<[u8]>>,
 ) -> Option<Offender> {
     let in_busy_exact = |pc: u64| busy.iter().find(|b| b.range.contains(&pc));
     // A return address points just after a call: inside (start, end].
@@ -226,14 +323,14 @@ fn judge(
         return Some(offender(tid, "an unreadable stack".into(), None));
     };
     // Appends the far part of the stack once; false if it cannot be read.
-    let complete = |stack: &mut Vec<u8>| -> bool {
+    let complete = |stack: &mut Cow<[u8]>| -> bool {
         let have = lo + stack.len() as u64;
         if have >= end {
             return true;
         }
         match mem.read_vec(have, (end - have) as usize) {
             Ok(rest) => {
-                stack.extend_from_slice(&rest);
+                stack.to_mut().extend_from_slice(&rest);
                 true
             }
             Err(_) => false,
@@ -292,8 +389,15 @@ fn near_end(lo: u64, end: u64) -> u64 {
     (lo + 1024).min(end)
 }
 
+/// The top [`MAIN_STACK_SCAN`] bytes of `[stack]`, where a running main thread's frames
+/// usually are.
+fn main_stack_window(maps: &[MapEntry]) -> Option<Range<u64>> {
+    let stack = maps.iter().find(|m| m.path == "[stack]")?;
+    Some(stack.end.saturating_sub(MAIN_STACK_SCAN).max(stack.start)..stack.end)
+}
+
 /// How much of the top of a running main thread's stack [`prewarm`] scans for return
-/// addresses, and how many it warms at most.
+/// addresses (and the commit reads before the registers), and how many it warms at most.
 const MAIN_STACK_SCAN: u64 = 16 << 10;
 const MAIN_STACK_WARM: usize = 48;
 
@@ -359,11 +463,10 @@ pub fn prewarm(
 /// Warms the rules of the code addresses in the top [`MAIN_STACK_SCAN`] bytes of
 /// `[stack]` (see [`prewarm`]).
 fn warm_main_stack(unwinder: &mut Unwinder, mem: &RemoteMemory, maps: &[MapEntry]) {
-    let Some(stack) = maps.iter().find(|m| m.path == "[stack]") else {
+    let Some(window) = main_stack_window(maps) else {
         return;
     };
-    let lo = stack.end.saturating_sub(MAIN_STACK_SCAN).max(stack.start);
-    let Ok(bytes) = mem.read_vec(lo, (stack.end - lo) as usize) else {
+    let Ok(bytes) = mem.read_vec(window.start, (window.end - window.start) as usize) else {
         return;
     };
     let mut warmed = 0;

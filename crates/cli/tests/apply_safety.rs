@@ -98,6 +98,41 @@ fn thread_spinning_in_patched_function_as_top_frame_fails_cleanly() -> Result<()
     refused_cleanly("spin", 1, "spinning")
 }
 
+/// The main thread's stack is read before its registers, from the top of `[stack]`
+/// (`safety::StopReads`): a caller frame found there must still refuse the patch, and
+/// the log must show that this read was the one judged.
+#[test]
+fn main_thread_spinning_below_patched_function_fails_cleanly() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "patched.c")?;
+    // A small environment keeps the main thread's frames within the window read early.
+    let mut cmd = std::process::Command::new(&exe.path);
+    cmd.args(["mainspin", "0"]).env_clear();
+    let mut t = Running::spawn(cmd)?;
+    t.wait_for("value=1", WAIT)?;
+    t.wait_for("main spinning", WAIT)?;
+    let before = MemorySnapshot::take(t.pid())?;
+    let out = std::process::Command::new(livecare())
+        .args(["patch", "-p", &t.pid().to_string(), "--timeout", "0.3"])
+        .arg(&patch.path)
+        .env("LIVECARE_LOG", "livecare_apply=debug")
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unsafe to patch") && err.contains("inside value"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stack read before the registers"),
+        "the main thread's stack was not taken from the early read: {err}"
+    );
+    MemorySnapshot::take(t.pid())?.assert_same(&before)?;
+    assert!(t.is_alive());
+    assert_eq!(t.proc_state()?.1, 0, "left traced");
+    Ok(())
+}
+
 #[test]
 fn several_stuck_threads_fail_cleanly() -> Result<()> {
     refused_cleanly("stuck", 3, "stuck")

@@ -85,29 +85,43 @@ impl RemoteMemory {
     /// with an iovec per range, up to the kernel's limit per call). A range that the
     /// batch could not read completely is read on its own; `None` if that fails too.
     pub fn read_ranges(&self, ranges: &[(u64, usize)]) -> Vec<Option<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = ranges.iter().map(|&(_, l)| vec![0u8; l]).collect();
+        let mut into: Vec<(u64, &mut [u8])> = ranges
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&(addr, _), buf)| (addr, buf.as_mut_slice()))
+            .collect();
+        let ok = self.read_ranges_into(&mut into);
+        out.into_iter()
+            .zip(ok)
+            .map(|(buf, ok)| ok.then_some(buf))
+            .collect()
+    }
+
+    /// [`Self::read_ranges`] into the caller's buffers, one per address; true for each
+    /// range read completely. (On this VM the first touch of a fresh page costs
+    /// microseconds: a buffer touched before a stop keeps that out of it.)
+    pub fn read_ranges_into(&self, ranges: &mut [(u64, &mut [u8])]) -> Vec<bool> {
         const IOV_MAX: usize = 1024;
-        let mut out: Vec<Option<Vec<u8>>> =
-            ranges.iter().map(|&(_, l)| Some(vec![0u8; l])).collect();
+        let mut ok = vec![true; ranges.len()];
         let mut i = 0;
         while i < ranges.len() {
             let end = (i + IOV_MAX).min(ranges.len());
             let mut local = Vec::with_capacity(end - i);
             let mut remote = Vec::with_capacity(end - i);
-            for (buf, &(addr, len)) in out[i..end].iter_mut().zip(&ranges[i..end]) {
-                let buf = buf
-                    .as_mut()
-                    .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+            for (addr, buf) in ranges[i..end].iter_mut() {
                 local.push(libc::iovec {
-                    iov_base: buf.cast(),
-                    iov_len: len,
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
                 });
                 remote.push(libc::iovec {
-                    iov_base: addr as *mut libc::c_void,
-                    iov_len: len,
+                    iov_base: *addr as *mut libc::c_void,
+                    iov_len: buf.len(),
                 });
             }
-            // SAFETY: every local iovec covers exactly one buffer of `out`, owned here and
-            // not touched until the call returns; the counts match the vectors' lengths.
+            // SAFETY: every local iovec covers exactly one caller's buffer, borrowed
+            // mutably here and not touched until the call returns; the counts match the
+            // vectors' lengths.
             let n = unsafe {
                 libc::process_vm_readv(
                     self.pid.0,
@@ -121,19 +135,17 @@ impl RemoteMemory {
             // The kernel stops at the first range it cannot read: ranges up to there
             // are complete, the rest are read one by one.
             let mut done = n.max(0) as usize;
-            for j in i..end {
-                let len = ranges[j].1;
-                if done >= len {
-                    done -= len;
+            for (j, (addr, buf)) in ranges.iter_mut().enumerate().take(end).skip(i) {
+                if done >= buf.len() {
+                    done -= buf.len();
                     continue;
                 }
                 done = 0;
-                let mut b = vec![0u8; len];
-                out[j] = self.read(ranges[j].0, &mut b).ok().map(|_| b);
+                ok[j] = self.read(*addr, buf).is_ok();
             }
             i = end;
         }
-        out
+        ok
     }
 
     /// Reads `ranges` and throws the bytes away, and reads one byte of the first through

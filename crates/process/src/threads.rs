@@ -549,12 +549,18 @@ impl ThreadSet {
                     self.threads.remove(&tid);
                 }
             }
-            self.wait_all_stopped()?;
             // Threads born from traced threads are ours (TRACECLONE); only one cloned
             // while we were seizing its parent could be untraced. When the kernel's
             // thread count equals ours there is none, and the costlier listing of
-            // /proc/PID/task is skipped inside the pause.
-            if self.thread_count() == Some(self.threads.len()) {
+            // /proc/PID/task is skipped inside the pause. Counted while the
+            // interrupted threads are still on their way to their stops (the count
+            // costs what a stop takes to arrive): a count that matches proves no
+            // untraced thread exists now, and only an untraced thread could make one
+            // later. A clone in flight makes it differ; it is then counted again after
+            // the wait, as it always was.
+            let counted_early = self.thread_count() == Some(self.threads.len());
+            self.wait_all_stopped()?;
+            if counted_early || self.thread_count() == Some(self.threads.len()) {
                 break;
             }
             if self.seize_new_tasks()? == 0 {
