@@ -408,8 +408,10 @@ const MAIN_STACK_WARM: usize = 48;
 /// derives the CFI rules of exactly the addresses the commit will look up. A running
 /// main thread shows neither, but its outer frames (`_start`, libc's start code, `main`
 /// and its loop) sit near the top of `[stack]`: the code addresses found there are
-/// warmed as return addresses. (A cold walk of one busy thread took about 10 µs of the
-/// stop, a warm one well under 1 µs.)
+/// warmed as return addresses, with every row of the functions they return into, and so
+/// are the vDSO's functions: a busy thread's top frame is usually in one of them. (A cold
+/// walk of one busy thread took about 10 µs of the stop, a warm one well under 1 µs; the
+/// first step from a cold top frame 3 µs, the other five steps 0.7 µs together.)
 pub fn prewarm(
     unwinder: &mut Unwinder,
     mem: &RemoteMemory,
@@ -417,6 +419,8 @@ pub fn prewarm(
     threads: &ThreadSet,
 ) {
     let pid = threads.pid();
+    // A busy thread is often in the vDSO's clock functions when it stops.
+    unwinder.warm_module("[vdso]");
     let mut buf = [0u8; 256];
     for tid in threads.tids() {
         let Ok(mut f) = std::fs::File::open(format!("/proc/{}/task/{}/syscall", pid.0, tid.0))
