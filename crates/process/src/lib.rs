@@ -89,6 +89,17 @@ impl Pid {
         false
     }
 
+    /// The scheduler state letter of one of its threads (field 3 of
+    /// `/proc/PID/task/TID/stat`: `R` running or runnable, `S` sleeping, `D` in disk
+    /// sleep, `t` stopped by a tracer, ...); `None` when the thread is gone.
+    pub fn task_state(self, tid: Tid) -> Option<char> {
+        let stat =
+            maps::read_proc_file(&format!("/proc/{}/task/{}/stat", self.0, tid.0), 1024).ok()?;
+        // The command name may contain anything: the state follows its last ')'.
+        let after = stat.iter().rposition(|&b| b == b')')?;
+        stat.get(after + 2).map(|&b| b as char)
+    }
+
     /// Thread ids currently listed in `/proc/PID/task`.
     pub fn tasks(self) -> Result<Vec<Tid>, Error> {
         let dir = format!("/proc/{}/task", self.0);

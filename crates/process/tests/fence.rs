@@ -15,12 +15,8 @@ const WORKERS: usize = 4;
 
 /// The scheduler state letter of a task (`S` sleeping, `t` tracing stop, ...).
 fn state(pid: Pid, tid: Tid) -> Result<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", pid.0, tid.0))?;
-    let rest = stat.rsplit_once(')').context("stat without comm")?.1;
-    rest.trim_start()
-        .chars()
-        .next()
-        .context("stat without state")
+    pid.task_state(tid)
+        .with_context(|| format!("task {} is gone", tid.0))
 }
 
 /// The tracer of a task (0: none).

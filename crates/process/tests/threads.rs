@@ -134,6 +134,36 @@ fn pause_time_for_1_8_64_threads() -> Result<()> {
 }
 
 #[test]
+fn task_state_tells_running_from_blocked_and_gone() {
+    let me = livecare_process::Pid(std::process::id() as i32);
+    let tid = |t: libc::pid_t| livecare_process::Tid(t);
+    // SAFETY: gettid has no preconditions.
+    let mine = tid(unsafe { libc::gettid() });
+    // A thread reading its own state is running.
+    assert_eq!(me.task_state(mine), Some('R'));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let helper = std::thread::spawn(move || {
+        // SAFETY: as above.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        rx.recv().ok()
+    });
+    let other = tid(tid_rx.recv().unwrap());
+    let blocked = (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        me.task_state(other) == Some('S')
+    });
+    assert!(blocked, "a thread blocked in recv() never showed S");
+    drop(tx);
+    helper.join().unwrap();
+    let gone = (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        me.task_state(other).is_none()
+    });
+    assert!(gone, "a joined thread still has a state");
+}
+
+#[test]
 fn thread_count_matches_the_task_directory() {
     let me = livecare_process::Pid(std::process::id() as i32);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
