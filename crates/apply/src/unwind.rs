@@ -1314,8 +1314,46 @@ mod tests {
             compared > 50_000 && served * 10 > compared * 9,
             "{served} of {compared}"
         );
-        // The vDSO of this process: all of its functions are warmed at once.
+        // Only a module of that name is warmed by name.
         assert_eq!(cold.warm_module("[vdso]"), 0);
+    }
+
+    /// `warm_module("[vdso]")` warms every function of this process's vDSO: each FDE's
+    /// first address is then served from the rows.
+    #[test]
+    fn warm_module_warms_every_vdso_function() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let Some((start, end)) = maps.lines().find(|l| l.ends_with("[vdso]")).map(|l| {
+            let (a, b) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
+            (hex(a), hex(b))
+        }) else {
+            eprintln!("skipped: this process has no vDSO");
+            return;
+        };
+        // SAFETY: [start, end) is this process's vDSO mapping, readable for its lifetime.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
+        let module = CodeModule::from_elf("[vdso]".into(), Bytes::from(bytes.to_vec()), 0, 0..0)
+            .unwrap()
+            .rebased(start, start..end);
+        let firsts: Vec<u64> = module.tables[0]
+            .index
+            .iter()
+            .map(|(svma, _)| svma + start)
+            .collect();
+        assert!(!firsts.is_empty(), "the vDSO has no FDE");
+        let mut u = Unwinder::new(vec![module]);
+        assert!(firsts.iter().all(|&a| u.row_rule(a).is_none()));
+        assert_eq!(u.warm_module("[vdso]"), firsts.len());
+        for a in firsts {
+            assert!(u.row_rule(a).is_some(), "{a:#x} not warmed");
+        }
     }
 
     #[test]
