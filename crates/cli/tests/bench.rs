@@ -52,7 +52,11 @@ fn check_pause_figures(doc: &Value) {
     assert!(num(doc, "pause_us_max") >= num(doc, "pause_us_p99"));
     assert!(num(doc, "tool_pause_us_p99") >= num(doc, "tool_pause_us_median"));
     // The pause is one of the gaps of the command's window (the one holding the
-    // tool's stop), so no order statistic of it exceeds the window's.
+    // tool's stop), so in no cycle does it exceed the window's largest gap, and no
+    // order statistic of it exceeds the window's. (A target thread that acknowledged a
+    // window's close before noting a gap begun inside it once broke this on a loaded
+    // machine.)
+    assert_eq!(num(doc, "window_misses"), 0.0, "window_misses in {doc}");
     for q in ["median", "p99", "max"] {
         assert!(
             num(doc, &format!("pause_us_{q}")) <= num(doc, &format!("window_gap_us_{q}")),
