@@ -35,6 +35,7 @@ mod safety;
 mod trampoline;
 pub mod unwind;
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use livecare_process::arch::x86_64::{SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP};
@@ -945,6 +946,9 @@ fn commit_loop(
     let mut attempts = 0u32;
     let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
     let mut reads = safety::StopReads::new(maps, ranges);
+    // The spans as they will be written, assembled in the stop into buffers allocated
+    // (and touched) before it.
+    let mut wanted: Vec<Vec<u8>> = spans.iter().map(|s| vec![0u8; s.len]).collect();
     // Offenders among the fenced threads, judged before the stop: a fenced thread runs
     // no user code, so its frames stay as they are until it stops at its syscall's
     // exit, and a thread that has stopped is judged again inside the stop.
@@ -984,7 +988,6 @@ fn commit_loop(
             // lengthens the pause.
             let unjudged = |t| !threads.is_fenced(t);
             let now = safety::offenders(threads, mem, maps, unwinder, busy, &mut reads, &unjudged)?;
-            let read = std::mem::take(&mut reads.also_read);
             let still_fenced = fenced_offenders.iter().filter(|o| threads.is_fenced(o.tid));
             if let Some(off) = now
                 .into_iter()
@@ -994,12 +997,12 @@ fn commit_loop(
                 return Ok(Some(off));
             }
             t_checked = Instant::now();
-            let mut current = Vec::with_capacity(spans.len());
-            for (span, bytes) in spans.iter().zip(read) {
-                current.push(match bytes {
-                    Some(b) => b,
+            let mut current: Vec<Cow<[u8]>> = Vec::with_capacity(spans.len());
+            for (i, span) in spans.iter().enumerate() {
+                current.push(match reads.also(i) {
+                    Some(b) => Cow::Borrowed(b),
                     // Read again alone for the error that says why.
-                    None => mem.read_vec(span.start, span.len)?,
+                    None => Cow::Owned(mem.read_vec(span.start, span.len)?),
                 });
             }
             for (addr, _, old) in writes {
@@ -1016,7 +1019,9 @@ fn commit_loop(
                     });
                 }
             }
-            let mut wanted = current.clone();
+            for (w, c) in wanted.iter_mut().zip(&current) {
+                w.copy_from_slice(c);
+            }
             for (addr, new, _) in writes {
                 let (i, off) = span_of(spans, *addr);
                 wanted[i][off..off + new.len()].copy_from_slice(new);

@@ -147,8 +147,11 @@ pub struct Offender {
 pub struct StopReads {
     /// Ranges read for the caller, in order.
     also: Vec<(u64, usize)>,
-    /// Their bytes once read, in the same order (`None`: unreadable).
-    pub also_read: Vec<Option<Vec<u8>>>,
+    /// Their buffers, in the same order, allocated and touched before the stop (an
+    /// allocation inside it cost about 2 µs of pause).
+    also_bufs: Vec<Vec<u8>>,
+    /// Whether each of them holds the bytes of the current stop.
+    also_ok: Vec<bool>,
     /// Start of the window at the top of `[stack]`, and its buffer (touched here: the
     /// first touch of a fresh page costs microseconds on this VM).
     window: Option<(u64, Vec<u8>)>,
@@ -162,10 +165,29 @@ impl StopReads {
         let window =
             main_stack_window(maps).map(|w| (w.start, vec![0u8; (w.end - w.start) as usize]));
         StopReads {
+            also_bufs: also.iter().map(|&(_, len)| vec![0u8; len]).collect(),
+            also_ok: vec![false; also.len()],
             also,
             window,
-            ..StopReads::default()
+            window_read: false,
         }
+    }
+
+    /// The bytes of the caller's range `i` as read in this stop (`None`: unreadable).
+    pub fn also(&self, i: usize) -> Option<&[u8]> {
+        self.also_ok
+            .get(i)
+            .filter(|ok| **ok)
+            .and_then(|_| self.also_bufs.get(i))
+            .map(Vec::as_slice)
+    }
+
+    /// The caller's ranges and their buffers, for one batched read.
+    fn also_into(&mut self) -> impl Iterator<Item = (u64, &mut [u8])> {
+        self.also
+            .iter()
+            .zip(self.also_bufs.iter_mut())
+            .map(|(&(addr, _), b)| (addr, b.as_mut_slice()))
     }
 
     /// Makes this stop's reads once, just before it (see `ThreadSet::rehearse`): cold,
@@ -180,24 +202,15 @@ impl StopReads {
 
     /// Reads `also` and the window, before any register.
     fn read_early(&mut self, mem: &RemoteMemory) {
-        let Some((start, buf)) = &mut self.window else {
+        let Some((start, mut window)) = self.window.take() else {
             return;
         };
-        let mut bufs: Vec<Vec<u8>> = self.also.iter().map(|&(_, l)| vec![0u8; l]).collect();
-        let mut into: Vec<(u64, &mut [u8])> = self
-            .also
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(&(addr, _), b)| (addr, b.as_mut_slice()))
-            .collect();
-        into.push((*start, buf.as_mut_slice()));
+        let mut into: Vec<(u64, &mut [u8])> = self.also_into().collect();
+        into.push((start, window.as_mut_slice()));
         let mut ok = mem.read_ranges_into(&mut into);
+        self.window = Some((start, window));
         self.window_read = ok.pop().unwrap_or(false);
-        self.also_read = bufs
-            .into_iter()
-            .zip(ok)
-            .map(|(b, ok)| ok.then_some(b))
-            .collect();
+        self.also_ok = ok;
     }
 
     /// The stack `[lo, end)` from the window, if it holds all of it.
@@ -259,20 +272,25 @@ pub fn offenders(
     // The frames are usually within a page of the stack pointer, while the mapping's
     // top holds thread descriptors and TLS: read the near part for every thread in the
     // batch and the rest only when a walk or scan needs it (cost is per page).
-    let mut ranges: Vec<(u64, usize)> = held
+    let mut bufs: Vec<(u64, Vec<u8>)> = held
         .iter()
         .filter(|&&(_, _, lo, end)| reads.stack_from_window(lo, end).is_none())
-        .map(|&(_, _, lo, end)| (lo, (near_end(lo, end) - lo) as usize))
+        .map(|&(_, _, lo, end)| (lo, vec![0u8; (near_end(lo, end) - lo) as usize]))
         .collect();
     let also_late = !early || reads.window.is_none();
+    let mut into: Vec<(u64, &mut [u8])> = bufs
+        .iter_mut()
+        .map(|(lo, b)| (*lo, b.as_mut_slice()))
+        .collect();
     if also_late {
-        ranges.extend_from_slice(&reads.also);
+        into.extend(reads.also_into());
     }
-    let mut late = mem.read_ranges(&ranges);
+    let mut ok = mem.read_ranges_into(&mut into);
+    drop(into);
     if also_late {
-        reads.also_read = late.split_off(late.len() - reads.also.len());
+        reads.also_ok = ok.split_off(bufs.len());
     }
-    let mut late = late.into_iter();
+    let mut late = bufs.into_iter().zip(ok).map(|((_, b), ok)| ok.then_some(b));
     let stacks: Vec<Option<Cow<[u8]>>> = held
         .iter()
         .map(
