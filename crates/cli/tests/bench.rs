@@ -206,3 +206,77 @@ fn all_bench_patches_every_process_with_one_and_parallel_jobs() {
         "{doc}"
     );
 }
+
+/// Children of `pid` whose command name is `comm`, from /proc.
+fn children_named(pid: u32, comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == comm && ppid == Some(&pid.to_string()) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().to_owned()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+#[test]
+fn a_killed_pause_bench_takes_its_target_with_it() {
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_livecare"))
+        .args([
+            "bench",
+            "pause",
+            "--threads",
+            "2",
+            "--busy",
+            "--cycles",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting livecare bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let target = loop {
+        if let Some(&t) = children_named(bench.id(), "bench-target").first() {
+            break t;
+        }
+        assert!(
+            bench.try_wait().expect("waiting").is_none(),
+            "the bench ended before its target started"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no bench target after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Killed mid-run: no destructor of the bench runs.
+    bench.kill().expect("killing the bench");
+    bench.wait().expect("reaping the bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(target) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bench target {target} still runs 10 s after its bench was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -43,7 +43,7 @@ struct Target {
 
 impl Target {
     fn start(exe: &Path) -> Result<Target> {
-        let mut child = Command::new(exe)
+        let mut child = super::dies_with_us(&mut Command::new(exe))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

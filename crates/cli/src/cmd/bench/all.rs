@@ -118,7 +118,7 @@ impl Fleet {
         };
         for i in 0..n {
             let status = dir.join(format!("status-{i}"));
-            let child = Command::new(exe)
+            let child = super::super::dies_with_us(&mut Command::new(exe))
                 .arg(&status)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -241,7 +241,7 @@ impl Target {
                 std::io::Error::last_os_error()
             );
         }
-        let child = Command::new(exe)
+        let child = super::super::dies_with_us(&mut Command::new(exe))
             .arg(shm)
             .arg(threads.to_string())
             .arg(mode.to_string())
