@@ -747,16 +747,20 @@ fn fill_and_commit(
 /// munmap, at most (a resumed thread is usually running again within tens of µs).
 const LET_RESUMED_RUN: Duration = Duration::from_micros(500);
 
-/// Waits until the thread the munmap borrows (the main thread: see
-/// `ThreadSet::stop_one`) has run since the commit resumed it, or for
+/// Waits until the thread the munmap borrows (usually the main thread: see
+/// `ThreadSet::next_borrow`) has run since the commit resumed it, or for
 /// [`LET_RESUMED_RUN`]: a stop that came before it ran would join the commit's pause
 /// into one long gap. A thread that is blocked again has run to get there, and that is
 /// how most servers' main threads are found (`-p all` sleeping 500 µs per process cost
 /// about a third of `unpatch -p all`); one that is runnable may not have run yet.
-fn let_resumed_run(pid: Pid) {
+fn let_resumed_run(threads: &ThreadSet) {
+    let Some(tid) = threads.next_borrow() else {
+        return;
+    };
+    tracing::debug!(tid = tid.0, "letting the thread to borrow run first");
     let start = Instant::now();
     while start.elapsed() < LET_RESUMED_RUN {
-        match pid.task_state(livecare_process::Tid(pid.0)) {
+        match threads.pid().task_state(tid) {
             Some('R') => std::thread::sleep(Duration::from_micros(20)),
             _ => return,
         }
@@ -1278,7 +1282,7 @@ fn unpatch_regions(
     if !opts.hold {
         // The thread the munmap borrows may be one the commit has just resumed: let it
         // get its CPU first, or its stop would run on into the borrow as one long gap.
-        let_resumed_run(threads.pid());
+        let_resumed_run(threads);
     }
     for r in &chosen {
         rsyscall::syscall(

@@ -1069,3 +1069,85 @@ fn kernel_thread_pid_2_is_refused() -> Result<()> {
     ensure!(err.contains('2'), "message names pid 2: {err}");
     Ok(())
 }
+
+/// Text without its ANSI colour sequences (`ESC [ … m`), as the log prints them.
+fn plain(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A process whose main thread has called `pthread_exit` is patched and unpatched. Its
+/// main thread stays a zombie that cannot be seized: the mmap and munmap borrows must
+/// take a worker, and before the munmap the unpatch must wait for that worker to run
+/// again, not watch the zombie (which would let it borrow a worker still on its way
+/// out of the commit's stop, joining both stops into one gap).
+#[test]
+fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
+    let (_d, b) = setup("scenario-mainexit", flags(Link::Pie, "-O2"))?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched.c", "0001")?;
+    let mut p = Running::start(&exe.path, &[])?;
+    let before = ["t1 value=1", "t2 value=1"];
+    see_all(&mut p, &before)?;
+    let pid = p.pid();
+    // pthread_exit unwinds first (loading libgcc_s): wait until main is a zombie.
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat"))?
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the fixture's main thread did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snap = MemorySnapshot::take(pid)?;
+    let out = patch(&p, &patch_.path)?;
+    ensure!(out.contains("value"), "patch output names value: {out}");
+    see_all(&mut p, &["t1 value=2", "t2 value=2"])?;
+    assert_clean(&mut p)?;
+    EXTRA_ENV.with(|e| {
+        e.borrow_mut()
+            .push(("LIVECARE_LOG", "livecare_apply=debug"))
+    });
+    let o = livecare(["unpatch", "-p", &pid.to_string()])?;
+    ensure!(o.code == Some(0), "unpatch failed: {}", o.stderr);
+    let log = plain(&o.stderr);
+    let watched: Vec<u32> = log
+        .lines()
+        .filter(|l| l.contains("letting the thread to borrow run first"))
+        .filter_map(|l| {
+            l.split("tid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let workers: Vec<u32> = tids(pid)?.into_iter().filter(|&t| t != pid).collect();
+    ensure!(
+        watched.len() == 1 && workers.contains(&watched[0]),
+        "the unpatch watched {watched:?}, not one of the workers {workers:?}:\n{log}"
+    );
+    see_all(&mut p, &before)?;
+    assert_clean(&mut p)?;
+    MemorySnapshot::take(pid)?
+        .assert_same(&snap)
+        .context("maps and code after unpatch")?;
+    Ok(())
+}

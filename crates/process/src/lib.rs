@@ -89,6 +89,25 @@ impl Pid {
         false
     }
 
+    /// The `/proc` directory through which this process's memory is seen: `/proc/PID`,
+    /// or `/proc/PID/task/TID` of a live thread once the main thread has exited. A
+    /// `pthread_exit` from `main` leaves the main thread a zombie until the process
+    /// ends, and `/proc/PID`'s `maps` is then empty while its `mem`, `auxv`, `exe` and
+    /// `root` are refused (ESRCH), though the other threads run on in the same memory.
+    pub fn mm_dir(self) -> String {
+        let gone = |t: Tid| matches!(self.task_state(t), None | Some('Z' | 'X'));
+        if gone(Tid(self.0)) {
+            if let Some(t) = self
+                .tasks()
+                .ok()
+                .and_then(|ts| ts.into_iter().find(|&t| !gone(t)))
+            {
+                return format!("/proc/{}/task/{}", self.0, t.0);
+            }
+        }
+        format!("/proc/{}", self.0)
+    }
+
     /// The scheduler state letter of one of its threads (field 3 of
     /// `/proc/PID/task/TID/stat`: `R` running or runnable, `S` sleeping, `D` in disk
     /// sleep, `t` stopped by a tracer, ...); `None` when the thread is gone.

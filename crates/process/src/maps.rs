@@ -139,7 +139,7 @@ pub fn read_proc_file(path: &str, cap: usize) -> std::io::Result<Vec<u8>> {
 
 /// Parses `/proc/PID/maps`.
 pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
-    let path = format!("/proc/{}/maps", pid.0);
+    let path = format!("{}/maps", pid.mm_dir());
     let read = || -> std::io::Result<String> {
         let buf = read_proc_file(&path, 64 * 1024)?;
         String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -166,7 +166,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
 
 /// Parses `/proc/PID/auxv` into (key, value) pairs.
 pub fn auxv(pid: Pid) -> Result<Vec<(u64, u64)>, Error> {
-    let path = format!("/proc/{}/auxv", pid.0);
+    let path = format!("{}/auxv", pid.mm_dir());
     let data = std::fs::read(&path).map_err(|e| Error::Proc {
         path: path.clone(),
         err: e,

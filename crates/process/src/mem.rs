@@ -14,7 +14,7 @@ pub struct RemoteMemory {
 impl RemoteMemory {
     /// Opens `/proc/PID/mem` read-write (needs ptrace permission on the process).
     pub fn open(pid: Pid) -> Result<RemoteMemory, Error> {
-        let path = format!("/proc/{}/mem", pid.0);
+        let path = format!("{}/mem", pid.mm_dir());
         let mem = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

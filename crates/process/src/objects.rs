@@ -130,7 +130,7 @@ fn read_object_file(
         }
     }
     let data = Bytes::map_path(&mf)
-        .or_else(|_| Bytes::map_path(format!("/proc/{}/root{}", pid.0, first.path)))
+        .or_else(|_| Bytes::map_path(format!("{}/root{}", pid.mm_dir(), first.path)))
         .or_else(|_| Bytes::map_path(&first.path))
         .ok()?;
     let info = Arc::new(FileInfo {
@@ -274,7 +274,7 @@ fn objects_in_keyed(
     maps: &[MapEntry],
     keyed: &[(usize, String, Option<FileKey>)],
 ) -> Vec<LoadedObject> {
-    let exe = std::fs::read_link(format!("/proc/{}/exe", pid.0)).ok();
+    let exe = std::fs::read_link(format!("{}/exe", pid.mm_dir())).ok();
     let exe = exe.as_ref().map(|p| {
         p.to_string_lossy()
             .trim_end_matches(" (deleted)")

@@ -279,10 +279,7 @@ impl ThreadSet {
     /// Seizes one task of the process: the main thread if it can be seized (it usually
     /// lives as long as the process), else the first other that can.
     fn seize_one(&mut self) -> Result<(), Error> {
-        let mut tasks = self.pid.tasks()?;
-        // Main first: thread ids wrap, so short-lived threads may have lower ids.
-        tasks.sort_by_key(|t| t.0 != self.pid.0);
-        for tid in tasks {
+        for tid in self.seize_order()? {
             // SEIZE leaves the thread running; TRACECLONE as in `seize_new_tasks`.
             if ptrace(libc::PTRACE_SEIZE, tid, 0, SEIZE_OPTIONS) == 0 {
                 self.threads.insert(tid, ThreadState::default());
@@ -301,6 +298,31 @@ impl ThreadSet {
             return Ok(());
         }
         Err(Error::NoSuchProcess(self.pid))
+    }
+
+    /// The tasks in the order [`Self::seize_one`] tries them: main first (thread ids
+    /// wrap, so short-lived threads may have lower ids), then by id.
+    fn seize_order(&self) -> Result<Vec<Tid>, Error> {
+        let mut tasks = self.pid.tasks()?;
+        tasks.sort_by_key(|t| t.0 != self.pid.0);
+        Ok(tasks)
+    }
+
+    /// The thread [`Self::stop_one`] would take now: one we hold, else the first task
+    /// it would seize that is alive. The main thread of a process that called
+    /// `pthread_exit` from `main` stays a zombie in `/proc/PID/task` and cannot be
+    /// seized, so a worker is taken then.
+    pub fn next_borrow(&self) -> Option<Tid> {
+        if let Some(t) = self
+            .threads
+            .iter()
+            .find(|t| t.1.fenced.is_none())
+            .or_else(|| self.threads.iter().next())
+        {
+            return Some(*t.0);
+        }
+        let live = |t: Tid| !matches!(self.pid.task_state(t), None | Some('Z' | 'X'));
+        self.seize_order().ok()?.into_iter().find(|&t| live(t))
     }
 
     /// What /proc says of a task we could not seize; `None` when it is gone.

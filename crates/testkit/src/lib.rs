@@ -378,12 +378,30 @@ pub struct MemorySnapshot {
 }
 
 impl MemorySnapshot {
-    /// Takes a snapshot of `pid` (needs permission to read /proc/PID/mem).
+    /// Takes a snapshot of `pid` (needs permission to read /proc/PID/mem). Once the
+    /// main thread has exited (a zombie: `/proc/PID/maps` empty, `mem` refused), it is
+    /// taken through a live thread's `/proc/PID/task/TID`.
     pub fn take(pid: u32) -> Result<MemorySnapshot> {
         use std::io::{Read, Seek, SeekFrom};
-        let maps_text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        let zombie = |dir: &str| {
+            std::fs::read_to_string(format!("{dir}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with(['Z', 'X'])))
+                .unwrap_or(true)
+        };
+        let mut dir = format!("/proc/{pid}");
+        if zombie(&dir) {
+            for e in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+                let t = format!("/proc/{pid}/task/{}", e.file_name().to_string_lossy());
+                if !zombie(&t) {
+                    dir = t;
+                    break;
+                }
+            }
+        }
+        let maps_text = std::fs::read_to_string(format!("{dir}/maps"))?;
         let maps: Vec<String> = maps_text.lines().map(str::to_string).collect();
-        let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+        let mut mem = std::fs::File::open(format!("{dir}/mem"))?;
         let mut code = Vec::new();
         for line in &maps {
             let mut parts = line.split_whitespace();
