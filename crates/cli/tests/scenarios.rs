@@ -1088,14 +1088,15 @@ fn plain(s: &str) -> String {
     out
 }
 
-/// A process whose main thread has called `pthread_exit` is patched and unpatched. Its
-/// main thread stays a zombie that cannot be seized: the mmap and munmap borrows must
+/// A process whose main thread has called `pthread_exit` is patched (found by `-p
+/// all`) and unpatched. Its main thread stays a zombie, whose `/proc/PID/maps` is empty
+/// and whose `mem` is refused, and which cannot be seized: the mmap and munmap borrows must
 /// take a worker, and before the munmap the unpatch must wait for that worker to run
 /// again, not watch the zombie (which would let it borrow a worker still on its way
 /// out of the commit's stop, joining both stops into one gap).
 #[test]
 fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
-    let (_d, b) = setup("scenario-mainexit", flags(Link::Pie, "-O2"))?;
+    let (d, b) = setup("scenario-mainexit", flags(Link::Pie, "-O2"))?;
     let exe = b.executable("orig.c", "prog", &[])?;
     let patch_ = b.patch(&exe, "patched.c", "0001")?;
     let mut p = Running::start(&exe.path, &[])?;
@@ -1116,8 +1117,21 @@ fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let snap = MemorySnapshot::take(pid)?;
-    let out = patch(&p, &patch_.path)?;
-    ensure!(out.contains("value"), "patch output names value: {out}");
+    // Through `-p all`: the scan must find the process by its objects, which it reads
+    // from its maps.
+    let dir = d.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
+    let out = lc_ok([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new("all"),
+        dir.as_os_str(),
+    ])?;
+    ensure!(
+        out.contains(&pid.to_string()) && out.contains("value"),
+        "patch -p all names the process and value: {out}"
+    );
     see_all(&mut p, &["t1 value=2", "t2 value=2"])?;
     assert_clean(&mut p)?;
     EXTRA_ENV.with(|e| {

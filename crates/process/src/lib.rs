@@ -94,6 +94,8 @@ impl Pid {
     /// `pthread_exit` from `main` leaves the main thread a zombie until the process
     /// ends, and `/proc/PID`'s `maps` is then empty while its `mem`, `auxv`, `exe` and
     /// `root` are refused (ESRCH), though the other threads run on in the same memory.
+    /// Costs a read of the main thread's `stat`: callers ask only after `/proc/PID` has
+    /// failed them (see [`Pid::via_live_thread`]).
     pub fn mm_dir(self) -> String {
         let gone = |t: Tid| matches!(self.task_state(t), None | Some('Z' | 'X'));
         if gone(Tid(self.0)) {
@@ -106,6 +108,13 @@ impl Pid {
             }
         }
         format!("/proc/{}", self.0)
+    }
+
+    /// `name` (`maps`, `mem`, …) under [`Pid::mm_dir`] when that is not `/proc/PID`:
+    /// where to look again after `/proc/PID/name` failed or came back empty.
+    pub fn via_live_thread(self, name: &str) -> Option<String> {
+        let dir = self.mm_dir();
+        (dir != format!("/proc/{}", self.0)).then(|| format!("{dir}/{name}"))
     }
 
     /// The scheduler state letter of one of its threads (field 3 of

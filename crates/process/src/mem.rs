@@ -14,21 +14,31 @@ pub struct RemoteMemory {
 impl RemoteMemory {
     /// Opens `/proc/PID/mem` read-write (needs ptrace permission on the process).
     pub fn open(pid: Pid) -> Result<RemoteMemory, Error> {
-        let path = format!("{}/mem", pid.mm_dir());
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::NoSuchProcess(pid)
-                } else {
-                    Error::Proc {
-                        path: path.clone(),
-                        err: e,
-                    }
+        let open = |path: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+        };
+        let mut path = format!("/proc/{}/mem", pid.0);
+        let mut mem = open(&path);
+        if matches!(&mem, Err(e) if e.raw_os_error() == Some(libc::ESRCH)) {
+            // The main thread has exited: its /proc/PID/mem is refused.
+            if let Some(p) = pid.via_live_thread("mem") {
+                mem = open(&p);
+                path = p;
+            }
+        }
+        let mem = mem.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::NoSuchProcess(pid)
+            } else {
+                Error::Proc {
+                    path: path.clone(),
+                    err: e,
                 }
-            })?;
+            }
+        })?;
         Ok(RemoteMemory { pid, mem })
     }
 

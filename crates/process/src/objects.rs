@@ -130,7 +130,11 @@ fn read_object_file(
         }
     }
     let data = Bytes::map_path(&mf)
-        .or_else(|_| Bytes::map_path(format!("{}/root{}", pid.mm_dir(), first.path)))
+        .or_else(|_| Bytes::map_path(format!("/proc/{}/root{}", pid.0, first.path)))
+        .or_else(|e| match pid.via_live_thread("root") {
+            Some(root) => Bytes::map_path(format!("{root}{}", first.path)),
+            None => Err(e),
+        })
         .or_else(|_| Bytes::map_path(&first.path))
         .ok()?;
     let info = Arc::new(FileInfo {
@@ -274,7 +278,9 @@ fn objects_in_keyed(
     maps: &[MapEntry],
     keyed: &[(usize, String, Option<FileKey>)],
 ) -> Vec<LoadedObject> {
-    let exe = std::fs::read_link(format!("{}/exe", pid.mm_dir())).ok();
+    let exe = std::fs::read_link(format!("/proc/{}/exe", pid.0))
+        .ok()
+        .or_else(|| std::fs::read_link(pid.via_live_thread("exe")?).ok());
     let exe = exe.as_ref().map(|p| {
         p.to_string_lossy()
             .trim_end_matches(" (deleted)")
