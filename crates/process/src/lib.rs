@@ -97,12 +97,11 @@ impl Pid {
     /// Costs a read of the main thread's `stat`: callers ask only after `/proc/PID` has
     /// failed them (see [`Pid::via_live_thread`]).
     pub fn mm_dir(self) -> String {
-        let gone = |t: Tid| matches!(self.task_state(t), None | Some('Z' | 'X'));
-        if gone(Tid(self.0)) {
+        if !self.task_alive(Tid(self.0)) {
             if let Some(t) = self
                 .tasks()
                 .ok()
-                .and_then(|ts| ts.into_iter().find(|&t| !gone(t)))
+                .and_then(|ts| ts.into_iter().find(|&t| self.task_alive(t)))
             {
                 return format!("/proc/{}/task/{}", self.0, t.0);
             }
@@ -115,6 +114,11 @@ impl Pid {
     pub fn via_live_thread(self, name: &str) -> Option<String> {
         let dir = self.mm_dir();
         (dir != format!("/proc/{}", self.0)).then(|| format!("{dir}/{name}"))
+    }
+
+    /// True if thread `tid` exists and has not exited (neither zombie nor dead).
+    pub fn task_alive(self, tid: Tid) -> bool {
+        !matches!(self.task_state(tid), None | Some('Z' | 'X'))
     }
 
     /// The scheduler state letter of one of its threads (field 3 of

@@ -308,21 +308,26 @@ impl ThreadSet {
         Ok(tasks)
     }
 
-    /// The thread [`Self::stop_one`] would take now: one we hold, else the first task
-    /// it would seize that is alive. The main thread of a process that called
-    /// `pthread_exit` from `main` stays a zombie in `/proc/PID/task` and cannot be
-    /// seized, so a worker is taken then.
+    /// The thread [`Self::stop_one`] would take now: one we hold (a stopped one first,
+    /// then one not fenced), else the first task it would seize that is alive. The
+    /// main thread of a process that called `pthread_exit` from `main` stays a zombie
+    /// in `/proc/PID/task` and cannot be seized, so a worker is taken then.
     pub fn next_borrow(&self) -> Option<Tid> {
-        if let Some(t) = self
-            .threads
-            .iter()
-            .find(|t| t.1.fenced.is_none())
-            .or_else(|| self.threads.iter().next())
+        let held =
+            |f: &dyn Fn(&ThreadState) -> bool| self.threads.iter().find(|t| f(t.1)).map(|t| *t.0);
+        if let Some(t) = held(&|s| s.stopped)
+            .or_else(|| held(&|s| s.fenced.is_none()))
+            .or_else(|| held(&|_| true))
         {
-            return Some(*t.0);
+            return Some(t);
         }
-        let live = |t: Tid| !matches!(self.pid.task_state(t), None | Some('Z' | 'X'));
-        self.seize_order().ok()?.into_iter().find(|&t| live(t))
+        // Main is checked alone first: listing the tasks costs more.
+        let main = Tid(self.pid.0);
+        if self.pid.task_alive(main) {
+            return Some(main);
+        }
+        let order = self.seize_order().ok()?;
+        order.into_iter().find(|&t| self.pid.task_alive(t))
     }
 
     /// What /proc says of a task we could not seize; `None` when it is gone.
