@@ -94,6 +94,19 @@ pub enum Error {
         /// Seconds waited.
         secs: f64,
     },
+    /// Another process runs in the target's memory (a `vfork` child before its `exec`,
+    /// or a `clone(CLONE_VM)` child) and stayed until the timeout.
+    #[error("cannot {action} pid {pid}: process {child} shares its memory (a vfork child that has not called exec yet, or a clone(CLONE_VM) child) and was still there after {secs:.1} s; livecare cannot hold it with the process's threads, so nothing was changed. Try again once it has exited or called exec")]
+    SharedMemory {
+        /// "patch" or "unpatch".
+        action: &'static str,
+        /// Process.
+        pid: i32,
+        /// The process sharing its memory.
+        child: i32,
+        /// Seconds waited.
+        secs: f64,
+    },
     /// Nothing to unpatch, or wrong order.
     #[error("{0}")]
     Unpatch(String),

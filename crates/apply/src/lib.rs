@@ -285,7 +285,7 @@ pub fn apply_to_objects(
         });
     }
     on_tracer_thread(pid, opts, |fence| {
-        let mut threads = seize(pid, opts, fence)?;
+        let mut threads = seize(pid, opts, fence, "patch")?;
         let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
         fault::point("before-detach");
         threads.detach_all()?;
@@ -297,9 +297,45 @@ pub fn apply_to_objects(
 /// little (its one stop is short) and would need a tracer thread of its own.
 const FENCE_MIN_THREADS: usize = 2;
 
+/// Waits, up to `timeout` since `start`, until no other process shares `pid`'s memory
+/// (see [`Pid::memory_sharers`]): such a process runs the target's code outside any
+/// stop, so it could be inside a function being replaced, or in code about to be
+/// unmapped. A `vfork` child is usually gone within milliseconds (it calls `exec`), and
+/// until then its parent thread is blocked where no ptrace stop reaches it.
+fn wait_for_memory_sharers(
+    threads: &ThreadSet,
+    action: &'static str,
+    start: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let pid = threads.pid();
+    let mut nap = Duration::from_millis(1);
+    loop {
+        let Some(child) = pid.memory_sharers(&threads.tids()).first().copied() else {
+            return Ok(());
+        };
+        if start.elapsed() >= timeout {
+            return Err(Error::SharedMemory {
+                action,
+                pid: pid.0,
+                child: child.0,
+                secs: start.elapsed().as_secs_f64(),
+            });
+        }
+        tracing::debug!(
+            child = child.0,
+            "waiting for a process that shares the memory"
+        );
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
+    }
+}
+
 /// Seizes every thread of `pid` as `opts` say; idle threads will be fenced if `fence`.
-fn seize(pid: Pid, opts: &Options, fence: bool) -> Result<ThreadSet, Error> {
+/// Then waits until no other process shares its memory ([`wait_for_memory_sharers`]).
+fn seize(pid: Pid, opts: &Options, fence: bool, action: &'static str) -> Result<ThreadSet, Error> {
     let mut threads = ThreadSet::seize(pid)?;
+    wait_for_memory_sharers(&threads, action, Instant::now(), opts.timeout)?;
     threads.keep_cpus_warm(opts.spin_cpus);
     if fence {
         // Threads that run at all until the commit are stopped there as usual.
@@ -958,6 +994,9 @@ fn commit_loop(
     // exit, and a thread that has stopped is judged again inside the stop.
     let mut fenced_offenders = Vec::new();
     loop {
+        // A process that came to share the memory since the seize: checked before each
+        // stop, outside it (it costs a read per thread).
+        wait_for_memory_sharers(threads, action, start, opts.timeout)?;
         attempts += 1;
         if opts.fence_idle && attempts == 1 {
             // Last thing before the stop: a fenced thread that wakes waits at its exit
@@ -1207,7 +1246,7 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
     chosen.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
     on_tracer_thread(pid, opts, |fence| {
-        let mut threads = seize(pid, opts, fence)?;
+        let mut threads = seize(pid, opts, fence, "unpatch")?;
         let out = unpatch_regions(&mut threads, &addrs, opts)?;
         fault::point("before-detach");
         threads.detach_all()?;

@@ -1165,3 +1165,77 @@ fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
         .context("maps and code after unpatch")?;
     Ok(())
 }
+
+/// Starts scenario-clonevm in `mode` and returns it with its `clone(CLONE_VM)` child's pid.
+fn clone_vm_case(mode: &str) -> Result<(Scratch, Patch, Running, u32)> {
+    let (d, b) = setup("scenario-clonevm", flags(Link::Pie, "-O2"))?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch_ = b.patch(&exe, "patched.c", "0001")?;
+    let mut p = Running::start(&exe.path, &[mode])?;
+    let line = p.wait_for("child running", WAIT)?;
+    let child = line
+        .split_whitespace()
+        .last()
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no child pid in {line:?}"))?;
+    Ok((d, patch_, p, child))
+}
+
+/// A child made with `clone(CLONE_VM)` runs the process's code in its memory but is a
+/// process of its own, which no stop of the process's threads holds: the patch must be
+/// refused, naming it, with the target unchanged and both still running.
+#[test]
+fn patch_is_refused_while_a_clone_vm_child_runs_in_the_memory() -> Result<()> {
+    let (_d, patch_, mut p, child) = clone_vm_case("forever")?;
+    see(&mut p, "value=1")?;
+    let snap = MemorySnapshot::take(p.pid())?;
+    let err = lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("--timeout"),
+        OsStr::new("0.3"),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(&p)),
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(
+        err.contains("shares its memory") && err.contains(&format!("process {child} ")),
+        "the error names the child {child}: {err}"
+    );
+    MemorySnapshot::take(p.pid())?.assert_same(&snap)?;
+    see(&mut p, "value=1")?;
+    assert_clean(&mut p)?;
+    ensure!(
+        std::path::Path::new(&format!("/proc/{child}")).exists(),
+        "the child was harmed"
+    );
+    Ok(())
+}
+
+/// A `vfork`-style child (`CLONE_VM | CLONE_VFORK`) blocks its parent until it exits
+/// or calls exec: the patch waits for it, then applies, and unpatch restores.
+#[test]
+fn patch_waits_for_a_vfork_child_sharing_the_memory() -> Result<()> {
+    let (_d, patch_, mut p, child) = clone_vm_case("vfork")?;
+    EXTRA_ENV.with(|e| {
+        e.borrow_mut()
+            .push(("LIVECARE_LOG", "livecare_apply=debug"))
+    });
+    let o = livecare([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(&p)),
+        patch_.path.as_os_str(),
+    ])?;
+    ensure!(o.code == Some(0), "patch failed: {}", o.stderr);
+    let log = plain(&o.stderr);
+    ensure!(
+        log.contains("waiting for a process that shares the memory")
+            && log.contains(&format!("child={child}")),
+        "the patch did not wait for the child {child}:\n{log}"
+    );
+    see(&mut p, "value=2")?;
+    assert_clean(&mut p)?;
+    unpatch(&p, &[])?;
+    see(&mut p, "value=1")?;
+    assert_clean(&mut p)
+}

@@ -116,6 +116,44 @@ impl Pid {
         (dir != format!("/proc/{}", self.0)).then(|| format!("{dir}/{name}"))
     }
 
+    /// Children of the threads `tids` of this process that share its memory: `vfork`
+    /// children before their `exec`, and `clone(CLONE_VM)` children that are not
+    /// threads. They run the process's code in its address space, yet are processes of
+    /// their own, outside any stop of the process's threads. Found from each thread's
+    /// `/proc/PID/task/TID/children` (one read per thread) and `kcmp(KCMP_VM)`; empty
+    /// when none (or when the kernel offers neither).
+    pub fn memory_sharers(self, tids: &[Tid]) -> Vec<Pid> {
+        const KCMP_VM: libc::c_long = 1;
+        let mut out = Vec::new();
+        for t in tids {
+            let path = format!("/proc/{}/task/{}/children", self.0, t.0);
+            let Ok(text) = maps::read_proc_file(&path, 4096) else {
+                continue;
+            };
+            for child in String::from_utf8_lossy(&text)
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                // SAFETY: kcmp only compares two processes' kernel objects; it reads and
+                // writes no memory of ours. 0 means the same address space.
+                let same = unsafe {
+                    libc::syscall(
+                        libc::SYS_kcmp,
+                        self.0,
+                        child,
+                        KCMP_VM,
+                        0 as libc::c_long,
+                        0 as libc::c_long,
+                    )
+                };
+                if same == 0 && !out.contains(&Pid(child)) {
+                    out.push(Pid(child));
+                }
+            }
+        }
+        out
+    }
+
     /// True if thread `tid` exists and has not exited (neither zombie nor dead).
     pub fn task_alive(self, tid: Tid) -> bool {
         !matches!(self.task_state(tid), None | Some('Z' | 'X'))
