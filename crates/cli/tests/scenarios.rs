@@ -129,6 +129,18 @@ fn unpatch(p: &Running, extra: &[&str]) -> Result<String> {
     lc_ok(args)
 }
 
+/// `livecare patch --timeout SECS -p PID FILE`, which must fail (see [`lc_fails`]).
+fn patch_fails_within(p: &Running, file: &Path, secs: &str) -> Result<String> {
+    lc_fails([
+        OsStr::new("patch"),
+        OsStr::new("--timeout"),
+        OsStr::new(secs),
+        OsStr::new("-p"),
+        OsStr::new(&pid_s(p)),
+        file.as_os_str(),
+    ])
+}
+
 fn info(p: &Running) -> Result<String> {
     lc_ok(["info", "-p", &pid_s(p)])
 }
@@ -701,14 +713,7 @@ fn never_safe(mode: &str, workers: u32, ready: &str) -> Result<()> {
     see(&mut p, "value=1")?;
     let snap = MemorySnapshot::take(p.pid())?;
     let main = p.pid();
-    let err = lc_fails([
-        OsStr::new("patch"),
-        OsStr::new("--timeout"),
-        OsStr::new("1"),
-        OsStr::new("-p"),
-        OsStr::new(&pid_s(&p)),
-        patch_.path.as_os_str(),
-    ])?;
+    let err = patch_fails_within(&p, &patch_.path, "1")?;
     ensure!(err.contains("value"), "message names the function: {err}");
     let workers_tids: Vec<u32> = tids(main)?.into_iter().filter(|&t| t != main).collect();
     ensure!(
@@ -1189,14 +1194,7 @@ fn patch_is_refused_while_a_clone_vm_child_runs_in_the_memory() -> Result<()> {
     let (_d, patch_, mut p, child) = clone_vm_case("forever")?;
     see(&mut p, "value=1")?;
     let snap = MemorySnapshot::take(p.pid())?;
-    let err = lc_fails([
-        OsStr::new("patch"),
-        OsStr::new("--timeout"),
-        OsStr::new("0.3"),
-        OsStr::new("-p"),
-        OsStr::new(&pid_s(&p)),
-        patch_.path.as_os_str(),
-    ])?;
+    let err = patch_fails_within(&p, &patch_.path, "0.3")?;
     ensure!(
         err.contains("shares its memory") && err.contains(&format!("process {child} ")),
         "the error names the child {child}: {err}"

@@ -52,6 +52,11 @@ impl fmt::Display for Tid {
     }
 }
 
+/// True for the answer of a zombie main thread's `/proc/PID/mem` or `auxv`: ESRCH.
+pub(crate) fn refused<T>(r: &std::io::Result<T>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::ESRCH))
+}
+
 impl Pid {
     /// The short command name (`/proc/PID/comm`), empty when unreadable.
     pub fn comm(self) -> String {
@@ -152,6 +157,31 @@ impl Pid {
             }
         }
         out
+    }
+
+    /// `read` of `/proc/PID/name`, made again through a live thread's
+    /// `/proc/PID/task/TID/name` when `zombie_main` says the answer is that of a main
+    /// thread that has exited (see [`Pid::mm_dir`]); returns it with the path read.
+    /// A missing file means the process is gone; other errors name the path.
+    pub(crate) fn read_proc<T>(
+        self,
+        name: &str,
+        read: impl Fn(&str) -> std::io::Result<T>,
+        zombie_main: impl Fn(&std::io::Result<T>) -> bool,
+    ) -> Result<(T, String), Error> {
+        let mut path = format!("/proc/{}/{name}", self.0);
+        let mut got = read(&path);
+        if zombie_main(&got) {
+            if let Some(p) = self.via_live_thread(name) {
+                got = read(&p);
+                path = p;
+            }
+        }
+        match got {
+            Ok(v) => Ok((v, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoSuchProcess(self)),
+            Err(err) => Err(Error::Proc { path, err }),
+        }
     }
 
     /// True if thread `tid` exists and has not exited (neither zombie nor dead).

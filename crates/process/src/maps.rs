@@ -139,29 +139,12 @@ pub fn read_proc_file(path: &str, cap: usize) -> std::io::Result<Vec<u8>> {
 
 /// Parses `/proc/PID/maps`.
 pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
-    let mut path = format!("/proc/{}/maps", pid.0);
     let read = |path: &str| -> std::io::Result<String> {
         let buf = read_proc_file(path, 64 * 1024)?;
         String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     };
-    let mut text = read(&path);
-    if matches!(&text, Ok(t) if t.is_empty()) {
-        // A live process always maps something: its main thread has exited.
-        if let Some(p) = pid.via_live_thread("maps") {
-            text = read(&p);
-            path = p;
-        }
-    }
-    let text = text.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NoSuchProcess(pid)
-        } else {
-            Error::Proc {
-                path: path.clone(),
-                err: e,
-            }
-        }
-    })?;
+    // A live process always maps something: empty maps are a zombie main thread's.
+    let (text, path) = pid.read_proc("maps", read, |t| matches!(t, Ok(t) if t.is_empty()))?;
     text.lines()
         .map(|l| {
             parse_line(l).ok_or_else(|| Error::Parse {
@@ -174,18 +157,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>, Error> {
 
 /// Parses `/proc/PID/auxv` into (key, value) pairs.
 pub fn auxv(pid: Pid) -> Result<Vec<(u64, u64)>, Error> {
-    let mut path = format!("/proc/{}/auxv", pid.0);
-    let mut data = std::fs::read(&path);
-    if matches!(&data, Err(e) if e.raw_os_error() == Some(libc::ESRCH)) {
-        if let Some(p) = pid.via_live_thread("auxv") {
-            data = std::fs::read(&p);
-            path = p;
-        }
-    }
-    let data = data.map_err(|e| Error::Proc {
-        path: path.clone(),
-        err: e,
-    })?;
+    let (data, _) = pid.read_proc("auxv", |p| std::fs::read(p), crate::refused)?;
     let mut out = Vec::new();
     for c in data.chunks_exact(16) {
         let k = u64::from_le_bytes(c[..8].try_into().unwrap_or_default());

@@ -20,25 +20,8 @@ impl RemoteMemory {
                 .write(true)
                 .open(path)
         };
-        let mut path = format!("/proc/{}/mem", pid.0);
-        let mut mem = open(&path);
-        if matches!(&mem, Err(e) if e.raw_os_error() == Some(libc::ESRCH)) {
-            // The main thread has exited: its /proc/PID/mem is refused.
-            if let Some(p) = pid.via_live_thread("mem") {
-                mem = open(&p);
-                path = p;
-            }
-        }
-        let mem = mem.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::NoSuchProcess(pid)
-            } else {
-                Error::Proc {
-                    path: path.clone(),
-                    err: e,
-                }
-            }
-        })?;
+        // Refused (ESRCH) when the main thread has exited.
+        let (mem, _) = pid.read_proc("mem", open, crate::refused)?;
         Ok(RemoteMemory { pid, mem })
     }
 
