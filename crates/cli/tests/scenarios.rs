@@ -129,6 +129,20 @@ fn unpatch(p: &Running, extra: &[&str]) -> Result<String> {
     lc_ok(args)
 }
 
+/// `livecare patch -p all DIR`, DIR a patch directory (in `scratch`) holding `patch_`
+/// under the name of the `build_id` it is for; must succeed.
+fn patch_all(scratch: &Path, patch_: &Patch, build_id: &str) -> Result<String> {
+    let dir = scratch.join("patches");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&patch_.path, dir.join(format!("{build_id}.kpatch")))?;
+    lc_ok([
+        OsStr::new("patch"),
+        OsStr::new("-p"),
+        OsStr::new("all"),
+        dir.as_os_str(),
+    ])
+}
+
 /// `livecare patch --timeout SECS -p PID FILE`, which must fail (see [`lc_fails`]).
 fn patch_fails_within(p: &Running, file: &Path, secs: &str) -> Result<String> {
     lc_fails([
@@ -885,9 +899,6 @@ fn patch_all_patches_only_matching_processes() -> Result<()> {
     let (d, b) = setup("scenario-all", Flags::default())?;
     let exe = b.executable("orig.c", "prog", &[])?;
     let patch_ = b.patch(&exe, "patched.c", "0001")?;
-    let dir = d.join("patches");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
     // A bystander: another program, which has no object with that build-id.
     let (_d2, b2) = setup("scenario-exe", flags(Link::Pie, "-O1"))?;
     let other = b2.executable("orig.c", "other", &[])?;
@@ -900,12 +911,7 @@ fn patch_all_patches_only_matching_processes() -> Result<()> {
     see(&mut o, "t0 value=1")?;
     let snap_o = MemorySnapshot::take(o.pid())?;
 
-    let out = lc_ok([
-        OsStr::new("patch"),
-        OsStr::new("-p"),
-        OsStr::new("all"),
-        dir.as_os_str(),
-    ])?;
+    let out = patch_all(d.path(), &patch_, &exe.build_id)?;
     ensure!(
         out.contains(&a.pid().to_string()) && out.contains(&c.pid().to_string()),
         "both matching processes reported: {out}"
@@ -1124,15 +1130,7 @@ fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
     let snap = MemorySnapshot::take(pid)?;
     // Through `-p all`: the scan must find the process by its objects, which it reads
     // from its maps.
-    let dir = d.join("patches");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(&patch_.path, dir.join(format!("{}.kpatch", exe.build_id)))?;
-    let out = lc_ok([
-        OsStr::new("patch"),
-        OsStr::new("-p"),
-        OsStr::new("all"),
-        dir.as_os_str(),
-    ])?;
+    let out = patch_all(d.path(), &patch_, &exe.build_id)?;
     ensure!(
         out.contains(&pid.to_string()) && out.contains("value"),
         "patch -p all names the process and value: {out}"
