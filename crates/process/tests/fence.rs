@@ -146,9 +146,13 @@ fn blocked_workers_are_fenced_not_stopped_and_released_unwoken_when_the_tracer_e
         .expect("tracer thread")
     })?;
 
-    // The tracing thread has exited: nobody traces anything, nothing was woken.
+    // The tracing thread has exited: nobody traces anything, nothing was woken. (Its
+    // join can return before the kernel has released its tracees: the joiner is woken
+    // when the thread's memory is released, a step of its exit before that one.)
     for &t in &workers {
-        ensure!(tracer(pid, t)? == 0, "worker {t} still traced");
+        until(&format!("worker {t} is no longer traced"), || {
+            Ok(tracer(pid, t)? == 0)
+        })?;
         ensure!(state(pid, t)? == 'S', "worker {t} is {}", state(pid, t)?);
     }
     ensure!(
