@@ -80,6 +80,16 @@ pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
     if meta.is_file() {
         return Ok(vec![read_patch_file(path)?]);
     }
+    if !meta.is_dir() {
+        // Never opened: reading a FIFO would block until someone writes to it.
+        return Err(Error::BadPatch {
+            path: path.to_path_buf(),
+            what: format!(
+                "not a regular file or a directory ({}); give a .kpatch file or a patch directory",
+                file_kind(&meta)
+            ),
+        });
+    }
     let rd = std::fs::read_dir(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         err: e,
@@ -101,6 +111,23 @@ pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
         }
     }
     Ok(out)
+}
+
+/// What kind of file `meta` describes, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 /// `<buildid>/` in LibCare storage: the highest numbered level (or `latest`).

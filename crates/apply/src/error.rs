@@ -110,4 +110,21 @@ pub enum Error {
     /// Nothing to unpatch, or wrong order.
     #[error("{0}")]
     Unpatch(String),
+    /// Another livecare holds the target's lock (it is patching, unpatching or
+    /// repairing it right now).
+    #[error("{holder} is working on pid {pid} right now; nothing was changed. Wait for it to finish, then try again")]
+    Busy {
+        /// Process.
+        pid: i32,
+        /// Who holds the lock, for the message.
+        holder: String,
+    },
+    /// The target's threads could not be seized: someone else traces them, or we may not.
+    #[error("cannot trace pid {pid}: {what}; nothing was changed")]
+    Traced {
+        /// Process.
+        pid: i32,
+        /// Who traces it, or why we may not.
+        what: String,
+    },
 }

@@ -27,12 +27,14 @@ mod container;
 mod error;
 pub mod fault;
 mod ifunc;
+mod lock;
 mod prepare;
 mod region;
 mod repair;
 mod rsyscall;
 mod safety;
 mod trampoline;
+mod trust;
 pub mod unwind;
 
 use std::borrow::Cow;
@@ -50,6 +52,8 @@ use prepare::{ObjectView, PatchElf};
 pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
 pub use repair::{check as check_regions, repair, RegionCheck, RepairReport, Repaired, Verdict};
 use safety::Busy;
+pub use lock::{start_time, TargetLock};
+pub use trust::check_trusted;
 
 /// Knobs of apply and unpatch.
 #[derive(Debug, Clone)]
@@ -284,6 +288,8 @@ pub fn apply_to_objects(
             loaded,
         });
     }
+    // Held until we return: no other livecare works on this process meanwhile.
+    let _lock = TargetLock::acquire(pid)?;
     on_tracer_thread(pid, opts, |fence| {
         let mut threads = seize(pid, opts, fence, "patch")?;
         let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
@@ -334,7 +340,7 @@ fn wait_for_memory_sharers(
 /// Seizes every thread of `pid` as `opts` say; idle threads will be fenced if `fence`.
 /// Then waits until no other process shares its memory ([`wait_for_memory_sharers`]).
 fn seize(pid: Pid, opts: &Options, fence: bool, action: &'static str) -> Result<ThreadSet, Error> {
-    let mut threads = ThreadSet::seize(pid)?;
+    let mut threads = ThreadSet::seize(pid).map_err(|e| lock::explain_seize(pid, e))?;
     wait_for_memory_sharers(&threads, action, Instant::now(), opts.timeout)?;
     threads.keep_cpus_warm(opts.spin_cpus);
     if fence {
@@ -1192,6 +1198,9 @@ pub struct UnpatchSelect {
 /// object (removing an older patch under a newer one is refused).
 pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<UnpatchReport>, Error> {
     check_pid(pid)?;
+    // Before the regions are read: another livecare's commit in progress is not an
+    // interrupted one. Held until we return.
+    let _lock = TargetLock::acquire(pid)?;
     let all = find_regions(pid)?;
     refuse_if_interrupted_in(pid, &all)?;
     let regions: Vec<RegionHeader> = all

@@ -166,6 +166,8 @@ pub fn check(pid: Pid, rollback: bool) -> Result<Vec<RegionCheck>, Error> {
 /// stop with the usual safety check; resumes and detaches.
 pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Error> {
     crate::check_pid(pid)?;
+    // A live livecare's operation is not an interrupted one: never "repair" it.
+    let _lock = crate::TargetLock::acquire(pid)?;
     let checks = check(pid, rollback)?;
     let mut out = Repaired {
         pid: pid.0,
@@ -173,7 +175,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         regions: Vec::new(),
     };
     let all = find_regions(pid)?;
-    let mut threads = ThreadSet::seize(pid)?;
+    let mut threads = ThreadSet::seize(pid).map_err(|e| crate::lock::explain_seize(pid, e))?;
     let mem = RemoteMemory::open(pid)?;
     // A dead livecare may have left a thread due to return through a trampoline:
     // send it straight to its return address before any region can go away.

@@ -40,6 +40,15 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit status for partial success across several processes.
 #[allow(dead_code)] // used once `-p all` reports partial success
 pub const EXIT_PARTIAL: u8 = 3;
+/// Exit status when a command on one process failed and the process died or was left
+/// changed meanwhile (so exit status 1, "nothing changed", would be untrue).
+pub const EXIT_CHANGED: u8 = 4;
+
+/// The exit statuses of the commands that change processes, for their `--help`.
+pub const EXIT_HELP: &str = "Exit status: 0 success; 1 error, nothing changed in any target; \
+2 usage error; 3 with `-p all`: some processes done, others failed or could not be read \
+(named on stderr); 4 the target died or was left changed while the command failed \
+(the message says which; `livecare info` and `livecare repair` show and fix what was left).";
 
 /// Which face the binary shows: its own, or LibCare's (output formats differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use livecare_process::Pid;
 
 /// Flags of `patch`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = super::EXIT_HELP)]
 pub struct Args {
     /// Process id or `all`.
     #[arg(short = 'p', required = true)]
@@ -22,6 +23,12 @@ pub struct Args {
     /// With `-p all`: how many processes to patch at once (default: one per CPU).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Apply patch files even when a user other than their owner or root could have
+    /// written them or replaced them (the file, or a directory above it, is writable
+    /// by group or others, or owned by another user). Refused by default: a patch runs
+    /// its code inside the processes it patches.
+    #[arg(long)]
+    pub allow_insecure_perms: bool,
     /// Patch file or directory.
     pub patch: std::path::PathBuf,
 }
@@ -34,6 +41,9 @@ enum Outcome {
     Patched(Vec<ApplyReport>),
     /// Failed; the message says why.
     Failed(ApplyError),
+    /// With `-p all`: we may not read its mappings (another user's process), so we
+    /// cannot tell whether a patch is for it. Named, and counted as not done.
+    Unreadable,
 }
 
 /// Patches one process; with `all`, processes without a matching object are skipped.
@@ -44,9 +54,11 @@ fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Opti
         // build-ids in the files' headers rule most processes out before any object
         // file is read in full.
         let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
-        let Ok(Some(objects)) = livecare_process::LoadedObject::if_any_build_id_in(pid, &ids)
-        else {
-            return Outcome::Skipped;
+        let objects = match livecare_process::LoadedObject::if_any_build_id_in(pid, &ids) {
+            Ok(Some(objects)) => objects,
+            Ok(None) => return Outcome::Skipped,
+            Err(e) if permission_denied(&e) => return Outcome::Unreadable,
+            Err(_) => return Outcome::Skipped,
         };
         if livecare_apply::matching_patches(patches, &objects).is_empty() {
             return Outcome::Skipped;
@@ -66,6 +78,104 @@ fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Opti
             Outcome::Skipped
         }
         Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// True when `e` says we may not read the process (`EACCES`/`EPERM` on its `/proc`).
+pub(crate) fn permission_denied(e: &livecare_process::Error) -> bool {
+    matches!(e, livecare_process::Error::Proc { err, .. }
+        if err.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+/// Refuses, unless `allow`, a patch path others could have written (see
+/// [`livecare_apply::check_trusted`]).
+pub(crate) fn check_trusted(path: &std::path::Path, allow: bool) -> anyhow::Result<()> {
+    if !allow {
+        livecare_apply::check_trusted(path)?;
+    }
+    Ok(())
+}
+
+/// Names the processes of `-p all` we could not read, with what it means.
+pub(crate) fn unreadable_note(pids: &[Pid], action: &str) -> String {
+    let names: Vec<String> = pids
+        .iter()
+        .map(|p| format!("{p} ({})", p.comm()))
+        .collect();
+    format!(
+        "{} process{} could not be read (permission denied), so livecare could not {action} them \
+         or tell whether a patch is for them; run as root or as their owner to include them: {}",
+        pids.len(),
+        if pids.len() == 1 { "" } else { "es" },
+        names.join(", ")
+    )
+}
+
+/// What a one-process command knew of its target before it began: enough to tell,
+/// when it fails, whether the target died or was changed meanwhile (exit status
+/// [`super::EXIT_CHANGED`]) rather than left as it was (exit status 1).
+pub(crate) struct Before {
+    pid: Pid,
+    start: Option<u64>,
+    regions: Option<Vec<(u64, u64, livecare_apply::RegionState)>>,
+}
+
+impl Before {
+    /// Notes `pid`'s start time and its active or half-done patch regions.
+    pub(crate) fn take(pid: Pid) -> Before {
+        Before {
+            pid,
+            start: livecare_apply::start_time(pid),
+            regions: Self::regions(pid),
+        }
+    }
+
+    /// Patch regions whose code is live or half live: what a change would show in.
+    fn regions(pid: Pid) -> Option<Vec<(u64, u64, livecare_apply::RegionState)>> {
+        use livecare_apply::RegionState;
+        let mut v: Vec<_> = livecare_apply::find_regions(pid)
+            .ok()?
+            .into_iter()
+            .filter(|r| r.state == RegionState::Applied || r.state.is_incomplete())
+            .map(|r| (r.addr, r.seq, r.state))
+            .collect();
+        v.sort_by_key(|r| (r.0, r.1));
+        Some(v)
+    }
+
+    /// True while one of the target's threads has not exited.
+    fn alive(&self) -> bool {
+        let pid = self.pid;
+        livecare_apply::start_time(pid) == self.start
+            && pid
+                .tasks()
+                .is_ok_and(|ts| ts.iter().any(|&t| pid.task_alive(t)))
+    }
+
+    /// The outcome of a command on this target that failed with `e` (`action`:
+    /// "patching" or "unpatching"): the error itself (exit status 1, nothing changed),
+    /// or, printed here, that the target died or was changed meanwhile (exit status 4).
+    pub(crate) fn judge(&self, e: ApplyError, action: &str) -> anyhow::Result<ExitCode> {
+        let pid = self.pid;
+        // Another livecare (or a debugger) holds the target: what changes there is
+        // its doing, and we changed nothing.
+        let ours = !matches!(e, ApplyError::Busy { .. } | ApplyError::Traced { .. });
+        if self.start.is_some() && !self.alive() {
+            eprintln!(
+                "error: pid {pid} died (exited or was killed) while livecare was {action} it; \
+                 the command did not complete: {e}"
+            );
+            return Ok(ExitCode::from(super::EXIT_CHANGED));
+        }
+        if ours && self.regions.is_some() && Self::regions(pid) != self.regions {
+            eprintln!(
+                "error: pid {pid} was changed although {action} it failed: {e}. \
+                 `livecare info -p {pid}` shows its patches; `livecare repair -p {pid}` \
+                 completes or rolls back an operation left half done"
+            );
+            return Ok(ExitCode::from(super::EXIT_CHANGED));
+        }
+        Err(anyhow::Error::new(e).context(format!("{action} pid {pid}")))
     }
 }
 
@@ -168,10 +278,15 @@ fn print_report(r: &ApplyReport, face: super::Face) {
 
 /// Runs `patch`.
 pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
+    check_trusted(&args.patch, args.allow_insecure_perms)?;
     let patches = livecare_apply::load_patches(&args.patch)
         .with_context(|| format!("loading {}", args.patch.display()))?;
     if patches.is_empty() {
         anyhow::bail!("no patches found in {}", args.patch.display());
+    }
+    // In a directory, each file (and LibCare storage's level directories) too.
+    for p in &patches {
+        check_trusted(&p.source, args.allow_insecure_perms)?;
     }
     let (pids, all) = targets(&args.pid)?;
     let opts = Options {
@@ -184,6 +299,8 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     };
     let mut ok: Vec<ApplyReport> = Vec::new();
     let mut failed: Vec<(Pid, String)> = Vec::new();
+    let mut unreadable: Vec<Pid> = Vec::new();
+    let before = (!all).then(|| Before::take(pids[0]));
     let outcomes = if all {
         in_parallel(&pids, jobs_or_cpus(args.jobs), |pid| {
             patch_one(pid, true, &patches, &opts)
@@ -196,9 +313,13 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     for (pid, outcome) in pids.iter().zip(outcomes) {
         match outcome {
             Outcome::Skipped => {}
+            Outcome::Unreadable => unreadable.push(*pid),
             Outcome::Patched(reports) => ok.extend(reports),
             Outcome::Failed(e) if !all => {
-                return Err(anyhow::Error::new(e).context(format!("patching pid {pid}")));
+                return match &before {
+                    Some(b) => b.judge(e, "patching"),
+                    None => Err(anyhow::Error::new(e).context(format!("patching pid {pid}"))),
+                };
             }
             Outcome::Failed(e) => failed.push((*pid, format!("{e}"))),
         }
@@ -207,6 +328,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         let doc = serde_json::json!({
             "patched": ok,
             "failed": failed.iter().map(|(p, e)| serde_json::json!({"pid": p.0, "error": e})).collect::<Vec<_>>(),
+            "unreadable": unreadable.iter().map(|p| serde_json::json!({"pid": p.0, "comm": p.comm()})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -217,9 +339,22 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
             eprintln!("pid {p} ({}): {e}", p.comm());
         }
     }
-    if all && ok.is_empty() && failed.is_empty() {
-        let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
+    if !unreadable.is_empty() {
+        eprintln!("livecare: {}", unreadable_note(&unreadable, "patch"));
+    }
+    let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
+    if all && ok.is_empty() && failed.is_empty() && unreadable.is_empty() {
         anyhow::bail!("no process has an object with build-id {}", ids.join(", "));
+    }
+    if all && ok.is_empty() && failed.is_empty() {
+        eprintln!(
+            "livecare: no process it could read has an object with build-id {}",
+            ids.join(", ")
+        );
+    }
+    if !unreadable.is_empty() && (failed.is_empty() || !ok.is_empty()) {
+        // Not every process was checked: not a success, yet nothing failed either.
+        return Ok(ExitCode::from(super::EXIT_PARTIAL));
     }
     if !failed.is_empty() {
         return Ok(ExitCode::from(if ok.is_empty() {

@@ -12,6 +12,10 @@ pub struct Args {
     /// Patch directory (or file).
     #[arg(short = 'P')]
     pub patch_dir: Option<std::path::PathBuf>,
+    /// Apply patch files others than their owner or root could have written (see
+    /// `patch --allow-insecure-perms`).
+    #[arg(long)]
+    pub allow_insecure_perms: bool,
     /// Program and arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -21,7 +25,13 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let patches = match &args.patch_dir {
         Some(d) => {
-            livecare_apply::load_patches(d).with_context(|| format!("loading {}", d.display()))?
+            super::patch::check_trusted(d, args.allow_insecure_perms)?;
+            let patches = livecare_apply::load_patches(d)
+                .with_context(|| format!("loading {}", d.display()))?;
+            for p in &patches {
+                super::patch::check_trusted(&p.source, args.allow_insecure_perms)?;
+            }
+            patches
         }
         None => Vec::new(),
     };

@@ -8,6 +8,7 @@ use livecare_apply::{Options, UnpatchSelect};
 
 /// Flags of `unpatch`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = super::EXIT_HELP)]
 pub struct Args {
     /// Process id or `all`.
     #[arg(short = 'p', required = true)]
@@ -24,6 +25,10 @@ pub struct Args {
     /// With `-p all`: how many processes to unpatch at once (default: one per CPU).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// With `-p all` and no build-id or `-i`: really remove the newest patch from every
+    /// process on the host (without it that is refused).
+    #[arg(long)]
+    pub all: bool,
     /// Only patches of objects with these build-ids.
     pub build_ids: Vec<String>,
 }
@@ -31,6 +36,15 @@ pub struct Args {
 /// Runs `unpatch`.
 pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let (pids, all) = super::patch::targets(&args.pid)?;
+    if all && args.build_ids.is_empty() && args.patch_id.is_none() && !args.all {
+        // One mistyped command would otherwise take a patch off every process of
+        // every user on the host.
+        eprintln!(
+            "error: `unpatch -p all` needs a selector: give the build-id(s) of the patched \
+             object, `-i PATCHID`, or `--all` to remove the newest patch from every process"
+        );
+        return Ok(ExitCode::from(super::EXIT_USAGE));
+    }
     let sel = UnpatchSelect {
         patch_id: args.patch_id.clone(),
         build_ids: args.build_ids.clone(),
@@ -52,6 +66,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         }
         Some(livecare_apply::unpatch(pid, &sel, &opts))
     };
+    let before = (!all).then(|| super::patch::Before::take(pids[0]));
     let outcomes = if all {
         super::patch::in_parallel(&pids, super::patch::jobs_or_cpus(args.jobs), one)
     } else {
@@ -62,7 +77,10 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
             None => {}
             Some(Ok(r)) => reports.extend(r),
             Some(Err(e)) if !all => {
-                return Err(anyhow::Error::new(e).context(format!("unpatching pid {pid}")))
+                return match &before {
+                    Some(b) => b.judge(e, "unpatching"),
+                    None => Err(anyhow::Error::new(e).context(format!("unpatching pid {pid}"))),
+                };
             }
             Some(Err(e)) => failed.push((pid, e.to_string())),
         }
