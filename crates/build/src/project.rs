@@ -299,11 +299,16 @@ impl Session {
             (["cc", "gcc"], "KPCCREAL", &gcc),
             (["c++", "g++"], "KPCCREAL_CXX", &gxx),
         ] {
-            let script = format!(
-                "#!/bin/sh\nKPCCREAL=\"${{{var}:-{}}}\" exec '{}' \"$@\"\n",
-                real.display(),
-                link.display()
-            );
+            // Paths are single-quoted whole (any byte but NUL is safe in there): an
+            // output directory named `a'$(cmd)` must not run `cmd`.
+            let mut script = format!(
+                "#!/bin/sh\nKPCCREAL=\"${{{var}}}\"\n[ -n \"$KPCCREAL\" ] || KPCCREAL="
+            )
+            .into_bytes();
+            script.extend(sh_quote(real));
+            script.extend(b"\nexport KPCCREAL\nexec ");
+            script.extend(sh_quote(&link));
+            script.extend(b" \"$@\"\n");
             for name in names {
                 let p = bin.join(name);
                 std::fs::write(&p, &script).map_err(|e| io(&p, e))?;
@@ -765,10 +770,35 @@ impl Drop for Session {
     }
 }
 
+/// `p` quoted for `sh`: in single quotes, each `'` written as `'\''`.
+fn sh_quote(p: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = vec![b'\''];
+    for &b in p.as_os_str().as_bytes() {
+        if b == b'\'' {
+            out.extend(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
 /// The `CC`/`CXX` value that runs the wrapper `script`, keeping the flags of the
 /// caller's own `user` value (`CC="gcc -std=gnu99"`), and the real compiler it names.
 fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, Option<String>) {
-    let script = script.display().to_string();
+    // Make and configure scripts paste `$CC` into shell commands unquoted: a path with
+    // a space, a quote or `$(…)` would be split or run. Then the bare name, which
+    // PATH (our bin directory first) resolves to the same script.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:=@%".contains(c);
+    let script = match script.to_str() {
+        Some(s) if s.chars().all(plain) => s.to_string(),
+        _ => script
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
     let mut words = user.unwrap_or("").split_whitespace();
     let Some(first) = words.next() else {
         return (script, None);

@@ -212,6 +212,35 @@ fn livecare_build_patches_static_and_shared_library_code_of_a_running_program() 
 }
 
 #[test]
+fn an_output_directory_with_quotes_and_command_substitution_runs_nothing() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-make").unwrap();
+    // The wrapper scripts in OUTDIR/.livecare/bin (and `CC`, which make pastes into
+    // shell commands) must keep this a path: a `'` ends an unescaped quote, and the
+    // `$(…)` would run.
+    let marker = tree.join("ran");
+    let outdir = tree.join(format!("out 'x' $(touch {})", marker.display()));
+    let text = ok(
+        livecare_in(
+            tree.path(),
+            &[
+                "build",
+                "-o",
+                outdir.to_str().unwrap(),
+                "--clean",
+                "fix.diff",
+            ],
+        ),
+        "livecare build",
+    );
+    assert!(!marker.exists(), "the output directory's name was run:\n{text}");
+    assert_eq!(kpatch_files(&outdir).len(), 2, "{text}");
+    let script = std::fs::read_to_string(outdir.join(".livecare/bin/cc")).unwrap();
+    assert!(script.contains("'\\''x'\\''"), "{script}");
+    check_make_fixture_live(tree.path(), &outdir);
+}
+
+#[test]
 fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("build-make").unwrap();
