@@ -48,11 +48,11 @@ use livecare_process::{
 use arch::{Native, PatchArch};
 pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch};
 pub use error::Error;
+pub use lock::{start_time, TargetLock};
 use prepare::{ObjectView, PatchElf};
 pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
 pub use repair::{check as check_regions, repair, RegionCheck, RepairReport, Repaired, Verdict};
 use safety::Busy;
-pub use lock::{start_time, TargetLock};
 pub use trust::check_trusted;
 
 /// Knobs of apply and unpatch.

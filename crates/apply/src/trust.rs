@@ -83,13 +83,7 @@ fn untrusted(meta: &std::fs::Metadata, me: u32, on_the_way: bool) -> Option<Stri
     }
 }
 
-fn refusal(
-    given: &Path,
-    at: &Path,
-    is_self: bool,
-    meta: &std::fs::Metadata,
-    why: &str,
-) -> Error {
+fn refusal(given: &Path, at: &Path, is_self: bool, meta: &std::fs::Metadata, why: &str) -> Error {
     let what = if is_self {
         format!(
             "refused: {why} (mode {:04o}, owner {}), so others could have put code in it",

@@ -301,10 +301,9 @@ impl Session {
         ] {
             // Paths are single-quoted whole (any byte but NUL is safe in there): an
             // output directory named `a'$(cmd)` must not run `cmd`.
-            let mut script = format!(
-                "#!/bin/sh\nKPCCREAL=\"${{{var}}}\"\n[ -n \"$KPCCREAL\" ] || KPCCREAL="
-            )
-            .into_bytes();
+            let mut script =
+                format!("#!/bin/sh\nKPCCREAL=\"${{{var}}}\"\n[ -n \"$KPCCREAL\" ] || KPCCREAL=")
+                    .into_bytes();
             script.extend(sh_quote(real));
             script.extend(b"\nexport KPCCREAL\nexec ");
             script.extend(sh_quote(&link));

@@ -233,7 +233,10 @@ fn an_output_directory_with_quotes_and_command_substitution_runs_nothing() {
         ),
         "livecare build",
     );
-    assert!(!marker.exists(), "the output directory's name was run:\n{text}");
+    assert!(
+        !marker.exists(),
+        "the output directory's name was run:\n{text}"
+    );
     assert_eq!(kpatch_files(&outdir).len(), 2, "{text}");
     let script = std::fs::read_to_string(outdir.join(".livecare/bin/cc")).unwrap();
     assert!(script.contains("'\\''x'\\''"), "{script}");

@@ -208,7 +208,28 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
         "{err}"
     );
     runs_on(&mut theirs, "value=2")?;
-    runs_on(&mut mine, "value=1")
+    runs_on(&mut mine, "value=1")?;
+
+    // `unpatch -p all` likewise.
+    let mut cmd = Command::new(livecare());
+    cmd.args(["unpatch", "-p", "all", &exe.build_id])
+        .env_remove("XDG_RUNTIME_DIR")
+        .current_dir("/");
+    // SAFETY: as above.
+    unsafe {
+        cmd.pre_exec(|| drop_to_nobody());
+    }
+    let out = cmd.output()?;
+    let err = stderr(&out);
+    ensure!(
+        out.status.code() == Some(3)
+            && stdout(&out).contains(&format!("from pid {} ", theirs.pid()))
+            && err.contains(&format!(" {} (prog)", mine.pid())),
+        "exit {} (want 3):\n{}{err}",
+        out.status,
+        stdout(&out)
+    );
+    runs_on(&mut theirs, "value=1")
 }
 
 /// In a child before exec: become `nobody` (group first, while still allowed).
@@ -235,7 +256,10 @@ fn a_second_livecare_on_the_same_target_names_the_first_and_changes_nothing() ->
     let pid = p.pid().to_string();
     let first = lc_spawn(&["patch", "-p", &pid, "--timeout", "60", path(&patch.path)]);
     wait_traced(p.pid())?;
-    let busy = format!("another livecare (pid {}) is working on pid {pid}", first.id());
+    let busy = format!(
+        "another livecare (pid {}) is working on pid {pid}",
+        first.id()
+    );
     for args in [
         vec!["unpatch", "-p", &pid],
         vec!["repair", "-p", &pid],
@@ -273,14 +297,7 @@ fn a_target_traced_by_another_process_names_its_tracer() -> Result<()> {
     // This test's thread traces it, as a debugger would.
     // SAFETY: SEIZE on our own child; it keeps running, and the kernel detaches it
     // when this thread exits.
-    let rc = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            p.pid() as libc::pid_t,
-            0usize,
-            0usize,
-        )
-    };
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, p.pid() as libc::pid_t, 0usize, 0usize) };
     ensure!(rc == 0, "SEIZE: {}", std::io::Error::last_os_error());
     let out = lc(&["patch", "-p", &p.pid().to_string(), path(&patch.path)]);
     let err = stderr(&out);
@@ -312,9 +329,7 @@ fn a_fifo_or_a_device_given_as_the_patch_is_named_as_such() -> Result<()> {
         let out = finish(lc_spawn(&["patch", "-p", &pid, file]), WAIT)?;
         let err = stderr(&out);
         ensure!(
-            out.status.code() == Some(1)
-                && err.contains(kind)
-                && !err.contains("Not a directory"),
+            out.status.code() == Some(1) && err.contains(kind) && !err.contains("Not a directory"),
             "{file} ({}):\n{err}",
             out.status
         );

@@ -98,10 +98,7 @@ pub(crate) fn check_trusted(path: &std::path::Path, allow: bool) -> anyhow::Resu
 
 /// Names the processes of `-p all` we could not read, with what it means.
 pub(crate) fn unreadable_note(pids: &[Pid], action: &str) -> String {
-    let names: Vec<String> = pids
-        .iter()
-        .map(|p| format!("{p} ({})", p.comm()))
-        .collect();
+    let names: Vec<String> = pids.iter().map(|p| format!("{p} ({})", p.comm())).collect();
     format!(
         "{} process{} could not be read (permission denied), so livecare could not {action} them \
          or tell whether a patch is for them; run as root or as their owner to include them: {}",

@@ -59,12 +59,18 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     };
     let mut reports = Vec::new();
     let mut failed = Vec::new();
+    let mut unreadable = Vec::new();
     let one = |pid| {
-        // With `all`, a process holding nothing this request selects is not a failure.
-        if all && !holds_selected_patch(pid, &sel) {
-            return None;
+        // With `all`, a process holding nothing this request selects is not a failure;
+        // one we may not read is named (`Err`).
+        if all {
+            match holds_selected_patch(pid, &sel) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(()) => return Err(()),
+            }
         }
-        Some(livecare_apply::unpatch(pid, &sel, &opts))
+        Ok(Some(livecare_apply::unpatch(pid, &sel, &opts)))
     };
     let before = (!all).then(|| super::patch::Before::take(pids[0]));
     let outcomes = if all {
@@ -74,21 +80,23 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     };
     for (pid, outcome) in pids.into_iter().zip(outcomes) {
         match outcome {
-            None => {}
-            Some(Ok(r)) => reports.extend(r),
-            Some(Err(e)) if !all => {
+            Err(()) => unreadable.push(pid),
+            Ok(None) => {}
+            Ok(Some(Ok(r))) => reports.extend(r),
+            Ok(Some(Err(e))) if !all => {
                 return match &before {
                     Some(b) => b.judge(e, "unpatching"),
                     None => Err(anyhow::Error::new(e).context(format!("unpatching pid {pid}"))),
                 };
             }
-            Some(Err(e)) => failed.push((pid, e.to_string())),
+            Ok(Some(Err(e))) => failed.push((pid, e.to_string())),
         }
     }
     if args.json {
         let doc = serde_json::json!({
             "unpatched": reports,
             "failed": failed.iter().map(|(p, e)| serde_json::json!({"pid": p.0, "error": e})).collect::<Vec<_>>(),
+            "unreadable": unreadable.iter().map(|p: &livecare_process::Pid| serde_json::json!({"pid": p.0, "comm": p.comm()})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc).context("json")?);
     } else {
@@ -114,6 +122,16 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
             eprintln!("pid {p}: {e}");
         }
     }
+    if !unreadable.is_empty() {
+        eprintln!(
+            "livecare: {}",
+            super::patch::unreadable_note(&unreadable, "unpatch")
+        );
+        if failed.is_empty() || !reports.is_empty() {
+            // Not every process was checked: not a success, yet nothing failed either.
+            return Ok(ExitCode::from(super::EXIT_PARTIAL));
+        }
+    }
     if !failed.is_empty() {
         return Ok(ExitCode::from(if reports.is_empty() {
             super::EXIT_ERROR
@@ -124,15 +142,21 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// True when `pid` has an applied patch that `sel` would select.
-fn holds_selected_patch(pid: livecare_process::Pid, sel: &UnpatchSelect) -> bool {
-    livecare_apply::find_regions(pid)
-        .map(|regions| {
-            regions.iter().any(|r| {
-                r.state == livecare_apply::RegionState::Applied
-                    && (sel.build_ids.is_empty() || sel.build_ids.contains(&r.build_id))
-                    && sel.patch_id.as_ref().is_none_or(|id| &r.patch_id == id)
+/// True when `pid` has an applied patch that `sel` would select; `Err` when we may not
+/// read it.
+fn holds_selected_patch(pid: livecare_process::Pid, sel: &UnpatchSelect) -> Result<bool, ()> {
+    match livecare_apply::find_regions(pid) {
+        Err(livecare_apply::Error::Process(e)) if super::patch::permission_denied(&e) => {
+            return Err(())
+        }
+        r => Ok(r
+            .map(|regions| {
+                regions.iter().any(|r| {
+                    r.state == livecare_apply::RegionState::Applied
+                        && (sel.build_ids.is_empty() || sel.build_ids.contains(&r.build_id))
+                        && sel.patch_id.as_ref().is_none_or(|id| &r.patch_id == id)
+                })
             })
-        })
-        .unwrap_or(false)
+            .unwrap_or(false)),
+    }
 }
