@@ -59,18 +59,33 @@ fn runs_on(p: &mut Running, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts livecare with `args` in the background.
-fn lc_spawn(args: &[&str]) -> Child {
-    Command::new(livecare())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning livecare")
+/// A livecare running in the background, killed and reaped if the test ends first.
+struct Bg(Option<Child>);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
-/// Waits for `child` (killing it after `limit`).
-fn finish(mut child: Child, limit: Duration) -> Result<Output> {
+/// Starts livecare with `args` in the background.
+fn lc_spawn(args: &[&str]) -> Bg {
+    Bg(Some(
+        Command::new(livecare())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning livecare"),
+    ))
+}
+
+/// Waits for `bg` (killing it after `limit`).
+fn finish(mut bg: Bg, limit: Duration) -> Result<Output> {
+    let mut child = bg.0.take().expect("running");
     let deadline = Instant::now() + limit;
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
@@ -174,7 +189,7 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
     // SAFETY: setgid/setgroups/setuid are async-signal-safe, the only calls between
     // fork and exec.
     unsafe {
-        cmd.pre_exec(|| drop_to_nobody());
+        cmd.pre_exec(drop_to_nobody);
     }
     let mut theirs = Running::spawn(cmd)?;
     mine.wait_for("value=1", WAIT)?;
@@ -186,7 +201,7 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
         .current_dir("/");
     // SAFETY: as above.
     unsafe {
-        cmd.pre_exec(|| drop_to_nobody());
+        cmd.pre_exec(drop_to_nobody);
     }
     let out = cmd.output()?;
     let err = stderr(&out);
@@ -217,7 +232,7 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
         .current_dir("/");
     // SAFETY: as above.
     unsafe {
-        cmd.pre_exec(|| drop_to_nobody());
+        cmd.pre_exec(drop_to_nobody);
     }
     let out = cmd.output()?;
     let err = stderr(&out);
@@ -256,10 +271,8 @@ fn a_second_livecare_on_the_same_target_names_the_first_and_changes_nothing() ->
     let pid = p.pid().to_string();
     let first = lc_spawn(&["patch", "-p", &pid, "--timeout", "60", path(&patch.path)]);
     wait_traced(p.pid())?;
-    let busy = format!(
-        "another livecare (pid {}) is working on pid {pid}",
-        first.id()
-    );
+    let first_pid = first.0.as_ref().map_or(0, |c| c.id());
+    let busy = format!("another livecare (pid {first_pid}) is working on pid {pid}");
     for args in [
         vec!["unpatch", "-p", &pid],
         vec!["repair", "-p", &pid],
@@ -276,9 +289,7 @@ fn a_second_livecare_on_the_same_target_names_the_first_and_changes_nothing() ->
         ensure!(!stderr(&out).contains("repair -p"), "{}", stderr(&out));
     }
     // The first one, killed while it waits, leaves no lock behind for the next.
-    let mut first = first;
-    first.kill()?;
-    first.wait()?;
+    drop(first);
     let out = lc(&["patch", "-p", &pid, "--timeout", "0.2", path(&patch.path)]);
     ensure!(
         !stderr(&out).contains("another livecare"),

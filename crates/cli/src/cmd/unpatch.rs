@@ -146,9 +146,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
 /// read it.
 fn holds_selected_patch(pid: livecare_process::Pid, sel: &UnpatchSelect) -> Result<bool, ()> {
     match livecare_apply::find_regions(pid) {
-        Err(livecare_apply::Error::Process(e)) if super::patch::permission_denied(&e) => {
-            return Err(())
-        }
+        Err(livecare_apply::Error::Process(e)) if super::patch::permission_denied(&e) => Err(()),
         r => Ok(r
             .map(|regions| {
                 regions.iter().any(|r| {
