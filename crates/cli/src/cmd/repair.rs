@@ -34,8 +34,12 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
         spin_cpus: false,
         fence_idle: false,
     };
+    // Another livecare's operation in progress is not an interrupted one: refused
+    // while it runs, and the regions are read under the lock (`repair` takes it again).
+    let lock = livecare_apply::TargetLock::acquire(pid)?;
     let pending = livecare_apply::check_regions(pid, args.rollback)
         .with_context(|| format!("reading pid {pid}"))?;
+    drop(lock);
     let done = if pending.is_empty() {
         livecare_apply::Repaired {
             pid: pid.0,
