@@ -402,3 +402,49 @@ fn a_target_that_dies_during_the_command_is_not_reported_as_unchanged() -> Resul
     ensure!(!p.is_alive());
     Ok(())
 }
+
+#[test]
+fn a_failed_patch_that_could_not_be_rolled_back_is_not_reported_as_unchanged() -> Result<()> {
+    let s = Scratch::new()?;
+    let flags = Flags {
+        exe_link: Link::Pie,
+        opt: "-O2".into(),
+        extra: vec!["-DLIVECARE_GUARDS_ROLLBACK=1".into()],
+        ..Flags::default()
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-safety"),
+        s.path(),
+        flags,
+    )?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    // One directory, applied all or nothing in file order: the first patch traps the
+    // workers in its new value() for good; the second replaces call_value(), their
+    // caller, and cannot wait them out; so the first must come off again, which it
+    // cannot either.
+    let never = b.patch(&exe, "patched-never.c", "0001")?;
+    let second = b.patch(&exe, "patched-caller.c", "0002")?;
+    let dir = s.join("both");
+    std::fs::create_dir(&dir)?;
+    std::fs::copy(&never.path, dir.join("a.kpatch"))?;
+    std::fs::copy(&second.path, dir.join("b.kpatch"))?;
+    let mut p = Running::start(&exe.path, &["normal", "2"])?;
+    p.wait_for("value=1", WAIT)?;
+    let pid = p.pid();
+    let out = lc(&["patch", "-p", &pid.to_string(), "--timeout", "1", path(&dir)]);
+    let err = stderr(&out);
+    ensure!(
+        out.status.code() == Some(4)
+            && err.contains(&format!("pid {pid} was changed"))
+            && err.contains("livecare repair"),
+        "({}):\n{}{err}",
+        out.status,
+        stdout(&out)
+    );
+    // As it says: the first patch is in.
+    runs_on(&mut p, "value=2")?;
+    let info = ok(&lc(&["info", "-p", &pid.to_string()]))?;
+    ensure!(info.contains("1 hunk(s): value"), "{info}");
+    Ok(())
+}
