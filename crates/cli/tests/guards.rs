@@ -420,9 +420,9 @@ fn a_failed_patch_that_could_not_be_rolled_back_is_not_reported_as_unchanged() -
     )?;
     let exe = b.executable("orig.c", "prog", &[])?;
     // One directory, applied all or nothing in file order: the first patch traps the
-    // workers in its new value() for good; the second replaces call_value(), their
-    // caller, and cannot wait them out; so the first must come off again, which it
-    // cannot either.
+    // workers in its new value() for good; the second, for call_value(), fails (the
+    // first changed that caller's code in memory); so the first must come off again,
+    // which it cannot while the workers are inside it.
     let never = b.patch(&exe, "patched-never.c", "0001")?;
     let second = b.patch(&exe, "patched-caller.c", "0002")?;
     let dir = s.join("both");
@@ -432,7 +432,14 @@ fn a_failed_patch_that_could_not_be_rolled_back_is_not_reported_as_unchanged() -
     let mut p = Running::start(&exe.path, &["normal", "2"])?;
     p.wait_for("value=1", WAIT)?;
     let pid = p.pid();
-    let out = lc(&["patch", "-p", &pid.to_string(), "--timeout", "1", path(&dir)]);
+    let out = lc(&[
+        "patch",
+        "-p",
+        &pid.to_string(),
+        "--timeout",
+        "1",
+        path(&dir),
+    ]);
     let err = stderr(&out);
     ensure!(
         out.status.code() == Some(4)
