@@ -74,6 +74,26 @@ impl TargetLock {
     }
 }
 
+impl TargetLock {
+    /// The livecare that holds `pid`'s lock now, if one does (for `info`: its regions
+    /// in flight are not interrupted ones). Reads `/proc/locks` and takes no lock, so
+    /// it can never make a starting livecare find the target busy.
+    pub fn holder(pid: Pid) -> Option<i32> {
+        let path = lock_dir()?.join(format!("{}-{}.lock", pid.0, start_time(pid)?));
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let key = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        // `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5367806 0 EOF`
+        locks.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&key.as_str()))
+                .then(|| f.get(4)?.parse().ok())
+                .flatten()
+        })
+    }
+}
+
 impl Drop for TargetLock {
     fn drop(&mut self) {
         // Unlinked while still locked, so no one can lock this inode after us and

@@ -288,6 +288,14 @@ fn a_second_livecare_on_the_same_target_names_the_first_and_changes_nothing() ->
         );
         ensure!(!stderr(&out).contains("repair -p"), "{}", stderr(&out));
     }
+    // `info` shows the operation in flight as such, not as one to repair.
+    let info = ok(&lc(&["info", "-p", &pid]))?;
+    ensure!(
+        info.contains(&format!(
+            "livecare (pid {first_pid}) is working on pid {pid}"
+        )),
+        "{info}"
+    );
     // The first one, killed while it waits, leaves no lock behind for the next.
     drop(first);
     let out = lc(&["patch", "-p", &pid, "--timeout", "0.2", path(&patch.path)]);

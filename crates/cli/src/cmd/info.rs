@@ -81,6 +81,17 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
 
 fn print_info(i: &ProcessInfo, face: super::Face) {
     print_objects(i, face);
+    if let Some(h) = livecare_apply::TargetLock::holder(Pid(i.pid)) {
+        println!(
+            "  livecare (pid {h}) is working on pid {} right now{}",
+            i.pid,
+            if i.incomplete.is_empty() {
+                ""
+            } else {
+                ": what follows is its operation in progress, not an interrupted one; do not repair it"
+            }
+        );
+    }
     for c in &i.incomplete {
         let r = &c.region;
         let state = super::repair::state_name(r.state);
