@@ -192,6 +192,14 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
         cmd.pre_exec(drop_to_nobody);
     }
     let mut theirs = Running::spawn(cmd)?;
+    // Readable but with no object the patch is for: skipped, and not named.
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    // SAFETY: as above.
+    unsafe {
+        cmd.pre_exec(drop_to_nobody);
+    }
+    let other = Running::spawn(cmd)?;
     mine.wait_for("value=1", WAIT)?;
     theirs.wait_for("value=1", WAIT)?;
 
@@ -219,7 +227,8 @@ fn unprivileged_patch_all_names_the_processes_it_cannot_read_and_exits_3() -> Re
     );
     ensure!(
         err.contains("could not be read (permission denied)")
-            && err.contains(&format!(" {} (prog)", mine.pid())),
+            && err.contains(&format!(" {} (prog)", mine.pid()))
+            && !err.contains(&format!(" {} (sleep)", other.pid())),
         "{err}"
     );
     runs_on(&mut theirs, "value=2")?;
