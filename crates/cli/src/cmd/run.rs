@@ -12,8 +12,8 @@ pub struct Args {
     /// Patch directory (or file).
     #[arg(short = 'P')]
     pub patch_dir: Option<std::path::PathBuf>,
-    /// Apply patch files others than their owner or root could have written (see
-    /// `patch --allow-insecure-perms`).
+    /// Apply patch files that someone other than their owner or root could have
+    /// written (see `patch --allow-insecure-perms`).
     #[arg(long)]
     pub allow_insecure_perms: bool,
     /// Program and arguments.
