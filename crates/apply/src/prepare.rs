@@ -614,11 +614,11 @@ impl<'a> PatchElf<'a> {
         })?;
         let mut secs = Vec::new();
         for s in st.iter() {
-            let name = String::from_utf8_lossy(
+            // Escaped: names reach the terminal in messages (a compiler's are unchanged).
+            let name = kpatch_file::printable(
                 st.section_name(e, s)
                     .map_err(|er| bad(format!("section name: {er}")))?,
-            )
-            .into_owned();
+            );
             if s.sh_type(e) != elf::SHT_NOBITS {
                 let end = s.sh_offset(e).checked_add(s.sh_size(e));
                 if end.is_none_or(|end| end > data.len() as u64) {
@@ -644,12 +644,11 @@ impl<'a> PatchElf<'a> {
         }
         let mut syms = Vec::new();
         for sym in symtab.iter() {
-            let name = String::from_utf8_lossy(
+            let name = kpatch_file::printable(
                 symtab
                     .symbol_name(e, sym)
                     .map_err(|er| bad(format!("symbol name: {er}")))?,
-            )
-            .into_owned();
+            );
             let shndx = sym.st_shndx(e) as usize;
             if shndx != 0 && shndx < elf::SHN_LORESERVE as usize && shndx >= secs.len() {
                 return Err(bad(format!(
@@ -672,13 +671,25 @@ impl<'a> PatchElf<'a> {
             let Some((tname, ts)) = secs.get(target) else {
                 return Err(bad(format!("{name}: sh_info {target} is not a section")));
             };
-            if !is_loaded(tname, ts) {
-                continue; // relocations of sections we do not load
-            }
             let (relas, _) = s
                 .rela(e, data)
                 .map_err(|er| bad(format!("{name}: {er}")))?
                 .ok_or_else(|| bad(format!("{name}: not RELA")))?;
+            if !is_loaded(tname, ts) {
+                // Relocations of a section we do not load are only harmless if nothing
+                // expects it loaded: debug sections, or entries that change nothing.
+                let alloc = ts.sh_flags(e) & elf::SHF_ALLOC as u64 != 0;
+                let live = relas
+                    .iter()
+                    .any(|r| r.r_type(e, false) != elf::R_X86_64_NONE);
+                if (target != 0 && !alloc) || !live {
+                    continue;
+                }
+                return Err(bad(format!(
+                    "{name}: relocations for section {target} ({tname}), which is not loaded \
+                     (sh_info): they would be skipped; rebuild the patch"
+                )));
+            }
             for r in relas {
                 let sym = r.r_sym(e, false) as usize;
                 if sym >= syms.len() {
@@ -710,6 +721,30 @@ impl<'a> PatchElf<'a> {
             relocs,
         };
         Ok(pe)
+    }
+
+    /// Names of the named symbols the patch defines in the target's own sections (the
+    /// placeholders): [`PatchElf::layout`] resolves them by section and checks them by
+    /// name against the target's symbol table.
+    fn placed_names(&self, sec_off: &HashMap<usize, u64>) -> std::collections::HashSet<&str> {
+        let e = LE;
+        let mut out = std::collections::HashSet::new();
+        for (name, sym) in self.syms.iter().skip(1) {
+            let shndx = sym.st_shndx(e);
+            let ty = sym.st_type();
+            if shndx == elf::SHN_UNDEF
+                || shndx >= elf::SHN_LORESERVE
+                || sec_off.contains_key(&(shndx as usize))
+                || ty == elf::STT_SECTION
+                || ty == elf::STT_TLS
+                || name.is_empty()
+                || name.contains('@')
+            {
+                continue;
+            }
+            out.insert(base_name(name));
+        }
+        out
     }
 
     /// Whether a relocation of the patch needs a TLS variable's thread-pointer offset.
@@ -799,6 +834,15 @@ impl<'a> PatchElf<'a> {
         );
         let size = align(off.max(exec_len), PAGE);
 
+        // Every definition in the target of the names the patch places in the target's
+        // own sections, to check each one is where the patch was built to find it.
+        let by_name = self.placed_names(&sec_off);
+        let defs = if by_name.is_empty() || !view.has_symtab {
+            HashMap::new()
+        } else {
+            target_definitions(target, &by_name)
+        };
+
         // Resolve symbols.
         let mut syms = Vec::with_capacity(self.syms.len());
         let mut names = Vec::with_capacity(self.syms.len());
@@ -869,6 +913,16 @@ impl<'a> PatchElf<'a> {
                                 target.path
                             )));
                         }
+                        // Resolved by name: it must be the target's symbol of that name,
+                        // as function entries are checked, or a patch built from another
+                        // binary reads and writes whatever lies there.
+                        let want = ObjSym {
+                            addr: base.wrapping_add(val),
+                            size: st_size,
+                            st_type: ty,
+                        };
+                        check_placed_symbol(name, sname, base, want, target, view, &defs)
+                            .map_err(bad)?;
                     }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
@@ -1011,7 +1065,8 @@ impl<'a> PatchElf<'a> {
                     .and_then(|so| image.get(so as usize..))
                     .map(|s| {
                         let end = s.iter().position(|&c| c == 0).unwrap_or(0).min(200);
-                        String::from_utf8_lossy(&s[..end]).into_owned()
+                        // Printed by patch, info and unpatch: escape what does not print.
+                        kpatch_file::printable(&s[..end])
                     })
                     .unwrap_or_default();
                 let name = name.strip_suffix(".kpatch").unwrap_or(&name).to_string();
@@ -1041,6 +1096,21 @@ impl<'a> PatchElf<'a> {
         }
         if hunks.is_empty() {
             return Err("the patch has no hunks in .kpatch.info".into());
+        }
+        // One jump per function: a second one would overwrite the first, save the first
+        // jump as "original" bytes, and make the patch impossible to remove.
+        let mut by_addr: Vec<&Hunk> = hunks.iter().collect();
+        by_addr.sort_by_key(|h| h.daddr);
+        for w in by_addr.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if b.daddr < a.daddr.saturating_add(u64::from(a.dlen)) {
+                return Err(format!(
+                    "two .kpatch.info records replace overlapping code: {} at {:#x} ({} bytes) \
+                     and {} at {:#x} ({} bytes); a patch may replace each function only once, \
+                     rebuild the patch",
+                    a.name, a.daddr, a.dlen, b.name, b.daddr, b.dlen
+                ));
+            }
         }
         let eh = lay
             .eh_frame_sec
@@ -1164,6 +1234,107 @@ impl Layout {
         }
         self.header_len = want;
     }
+}
+
+/// Every definition of each name in `names` in the target's `.symtab` (several for a
+/// name that is static in more than one file), at runtime addresses.
+fn target_definitions(
+    target: &LoadedObject,
+    names: &std::collections::HashSet<&str>,
+) -> HashMap<String, Vec<ObjSym>> {
+    let mut out: HashMap<String, Vec<ObjSym>> = HashMap::new();
+    let data: &[u8] = &target.data;
+    let Ok(hdr) = Hdr::parse(data) else {
+        return out;
+    };
+    let Ok(e) = hdr.endian() else { return out };
+    let Ok(secs) = hdr.sections(e, data) else {
+        return out;
+    };
+    let Ok(tab) = secs.symbols(e, data, elf::SHT_SYMTAB) else {
+        return out;
+    };
+    for sym in tab.iter() {
+        if sym.st_shndx(e) == elf::SHN_UNDEF {
+            continue;
+        }
+        let Ok(n) = tab.symbol_name(e, sym) else {
+            continue;
+        };
+        let Ok(n) = std::str::from_utf8(n) else {
+            continue;
+        };
+        let n = base_name(n);
+        if !names.contains(n) {
+            continue;
+        }
+        out.entry(n.to_string()).or_default().push(ObjSym {
+            addr: sym.st_value(e).wrapping_add(target.load_bias),
+            size: sym.st_size(e),
+            st_type: sym.st_type(),
+        });
+    }
+    out
+}
+
+fn symbol_type_name(t: u8) -> String {
+    match t {
+        elf::STT_NOTYPE => "NOTYPE".into(),
+        elf::STT_OBJECT => "OBJECT".into(),
+        elf::STT_FUNC => "FUNC".into(),
+        elf::STT_TLS => "TLS".into(),
+        elf::STT_GNU_IFUNC => "IFUNC".into(),
+        t => format!("type {t}"),
+    }
+}
+
+/// Checks a symbol the patch places at `want` in the target's section `sname` (runtime
+/// address `base`) against the target's own symbol of that name: same place in the
+/// section, same size, same type. Without a `.symtab` the exported symbols are the only
+/// reference; a name found in neither cannot be checked.
+fn check_placed_symbol(
+    name: &str,
+    sname: &str,
+    base: u64,
+    want: ObjSym,
+    target: &LoadedObject,
+    view: &ObjectView,
+    defs: &HashMap<String, Vec<ObjSym>>,
+) -> Result<(), String> {
+    let bname = base_name(name);
+    let candidates: Vec<ObjSym> = if view.has_symtab {
+        defs.get(bname).cloned().unwrap_or_default()
+    } else {
+        match view.dynsym.get(bname) {
+            Some(s) => vec![s],
+            None => return Ok(()),
+        }
+    };
+    let same = |s: &ObjSym| s.addr == want.addr && s.size == want.size && s.st_type == want.st_type;
+    if candidates.iter().any(same) {
+        return Ok(());
+    }
+    let describe = |s: &ObjSym| {
+        let off = s.addr.wrapping_sub(base) as i64;
+        format!(
+            "{sname}{off:+#x} ({} bytes, {})",
+            s.size,
+            symbol_type_name(s.st_type)
+        )
+    };
+    let has = if candidates.is_empty() {
+        "no symbol of that name".to_string()
+    } else {
+        let all: Vec<String> = candidates.iter().map(describe).collect();
+        format!("it at {}", all.join(", "))
+    };
+    Err(format!(
+        "symbol {name}: the patch expects it at {}, but {} has {has}: the patch was built \
+         from another binary (its build-id may have been forged); build the patch from the \
+         sources of this binary",
+        describe(&want),
+        target.path
+    ))
 }
 
 fn resolve_undefined(
