@@ -880,6 +880,22 @@ impl<'a> PatchElf<'a> {
                              lies outside the patch's {sname} (size {sec_size:#x})"
                         )));
                     }
+                    // A global the target already defines cannot be new in the patch
+                    // (the patched program would not link): its symbol was moved here,
+                    // and the patch would use its own copy instead of the target's.
+                    let global = sym.st_bind() != elf::STB_LOCAL;
+                    let ours = view.symtab.get(bname).or_else(|| view.dynsym.get(bname));
+                    if let (true, false, Some(t)) = (global, name.contains('@'), ours) {
+                        if t.st_type != elf::STT_TLS && !name.is_empty() {
+                            return Err(bad(format!(
+                                "symbol {name}: the patch defines it in its own {sname}, but \
+                                 {} already defines it at {:#x}: a symbol of the target was \
+                                 moved into the patch (st_shndx) or the patch was forged; \
+                                 rebuild the patch",
+                                target.path, t.addr
+                            )));
+                        }
+                    }
                 }
                 Some(SymVal::Region(if ty == elf::STT_SECTION {
                     *o
