@@ -723,30 +723,6 @@ impl<'a> PatchElf<'a> {
         Ok(pe)
     }
 
-    /// Names of the named symbols the patch defines in the target's own sections (the
-    /// placeholders): [`PatchElf::layout`] resolves them by section and checks them by
-    /// name against the target's symbol table.
-    fn placed_names(&self, sec_off: &HashMap<usize, u64>) -> std::collections::HashSet<&str> {
-        let e = LE;
-        let mut out = std::collections::HashSet::new();
-        for (name, sym) in self.syms.iter().skip(1) {
-            let shndx = sym.st_shndx(e);
-            let ty = sym.st_type();
-            if shndx == elf::SHN_UNDEF
-                || shndx >= elf::SHN_LORESERVE
-                || sec_off.contains_key(&(shndx as usize))
-                || ty == elf::STT_SECTION
-                || ty == elf::STT_TLS
-                || name.is_empty()
-                || name.contains('@')
-            {
-                continue;
-            }
-            out.insert(base_name(name));
-        }
-        out
-    }
-
     /// Whether a relocation of the patch needs a TLS variable's thread-pointer offset.
     pub fn has_tls_relocations(&self) -> bool {
         self.relocs.iter().any(|r| Native::is_tls(r.r_type))
@@ -833,15 +809,6 @@ impl<'a> PatchElf<'a> {
             PAGE,
         );
         let size = align(off.max(exec_len), PAGE);
-
-        // Every definition in the target of the names the patch places in the target's
-        // own sections, to check each one is where the patch was built to find it.
-        let by_name = self.placed_names(&sec_off);
-        let defs = if by_name.is_empty() || !view.has_symtab {
-            HashMap::new()
-        } else {
-            target_definitions(target, &by_name)
-        };
 
         // Resolve symbols.
         let mut syms = Vec::with_capacity(self.syms.len());
@@ -937,8 +904,7 @@ impl<'a> PatchElf<'a> {
                             size: st_size,
                             st_type: ty,
                         };
-                        check_placed_symbol(name, sname, base, want, target, view, &defs)
-                            .map_err(bad)?;
+                        check_placed_symbol(name, sname, base, want, target, view).map_err(bad)?;
                     }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
@@ -1252,13 +1218,11 @@ impl Layout {
     }
 }
 
-/// Every definition of each name in `names` in the target's `.symtab` (several for a
-/// name that is static in more than one file), at runtime addresses.
-fn target_definitions(
-    target: &LoadedObject,
-    names: &std::collections::HashSet<&str>,
-) -> HashMap<String, Vec<ObjSym>> {
-    let mut out: HashMap<String, Vec<ObjSym>> = HashMap::new();
+/// Every definition of `name` in the target's `.symtab` (several for a name that is
+/// static in more than one file), at runtime addresses. A scan of the whole table: only
+/// done when the one definition [`ObjectView::symtab`] keeps does not match.
+fn target_definitions(target: &LoadedObject, name: &str) -> Vec<ObjSym> {
+    let mut out = Vec::new();
     let data: &[u8] = &target.data;
     let Ok(hdr) = Hdr::parse(data) else {
         return out;
@@ -1277,18 +1241,13 @@ fn target_definitions(
         let Ok(n) = tab.symbol_name(e, sym) else {
             continue;
         };
-        let Ok(n) = std::str::from_utf8(n) else {
-            continue;
-        };
-        let n = base_name(n);
-        if !names.contains(n) {
-            continue;
+        if std::str::from_utf8(n).is_ok_and(|n| base_name(n) == name) {
+            out.push(ObjSym {
+                addr: sym.st_value(e).wrapping_add(target.load_bias),
+                size: sym.st_size(e),
+                st_type: sym.st_type(),
+            });
         }
-        out.entry(n.to_string()).or_default().push(ObjSym {
-            addr: sym.st_value(e).wrapping_add(target.load_bias),
-            size: sym.st_size(e),
-            st_type: sym.st_type(),
-        });
     }
     out
 }
@@ -1315,18 +1274,27 @@ fn check_placed_symbol(
     want: ObjSym,
     target: &LoadedObject,
     view: &ObjectView,
-    defs: &HashMap<String, Vec<ObjSym>>,
 ) -> Result<(), String> {
     let bname = base_name(name);
-    let candidates: Vec<ObjSym> = if view.has_symtab {
-        defs.get(bname).cloned().unwrap_or_default()
-    } else {
-        match view.dynsym.get(bname) {
-            Some(s) => vec![s],
-            None => return Ok(()),
-        }
-    };
+    if bname.is_empty() {
+        return Ok(()); // nothing to look up; resolved by section alone
+    }
     let same = |s: &ObjSym| s.addr == want.addr && s.size == want.size && s.st_type == want.st_type;
+    // The definition the tables keep (a global before same-named locals) nearly always
+    // is the one; only a mismatch costs a scan for the other definitions.
+    let table = if view.has_symtab {
+        view.symtab.get(bname)
+    } else {
+        view.dynsym.get(bname)
+    };
+    if table.as_ref().is_some_and(same) || (!view.has_symtab && table.is_none()) {
+        return Ok(());
+    }
+    let candidates = if view.has_symtab {
+        target_definitions(target, bname)
+    } else {
+        table.into_iter().collect()
+    };
     if candidates.iter().any(same) {
         return Ok(());
     }

@@ -14,7 +14,12 @@
 //! symbols, r_info/r_offset of relocations (offsets outside their section), huge sizes
 //! and shifted addresses in `.kpatch.info` and in the relocations that fill it (daddr,
 //! saddr), header offsets, a 256-byte unterminated build-id, a forged build-id (this
-//! target's id on another binary's patch) and a patch for another binary.
+//! target's id on another binary's patch) and a patch for another binary. Structural
+//! forgeries (issue 16): relocation sections moved onto other sections (`sh_info`),
+//! retyped sections (`sh_type`), sections overlapping each other or the headers
+//! (`sh_offset`), symbols moved into other sections (`st_shndx`), data symbols at another
+//! place, size or type than the target's, and two `.kpatch.info` records replacing one
+//! function (from the two-hunk patch).
 //!
 //! A second test replays the crashes the fuzzers found (fuzz/crashes/) through the CLI.
 //! `HOSTILE_KEEP=<dir>` keeps the target, the valid patch and every failing file.
