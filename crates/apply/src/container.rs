@@ -63,11 +63,51 @@ pub fn parse_container(bytes: &[u8], source: &Path) -> Result<Patch, Error> {
 
 /// Reads one patch file.
 pub fn read_patch_file(path: &Path) -> Result<Patch, Error> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        err: e,
-    })?;
+    let bytes = read_patch_bytes(path)?;
     parse_container(&bytes, path)
+}
+
+/// Bytes of the header that [`read_patch_bytes`] reads first (the larger layout).
+const HEADER_PREFIX: u64 = 688;
+
+/// Reads a patch file's bytes, checking the size its header declares (`total_size`)
+/// against the size `fstat` gives before reading the rest: a 20 GiB sparse file is then
+/// refused after reading 688 bytes instead of being read whole.
+pub fn read_patch_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let io = |err| Error::Io {
+        path: path.to_path_buf(),
+        err,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = Vec::with_capacity(HEADER_PREFIX as usize);
+    (&file)
+        .take(HEADER_PREFIX)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    kpatch_file::PatchFile::expected_len(&head, len).map_err(|e| Error::BadPatch {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })?;
+    let mut bytes = head;
+    bytes.reserve_exact((len as usize).saturating_sub(bytes.len()));
+    // One byte more than announced shows a file that grew while being read.
+    (&file)
+        .take((len + 1).saturating_sub(bytes.len() as u64))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 != len {
+        return Err(Error::BadPatch {
+            path: path.to_path_buf(),
+            what: format!(
+                "the file changed size while being read ({len} bytes, then {}): read it \
+                 again once it is complete",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Loads every patch at `path`: a file, a directory of `<buildid>.kpatch`, or LibCare

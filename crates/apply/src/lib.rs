@@ -46,7 +46,9 @@ use livecare_process::{
 };
 
 use arch::{Native, PatchArch};
-pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch};
+pub use container::{
+    fnv1a, load_patches, parse_container, read_patch_bytes, read_patch_file, Patch,
+};
 pub use error::Error;
 pub use lock::{start_time, TargetLock};
 use prepare::{ObjectView, PatchElf};

@@ -614,11 +614,11 @@ impl<'a> PatchElf<'a> {
         })?;
         let mut secs = Vec::new();
         for s in st.iter() {
-            let name = String::from_utf8_lossy(
+            // Escaped: names reach the terminal in messages (a compiler's are unchanged).
+            let name = kpatch_file::printable(
                 st.section_name(e, s)
                     .map_err(|er| bad(format!("section name: {er}")))?,
-            )
-            .into_owned();
+            );
             if s.sh_type(e) != elf::SHT_NOBITS {
                 let end = s.sh_offset(e).checked_add(s.sh_size(e));
                 if end.is_none_or(|end| end > data.len() as u64) {
@@ -644,12 +644,11 @@ impl<'a> PatchElf<'a> {
         }
         let mut syms = Vec::new();
         for sym in symtab.iter() {
-            let name = String::from_utf8_lossy(
+            let name = kpatch_file::printable(
                 symtab
                     .symbol_name(e, sym)
                     .map_err(|er| bad(format!("symbol name: {er}")))?,
-            )
-            .into_owned();
+            );
             let shndx = sym.st_shndx(e) as usize;
             if shndx != 0 && shndx < elf::SHN_LORESERVE as usize && shndx >= secs.len() {
                 return Err(bad(format!(
@@ -672,13 +671,25 @@ impl<'a> PatchElf<'a> {
             let Some((tname, ts)) = secs.get(target) else {
                 return Err(bad(format!("{name}: sh_info {target} is not a section")));
             };
-            if !is_loaded(tname, ts) {
-                continue; // relocations of sections we do not load
-            }
             let (relas, _) = s
                 .rela(e, data)
                 .map_err(|er| bad(format!("{name}: {er}")))?
                 .ok_or_else(|| bad(format!("{name}: not RELA")))?;
+            if !is_loaded(tname, ts) {
+                // Relocations of a section we do not load are only harmless if nothing
+                // expects it loaded: debug sections, or entries that change nothing.
+                let alloc = ts.sh_flags(e) & elf::SHF_ALLOC as u64 != 0;
+                let live = relas
+                    .iter()
+                    .any(|r| r.r_type(e, false) != elf::R_X86_64_NONE);
+                if (target != 0 && !alloc) || !live {
+                    continue;
+                }
+                return Err(bad(format!(
+                    "{name}: relocations for section {target} ({tname}), which is not loaded \
+                     (sh_info): they would be skipped; rebuild the patch"
+                )));
+            }
             for r in relas {
                 let sym = r.r_sym(e, false) as usize;
                 if sym >= syms.len() {
@@ -836,6 +847,22 @@ impl<'a> PatchElf<'a> {
                              lies outside the patch's {sname} (size {sec_size:#x})"
                         )));
                     }
+                    // A global the target already defines cannot be new in the patch
+                    // (the patched program would not link): its symbol was moved here,
+                    // and the patch would use its own copy instead of the target's.
+                    let global = sym.st_bind() != elf::STB_LOCAL;
+                    let ours = view.symtab.get(bname).or_else(|| view.dynsym.get(bname));
+                    if let (true, false, Some(t)) = (global, name.contains('@'), ours) {
+                        if t.st_type != elf::STT_TLS && !name.is_empty() {
+                            return Err(bad(format!(
+                                "symbol {name}: the patch defines it in its own {sname}, but \
+                                 {} already defines it at {:#x}: a symbol of the target was \
+                                 moved into the patch (st_shndx) or the patch was forged; \
+                                 rebuild the patch",
+                                target.path, t.addr
+                            )));
+                        }
+                    }
                 }
                 Some(SymVal::Region(if ty == elf::STT_SECTION {
                     *o
@@ -869,6 +896,15 @@ impl<'a> PatchElf<'a> {
                                 target.path
                             )));
                         }
+                        // Resolved by name: it must be the target's symbol of that name,
+                        // as function entries are checked, or a patch built from another
+                        // binary reads and writes whatever lies there.
+                        let want = ObjSym {
+                            addr: base.wrapping_add(val),
+                            size: st_size,
+                            st_type: ty,
+                        };
+                        check_placed_symbol(name, sname, base, want, target, view).map_err(bad)?;
                     }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
@@ -1011,7 +1047,8 @@ impl<'a> PatchElf<'a> {
                     .and_then(|so| image.get(so as usize..))
                     .map(|s| {
                         let end = s.iter().position(|&c| c == 0).unwrap_or(0).min(200);
-                        String::from_utf8_lossy(&s[..end]).into_owned()
+                        // Printed by patch, info and unpatch: escape what does not print.
+                        kpatch_file::printable(&s[..end])
                     })
                     .unwrap_or_default();
                 let name = name.strip_suffix(".kpatch").unwrap_or(&name).to_string();
@@ -1041,6 +1078,21 @@ impl<'a> PatchElf<'a> {
         }
         if hunks.is_empty() {
             return Err("the patch has no hunks in .kpatch.info".into());
+        }
+        // One jump per function: a second one would overwrite the first, save the first
+        // jump as "original" bytes, and make the patch impossible to remove.
+        let mut by_addr: Vec<&Hunk> = hunks.iter().collect();
+        by_addr.sort_by_key(|h| h.daddr);
+        for w in by_addr.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if b.daddr < a.daddr.saturating_add(u64::from(a.dlen)) {
+                return Err(format!(
+                    "two .kpatch.info records replace overlapping code: {} at {:#x} ({} bytes) \
+                     and {} at {:#x} ({} bytes); a patch may replace each function only once, \
+                     rebuild the patch",
+                    a.name, a.daddr, a.dlen, b.name, b.daddr, b.dlen
+                ));
+            }
         }
         let eh = lay
             .eh_frame_sec
@@ -1164,6 +1216,109 @@ impl Layout {
         }
         self.header_len = want;
     }
+}
+
+/// Every definition of `name` in the target's `.symtab` (several for a name that is
+/// static in more than one file), at runtime addresses. A scan of the whole table: only
+/// done when the one definition [`ObjectView::symtab`] keeps does not match.
+fn target_definitions(target: &LoadedObject, name: &str) -> Vec<ObjSym> {
+    let mut out = Vec::new();
+    let data: &[u8] = &target.data;
+    let Ok(hdr) = Hdr::parse(data) else {
+        return out;
+    };
+    let Ok(e) = hdr.endian() else { return out };
+    let Ok(secs) = hdr.sections(e, data) else {
+        return out;
+    };
+    let Ok(tab) = secs.symbols(e, data, elf::SHT_SYMTAB) else {
+        return out;
+    };
+    for sym in tab.iter() {
+        if sym.st_shndx(e) == elf::SHN_UNDEF {
+            continue;
+        }
+        let Ok(n) = tab.symbol_name(e, sym) else {
+            continue;
+        };
+        if std::str::from_utf8(n).is_ok_and(|n| base_name(n) == name) {
+            out.push(ObjSym {
+                addr: sym.st_value(e).wrapping_add(target.load_bias),
+                size: sym.st_size(e),
+                st_type: sym.st_type(),
+            });
+        }
+    }
+    out
+}
+
+fn symbol_type_name(t: u8) -> String {
+    match t {
+        elf::STT_NOTYPE => "NOTYPE".into(),
+        elf::STT_OBJECT => "OBJECT".into(),
+        elf::STT_FUNC => "FUNC".into(),
+        elf::STT_TLS => "TLS".into(),
+        elf::STT_GNU_IFUNC => "IFUNC".into(),
+        t => format!("type {t}"),
+    }
+}
+
+/// Checks a symbol the patch places at `want` in the target's section `sname` (runtime
+/// address `base`) against the target's own symbol of that name: same place in the
+/// section, same size, same type. Without a `.symtab` the exported symbols are the only
+/// reference; a name found in neither cannot be checked.
+fn check_placed_symbol(
+    name: &str,
+    sname: &str,
+    base: u64,
+    want: ObjSym,
+    target: &LoadedObject,
+    view: &ObjectView,
+) -> Result<(), String> {
+    let bname = base_name(name);
+    if bname.is_empty() {
+        return Ok(()); // nothing to look up; resolved by section alone
+    }
+    let same = |s: &ObjSym| s.addr == want.addr && s.size == want.size && s.st_type == want.st_type;
+    // The definition the tables keep (a global before same-named locals) nearly always
+    // is the one; only a mismatch costs a scan for the other definitions.
+    let table = if view.has_symtab {
+        view.symtab.get(bname)
+    } else {
+        view.dynsym.get(bname)
+    };
+    if table.as_ref().is_some_and(same) || (!view.has_symtab && table.is_none()) {
+        return Ok(());
+    }
+    let candidates = if view.has_symtab {
+        target_definitions(target, bname)
+    } else {
+        table.into_iter().collect()
+    };
+    if candidates.iter().any(same) {
+        return Ok(());
+    }
+    let describe = |s: &ObjSym| {
+        let off = s.addr.wrapping_sub(base) as i64;
+        format!(
+            "{sname}{off:+#x} ({} bytes, {})",
+            s.size,
+            symbol_type_name(s.st_type)
+        )
+    };
+    let has = if candidates.is_empty() {
+        "no symbol of that name".to_string()
+    } else {
+        let all: Vec<String> = candidates.iter().map(describe).collect();
+        format!("it at {}", all.join(", "))
+    };
+    Err(format!(
+        "symbol {name}: the patch expects it at {}, but {} has {has}: the patch was built \
+         from another binary (its build-id may have been forged); build the patch from the \
+         sources of this binary",
+        describe(&want),
+        target.path
+    ))
 }
 
 fn resolve_undefined(

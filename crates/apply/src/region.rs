@@ -164,7 +164,8 @@ fn put_str(buf: &mut [u8], at: usize, len: usize, s: &str) {
 fn get_str(buf: &[u8], at: usize, len: usize) -> String {
     let s = &buf[at..at + len];
     let end = s.iter().position(|&c| c == 0).unwrap_or(len);
-    String::from_utf8_lossy(&s[..end]).into_owned()
+    // The target's memory is not trusted: whatever it holds is printed by info/repair.
+    kpatch_file::printable(&s[..end])
 }
 
 fn rd32(b: &[u8], o: usize) -> u32 {

@@ -14,7 +14,12 @@
 //! symbols, r_info/r_offset of relocations (offsets outside their section), huge sizes
 //! and shifted addresses in `.kpatch.info` and in the relocations that fill it (daddr,
 //! saddr), header offsets, a 256-byte unterminated build-id, a forged build-id (this
-//! target's id on another binary's patch) and a patch for another binary.
+//! target's id on another binary's patch) and a patch for another binary. Structural
+//! forgeries (issue 16): relocation sections moved onto other sections (`sh_info`),
+//! retyped sections (`sh_type`), sections overlapping each other or the headers
+//! (`sh_offset`), symbols moved into other sections (`st_shndx`), data symbols at another
+//! place, size or type than the target's, and two `.kpatch.info` records replacing one
+//! function (from the two-hunk patch).
 //!
 //! A second test replays the crashes the fuzzers found (fuzz/crashes/) through the CLI.
 //! `HOSTILE_KEEP=<dir>` keeps the target, the valid patch and every failing file.
@@ -437,6 +442,8 @@ fn corpus(a: &Anatomy) -> Vec<Case> {
         }
     }
 
+    structural(a, &mut add);
+
     // Container header offsets.
     for (what, at, v32) in [
         ("kpatch_offset=huge", a.kpatch_offset_at, 0xffff_fff0u32),
@@ -448,6 +455,116 @@ fn corpus(a: &Anatomy) -> Vec<Case> {
         add(what.into(), a.crafted(|b| wr32(b, at, v32)));
     }
     v
+}
+
+/// Structural forgeries (issue 16): every field in range, but sections, relocations and
+/// symbols that do not fit together. A relocation section moved onto another section
+/// (`sh_info`), sections retyped (`sh_type`: code as NOBITS, relocations as PROGBITS),
+/// sections overlapping each other or the headers (`sh_offset`), symbols moved into
+/// other sections (`st_shndx`) and data symbols that name the wrong place, size or type
+/// of the target's symbol (`st_value`, `st_size`, `st_info`).
+fn structural(a: &Anatomy, add: &mut impl FnMut(String, Vec<u8>)) {
+    let index = |name: &str| a.secs.iter().position(|s| s.name == name);
+    let interesting: Vec<(String, usize)> = [
+        ".text",
+        ".data",
+        ".bss",
+        ".symtab",
+        ".shstrtab",
+        ".eh_frame",
+        ".kpatch.info",
+        ".kpatch.text",
+        ".kpatch.strtab",
+    ]
+    .iter()
+    .filter_map(|n| Some((n.to_string(), index(n)?)))
+    .collect();
+    let shoff = rd64(&a.bytes, a.elf + 0x28);
+    for (i, s) in a.secs.iter().enumerate().skip(1) {
+        let (h, n) = (s.hdr, &s.name);
+        if s.sh_type == 4 {
+            let own = rd32(&a.bytes, h + 44) as usize;
+            add(
+                format!("[{i}] {n} sh_info=0"),
+                a.crafted(|b| wr32(b, h + 44, 0)),
+            );
+            for (tn, t) in interesting.iter().filter(|(_, t)| *t != own) {
+                add(
+                    format!("[{i}] {n} sh_info={tn}"),
+                    a.crafted(|b| wr32(b, h + 44, *t as u32)),
+                );
+            }
+        }
+        let with_data = s.sh_type != 8 && s.size > 0;
+        if with_data || matches!(n.as_str(), ".text" | ".bss") {
+            for (tn, t) in [("NOBITS", 8u32), ("PROGBITS", 1), ("NOTE", 7), ("RELA", 4)] {
+                if t != s.sh_type {
+                    add(
+                        format!("[{i}] {n} sh_type={tn}"),
+                        a.crafted(|b| wr32(b, h + 4, t)),
+                    );
+                }
+            }
+        }
+        if with_data {
+            let mut overlaps = vec![
+                ("the ELF header".to_string(), 0u64),
+                ("the section table".to_string(), shoff),
+            ];
+            for o in a
+                .secs
+                .iter()
+                .filter(|o| o.sh_type != 8 && o.size > 0 && o.name != *n)
+            {
+                if matches!(o.name.as_str(), ".kpatch.text" | ".symtab" | ".kpatch.info") {
+                    overlaps.push((o.name.clone(), (o.offset - a.elf) as u64));
+                }
+            }
+            for (what, off) in overlaps {
+                add(
+                    format!("[{i}] {n} sh_offset over {what}"),
+                    a.crafted(|b| wr64(b, h + 24, off)),
+                );
+            }
+        }
+    }
+    let Some(st) = a.sec(".symtab") else { return };
+    for k in 1..(st.size / 24).min(24) {
+        let s = st.offset + 24 * k;
+        let shndx = rd16(&a.bytes, s + 6) as usize;
+        for (tn, t) in interesting.iter().filter(|(_, t)| *t != shndx) {
+            add(
+                format!("sym {k} st_shndx moved to {tn}"),
+                a.crafted(|b| wr16(b, s + 6, *t as u16)),
+            );
+        }
+        let info = a.bytes[s + 4];
+        let placeholder = a.secs.get(shndx).is_some_and(|t| t.sh_type == 8);
+        if shndx == 0 || info & 0xf == 3 || !placeholder {
+            continue;
+        }
+        // A data symbol of the target's own sections at another place, size or type.
+        let value = rd64(&a.bytes, s + 8);
+        let size = rd64(&a.bytes, s + 16);
+        for (what, v) in [("-4", value.wrapping_sub(4)), ("+4", value + 4)] {
+            add(
+                format!("sym {k} st_value{what} (inside its section)"),
+                a.crafted(|b| wr64(b, s + 8, v)),
+            );
+        }
+        add(
+            format!("sym {k} st_size+4"),
+            a.crafted(|b| wr64(b, s + 16, size + 4)),
+        );
+        for (what, t) in [("NOTYPE", 0u8), ("OBJECT", 1), ("FUNC", 2)] {
+            if info & 0xf != t {
+                add(
+                    format!("sym {k} st_type={what}"),
+                    a.crafted(|b| b[s + 4] = (info & 0xf0) | t),
+                );
+            }
+        }
+    }
 }
 
 /// The header-level variants that need the builder: a LibCare-layout re-wrap with a
@@ -517,7 +634,56 @@ fn special_cases(
     Ok(v)
 }
 
-/// Outcome of one livecare run.
+/// A two-hunk patch whose second record is made to replace the first record's function
+/// too (same daddr symbol and addend, name and length), with its own body or with the
+/// first one's: a function replaced twice (issue 16 item 3).
+fn duplicate_hunks(two: &Path) -> Result<Vec<Case>> {
+    let original = std::fs::read(two)?;
+    let pf = PatchFile::parse(&original).context("the two-hunk patch parses")?;
+    let view = pf.elf_view();
+    let elf = pf.header().kpatch_offset as usize;
+    let info = view
+        .section_by_name(".kpatch.info")
+        .context("no .kpatch.info")?;
+    let rel = view
+        .relocation_sections()
+        .iter()
+        .find(|r| r.target == info.index)
+        .context("no .rela.kpatch.info")?;
+    let rel_off = elf + view.section(rel.section).context("rela")?.offset as usize;
+    let entry = |rec: u64, field: u64| {
+        rel.entries
+            .iter()
+            .position(|e| e.offset == rec * 48 + field)
+            .context("record without relocation")
+    };
+    let rec_off = elf + info.offset as usize;
+    let mut v = Vec::new();
+    for (what, fields) in [
+        ("other body", &[0u64, 24][..]),
+        ("same body", &[0u64, 8, 24][..]),
+    ] {
+        let mut b = original.clone();
+        for field in fields {
+            let (from, to) = (entry(0, *field)?, entry(1, *field)?);
+            let (src, dst) = (rel_off + from * 24, rel_off + to * 24);
+            let info_and_addend = b[src + 8..src + 24].to_vec();
+            b[dst + 8..dst + 24].copy_from_slice(&info_and_addend);
+        }
+        let dlen = b[rec_off + 16..rec_off + 20].to_vec();
+        b[rec_off + 48 + 16..rec_off + 48 + 20].copy_from_slice(&dlen);
+        let csum_at = offset_of!(LibCarePlusHeader, csum);
+        let crc = kpatch_file::crc32(&b[elf..pf.header().total_size as usize]);
+        wr32(&mut b, csum_at, crc);
+        v.push(Case {
+            name: format!("duplicate hunk: record 1 replaces record 0's function ({what})"),
+            bytes: b,
+        });
+    }
+    Ok(v)
+}
+
+/// Outcome of one livecare run./// Outcome of one livecare run.
 struct Run {
     code: Option<i32>,
     signal: Option<i32>,
@@ -724,11 +890,14 @@ fn hostile_patch_files_never_crash_livecare_nor_touch_the_target() -> Result<()>
         "the other binary has its own build-id"
     );
     let other = b_other.patch(&other_exe, "patched-basic.c", "0001")?;
+    // Two hunks (value() and message()), for the duplicate-hunk forgeries.
+    let two = b.patch(&exe, "patched-two.c", "0002")?;
     let build_time = t0.elapsed();
 
     let a = Anatomy::new(std::fs::read(&own.path)?)?;
     let mut cases = corpus(&a);
     cases.extend(special_cases(&a, &b, &own, &other, dir.path())?);
+    cases.extend(duplicate_hunks(&two.path)?);
     ensure!(cases.len() >= 200, "only {} hostile files", cases.len());
 
     let mut p = Running::start(&exe.path, &[])?;

@@ -35,6 +35,16 @@ impl Machine {
         }
     }
 
+    /// Whether the relocation type does nothing (`R_X86_64_NONE`, `R_AARCH64_NONE`): a
+    /// section of only these changes no byte, wherever it points.
+    pub fn is_none_reloc(self, r_type: u32) -> bool {
+        match self {
+            Machine::X86_64 => r_type == elf::R_X86_64_NONE,
+            // 256 is the withdrawn ELF32-style number some tools still emit.
+            Machine::Aarch64 => r_type == elf::R_AARCH64_NONE || r_type == 256,
+        }
+    }
+
     /// How many bytes at `r_offset` the relocation writes (1 for unknown types, so the
     /// offset itself is still checked).
     pub fn reloc_width(self, r_type: u32) -> u64 {

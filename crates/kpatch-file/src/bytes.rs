@@ -89,6 +89,36 @@ pub(crate) fn escape(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Text of a name from the file that is safe to print on a terminal: valid UTF-8 that
+/// prints is kept; control characters (C0, DEL, C1: escape sequences), invisible
+/// formatting and bidi overrides become `\u{..}`, and bytes that are not UTF-8 become
+/// `\xNN`. Names a compiler writes are unchanged, so the result can still be looked up.
+pub fn printable(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let invisible = matches!(
+                c,
+                '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{206f}' | '\u{feff}'
+            );
+            if c.is_control() || invisible {
+                if c.is_ascii() {
+                    out.push_str(&format!("\\x{:02x}", u32::from(c)));
+                } else {
+                    out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// `a + b`, or an error naming `field` when it overflows 64 bits.
 pub(crate) fn add(field: &dyn Display, offset: u64, a: u64, b: u64) -> Result<u64> {
     a.checked_add(b).ok_or_else(|| Error::Invalid {

@@ -9,9 +9,10 @@ use std::borrow::Cow;
 use std::fmt::Display;
 
 use object::elf::{
-    ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_REL, EV_CURRENT, SHF_INFO_LINK, SHN_ABS, SHN_COMMON,
-    SHN_LORESERVE, SHN_XINDEX, SHT_DYNSYM, SHT_NOBITS, SHT_NULL, SHT_REL, SHT_RELA, SHT_STRTAB,
-    SHT_SYMTAB, STT_SECTION,
+    ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_REL, EV_CURRENT, SHF_ALLOC, SHF_EXECINSTR, SHF_INFO_LINK,
+    SHF_WRITE, SHN_ABS, SHN_COMMON, SHN_LORESERVE, SHN_XINDEX, SHT_DYNSYM, SHT_NOBITS, SHT_NULL,
+    SHT_PROGBITS, SHT_REL, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, STT_FUNC, STT_GNU_IFUNC, STT_OBJECT,
+    STT_SECTION, STT_TLS,
 };
 
 use crate::arch::Machine;
@@ -60,9 +61,10 @@ pub struct Section<'a> {
 }
 
 impl<'a> Section<'a> {
-    /// The name as text (lossy for non-UTF-8 names).
+    /// The name as text safe to print: bytes that do not print are escaped
+    /// ([`crate::printable`]); a compiler's names come out unchanged.
     pub fn name_str(&self) -> Cow<'a, str> {
-        String::from_utf8_lossy(self.name)
+        Cow::Owned(crate::bytes::printable(self.name))
     }
 
     /// The section's bytes; `None` for `SHT_NOBITS` and `SHT_NULL` sections.
@@ -96,9 +98,10 @@ pub struct Symbol<'a> {
 }
 
 impl<'a> Symbol<'a> {
-    /// The name as text (lossy for non-UTF-8 names).
+    /// The name as text safe to print: bytes that do not print are escaped
+    /// ([`crate::printable`]); a compiler's names come out unchanged.
     pub fn name_str(&self) -> Cow<'a, str> {
-        String::from_utf8_lossy(self.name)
+        Cow::Owned(crate::bytes::printable(self.name))
     }
 
     /// `ELF64_ST_TYPE`.
@@ -370,6 +373,10 @@ impl<'a> ElfView<'a> {
 
         let symtabs = read_symtabs(&r, &sections, ehdr.e_shoff)?;
         let relocations = read_relocations(&r, &sections, &symtabs, ehdr.e_shoff, machine)?;
+        check_overlaps(&r, &ehdr, count, &sections)?;
+        check_code_sections(&r, &sections, ehdr.e_shoff)?;
+        check_relocation_targets(&r, &sections, &relocations, ehdr.e_shoff, machine)?;
+        check_symbol_placement(&r, &sections, &symtabs)?;
         Ok(ElfView {
             data,
             base,
@@ -963,4 +970,262 @@ fn read_relocations(
         });
     }
     Ok(out)
+}
+
+/// What a range of the file holds, for [`check_overlaps`].
+#[derive(Clone, Copy)]
+enum Span {
+    Ehdr,
+    Phdrs,
+    Shdrs,
+    Section(usize),
+}
+
+/// Every byte of the ELF belongs to at most one thing: the ELF header, the program
+/// headers, the section header table or one section's bytes. A forged overlap makes one
+/// thing's bytes another's (code that is also the symbol table, relocations applied to
+/// the section headers), which no tool ever writes.
+fn check_overlaps(r: &Region<'_>, ehdr: &Ehdr, count: u64, sections: &[Section<'_>]) -> Result<()> {
+    let mut spans: Vec<(u64, u64, Span)> = vec![(0, EHDR_SIZE, Span::Ehdr)];
+    if ehdr.e_phnum != 0 {
+        let size = u64::from(ehdr.e_phnum).saturating_mul(PHDR_SIZE);
+        spans.push((ehdr.e_phoff, ehdr.e_phoff.saturating_add(size), Span::Phdrs));
+    }
+    let table = count.saturating_mul(SHDR_SIZE);
+    spans.push((
+        ehdr.e_shoff,
+        ehdr.e_shoff.saturating_add(table),
+        Span::Shdrs,
+    ));
+    for s in sections {
+        if s.data.is_some() && s.size > 0 {
+            spans.push((
+                s.offset,
+                s.offset.saturating_add(s.size),
+                Span::Section(s.index),
+            ));
+        }
+    }
+    spans.sort_by_key(|&(start, end, _)| (start, end));
+    let describe = |span: Span, start: u64, end: u64| match span {
+        Span::Ehdr => format!("the ELF header ({start:#x}..{end:#x})"),
+        Span::Phdrs => format!("the program headers ({start:#x}..{end:#x})"),
+        Span::Shdrs => format!("the section header table ({start:#x}..{end:#x})"),
+        Span::Section(i) => {
+            let name = sections.get(i).map(|s| s.name_str()).unwrap_or_default();
+            format!("section {i} ({name}, {start:#x}..{end:#x})")
+        }
+    };
+    // The span reaching furthest so far: anything starting before its end overlaps it.
+    let mut reach: Option<(u64, u64, Span)> = None;
+    for &(start, end, span) in &spans {
+        if let Some((p_start, p_end, p_span)) = reach {
+            if start < p_end {
+                // Name a section's sh_offset: that is the field a tool or a forger set.
+                let (i, other) = match (span, p_span) {
+                    (Span::Section(i), _) => (i, describe(p_span, p_start, p_end)),
+                    (_, Span::Section(i)) => (i, describe(span, start, end)),
+                    _ => continue,
+                };
+                let name = sections.get(i).map(|s| s.name_str()).unwrap_or_default();
+                let (s_start, s_end) = sections
+                    .get(i)
+                    .map_or((0, 0), |s| (s.offset, s.offset.saturating_add(s.size)));
+                return Err(Error::Invalid {
+                    field: format!("section[{i}].sh_offset"),
+                    offset: r.abs(section_field(ehdr.e_shoff, i, 24)),
+                    reason: format!(
+                        "section {i} ({name}) occupies {s_start:#x}..{s_end:#x}, which overlaps {other}: \
+                         every section needs bytes of its own; the file is damaged or forged, rebuild the patch"
+                    ),
+                });
+            }
+            if end <= p_end {
+                continue;
+            }
+        }
+        reach = Some((start, end, span));
+    }
+    Ok(())
+}
+
+/// Whether the applier maps a section into the target: allocated, with bytes from the
+/// file (or a zero-filled `.kpatch*` NOBITS section such as `.kpatch.bss`).
+fn is_loaded(s: &Section<'_>) -> bool {
+    let alloc = s.flags & u64::from(SHF_ALLOC) != 0;
+    alloc
+        && ((s.sh_type == SHT_PROGBITS && s.size > 0)
+            || (s.sh_type == SHT_NOBITS && s.name.starts_with(b".kpatch")))
+}
+
+/// The patch's own code (`.kpatch*` sections the target will execute) must come from the
+/// file: as NOBITS (or any other type) it would be mapped as zeros, or not at all, and
+/// the jumps written into the target would land there.
+fn check_code_sections(r: &Region<'_>, sections: &[Section<'_>], shoff: u64) -> Result<()> {
+    for s in sections {
+        let code = u64::from(SHF_ALLOC | SHF_EXECINSTR);
+        if s.flags & code == code && s.name.starts_with(b".kpatch") && s.sh_type != SHT_PROGBITS {
+            let i = s.index;
+            return Err(Error::Invalid {
+                field: format!("section[{i}].sh_type"),
+                offset: r.abs(section_field(shoff, i, 4)),
+                reason: format!(
+                    "section {i} ({}) is executable patch code but its type is {:#x}, not \
+                     PROGBITS (1): its code would not come from the file; the file is damaged \
+                     or forged, rebuild the patch",
+                    s.name_str(),
+                    s.sh_type
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Relocations reach the target only if they apply to a section the applier maps, and
+/// a mapped section gets its relocations only from the section that names it in
+/// `sh_info`. The rules (see `ElfView::parse`):
+/// - a relocation section holding any relocation other than `R_*_NONE` must apply
+///   (`sh_info`) to a real section; to an allocated one only if it is loaded (PROGBITS
+///   with bytes). Relocations of non-allocated sections (`.rela.debug_*`) are ignored by
+///   design and allowed; a section of only `R_*_NONE` entries (jemalloc's
+///   `.rela.eh_frame`) changes nothing and may point anywhere;
+/// - its name is `.rela` (`.rel`) followed by the name of the section it applies to, as
+///   every assembler and linker writes it: a changed `sh_info` would move
+///   `.rela.kpatch.text` onto another section and leave the code unrelocated;
+/// - a section named `.rela<X>` for a loaded section `<X>` must be a relocation section
+///   (SHT_RELA/SHT_REL), else `<X>`'s relocations would be silently dropped.
+fn check_relocation_targets(
+    r: &Region<'_>,
+    sections: &[Section<'_>],
+    relocations: &[RelocationSection],
+    shoff: u64,
+    machine: Machine,
+) -> Result<()> {
+    for rel in relocations {
+        let i = rel.section;
+        let Some(s) = sections.get(i) else { continue };
+        let live = rel
+            .entries
+            .iter()
+            .filter(|e| !machine.is_none_reloc(e.r_type))
+            .count();
+        if live == 0 {
+            continue;
+        }
+        let name = s.name_str();
+        let j = rel.target;
+        let info_err = |reason: String| Error::Invalid {
+            field: format!("section[{i}].sh_info"),
+            offset: r.abs(section_field(shoff, i, 44)),
+            reason,
+        };
+        let target = sections.get(j).filter(|_| j != 0);
+        let Some(t) = target else {
+            return Err(info_err(format!(
+                "section {i} ({name}) holds {live} relocation(s) but applies to no section \
+                 (sh_info {j}): they would never be applied; the file is damaged or forged, \
+                 rebuild the patch"
+            )));
+        };
+        let tname = t.name_str();
+        if t.flags & u64::from(SHF_ALLOC) != 0 && !(t.sh_type == SHT_PROGBITS && t.data.is_some()) {
+            return Err(info_err(format!(
+                "section {i} ({name}) holds {live} relocation(s) for section {j} ({tname}, type \
+                 {:#x}), which has no bytes in the patch and is not loaded: the relocations \
+                 would be skipped; the file is damaged or forged, rebuild the patch",
+                t.sh_type
+            )));
+        }
+        let prefix: &[u8] = if rel.rela { b".rela" } else { b".rel" };
+        let named_for = s.name.strip_prefix(prefix);
+        if named_for != Some(t.name) {
+            return Err(info_err(format!(
+                "section {i} ({name}) applies its {live} relocation(s) to section {j} \
+                 ({tname}), but a relocation section is named after the section it \
+                 applies to ({}{tname}): sh_info was changed or the file was forged, \
+                 rebuild the patch",
+                String::from_utf8_lossy(prefix)
+            )));
+        }
+    }
+    // A loaded section's relocations held in a section that is not a relocation section.
+    for s in sections {
+        if s.sh_type == SHT_RELA || s.sh_type == SHT_REL || s.size == 0 {
+            continue;
+        }
+        let named_for = s
+            .name
+            .strip_prefix(b".rela")
+            .into_iter()
+            .chain(s.name.strip_prefix(b".rel"));
+        for x in named_for {
+            if let Some(t) = sections.iter().find(|t| t.name == x && is_loaded(t)) {
+                let i = s.index;
+                return Err(Error::Invalid {
+                    field: format!("section[{i}].sh_type"),
+                    offset: r.abs(section_field(shoff, i, 4)),
+                    reason: format!(
+                        "section {i} ({}) holds the relocations of section {} ({}) but its \
+                         type is {:#x}, not RELA (4) or REL (9): they would not be applied; \
+                         the file is damaged or forged, rebuild the patch",
+                        s.name_str(),
+                        t.index,
+                        t.name_str(),
+                        s.sh_type
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A symbol in a section the applier maps must suit it: a function in executable code,
+/// a data object in writable data (patch data, even read-only literals, goes to
+/// `.kpatch.data`/`.kpatch.bss`). A data symbol moved into code would make the patch
+/// write into its read+exec mapping, a function moved into data would be jumped to.
+fn check_symbol_placement(
+    r: &Region<'_>,
+    sections: &[Section<'_>],
+    symtabs: &[SymbolTable<'_>],
+) -> Result<()> {
+    for table in symtabs {
+        for sym in &table.symbols {
+            if sym.shndx == 0 || sym.shndx >= SHN_LORESERVE {
+                continue;
+            }
+            let Some(s) = sections
+                .get(usize::from(sym.shndx))
+                .filter(|s| is_loaded(s))
+            else {
+                continue;
+            };
+            let exec = s.flags & u64::from(SHF_EXECINSTR) != 0;
+            let write = s.flags & u64::from(SHF_WRITE) != 0;
+            let bad = match sym.st_type() {
+                STT_FUNC | STT_GNU_IFUNC if !exec => {
+                    "a function in a section that is not executable"
+                }
+                STT_OBJECT | STT_TLS if exec || !write => {
+                    "a data object in a section that is not writable data"
+                }
+                _ => continue,
+            };
+            let at = to_u64(sym.index).saturating_mul(SYM_SIZE).saturating_add(6);
+            let symtab_off = sections.get(table.section).map_or(0, |t| t.offset);
+            return Err(Error::Invalid {
+                field: format!("section[{}].sym[{}].st_shndx", table.section, sym.index),
+                offset: r.abs(symtab_off.saturating_add(at)),
+                reason: format!(
+                    "symbol {} is {bad} (section {} {}): it was moved or the file was \
+                     forged, rebuild the patch",
+                    sym.name_str(),
+                    s.index,
+                    s.name_str()
+                ),
+            });
+        }
+    }
+    Ok(())
 }

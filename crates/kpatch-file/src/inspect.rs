@@ -8,7 +8,7 @@ use std::fmt;
 use object::elf::*;
 use serde::Serialize;
 
-use crate::bytes::{to_u64, until_nul, Region};
+use crate::bytes::{printable, to_u64, until_nul, Region};
 use crate::elf::{ElfView, RelocationSection};
 use crate::PatchFile;
 
@@ -202,7 +202,7 @@ impl Report {
             patch_id: h.patch_id().map(|p| p.to_string()),
             flags: h.flags,
             safety_method: h.safety_method,
-            modulename: String::from_utf8_lossy(h.modulename()).into_owned(),
+            modulename: printable(h.modulename()),
             build_time: h.build_time,
             csum: h.csum,
             nr_reloc: h.nr_reloc,
@@ -215,7 +215,7 @@ impl Report {
             user_undo: h.user_undo(),
             user_info: h.user_info(),
             user_level: h.user_level(),
-            srcversion: String::from_utf8_lossy(h.srcversion()).into_owned(),
+            srcversion: printable(h.srcversion()),
         };
         Report {
             file_size: to_u64(file.bytes().len()),
@@ -383,6 +383,101 @@ pub fn kpatch_info_records(view: &ElfView<'_>) -> Vec<InfoRecord> {
     out
 }
 
+/// Refuses `.kpatch.info` records that replace the same function twice, or overlapping
+/// functions: the second jump would overwrite the first one's, and its saved bytes would
+/// be the first jump, so `unpatch` could never restore the original code. The original
+/// function is where the `daddr` relocation points (section + offset, or an undefined
+/// symbol's name + addend); records without one are compared by their raw `daddr`.
+pub(crate) fn check_hunks(view: &ElfView<'_>) -> crate::Result<()> {
+    let Some(info) = view.section_by_name(".kpatch.info") else {
+        return Ok(());
+    };
+    let Some(data) = info.data() else {
+        return Ok(());
+    };
+    let rels: Vec<&RelocationSection> = view
+        .relocation_sections()
+        .iter()
+        .filter(|r| r.target == info.index)
+        .collect();
+    let reloc_at = |off: u64| {
+        rels.iter().find_map(|rel| {
+            rel.entries
+                .iter()
+                .find(|e| e.offset == off)
+                .and_then(|e| view.reloc_symbol(rel, e).map(|s| (s, e.addend)))
+        })
+    };
+    let r = Region::new(data, 0);
+    // (group, start, length, record index, record offset, description)
+    let mut hunks: Vec<(Vec<u8>, u64, u64, u64, u64, String)> = Vec::new();
+    let mut off = 0u64;
+    let mut k = 0u64;
+    while let Some(end) = off.checked_add(KPATCH_INFO_SIZE).filter(|&e| e <= r.len()) {
+        let rec = r.bytes(&"", off, KPATCH_INFO_SIZE).unwrap_or_default();
+        let reloc = reloc_at(off);
+        if rec.iter().all(|&b| b == 0) && reloc.is_none() {
+            off = end;
+            k = k.saturating_add(1);
+            continue;
+        }
+        let dlen = u64::from(r.u32(&"", off.saturating_add(16)).unwrap_or_default());
+        let (group, start, desc) = match reloc {
+            Some((sym, addend)) if sym.shndx != 0 && sym.shndx < SHN_LORESERVE => {
+                let value = if sym.st_type() == STT_SECTION {
+                    0
+                } else {
+                    sym.value
+                };
+                let start = value.wrapping_add_signed(addend);
+                let sec = view
+                    .section(usize::from(sym.shndx))
+                    .map(|s| s.name_str().into_owned())
+                    .unwrap_or_default();
+                let mut g = b"s".to_vec();
+                g.extend_from_slice(&sym.shndx.to_le_bytes());
+                let name = view.symbol_display_name(sym);
+                (g, start, format!("{name} ({sec}+{start:#x})"))
+            }
+            Some((sym, addend)) => {
+                let mut g = b"n".to_vec();
+                g.extend_from_slice(sym.name);
+                let name = view.symbol_display_name(sym);
+                (g, addend as u64, format!("{name}{addend:+#x}"))
+            }
+            None => {
+                let daddr = r.u64(&"", off).unwrap_or_default();
+                (b"a".to_vec(), daddr, format!("{daddr:#x}"))
+            }
+        };
+        hunks.push((group, start, dlen.max(1), k, off, desc));
+        off = end;
+        k = k.saturating_add(1);
+    }
+    hunks.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    for pair in hunks.windows(2) {
+        let [(g0, s0, l0, k0, _, d0), (g1, s1, l1, k1, off1, d1)] = pair else {
+            continue;
+        };
+        if g0 == g1 && *s1 < s0.saturating_add(*l0) {
+            return Err(crate::Error::Invalid {
+                field: format!(".kpatch.info[{k1}].daddr"),
+                offset: view
+                    .base()
+                    .saturating_add(info.offset)
+                    .saturating_add(*off1),
+                reason: format!(
+                    "record {k1} replaces {d1} ({l1} bytes), which overlaps {d0} ({l0} bytes) \
+                     that record {k0} already replaces: a patch replaces each function once \
+                     (a second jump would overwrite the first and unpatch could not restore \
+                     the code); the file is damaged or forged, rebuild the patch"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The string at `value` in `section`: `value` is either section-relative or, when the
 /// patch kept link-time addresses, relative to `sh_addr`.
 fn string_in(section: &crate::elf::Section<'_>, value: u64) -> Option<String> {
@@ -390,7 +485,7 @@ fn string_in(section: &crate::elf::Section<'_>, value: u64) -> Option<String> {
     let candidates = [value.checked_sub(section.addr), Some(value)];
     candidates.into_iter().flatten().find_map(|off| {
         let tail = data.get(usize::try_from(off).ok()?..)?;
-        until_nul(tail).map(|s| String::from_utf8_lossy(s).into_owned())
+        until_nul(tail).map(printable)
     })
 }
 

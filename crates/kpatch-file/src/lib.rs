@@ -46,6 +46,7 @@ pub use error::{Error, Result};
 pub use header::{Header, Layout};
 pub use ids::{BuildId, PatchId, BUILD_ID_MAX_HEX, BUILD_ID_MIN_HEX, PATCH_ID_MAX};
 
+pub use bytes::printable;
 use bytes::to_u64;
 pub use checksum::crc32;
 
@@ -119,6 +120,7 @@ impl<'a> PatchFile<'a> {
             .and_then(|(s, e)| bytes.get(s..e))
             .ok_or_else(|| past_end("header.total_size", t_at, total, "file", len))?;
         let elf = ElfView::parse(elf_bytes, k)?;
+        inspect::check_hunks(&elf)?;
         if header.csum != 0 {
             let actual = crc32(elf_bytes);
             if actual != header.csum {
@@ -133,6 +135,32 @@ impl<'a> PatchFile<'a> {
             }
         }
         Ok(PatchFile { bytes, header, elf })
+    }
+
+    /// The size a patch file must have, from its header alone, checked against the
+    /// file's size as [`PatchFile::parse`] checks it. `prefix` is the start of the file
+    /// (at least the header: 688 bytes, or the whole file if shorter). A reader calls
+    /// this with the size from `fstat` before reading the rest, so a huge or padded file
+    /// is refused without being read.
+    pub fn expected_len(prefix: &[u8], file_len: u64) -> Result<u64> {
+        let header = Header::parse(prefix)?;
+        let f = header.layout().fields();
+        let total = u64::from(header.total_size);
+        let t_at = to_u64(f.total_size);
+        if total > file_len {
+            return Err(past_end("header.total_size", t_at, total, "file", file_len));
+        }
+        if total < file_len {
+            return Err(invalid(
+                "header.total_size",
+                t_at,
+                format!(
+                    "{total} is less than the file size {file_len}: unexpected trailing data \
+                     (a damaged, padded or wrong file)"
+                ),
+            ));
+        }
+        Ok(total)
     }
 
     /// The header.

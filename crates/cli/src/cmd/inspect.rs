@@ -23,7 +23,9 @@ pub struct Args {
 /// Runs `livecare inspect`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let path = &args.file;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // Checks the header's size against the file's before reading it all.
+    let bytes = livecare_apply::read_patch_bytes(path)
+        .with_context(|| format!("{} is not a valid patch file", path.display()))?;
     let file = PatchFile::parse(&bytes)
         .with_context(|| format!("{} is not a valid patch file", path.display()))?;
     let report = Report::new(&file);
