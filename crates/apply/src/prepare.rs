@@ -691,6 +691,12 @@ impl<'a> PatchElf<'a> {
                 )));
             }
             for r in relas {
+                // R_X86_64_NONE changes nothing and names symbol 0: `ld -q` leaves them
+                // where it dropped an FDE's target (jemalloc's `.rela.eh_frame`), and
+                // LibCare's and LibcarePlus' patches carry them through strip.
+                if r.r_type(e, false) == elf::R_X86_64_NONE {
+                    continue;
+                }
                 let sym = r.r_sym(e, false) as usize;
                 if sym >= syms.len() {
                     return Err(bad(format!("{name}: symbol index {sym} out of range")));
@@ -974,8 +980,13 @@ impl<'a> PatchElf<'a> {
             let place = (sec_o + r.offset) as usize;
             let val = lay.syms[r.sym].as_ref().ok_or_else(|| {
                 format!(
-                    "relocation against unresolved symbol {}",
-                    lay.sym_names[r.sym]
+                    "relocation {} at {}+{:#x} against unresolved symbol {} (#{}); \
+                     rebuild the patch",
+                    Native::reloc_name(r.r_type),
+                    self.secs[r.target_sec].0,
+                    r.offset,
+                    lay.sym_names[r.sym],
+                    r.sym
                 )
             })?;
             let (s, local) = abs(val);

@@ -350,3 +350,59 @@ fn a_huge_sparse_patch_file_is_refused_without_reading_it() -> Result<()> {
     }
     assert_untouched(&mut p, &base)
 }
+
+/// Issues 17 (item 1) and 18 (item 4): `R_X86_64_NONE` entries (symbol 0) in
+/// `.rela.eh_frame`, as `ld -q` leaves them on jemalloc's FDEs in redis and as LibCare's
+/// and LibcarePlus' patches carry them, were refused at apply ("relocation against
+/// unresolved symbol " with an empty name). They change nothing: the patch applies, the
+/// new code runs, and unpatch restores the old.
+#[test]
+fn none_relocations_with_symbol_zero_are_skipped() -> Result<()> {
+    let built = build()?;
+    let helper = built
+        .builder
+        .patch(&built.exe, "patched-helper.c", "0002")?;
+    let bytes = edited(&helper.path, |b, elf, view| {
+        let eh = view.section_by_name(".eh_frame").expect(".eh_frame");
+        let rel = view
+            .relocation_sections()
+            .iter()
+            .find(|r| r.target == eh.index)
+            .expect(".rela.eh_frame");
+        let syms = &view.symtab().expect("symtab").symbols;
+        // strip keeps no symbol of the static helper: its FDE is the one whose pc_begin
+        // lies in the new code but is no hunk's body (value, other).
+        let value = syms.iter().find(|s| s.name == b"value").expect("value");
+        let bodies: Vec<u64> = syms
+            .iter()
+            .filter(|s| s.shndx == value.shndx && !s.name.is_empty())
+            .map(|s| s.value)
+            .collect();
+        // That entry becomes R_X86_64_NONE against symbol 0, addend 0: its FDE keeps
+        // pc_begin 0, as a dropped FDE's does.
+        let k = rel
+            .entries
+            .iter()
+            .position(|r| {
+                let s = &syms[r.sym as usize];
+                let at = s.value.wrapping_add(r.addend as u64);
+                s.shndx == value.shndx && !bodies.contains(&at)
+            })
+            .expect("the relocation of bump's FDE");
+        let at = elf + view.section(rel.section).unwrap().offset as usize + k * 24;
+        b[at + 8..at + 24].fill(0);
+    });
+    let file = built.work("none.kpatch");
+    std::fs::write(&file, bytes)?;
+    let o = lc(&["inspect", &file.to_string_lossy()]);
+    ensure!(
+        o.status.success(),
+        "inspect refused it: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let mut p = built.start()?;
+    applies(&mut p, &file)?;
+    ensure!(p.is_alive(), "target died; last lines {:?}", p.tail(5));
+    Ok(())
+}
