@@ -94,6 +94,11 @@ pub enum RegionState {
     Committing,
     /// Restore writes begun, not finished (some hunks may still jump here).
     Removing,
+    /// Removed: nothing jumps here any more, but the process may still hold pointers
+    /// into it (a thread inside a libc call the patch tail-called with its data, a
+    /// callback the patch stored), so it stays mapped until proven unreferenced
+    /// (see `reclaim`). A clean state, not an interrupted one.
+    Retired,
 }
 
 impl RegionState {
@@ -104,6 +109,7 @@ impl RegionState {
             RegionState::Applied => 1,
             RegionState::Committing => 2,
             RegionState::Removing => 3,
+            RegionState::Retired => 4,
         }
     }
 
@@ -114,6 +120,7 @@ impl RegionState {
             0 => RegionState::Prepared,
             1 => RegionState::Applied,
             3 => RegionState::Removing,
+            4 => RegionState::Retired,
             _ => RegionState::Committing,
         }
     }
@@ -366,12 +373,14 @@ mod tests {
             RegionState::Applied,
             RegionState::Committing,
             RegionState::Removing,
+            RegionState::Retired,
         ] {
             assert_eq!(RegionState::from_word(st.word()), st);
         }
         assert_eq!(RegionState::from_word(77), RegionState::Committing);
         assert!(RegionState::from_word(77).is_incomplete());
         assert!(!RegionState::Prepared.is_incomplete());
+        assert!(!RegionState::Retired.is_incomplete());
     }
 
     #[test]

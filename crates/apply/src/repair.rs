@@ -2,13 +2,15 @@
 //!
 //! The region header's state word is the journal (see [`crate::RegionState`]): a
 //! region left `Committing` or `Removing` had its code writes cut short, and one left
-//! `Prepared` was never committed (or was unpatched but not yet unmapped). [`check`]
+//! `Prepared` was never committed. [`check`]
 //! reads every such region and the live bytes of each of its code writes (function
 //! entry jumps, retargeted call sites) and says what [`repair`] would do; [`repair`]
 //! does it in a stop like a normal commit: it completes a commit whose writes all
 //! landed, rolls back any other, finishes an interrupted removal, and unmaps leftover
-//! regions once no thread can execute there. Live bytes matching neither side are
-//! left alone and reported.
+//! regions once no thread can execute there. A region whose new code may have run
+//! (a removal, a rollback of jumps that were live) is retired, not unmapped, as
+//! unpatch does (see [`crate::reclaim`]). Live bytes matching neither side are left
+//! alone and reported.
 
 use livecare_process::arch::x86_64::SYS_MUNMAP;
 use livecare_process::{loaded_objects, read_maps, Pid, RemoteMemory, ThreadSet};
@@ -24,9 +26,10 @@ use crate::{callsites, Error, Options};
 pub enum Verdict {
     /// Interrupted commit whose code writes all landed: mark it applied.
     Complete,
-    /// Interrupted commit: undo the writes that landed, unmap the region.
+    /// Interrupted commit: undo the writes that landed; unmap the region if none had,
+    /// retire it otherwise.
     RollBack,
-    /// Interrupted unpatch: undo the writes still live, unmap the region.
+    /// Interrupted unpatch: undo the writes still live, retire the region.
     FinishRemoval,
     /// Never committed or already removed: nothing jumps there; unmap it.
     Unmap,
@@ -104,7 +107,7 @@ pub fn check(pid: Pid, rollback: bool) -> Result<Vec<RegionCheck>, Error> {
     let mem = RemoteMemory::open(pid)?;
     let mut out = Vec::new();
     for r in find_regions(pid)? {
-        if r.state == RegionState::Applied {
+        if matches!(r.state, RegionState::Applied | RegionState::Retired) {
             continue;
         }
         let writes = apply_writes(&r);
@@ -234,7 +237,14 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
                     range: h.saddr..h.saddr + h.slen as u64,
                     name: format!("{} (patched)", h.name),
                 }));
-                (w, busy, RegionState::Prepared)
+                // New code that ran may have left pointers into the region.
+                let used = c.verdict == Verdict::FinishRemoval || c.writes_live > 0;
+                let to = if used {
+                    RegionState::Retired
+                } else {
+                    RegionState::Prepared
+                };
+                (w, busy, to)
             }
             Verdict::Unmap => (Vec::new(), vec![region_busy], RegionState::Prepared),
         };
@@ -263,5 +273,11 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         out.regions.push(report);
     }
     threads.detach_all()?;
+    // Retired regions go too once nothing points into them.
+    if let Ok(r) = crate::reclaim(pid, opts) {
+        for rep in &mut out.regions {
+            rep.unmapped |= r.unmapped.contains(&rep.region);
+        }
+    }
     Ok(out)
 }

@@ -55,9 +55,12 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                 if let Some(b) = &args.build_id {
                     i.incomplete.retain(|c| &c.region.build_id == b);
                 }
+                if let Some(b) = &args.build_id {
+                    i.retired.retain(|r| &r.build_id == b);
+                }
                 if all {
                     i.objects.retain(|o| !o.patches.is_empty());
-                    if i.objects.is_empty() && i.incomplete.is_empty() {
+                    if i.objects.is_empty() && i.incomplete.is_empty() && i.retired.is_empty() {
                         continue;
                     }
                 }
@@ -81,6 +84,21 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
 
 fn print_info(i: &ProcessInfo, face: super::Face) {
     print_objects(i, face);
+    for r in &i.retired {
+        let size = format!("{} KiB", r.total_len.div_ceil(1024));
+        match face {
+            super::Face::LibCare => println!(
+                "Pid: {}\nRetired patch id: {} (build id {}, region {:#x}, {size}): removed, kept mapped because the process may still use it\n",
+                i.pid, r.patch_id, r.build_id, r.addr
+            ),
+            super::Face::Native => println!(
+                "  retired patch {} (build-id {}, region {:#x}, {size}): removed, kept mapped and inactive because the process may still use it",
+                r.patch_id,
+                super::patch::short_id(&r.build_id),
+                r.addr
+            ),
+        }
+    }
     for c in &i.incomplete {
         let r = &c.region;
         let state = super::repair::state_name(r.state);

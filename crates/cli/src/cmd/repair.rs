@@ -63,14 +63,19 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
             );
         }
         for r in &done.regions {
+            let fate = if r.unmapped {
+                "region unmapped"
+            } else {
+                "region kept mapped, inactive (retired: the process may still use it)"
+            };
             let what = match &r.action {
                 Verdict::Complete => "completed the interrupted commit (now applied)".to_string(),
                 Verdict::RollBack => format!(
-                    "rolled back the interrupted commit ({} write(s) undone), region unmapped",
+                    "rolled back the interrupted commit ({} write(s) undone), {fate}",
                     r.writes
                 ),
                 Verdict::FinishRemoval => format!(
-                    "finished the interrupted unpatch ({} write(s) undone), region unmapped",
+                    "finished the interrupted unpatch ({} write(s) undone), {fate}",
                     r.writes
                 ),
                 Verdict::Unmap => "unmapped a leftover region (never applied)".to_string(),
@@ -101,5 +106,6 @@ pub fn state_name(s: livecare_apply::RegionState) -> &'static str {
         livecare_apply::RegionState::Applied => "applied",
         livecare_apply::RegionState::Committing => "committing",
         livecare_apply::RegionState::Removing => "removing",
+        livecare_apply::RegionState::Retired => "retired",
     }
 }

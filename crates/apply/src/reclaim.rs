@@ -1,0 +1,444 @@
+//! Reclaiming retired regions: a removed patch's region is unmapped only once nothing
+//! in the process can still point into it.
+//!
+//! Unpatch restores the jumps and marks the region `Retired` instead of unmapping it:
+//! a thread may still hold its data (patched code that tail-called a libc function
+//! with a string of the patch is nowhere on the stack while that function runs), and
+//! the program may have stored a pointer to new code or data (a callback, a table
+//! slot). [`reclaim`] proves a retired region unreferenced with a conservative scan:
+//! no register of any thread (general, segment bases, SSE), no 8-byte word of any
+//! memory the program can have written (every writable mapping, every anonymous page,
+//! every privately modified page of a file mapping, read through `/proc/PID/pagemap`
+//! so untouched pages cost nothing) and no epoll registration or POSIX timer value
+//! points into the region or the page on either side of it; glibc's mangled pointers
+//! (`atexit` handlers, `jmp_buf`s) are demangled with the process's pointer guard and
+//! checked too. The scan is made first while the target runs (a region still in use,
+//! the usual case just after an unpatch, costs no stop) and then again with every
+//! thread stopped, where its result is final: once no thread holds a pointer into a
+//! region, none can make one. Regions that other retired regions point into are kept
+//! as long as those are.
+//!
+//! Not seen by the scan, so not covered: signal handlers and alternate signal stacks
+//! (held by the kernel with no `/proc` view), upper halves of AVX registers, and
+//! pointers handed to the kernel through `rseq`, `io_uring` or `aio`. A process whose
+//! memory to scan exceeds [`SCAN_LIMIT`] keeps its retired regions (the stop would be
+//! too long).
+
+use std::collections::BTreeSet;
+
+use livecare_process::arch::x86_64::SYS_MUNMAP;
+use livecare_process::{read_maps, MapEntry, Pid, RemoteMemory, ThreadSet, Tid};
+
+use crate::region::{find_regions_in, RegionHeader, RegionState};
+use crate::{Error, Options};
+
+/// Most bytes scanned in one stop: reading them costs about 1 ms per 4 MiB here.
+pub const SCAN_LIMIT: u64 = 32 << 20;
+/// Most file descriptors whose fdinfo is read in the stop (epoll registrations).
+const FD_LIMIT: usize = 256;
+/// Margin around a region: a pointer just past its end (or before its start) counts.
+const MARGIN: u64 = 4096;
+const PAGE: u64 = 4096;
+/// Offset of glibc's pointer guard in the x86_64 thread control block (`%fs:0x30`).
+const POINTER_GUARD: u64 = 0x30;
+
+/// What [`reclaim`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reclaimed {
+    /// Regions unmapped.
+    pub unmapped: Vec<u64>,
+    /// Retired regions kept (still referenced, or the scan could not prove otherwise).
+    pub kept: Vec<u64>,
+}
+
+/// The retired regions to judge: their ranges widened by [`MARGIN`].
+struct Targets {
+    ranges: Vec<(u64, u64)>,
+    lo: u64,
+    hi: u64,
+    guard: Option<u64>,
+}
+
+impl Targets {
+    fn new(regions: &[&RegionHeader], guard: Option<u64>) -> Targets {
+        let ranges: Vec<(u64, u64)> = regions
+            .iter()
+            .map(|r| {
+                (
+                    r.addr.saturating_sub(MARGIN),
+                    r.addr + r.total_len.max(PAGE) + MARGIN,
+                )
+            })
+            .collect();
+        Targets {
+            lo: ranges.iter().map(|r| r.0).min().unwrap_or(0),
+            hi: ranges.iter().map(|r| r.1).max().unwrap_or(0),
+            ranges,
+            guard,
+        }
+    }
+
+    /// The region `v` points into (`v` is a pointer's value, inclusive of the end).
+    fn hit(&self, v: u64) -> Option<usize> {
+        if v < self.lo || v > self.hi {
+            return None;
+        }
+        self.ranges.iter().position(|&(a, b)| a <= v && v <= b)
+    }
+
+    /// The regions the word `w` points into, plain or as a glibc-mangled pointer.
+    fn word(&self, w: u64, out: &mut impl FnMut(usize)) {
+        if let Some(i) = self.hit(w) {
+            out(i);
+        }
+        if let Some(g) = self.guard {
+            if let Some(i) = self.hit(w.rotate_right(0x11) ^ g) {
+                out(i);
+            }
+        }
+    }
+
+    /// Scans `bytes` word by word.
+    fn scan(&self, bytes: &[u8], out: &mut impl FnMut(usize)) {
+        for c in bytes.chunks_exact(8) {
+            self.word(u64::from_le_bytes(c.try_into().unwrap_or_default()), out);
+        }
+    }
+}
+
+/// One range of memory to scan, and the retired region it lies in (its own words
+/// keep other regions alive only while it is kept).
+struct Span {
+    addr: u64,
+    len: usize,
+    inside: Option<usize>,
+}
+
+/// Pagemap bits: page present, swapped, file-backed or shared.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// The memory a pointer into a region can be in now; `None` when some cannot be read
+/// (a present page the program made unreadable) or there is too much of it.
+fn spans(pid: Pid, maps: &[MapEntry], regions: &[&RegionHeader]) -> Option<Vec<Span>> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open(format!("/proc/{}/pagemap", pid.0)).ok()?;
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for m in maps {
+        // The kernel's own pages (vdso, vvar, vsyscall) hold no pointer of the program.
+        if m.path.starts_with('[')
+            && !matches!(m.path.as_str(), "[heap]" | "[stack]")
+            && !m.path.starts_with("[anon:")
+            && !m.path.starts_with("[stack:")
+        {
+            continue;
+        }
+        let pages = ((m.end - m.start) / PAGE) as usize;
+        let mut pm = vec![0u8; pages * 8];
+        pagemap.read_exact_at(&mut pm, m.start / PAGE * 8).ok()?;
+        let anon = m.inode == 0;
+        let inside = regions
+            .iter()
+            .position(|r| r.addr <= m.start && m.end <= r.addr + r.total_len);
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |run: &mut Option<(u64, u64)>, out: &mut Vec<Span>| {
+            if let Some((a, b)) = run.take() {
+                out.push(Span {
+                    addr: a,
+                    len: (b - a) as usize,
+                    inside,
+                });
+            }
+        };
+        for (i, e) in pm.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            let at = m.start + i as u64 * PAGE;
+            // A page never touched holds zeros or the file's bytes; a file page of a
+            // mapping the program cannot write holds what the file holds.
+            let wanted =
+                e & (PM_PRESENT | PM_SWAPPED) != 0 && (m.write || anon || e & PM_FILE == 0);
+            if !wanted {
+                flush(&mut run, &mut out);
+                continue;
+            }
+            if !m.read {
+                return None;
+            }
+            total += PAGE;
+            match &mut run {
+                Some((_, b)) if *b == at => *b += PAGE,
+                _ => {
+                    flush(&mut run, &mut out);
+                    run = Some((at, at + PAGE));
+                }
+            }
+        }
+        flush(&mut run, &mut out);
+        if total > SCAN_LIMIT {
+            tracing::debug!(total, "too much memory to scan for reclaiming regions");
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// References found: `(from, to)` where `from` is the retired region the word lies in
+/// (`None`: anywhere else, a register or the kernel).
+type Refs = BTreeSet<(Option<usize>, usize)>;
+
+/// Scans `spans` (reading them in one batch); false if one could not be read.
+fn scan_memory(mem: &RemoteMemory, t: &Targets, spans: &[Span], refs: &mut Refs) -> bool {
+    let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.addr, s.len)).collect();
+    for (s, bytes) in spans.iter().zip(mem.read_ranges(&ranges)) {
+        let Some(bytes) = bytes else {
+            return false;
+        };
+        t.scan(&bytes, &mut |i| {
+            if s.inside != Some(i) {
+                refs.insert((s.inside, i));
+            }
+        });
+    }
+    true
+}
+
+/// Epoll registrations' data and POSIX timers' values: pointers the kernel holds.
+/// False when they could not all be read.
+fn scan_kernel(pid: Pid, t: &Targets, refs: &mut Refs) -> bool {
+    let mut words = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fdinfo", pid.0)) else {
+        return false;
+    };
+    let fds: Vec<_> = dir.flatten().collect();
+    if fds.len() > FD_LIMIT {
+        return false;
+    }
+    for fd in fds {
+        // An fd closed meanwhile holds nothing.
+        let Ok(text) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        for l in text.lines().filter(|l| l.starts_with("tfd:")) {
+            if let Some(v) = l.split_whitespace().skip_while(|w| *w != "data:").nth(1) {
+                words.extend(u64::from_str_radix(v, 16).ok());
+            }
+        }
+    }
+    // `signal: N/<sigev_value>`, one line per timer (no file: no timers support).
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/timers", pid.0)) {
+        for l in text.lines() {
+            if let Some(v) = l.strip_prefix("signal: ").and_then(|v| v.split('/').nth(1)) {
+                words.extend(u64::from_str_radix(v.trim(), 16).ok());
+            }
+        }
+    }
+    for w in words {
+        t.word(w, &mut |i| {
+            refs.insert((None, i));
+        });
+    }
+    true
+}
+
+/// Every register of stopped thread `tid`: general-purpose (with the segment bases)
+/// and the SSE registers. False when they could not be read.
+fn scan_registers(threads: &ThreadSet, tid: Tid, t: &Targets, refs: &mut Refs) -> bool {
+    let Ok(r) = threads.regs(tid) else {
+        return false;
+    };
+    let mut add = |i| {
+        refs.insert((None, i));
+    };
+    for v in [
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
+        r.rsi, r.rdi, r.orig_rax, r.rip, r.rsp, r.fs_base, r.gs_base,
+    ] {
+        t.word(v, &mut add);
+    }
+    // SAFETY: user_fpregs_struct is plain data; zero is a valid value.
+    let mut fp: libc::user_fpregs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: tid is a thread we trace and hold stopped; GETFPREGS fills the struct
+    // whose address we pass, and nothing else.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETFPREGS,
+            tid.0,
+            std::ptr::null_mut::<libc::c_void>(),
+            &mut fp as *mut libc::user_fpregs_struct,
+        )
+    };
+    if rc < 0 {
+        return false;
+    }
+    for pair in fp.xmm_space.chunks_exact(2) {
+        t.word((pair[1] as u64) << 32 | pair[0] as u64, &mut add);
+    }
+    true
+}
+
+/// The regions to keep: those referenced from outside any retired region, and those
+/// referenced from a kept one.
+fn kept(n: usize, refs: &Refs) -> Vec<bool> {
+    let mut keep = vec![false; n];
+    for (from, to) in refs {
+        if from.is_none() {
+            keep[*to] = true;
+        }
+    }
+    loop {
+        let more: Vec<usize> = refs
+            .iter()
+            .filter_map(|(f, t)| f.filter(|f| keep[*f] && !keep[*t]).map(|_| *t))
+            .collect();
+        if more.is_empty() {
+            return keep;
+        }
+        for t in more {
+            keep[t] = true;
+        }
+    }
+}
+
+/// glibc's pointer guard (the same in every thread), read from the thread control
+/// block at `fs_base`.
+fn pointer_guard(mem: &RemoteMemory, fs_base: u64) -> Option<u64> {
+    (fs_base != 0)
+        .then(|| mem.read_u64(fs_base + POINTER_GUARD).ok())
+        .flatten()
+}
+
+/// Unmaps every retired region of `pid` proven unreferenced (see the module doc);
+/// keeps the others. Seizes the process for the final scan's stop and the munmap.
+pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
+    let mem = RemoteMemory::open(pid)?;
+    let maps = read_maps(pid)?;
+    let all = find_regions_in(&mem, &maps);
+    let retired: Vec<&RegionHeader> = all
+        .iter()
+        .filter(|r| r.state == RegionState::Retired)
+        .collect();
+    let mut out = Reclaimed::default();
+    if retired.is_empty() {
+        return Ok(out);
+    }
+    let keep_all = |out: &mut Reclaimed| {
+        out.kept = retired.iter().map(|r| r.addr).collect();
+    };
+    // While the target runs: a region still referenced is kept without a stop (the
+    // pointer guard needs a thread's registers: mangled pointers are seen in the stop).
+    let t0 = Targets::new(&retired, None);
+    let mut refs = Refs::new();
+    let Some(sp) = spans(pid, &maps, &retired) else {
+        keep_all(&mut out);
+        return Ok(out);
+    };
+    if !scan_memory(&mem, &t0, &sp, &mut refs) || !scan_kernel(pid, &t0, &mut refs) {
+        keep_all(&mut out);
+        return Ok(out);
+    }
+    if kept(retired.len(), &refs).iter().all(|k| *k) {
+        keep_all(&mut out);
+        tracing::debug!(n = retired.len(), "retired regions still referenced");
+        return Ok(out);
+    }
+    // The final scan, every thread stopped.
+    let mut threads = crate::seize(pid, opts, false, "reclaim")?;
+    threads.interrupt_all()?;
+    let verdict = (|| -> Option<Vec<bool>> {
+        let tids = threads.tids();
+        let fs_base = tids.first().and_then(|t| threads.regs(*t).ok())?.fs_base;
+        let t = Targets::new(&retired, pointer_guard(&mem, fs_base));
+        let mut refs = Refs::new();
+        for tid in tids {
+            if !scan_registers(&threads, tid, &t, &mut refs) {
+                return None;
+            }
+        }
+        let maps = read_maps(pid).ok()?;
+        let sp = spans(pid, &maps, &retired)?;
+        if !scan_memory(&mem, &t, &sp, &mut refs) || !scan_kernel(pid, &t, &mut refs) {
+            return None;
+        }
+        Some(kept(retired.len(), &refs))
+    })();
+    threads.resume_all()?;
+    let Some(keep) = verdict else {
+        keep_all(&mut out);
+        threads.detach_all()?;
+        return Ok(out);
+    };
+    // Nothing points into the others, and nothing can come to (a pointer cannot be
+    // made from none): unmapped with the threads running again.
+    for (r, keep) in retired.iter().zip(keep) {
+        if keep {
+            out.kept.push(r.addr);
+            continue;
+        }
+        match crate::rsyscall::syscall(
+            &mut threads,
+            "munmap",
+            SYS_MUNMAP,
+            [r.addr, r.total_len, 0, 0, 0, 0],
+        ) {
+            Ok(_) => out.unmapped.push(r.addr),
+            Err(e) => {
+                tracing::debug!(region = r.addr, "reclaim munmap failed: {e}");
+                out.kept.push(r.addr);
+            }
+        }
+    }
+    threads.detach_all()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_referenced_only_from_a_region_kept_is_kept_too() {
+        // 0 is referenced from outside; 1 from 0; 2 only from itself-free region 3,
+        // which nothing references.
+        let refs: Refs = [(None, 0), (Some(0), 1), (Some(3), 2)]
+            .into_iter()
+            .collect();
+        assert_eq!(kept(4, &refs), vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn mangled_pointers_and_pointers_just_past_the_end_are_found() {
+        let r = RegionHeader {
+            addr: 0x7000_0000,
+            total_len: 0x3000,
+            seq: 1,
+            build_id: String::new(),
+            patch_id: String::new(),
+            hash: 0,
+            level: 0,
+            eh_frame: 0,
+            eh_frame_len: 0,
+            load_bias: 0,
+            exec_len: 0x1000,
+            state: RegionState::Retired,
+            hunks: Vec::new(),
+        };
+        let guard = 0x1234_5678_9abc_def0;
+        let t = Targets::new(&[&r], Some(guard));
+        let mangle = |p: u64| (p ^ guard).rotate_left(0x11);
+        let mut hits = Vec::new();
+        for w in [
+            0x7000_1234,
+            0x7000_3000,
+            mangle(0x7000_0010),
+            0x6000_0000,
+            0,
+        ] {
+            let mut n = 0;
+            t.word(w, &mut |_| n += 1);
+            hits.push(n);
+        }
+        assert_eq!(hits, vec![1, 1, 1, 0, 0]);
+    }
+}
