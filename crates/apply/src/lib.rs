@@ -49,7 +49,9 @@ pub use container::{fnv1a, load_patches, parse_container, read_patch_file, Patch
 pub use error::Error;
 use prepare::{ObjectView, PatchElf};
 pub use reclaim::{reclaim, Reclaimed};
-pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
+pub use region::{
+    find_regions, leftovers, CallSite, Hunk, Leftover, Mark, RegionHeader, RegionState,
+};
 pub use repair::{check as check_regions, repair, RegionCheck, RepairReport, Repaired, Verdict};
 use safety::Busy;
 
@@ -161,6 +163,8 @@ pub struct ProcessInfo {
     /// Removed patches whose regions stay mapped, inactive, because the process may
     /// still use them (see [`RegionState::Retired`]); oldest first.
     pub retired: Vec<RegionHeader>,
+    /// What interrupted livecares left outside any region header (see `repair`).
+    pub leftovers: Vec<Leftover>,
 }
 
 /// Reads the patch state of `pid` (no ptrace needed, only /proc access).
@@ -178,6 +182,7 @@ pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
             .filter(|r| r.state == RegionState::Retired)
             .cloned()
             .collect(),
+        leftovers: leftovers(pid)?,
     };
     for o in objects {
         let Some(bid) = o.build_id.clone() else {
@@ -576,6 +581,14 @@ fn apply_one(
     })?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let stub = rsyscall::Stub::find(threads, &mem, &maps)?;
+    // Named before it exists: a livecare killed between the mmap and the header's
+    // write leaves a mapping `info` can tell from the target's own.
+    let mark = region::Mark::place(&mem, &maps, stub.site(), base, lay.size);
+    let unmark = || {
+        if let Some(m) = &mark {
+            let _ = m.clear(&mem);
+        }
+    };
     // The mapping and the protection of its code part in one pass of one thread
     // through the stub (the mprotect only once the mapping is where it was asked):
     // the body and the header are written through /proc/PID/mem, which ignores
@@ -595,7 +608,13 @@ fn apply_one(
                 [base, lay.exec_len, PROT_RX, 0, 0, 0],
             ),
         ],
-        &|_, v| v == base,
+        &|i, v| {
+            if i == 0 {
+                // Killed here: a mapping with no header and a stub in the padding.
+                fault::point("in-mmap-stub");
+            }
+            v == base
+        },
     );
     let mut results = results.into_iter();
     match results.next() {
@@ -604,17 +623,23 @@ fn apply_one(
             // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
             let munmap = [got, lay.size, 0, 0, 0, 0];
             let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
+            unmark();
             return Err(Error::NoHole {
                 object: target.path.clone(),
                 size: lay.size,
             });
         }
-        Some(Err(e)) => return Err(e),
+        Some(Err(e)) => {
+            unmark();
+            return Err(e);
+        }
         None => {
+            // Whether the mmap ran is unknown: the mark stays for `repair`, which
+            // unmaps the mapping only if it is one livecare made.
             return Err(ran.err().unwrap_or(Error::NoHole {
                 object: target.path.clone(),
                 size: lay.size,
-            }))
+            }));
         }
     }
     let protected = match (results.next(), ran) {
@@ -643,7 +668,9 @@ fn apply_one(
         state: RegionState::Prepared,
         hunks: Vec::new(),
     };
-    let _ = mem.write(base, &header_stub.encode());
+    if mem.write(base, &header_stub.encode()).is_ok() {
+        unmark();
+    }
     fault::point("after-mmap");
     let result = protected.and_then(|_| {
         fill_and_commit(

@@ -36,11 +36,13 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
     };
     let pending = livecare_apply::check_regions(pid, args.rollback)
         .with_context(|| format!("reading pid {pid}"))?;
-    let done = if pending.is_empty() {
+    let left = livecare_apply::leftovers(pid).with_context(|| format!("reading pid {pid}"))?;
+    let done = if pending.is_empty() && left.is_empty() {
         livecare_apply::Repaired {
             pid: pid.0,
             redirects_undone: 0,
             regions: Vec::new(),
+            leftovers_removed: Vec::new(),
         }
     } else {
         livecare_apply::repair(pid, args.rollback, &opts)
@@ -53,8 +55,11 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&done).context("json")?);
     } else {
-        if done.regions.is_empty() {
+        if done.regions.is_empty() && done.leftovers_removed.is_empty() {
             println!("pid {}: nothing to repair", pid);
+        }
+        for l in &done.leftovers_removed {
+            println!("pid {}: {}", pid, super::info::leftover_removed(l));
         }
         if done.redirects_undone > 0 {
             println!(
