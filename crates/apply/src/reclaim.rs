@@ -15,18 +15,20 @@
 //! checked too. The scan is made first while the target runs (a region still in use,
 //! the usual case just after an unpatch, costs no stop) and then again with every
 //! thread stopped, where its result is final: once no thread holds a pointer into a
-//! region, none can make one. Regions that other retired regions point into are kept
-//! as long as those are.
+//! region, none can make one. Then, the threads running again, the signal handlers
+//! (which the kernel holds, with no `/proc` view) are read with `rt_sigaction` through
+//! the remote-syscall stub, into a scratch page marked like a region (see
+//! [`crate::region::Mark`]). Regions that other retired regions point into are kept as
+//! long as those are.
 //!
-//! Not seen by the scan, so not covered: signal handlers and alternate signal stacks
-//! (held by the kernel with no `/proc` view), upper halves of AVX registers, and
-//! pointers handed to the kernel through `rseq`, `io_uring` or `aio`. A process whose
+//! Not seen, so not covered: alternate signal stacks, upper halves of AVX registers,
+//! and pointers handed to the kernel through `rseq`, `io_uring` or `aio`. A process whose
 //! memory to scan exceeds [`SCAN_LIMIT`] keeps its retired regions (the stop would be
 //! too long).
 
 use std::collections::BTreeSet;
 
-use livecare_process::arch::x86_64::SYS_MUNMAP;
+use livecare_process::arch::x86_64::{SYS_MMAP, SYS_MUNMAP};
 use livecare_process::{read_maps, MapEntry, Pid, RemoteMemory, ThreadSet, Tid};
 
 use crate::region::{find_regions_in, RegionHeader, RegionState};
@@ -301,6 +303,100 @@ fn kept(n: usize, refs: &Refs) -> Vec<bool> {
     }
 }
 
+/// `rt_sigaction`'s number, and the size of the kernel's `struct sigaction` with an
+/// 8-byte signal set (handler, flags, restorer, mask).
+const SYS_RT_SIGACTION: u64 = 13;
+const SIGACTION_LEN: u64 = 32;
+/// Signals 1 to 64.
+const NSIG: u64 = 64;
+
+/// A free page for scratch use, with a free page on either side (so the mapping never
+/// merges with a neighbour), from `maps` (sorted, as the kernel lists them).
+fn free_page(maps: &[MapEntry]) -> Option<u64> {
+    let mut prev_end = 0x10_0000u64;
+    for m in maps {
+        if m.start >= prev_end + 3 * PAGE {
+            return Some(prev_end + PAGE);
+        }
+        prev_end = prev_end.max(m.end);
+    }
+    None
+}
+
+/// The handlers and restorers of every signal, read with `rt_sigaction` in one borrow
+/// of one thread (the threads run). False when they could not be read.
+fn scan_handlers(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    t: &Targets,
+    refs: &mut Refs,
+) -> bool {
+    let pid = threads.pid();
+    let Ok(maps) = read_maps(pid) else {
+        return false;
+    };
+    let Some(page) = free_page(&maps) else {
+        return false;
+    };
+    let Ok(stub) = crate::rsyscall::Stub::find(threads, mem, &maps) else {
+        return false;
+    };
+    // Marked first: a livecare killed before the munmap leaves a page `repair` removes.
+    let Some(mark) = crate::region::Mark::place(mem, &maps, stub.site(), page, PAGE) else {
+        return false;
+    };
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let mut calls: Vec<crate::rsyscall::Call> =
+        vec![("mmap", SYS_MMAP, [page, PAGE, rw, flags, u64::MAX, 0])];
+    for sig in 1..=NSIG {
+        let at = page + (sig - 1) * SIGACTION_LEN;
+        calls.push(("rt_sigaction", SYS_RT_SIGACTION, [sig, 0, at, 8, 0, 0]));
+    }
+    calls.push(("munmap", SYS_MUNMAP, [page, PAGE, 0, 0, 0, 0]));
+    let read = std::cell::RefCell::new(None);
+    let (results, ran) = stub.syscalls(threads, mem, &calls, &|i, v| {
+        if i == NSIG as usize {
+            // Every answer is in: read them before the page goes.
+            *read.borrow_mut() = mem.read_vec(page, (NSIG * SIGACTION_LEN) as usize).ok();
+        }
+        i != 0 || v == page
+    });
+    let mapped = matches!(results.first(), Some(Ok(_)));
+    let mut unmapped = results.len() == calls.len() && results.last().is_some_and(|r| r.is_ok());
+    if mapped && !unmapped {
+        // The sequence stopped half way: the page goes on its own.
+        let munmap = [page, PAGE, 0, 0, 0, 0];
+        unmapped = stub
+            .syscall(threads, mem, "munmap", SYS_MUNMAP, munmap)
+            .is_ok();
+    }
+    if unmapped || !mapped {
+        let _ = mark.clear(mem);
+    }
+    // Every rt_sigaction must have answered; any failure leaves the regions kept.
+    if ran.is_err()
+        || results.len() != calls.len()
+        || results[1..=NSIG as usize].iter().any(|r| r.is_err())
+    {
+        return false;
+    }
+    let Some(bytes) = read.into_inner() else {
+        return false;
+    };
+    for sa in bytes.chunks_exact(SIGACTION_LEN as usize) {
+        for w in [&sa[0..8], &sa[16..24]] {
+            t.word(
+                u64::from_le_bytes(w.try_into().unwrap_or_default()),
+                &mut |i| {
+                    refs.insert((None, i));
+                },
+            );
+        }
+    }
+    true
+}
+
 /// glibc's pointer guard (the same in every thread), read from the thread control
 /// block at `fs_base`.
 fn pointer_guard(mem: &RemoteMemory, fs_base: u64) -> Option<u64> {
@@ -346,7 +442,7 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
     // The final scan, every thread stopped.
     let mut threads = crate::seize(pid, opts, false, "reclaim")?;
     threads.interrupt_all()?;
-    let verdict = (|| -> Option<Vec<bool>> {
+    let verdict = (|| -> Option<Refs> {
         let tids = threads.tids();
         let fs_base = tids.first().and_then(|t| threads.regs(*t).ok())?.fs_base;
         let t = Targets::new(&retired, pointer_guard(&mem, fs_base));
@@ -361,14 +457,25 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
         if !scan_memory(&mem, &t, &sp, &mut refs) || !scan_kernel(pid, &t, &mut refs) {
             return None;
         }
-        Some(kept(retired.len(), &refs))
+        Some(refs)
     })();
     threads.resume_all()?;
-    let Some(keep) = verdict else {
+    let Some(mut refs) = verdict else {
         keep_all(&mut out);
         threads.detach_all()?;
         return Ok(out);
     };
+    // The handlers last: one installed before the stop is there now, and none can be
+    // installed since (no pointer exists to install).
+    if kept(retired.len(), &refs).iter().any(|k| !k) {
+        let t = Targets::new(&retired, None);
+        if !scan_handlers(&mut threads, &mem, &t, &mut refs) {
+            keep_all(&mut out);
+            threads.detach_all()?;
+            return Ok(out);
+        }
+    }
+    let keep = kept(retired.len(), &refs);
     // Nothing points into the others, and nothing can come to (a pointer cannot be
     // made from none): unmapped with the threads running again.
     for (r, keep) in retired.iter().zip(keep) {

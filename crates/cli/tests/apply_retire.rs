@@ -22,6 +22,7 @@ struct Fixture {
     exe: Object,
     tail: Patch,
     hook: Patch,
+    signal: Patch,
 }
 
 fn build() -> Result<Fixture> {
@@ -35,11 +36,13 @@ fn build() -> Result<Fixture> {
     let exe = b.executable("orig.c", "retire", &[])?;
     let tail = b.patch(&exe, "patched-tail.c", "tail")?;
     let hook = b.patch(&exe, "patched-hook.c", "hook")?;
+    let signal = b.patch(&exe, "patched-signal.c", "signal")?;
     Ok(Fixture {
         _s: s,
         exe,
         tail,
         hook,
+        signal,
     })
 }
 
@@ -169,5 +172,54 @@ fn a_callback_into_an_unpatched_patch_stays_callable() -> Result<()> {
         r.iter().any(|x| x.0 == hook_region),
         "the region the hook points into ({hook_region:#x}) is not kept: {r:x?}"
     );
+    Ok(())
+}
+
+/// True when `pid` catches signal `sig` (its bit in `SigCgt` of /proc/PID/status).
+fn catches(pid: u32, sig: i32) -> Result<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .context("no SigCgt")?;
+    Ok(u64::from_str_radix(mask.trim(), 16)? & (1 << (sig - 1)) != 0)
+}
+
+/// A patch installs a signal handler of its own (a pointer only the kernel holds):
+/// after the unpatch its region stays, and the signal is still handled.
+#[test]
+fn a_signal_handler_installed_by_an_unpatched_patch_keeps_its_region() -> Result<()> {
+    let f = build()?;
+    let mut t = Running::start(&f.exe.path, &["1"])?;
+    wait_tick(&mut t, "old", "1")?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&f.signal.path)]))?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !catches(t.pid(), libc::SIGUSR2)? {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "handler never installed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let region = info(t.pid())?["objects"][0]["patches"][0]["addr"]
+        .as_u64()
+        .context("no applied patch")?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    // A later unpatch tries the reclaim again: the handler still holds the region.
+    for _ in 0..2 {
+        ok(&lc(&["patch", "-p", &pid, p(&f.tail.path)]))?;
+        ok(&lc(&["unpatch", "-p", &pid]))?;
+    }
+    let r = retired(t.pid())?;
+    ensure!(
+        r.iter().any(|x| x.0 == region),
+        "the region of the installed handler ({region:#x}) was not kept: {r:x?}"
+    );
+    // SAFETY: kill(2) on our own child with a valid signal number.
+    ensure!(unsafe { libc::kill(t.pid() as i32, libc::SIGUSR2) } == 0);
+    t.drain();
+    t.wait_for("sig=1000", WAIT)?;
+    alive(&mut t)?;
     Ok(())
 }
