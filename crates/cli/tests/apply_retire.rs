@@ -98,12 +98,13 @@ fn unpatching_a_tail_call_into_libc_with_busy_threads_never_kills_the_target() -
     let mut t = Running::start(&f.exe.path, &["3"])?;
     wait_tick(&mut t, "old", "1")?;
     let pid = t.pid().to_string();
-    let mut most_retired = 0;
+    let (mut most_retired, mut kept_at_unpatch) = (0, 0);
     for cycle in 0..cycles {
         (|| -> Result<()> {
             ok(&lc(&["patch", "-p", &pid, p(&f.tail.path)]))?;
             wait_tick(&mut t, "new", "1")?;
-            ok(&lc(&["unpatch", "-p", &pid]))?;
+            let out = ok(&lc(&["unpatch", "-p", &pid]))?;
+            kept_at_unpatch += out.contains("kept mapped") as usize;
             alive(&mut t)?;
             wait_tick(&mut t, "old", "1")?;
             alive(&mut t)?;
@@ -112,7 +113,10 @@ fn unpatching_a_tail_call_into_libc_with_busy_threads_never_kills_the_target() -
         })()
         .with_context(|| format!("cycle {cycle}"))?;
     }
-    eprintln!("{cycles} cycles: at most {most_retired} retired region(s) at a time");
+    eprintln!(
+        "{cycles} cycles: {kept_at_unpatch} unpatch(es) kept the region retired, at most \
+         {most_retired} retired region(s) at a time"
+    );
     // Reclaimed as soon as proven unreferenced: they do not accumulate.
     ensure!(
         most_retired <= 3,
