@@ -36,6 +36,9 @@ use crate::{Error, Options};
 
 /// Most bytes scanned in one stop: reading them costs about 1 ms per 4 MiB here.
 pub const SCAN_LIMIT: u64 = 32 << 20;
+/// Most bytes of `/proc/PID/pagemap` read per scan (8 bytes a page: 8 GiB of mappings);
+/// a process with larger mappings (huge reservations) keeps its retired regions.
+const PAGEMAP_LIMIT: u64 = 16 << 20;
 /// Most file descriptors whose fdinfo is read in the stop (epoll registrations).
 const FD_LIMIT: usize = 256;
 /// Margin around a region: a pointer just past its end (or before its start) counts.
@@ -127,7 +130,7 @@ fn spans(pid: Pid, maps: &[MapEntry], regions: &[&RegionHeader]) -> Option<Vec<S
     use std::os::unix::fs::FileExt;
     let pagemap = std::fs::File::open(format!("/proc/{}/pagemap", pid.0)).ok()?;
     let mut out = Vec::new();
-    let mut total = 0u64;
+    let (mut total, mut pm_total) = (0u64, 0u64);
     for m in maps {
         // The kernel's own pages (vdso, vvar, vsyscall) hold no pointer of the program.
         if m.path.starts_with('[')
@@ -138,6 +141,14 @@ fn spans(pid: Pid, maps: &[MapEntry], regions: &[&RegionHeader]) -> Option<Vec<S
             continue;
         }
         let pages = ((m.end - m.start) / PAGE) as usize;
+        pm_total += pages as u64 * 8;
+        if pm_total > PAGEMAP_LIMIT {
+            tracing::debug!(
+                pm_total,
+                "mappings too large to scan for reclaiming regions"
+            );
+            return None;
+        }
         let mut pm = vec![0u8; pages * 8];
         pagemap.read_exact_at(&mut pm, m.start / PAGE * 8).ok()?;
         let anon = m.inode == 0;
