@@ -373,16 +373,21 @@ fn scan_handlers(
         }
         i != 0 || v == page
     });
-    let mapped = matches!(results.first(), Some(Ok(_)));
+    // Where the page was mapped (a kernel without MAP_FIXED_NOREPLACE may put it
+    // elsewhere: the sequence then stops at once).
+    let mapped = match results.first() {
+        Some(Ok(at)) => Some(*at),
+        _ => None,
+    };
     let mut unmapped = results.len() == calls.len() && results.last().is_some_and(|r| r.is_ok());
-    if mapped && !unmapped {
+    if let (Some(at), false) = (mapped, unmapped) {
         // The sequence stopped half way: the page goes on its own.
-        let munmap = [page, PAGE, 0, 0, 0, 0];
+        let munmap = [at, PAGE, 0, 0, 0, 0];
         unmapped = stub
             .syscall(threads, mem, "munmap", SYS_MUNMAP, munmap)
             .is_ok();
     }
-    if unmapped || !mapped {
+    if unmapped || mapped.is_none() {
         let _ = mark.clear(mem);
     }
     // Every rt_sigaction must have answered; any failure leaves the regions kept.
