@@ -124,9 +124,81 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
-/// The memory a pointer into a region can be in now; `None` when some cannot be read
-/// (a present page the program made unreadable) or there is too much of it.
-fn spans(pid: Pid, maps: &[MapEntry], regions: &[&RegionHeader]) -> Option<Vec<Span>> {
+/// The red zone below a thread's stack pointer, which a leaf function may use.
+const RED_ZONE: u64 = 128;
+/// glibc's malloc arenas start at multiples of this (`HEAP_MAX_SIZE`).
+const ARENA_ALIGN: u64 = 64 << 20;
+
+/// The dead parts of the threads' own stacks: below the lowest stack pointer (and its
+/// red zone) in each stack, whole pages only. Stale words there (return addresses,
+/// arguments of calls long returned) would keep regions for nothing. A mapping counts
+/// as a thread's own stack only when it is `[stack]`, or an anonymous mapping right
+/// above a guard page (`---p`), not at a malloc arena's alignment, holding the
+/// thread's stack pointer and, when known (`Some`), its thread control block: how
+/// glibc lays out a thread's stack. Anything else a stack pointer lies in (a
+/// coroutine's stack in a pool, a stack the program carved from the heap) is scanned
+/// whole. `threads`: each thread's stack pointer and `fs_base`.
+fn dead_stacks(maps: &[MapEntry], threads: &[(u64, Option<u64>)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
+        let guarded = i > 0 && {
+            let g = &maps[i - 1];
+            g.end == m.start && !g.read && !g.write && !g.exec && g.is_anonymous()
+        };
+        let own =
+            m.path == "[stack]" || (m.is_anonymous() && guarded && m.start % ARENA_ALIGN != 0);
+        if !own {
+            continue;
+        }
+        let lowest = threads
+            .iter()
+            .filter(|(sp, fs)| {
+                (m.start..m.end).contains(sp)
+                    && (m.path == "[stack]" || fs.is_none_or(|f| (m.start..m.end).contains(&f)))
+            })
+            .map(|(sp, _)| *sp)
+            .min();
+        if let Some(sp) = lowest {
+            let end = sp.saturating_sub(RED_ZONE) & !(PAGE - 1);
+            if end > m.start {
+                out.push((m.start, end));
+            }
+        }
+    }
+    out
+}
+
+/// The stack pointers of the threads of `pid` blocked now, from
+/// `/proc/PID/task/TID/syscall` (a running thread has none to give), for the scan made
+/// while the target runs (which only decides whether a stop is worth making).
+fn blocked_stack_pointers(pid: Pid) -> Vec<(u64, Option<u64>)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", pid.0)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in dir.flatten() {
+        let Ok(line) = std::fs::read_to_string(t.path().join("syscall")) else {
+            continue;
+        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 3 && f[0] != "running" {
+            if let Ok(sp) = u64::from_str_radix(f[f.len() - 2].trim_start_matches("0x"), 16) {
+                out.push((sp, None));
+            }
+        }
+    }
+    out
+}
+
+/// The memory a pointer into a region can be in now, but for `dead` (see
+/// [`dead_stacks`]); `None` when some cannot be read (a present page the program made
+/// unreadable) or there is too much of it.
+fn spans(
+    pid: Pid,
+    maps: &[MapEntry],
+    regions: &[&RegionHeader],
+    dead: &[(u64, u64)],
+) -> Option<Vec<Span>> {
     use std::os::unix::fs::FileExt;
     let pagemap = std::fs::File::open(format!("/proc/{}/pagemap", pid.0)).ok()?;
     let mut out = Vec::new();
@@ -170,8 +242,9 @@ fn spans(pid: Pid, maps: &[MapEntry], regions: &[&RegionHeader]) -> Option<Vec<S
             let at = m.start + i as u64 * PAGE;
             // A page never touched holds zeros or the file's bytes; a file page of a
             // mapping the program cannot write holds what the file holds.
-            let wanted =
-                e & (PM_PRESENT | PM_SWAPPED) != 0 && (m.write || anon || e & PM_FILE == 0);
+            let wanted = e & (PM_PRESENT | PM_SWAPPED) != 0
+                && (m.write || anon || e & PM_FILE == 0)
+                && !dead.iter().any(|&(a, b)| (a..b).contains(&at));
             if !wanted {
                 flush(&mut run, &mut out);
                 continue;
@@ -442,7 +515,8 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
     // pointer guard needs a thread's registers: mangled pointers are seen in the stop).
     let t0 = Targets::new(&retired, None);
     let mut refs = Refs::new();
-    let Some(sp) = spans(pid, &maps, &retired) else {
+    let dead = dead_stacks(&maps, &blocked_stack_pointers(pid));
+    let Some(sp) = spans(pid, &maps, &retired, &dead) else {
         keep_all(&mut out);
         return Ok(out);
     };
@@ -463,13 +537,16 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
         let fs_base = tids.first().and_then(|t| threads.regs(*t).ok())?.fs_base;
         let t = Targets::new(&retired, pointer_guard(&mem, fs_base));
         let mut refs = Refs::new();
+        let mut stacks = Vec::new();
         for tid in tids {
             if !scan_registers(&threads, tid, &t, &mut refs) {
                 return None;
             }
+            let r = threads.regs(tid).ok()?;
+            stacks.push((r.rsp, Some(r.fs_base)));
         }
         let maps = read_maps(pid).ok()?;
-        let sp = spans(pid, &maps, &retired)?;
+        let sp = spans(pid, &maps, &retired, &dead_stacks(&maps, &stacks))?;
         if !scan_memory(&mem, &t, &sp, &mut refs) || !scan_kernel(pid, &t, &mut refs) {
             return None;
         }
@@ -519,6 +596,45 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(start: u64, end: u64, perms: &str, path: &str) -> MapEntry {
+        let b = perms.as_bytes();
+        MapEntry {
+            start,
+            end,
+            read: b[0] == b'r',
+            write: b[1] == b'w',
+            exec: b[2] == b'x',
+            offset: 0,
+            dev: "00:00".into(),
+            inode: 0,
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_threads_own_stack_below_its_stack_pointer_is_dead() {
+        let maps = vec![
+            map(0x7000_0000, 0x7000_1000, "---p", ""),
+            // A glibc thread stack: guard below, TCB at the top.
+            map(0x7000_1000, 0x7080_1000, "rw-p", ""),
+            // A pool of coroutine stacks: no guard right below.
+            map(0x7100_0000, 0x7200_0000, "rw-p", ""),
+            map(0x7ff0_0000, 0x7ff2_1000, "rw-p", "[stack]"),
+        ];
+        let threads = [
+            (0x7070_0123, Some(0x7080_0700)),
+            (0x7180_0000, Some(0x7080_0700)),
+            (0x7ff1_0010, Some(0x1234)),
+        ];
+        assert_eq!(
+            dead_stacks(&maps, &threads),
+            vec![(0x7000_1000, 0x7070_0000), (0x7ff0_0000, 0x7ff0_f000)]
+        );
+        // A stack pointer whose thread control block lies elsewhere: not its stack.
+        let elsewhere = [(0x7070_0123, Some(0x9999_0000))];
+        assert!(dead_stacks(&maps, &elsewhere).is_empty());
+    }
 
     #[test]
     fn a_region_referenced_only_from_a_region_kept_is_kept_too() {
