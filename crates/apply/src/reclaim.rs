@@ -102,13 +102,6 @@ impl Targets {
             }
         }
     }
-
-    /// Scans `bytes` word by word.
-    fn scan(&self, bytes: &[u8], out: &mut impl FnMut(usize)) {
-        for c in bytes.chunks_exact(8) {
-            self.word(u64::from_le_bytes(c.try_into().unwrap_or_default()), out);
-        }
-    }
 }
 
 /// One range of memory to scan, and the retired region it lies in (its own words
@@ -190,6 +183,29 @@ fn blocked_stack_pointers(pid: Pid) -> Vec<(u64, Option<u64>)> {
     out
 }
 
+/// Where to read `/proc` files of the process's memory and descriptors: `/proc/PID`,
+/// or a live thread's `/proc/PID/task/TID` once the main thread has exited (a zombie
+/// main thread has no memory or descriptors to show).
+fn proc_dir(pid: Pid) -> String {
+    let main = format!("/proc/{}", pid.0);
+    let zombie = |dir: &str| {
+        std::fs::read_to_string(format!("{dir}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with(['Z', 'X'])))
+            .unwrap_or(true)
+    };
+    if !zombie(&main) {
+        return main;
+    }
+    std::fs::read_dir(format!("{main}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| format!("{main}/task/{}", e.file_name().to_string_lossy()))
+        .find(|t| !zombie(t))
+        .unwrap_or(main)
+}
+
 /// The memory a pointer into a region can be in now, but for `dead` (see
 /// [`dead_stacks`]); `None` when some cannot be read (a present page the program made
 /// unreadable) or there is too much of it.
@@ -200,7 +216,7 @@ fn spans(
     dead: &[(u64, u64)],
 ) -> Option<Vec<Span>> {
     use std::os::unix::fs::FileExt;
-    let pagemap = std::fs::File::open(format!("/proc/{}/pagemap", pid.0)).ok()?;
+    let pagemap = std::fs::File::open(format!("{}/pagemap", proc_dir(pid))).ok()?;
     let mut out = Vec::new();
     let (mut total, mut pm_total) = (0u64, 0u64);
     for m in maps {
@@ -281,11 +297,17 @@ fn scan_memory(mem: &RemoteMemory, t: &Targets, spans: &[Span], refs: &mut Refs)
         let Some(bytes) = bytes else {
             return false;
         };
-        t.scan(&bytes, &mut |i| {
-            if s.inside != Some(i) {
-                refs.insert((s.inside, i));
-            }
-        });
+        for (k, c) in bytes.chunks_exact(8).enumerate() {
+            t.word(
+                u64::from_le_bytes(c.try_into().unwrap_or_default()),
+                &mut |i| {
+                    if s.inside != Some(i) && refs.insert((s.inside, i)) {
+                        let at = s.addr + 8 * k as u64;
+                        tracing::debug!("a word at {at:#x} points into retired region {i}");
+                    }
+                },
+            );
+        }
     }
     true
 }
@@ -294,7 +316,7 @@ fn scan_memory(mem: &RemoteMemory, t: &Targets, spans: &[Span], refs: &mut Refs)
 /// False when they could not all be read.
 fn scan_kernel(pid: Pid, t: &Targets, refs: &mut Refs) -> bool {
     let mut words = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fdinfo", pid.0)) else {
+    let Ok(dir) = std::fs::read_dir(format!("{}/fdinfo", proc_dir(pid))) else {
         return false;
     };
     let fds: Vec<_> = dir.flatten().collect();
@@ -335,7 +357,9 @@ fn scan_registers(threads: &ThreadSet, tid: Tid, t: &Targets, refs: &mut Refs) -
         return false;
     };
     let mut add = |i| {
-        refs.insert((None, i));
+        if refs.insert((None, i)) {
+            tracing::debug!(tid = tid.0, "a register points into retired region {i}");
+        }
     };
     for v in [
         r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
