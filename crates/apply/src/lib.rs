@@ -12,7 +12,9 @@
 //! until the timeout.
 //! All state lives in the target (a header at the start of each region), so `info` and
 //! `unpatch` need nothing on the host. Every failure before the jumps leaves nothing
-//! behind but an unmapped region, and every thread is detached on every path.
+//! behind but an unmapped region, and every thread is detached on every path. Unpatch
+//! restores the code but keeps the region mapped, retired, until [`reclaim`] proves
+//! nothing in the process points into it any more.
 //!
 //! Crash consistency: livecare may be killed at any instant without harming the
 //! target. Nothing it leaves behind can trap (no breakpoints; the return trampoline
