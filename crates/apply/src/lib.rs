@@ -12,7 +12,9 @@
 //! until the timeout.
 //! All state lives in the target (a header at the start of each region), so `info` and
 //! `unpatch` need nothing on the host. Every failure before the jumps leaves nothing
-//! behind but an unmapped region, and every thread is detached on every path.
+//! behind but an unmapped region, and every thread is detached on every path. Unpatch
+//! restores the code but keeps the region mapped, retired, until [`reclaim`] proves
+//! nothing in the process points into it any more.
 //!
 //! Crash consistency: livecare may be killed at any instant without harming the
 //! target. Nothing it leaves behind can trap (no breakpoints; the return trampoline
@@ -29,6 +31,7 @@ pub mod fault;
 mod ifunc;
 mod lock;
 mod prepare;
+mod reclaim;
 mod region;
 mod repair;
 mod rsyscall;
@@ -52,7 +55,10 @@ pub use container::{
 pub use error::Error;
 pub use lock::{start_time, TargetLock};
 use prepare::{ObjectView, PatchElf};
-pub use region::{find_regions, CallSite, Hunk, RegionHeader, RegionState};
+pub use reclaim::{reclaim, Reclaimed};
+pub use region::{
+    find_regions, leftovers, CallSite, Hunk, Leftover, Mark, RegionHeader, RegionState,
+};
 pub use repair::{check as check_regions, repair, RegionCheck, RepairReport, Repaired, Verdict};
 use safety::Busy;
 pub use trust::check_trusted;
@@ -124,6 +130,11 @@ pub struct UnpatchReport {
     pub build_id: String,
     /// Patch id.
     pub patch_id: String,
+    /// Region address.
+    pub region: u64,
+    /// The region stays mapped, inactive (see [`RegionState::Retired`]): something
+    /// may still point into it. False once it is unmapped.
+    pub retired: bool,
     /// Restored functions.
     pub hunks: usize,
     /// Pause in µs.
@@ -157,6 +168,11 @@ pub struct ProcessInfo {
     /// Regions not cleanly applied: interrupted commits or removals, and leftovers
     /// (see `repair`). Empty when every patch is fully in or fully out.
     pub incomplete: Vec<RegionCheck>,
+    /// Removed patches whose regions stay mapped, inactive, because the process may
+    /// still use them (see [`RegionState::Retired`]); oldest first.
+    pub retired: Vec<RegionHeader>,
+    /// What interrupted livecares left outside any region header (see `repair`).
+    pub leftovers: Vec<Leftover>,
 }
 
 /// Reads the patch state of `pid` (no ptrace needed, only /proc access).
@@ -169,6 +185,12 @@ pub fn info(pid: Pid) -> Result<ProcessInfo, Error> {
         comm: pid.comm(),
         objects: Vec::new(),
         incomplete: repair::check(pid, false)?,
+        retired: regions
+            .iter()
+            .filter(|r| r.state == RegionState::Retired)
+            .cloned()
+            .collect(),
+        leftovers: leftovers(pid)?,
     };
     for o in objects {
         let Some(bid) = o.build_id.clone() else {
@@ -292,12 +314,30 @@ pub fn apply_to_objects(
     }
     // Held until we return: no other livecare works on this process meanwhile.
     let _lock = TargetLock::acquire(pid)?;
-    on_tracer_thread(pid, opts, |fence| {
+    let res = on_tracer_thread(pid, opts, |fence| {
         let mut threads = seize(pid, opts, fence, "patch")?;
         let done = apply_with_objects(&mut threads, patches, &objects, opts)?;
         fault::point("before-detach");
         threads.detach_all()?;
         Ok(done)
+    });
+    if res.is_err() {
+        // Patches rolled back in this call are retired: unmapped now if nothing
+        // points into them, so a failed patch leaves nothing behind if it can.
+        reclaim_quietly(pid, opts);
+    }
+    res
+}
+
+/// [`reclaim`], whose failure only means the retired regions stay (they are listed
+/// by `info`): it never fails the command that made them.
+fn reclaim_quietly(pid: Pid, opts: &Options) -> Reclaimed {
+    if opts.hold {
+        return Reclaimed::default();
+    }
+    reclaim(pid, opts).unwrap_or_else(|e| {
+        tracing::debug!("reclaiming retired regions: {e}");
+        Reclaimed::default()
     })
 }
 
@@ -458,6 +498,8 @@ fn apply_one(
     let maps = read_maps(pid)?;
     let regions = region::find_regions_in(&mem, &maps);
     refuse_if_interrupted_in(pid, &regions)?;
+    // Above every region's, retired ones included: the order stays total.
+    let last_seq = regions.iter().map(|r| r.seq).max().unwrap_or(0);
     let existing: Vec<RegionHeader> = regions
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
@@ -549,6 +591,14 @@ fn apply_one(
     })?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let stub = rsyscall::Stub::find(threads, &mem, &maps)?;
+    // Named before it exists: a livecare killed between the mmap and the header's
+    // write leaves a mapping `info` can tell from the target's own.
+    let mark = region::Mark::place(&mem, &maps, stub.site(), base, lay.size);
+    let unmark = || {
+        if let Some(m) = &mark {
+            let _ = m.clear(&mem);
+        }
+    };
     // The mapping and the protection of its code part in one pass of one thread
     // through the stub (the mprotect only once the mapping is where it was asked):
     // the body and the header are written through /proc/PID/mem, which ignores
@@ -568,7 +618,13 @@ fn apply_one(
                 [base, lay.exec_len, PROT_RX, 0, 0, 0],
             ),
         ],
-        &|_, v| v == base,
+        &|i, v| {
+            if i == 0 {
+                // Killed here: a mapping with no header and a stub in the padding.
+                fault::point("in-mmap-stub");
+            }
+            v == base
+        },
     );
     let mut results = results.into_iter();
     match results.next() {
@@ -577,17 +633,23 @@ fn apply_one(
             // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
             let munmap = [got, lay.size, 0, 0, 0, 0];
             let _ = stub.syscall(threads, &mem, "munmap", SYS_MUNMAP, munmap);
+            unmark();
             return Err(Error::NoHole {
                 object: target.path.clone(),
                 size: lay.size,
             });
         }
-        Some(Err(e)) => return Err(e),
+        Some(Err(e)) => {
+            unmark();
+            return Err(e);
+        }
         None => {
+            // Whether the mmap ran is unknown: the mark stays for `repair`, which
+            // unmaps the mapping only if it is one livecare made.
             return Err(ran.err().unwrap_or(Error::NoHole {
                 object: target.path.clone(),
                 size: lay.size,
-            }))
+            }));
         }
     }
     let protected = match (results.next(), ran) {
@@ -616,12 +678,14 @@ fn apply_one(
         state: RegionState::Prepared,
         hunks: Vec::new(),
     };
-    let _ = mem.write(base, &header_stub.encode());
+    if mem.write(base, &header_stub.encode()).is_ok() {
+        unmark();
+    }
     fault::point("after-mmap");
     let result = protected.and_then(|_| {
         fill_and_commit(
-            threads, &mem, &maps, patch, target, &view, &elf, &lay, base, &existing, objects,
-            &sites, opts,
+            threads, &mem, &maps, patch, target, &view, &elf, &lay, base, &existing, last_seq,
+            objects, &sites, opts,
         )
     });
     if result.is_err() {
@@ -657,6 +721,7 @@ fn fill_and_commit(
     lay: &prepare::Layout,
     base: u64,
     existing: &[RegionHeader],
+    last_seq: u64,
     objects: &[LoadedObject],
     sites: &callsites::Plan,
     opts: &Options,
@@ -730,7 +795,7 @@ fn fill_and_commit(
     let mut header = RegionHeader {
         addr: base,
         total_len: lay.size,
-        seq: existing.iter().map(|r| r.seq).max().unwrap_or(0) + 1,
+        seq: last_seq + 1,
         build_id: patch.build_id.clone(),
         patch_id: if patch.patch_id.is_empty() {
             format!("{:016x}", patch.hash)
@@ -785,30 +850,6 @@ fn fill_and_commit(
         opts,
     )?;
     Ok((hunks, pause, attempts))
-}
-
-/// How long the unpatch waits after its commit before borrowing a thread for the
-/// munmap, at most (a resumed thread is usually running again within tens of µs).
-const LET_RESUMED_RUN: Duration = Duration::from_micros(500);
-
-/// Waits until the thread the munmap borrows (usually the main thread: see
-/// `ThreadSet::next_borrow`) has run since the commit resumed it, or for
-/// [`LET_RESUMED_RUN`]: a stop that came before it ran would join the commit's pause
-/// into one long gap. A thread that is blocked again has run to get there, and that is
-/// how most servers' main threads are found (`-p all` sleeping 500 µs per process cost
-/// about a third of `unpatch -p all`); one that is runnable may not have run yet.
-fn let_resumed_run(threads: &ThreadSet) {
-    let Some(tid) = threads.next_borrow() else {
-        return;
-    };
-    tracing::debug!(tid = tid.0, "letting the thread to borrow run first");
-    let start = Instant::now();
-    while start.elapsed() < LET_RESUMED_RUN {
-        match threads.pid().task_state(tid) {
-            Some('R') => std::thread::sleep(Duration::from_micros(20)),
-            _ => return,
-        }
-    }
 }
 
 /// How long one busy thread may run alone towards its return address before every
@@ -1256,17 +1297,25 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
     }
     chosen.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let addrs: Vec<u64> = chosen.iter().map(|r| r.addr).collect();
-    on_tracer_thread(pid, opts, |fence| {
+    let mut out = on_tracer_thread(pid, opts, |fence| {
         let mut threads = seize(pid, opts, fence, "unpatch")?;
         let out = unpatch_regions(&mut threads, &addrs, opts)?;
         fault::point("before-detach");
         threads.detach_all()?;
         Ok(out)
-    })
+    })?;
+    // The regions just retired, and any retired before, go once nothing points
+    // into them (after the tracer thread's exit: fenced threads are free again).
+    let gone = reclaim_quietly(pid, opts).unmapped;
+    for r in &mut out {
+        r.retired = !gone.contains(&r.region);
+    }
+    Ok(out)
 }
 
 /// Removes the regions at `addrs` (newest first) in one stop: every restore of every
-/// region is written, or none is; then the regions are unmapped.
+/// region is written, or none is. The regions are retired, not unmapped: a thread may
+/// still use their data (see [`reclaim`]).
 fn unpatch_regions(
     threads: &mut ThreadSet,
     addrs: &[u64],
@@ -1306,9 +1355,9 @@ fn unpatch_regions(
                 },
             );
         }
-        // Marked inactive together with the restore, unmapped once no thread can be
-        // inside (the safety check covered the whole region's code).
-        journal.push((r.addr, RegionState::Prepared));
+        // Marked inactive together with the restore; kept mapped, since a thread may
+        // still use its data with no frame of it on the stack (see `reclaim`).
+        journal.push((r.addr, RegionState::Retired));
         chosen.push(r);
     }
     if chosen.is_empty() {
@@ -1325,29 +1374,18 @@ fn unpatch_regions(
         "unpatch",
         opts,
     )?;
-    // Before the munmap below, whose borrowed thread is a stop of its own.
     let window = threads.watch.last_window_ns.unwrap_or_default();
     let fenced = threads.watch.last_fenced;
+    // Where the region used to be unmapped; now before the reclaim.
     fault::point("before-munmap");
-    if !opts.hold {
-        // The thread the munmap borrows may be one the commit has just resumed: let it
-        // get its CPU first, or its stop would run on into the borrow as one long gap.
-        let_resumed_run(threads);
-    }
-    for r in &chosen {
-        rsyscall::syscall(
-            threads,
-            "munmap",
-            SYS_MUNMAP,
-            [r.addr, r.total_len, 0, 0, 0, 0],
-        )?;
-    }
     Ok(chosen
         .iter()
         .map(|r| UnpatchReport {
             pid: pid.0,
             build_id: r.build_id.clone(),
             patch_id: r.patch_id.clone(),
+            region: r.addr,
+            retired: true,
             hunks: r.hunks.len(),
             pause_us: pause.as_micros() as u64,
             pause_window_ns: window,

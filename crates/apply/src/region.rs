@@ -94,6 +94,11 @@ pub enum RegionState {
     Committing,
     /// Restore writes begun, not finished (some hunks may still jump here).
     Removing,
+    /// Removed: nothing jumps here any more, but the process may still hold pointers
+    /// into it (a thread inside a libc call the patch tail-called with its data, a
+    /// callback the patch stored), so it stays mapped until proven unreferenced
+    /// (see `reclaim`). A clean state, not an interrupted one.
+    Retired,
 }
 
 impl RegionState {
@@ -104,6 +109,7 @@ impl RegionState {
             RegionState::Applied => 1,
             RegionState::Committing => 2,
             RegionState::Removing => 3,
+            RegionState::Retired => 4,
         }
     }
 
@@ -114,6 +120,7 @@ impl RegionState {
             0 => RegionState::Prepared,
             1 => RegionState::Applied,
             3 => RegionState::Removing,
+            4 => RegionState::Retired,
             _ => RegionState::Committing,
         }
     }
@@ -325,6 +332,158 @@ impl RegionHeader {
     }
 }
 
+/// Magic of a [`Mark`].
+pub const MARK_MAGIC: &[u8; 16] = b"LVCARE-REGION-MK";
+
+/// A record livecare writes into a padding window of the target's code (where the
+/// remote-syscall stub goes, see `rsyscall`) before it maps a region, and clears once
+/// the region's header is written: a livecare killed in between leaves a mapping that
+/// has no header yet, and the mark names it, so the region is recognisable from the
+/// moment it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Mark {
+    /// Address of the window holding the mark.
+    pub at: u64,
+    /// The region's address.
+    pub base: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+impl Mark {
+    /// The mark held by the window `w` at `at`, if it is one.
+    pub(crate) fn decode(at: u64, w: &[u8]) -> Option<Mark> {
+        (w.len() as u64 == crate::rsyscall::WINDOW
+            && w[..16] == MARK_MAGIC[..]
+            && w[32..].iter().all(|&b| b == 0))
+        .then(|| Mark {
+            at,
+            base: rd64(w, 16),
+            len: rd64(w, 24),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = vec![0u8; crate::rsyscall::WINDOW as usize];
+        w[..16].copy_from_slice(MARK_MAGIC);
+        w[16..24].copy_from_slice(&self.base.to_le_bytes());
+        w[24..32].copy_from_slice(&self.len.to_le_bytes());
+        w
+    }
+
+    /// Writes a mark for the region `base..base + len` into a free padding window
+    /// other than `avoid` (the stub's); `None` when there is none (the region is then
+    /// mapped unmarked, as before marks existed).
+    pub(crate) fn place(
+        mem: &RemoteMemory,
+        maps: &[MapEntry],
+        avoid: u64,
+        base: u64,
+        len: u64,
+    ) -> Option<Mark> {
+        let at = crate::rsyscall::padding_windows(mem, maps, false)
+            .ok()?
+            .into_iter()
+            .find(|w| w.1 == crate::rsyscall::Window::Free && w.0 != avoid)?
+            .0;
+        let m = Mark { at, base, len };
+        mem.write(at, &m.encode()).ok()?;
+        Some(m)
+    }
+
+    /// Puts the padding back, if the window still holds this mark.
+    pub(crate) fn clear(&self, mem: &RemoteMemory) -> Result<(), Error> {
+        let w = mem.read_vec(self.at, crate::rsyscall::WINDOW as usize)?;
+        if Mark::decode(self.at, &w) == Some(*self) {
+            mem.write(self.at, &vec![0u8; w.len()])?;
+        }
+        Ok(())
+    }
+}
+
+/// What an interrupted livecare can leave outside any region header; `info` lists
+/// them and `repair` removes them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Leftover {
+    /// A region's mapping whose header was never written (named by a mark).
+    Mapping {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// The mark's window.
+        mark: u64,
+    },
+    /// A mark whose region is gone or has its header.
+    Mark {
+        /// The mark's window.
+        at: u64,
+    },
+    /// A remote-syscall stub in code padding (left by a killed livecare, or in use by
+    /// one running now).
+    Stub {
+        /// Its window.
+        at: u64,
+    },
+}
+
+/// The leftovers of interrupted livecares in `pid` (see [`Leftover`]).
+pub fn leftovers(pid: Pid) -> Result<Vec<Leftover>, Error> {
+    Ok(leftovers_in(&RemoteMemory::open(pid)?, &read_maps(pid)?))
+}
+
+/// [`leftovers`] with the target's memory open and its maps read.
+pub(crate) fn leftovers_in(mem: &RemoteMemory, maps: &[MapEntry]) -> Vec<Leftover> {
+    use crate::rsyscall::Window;
+    let mut out = Vec::new();
+    for (at, kind) in crate::rsyscall::padding_windows(mem, maps, false).unwrap_or_default() {
+        match kind {
+            Window::Free => {}
+            Window::Stub => out.push(Leftover::Stub { at }),
+            Window::Mark => {
+                let Some(m) = mem
+                    .read_vec(at, crate::rsyscall::WINDOW as usize)
+                    .ok()
+                    .and_then(|w| Mark::decode(at, &w))
+                else {
+                    continue;
+                };
+                out.push(match unmarked_mapping(mem, maps, &m) {
+                    true => Leftover::Mapping {
+                        addr: m.base,
+                        len: m.len,
+                        mark: at,
+                    },
+                    false => Leftover::Mark { at },
+                });
+            }
+        }
+    }
+    out
+}
+
+/// True when `m.base..m.base + m.len` is mapped exactly by anonymous mappings of its
+/// own (as livecare maps a region) that carry no region header: the mapping the mark
+/// was written for, before its header. Anything else there is not touched.
+fn unmarked_mapping(mem: &RemoteMemory, maps: &[MapEntry], m: &Mark) -> bool {
+    let end = m.base.saturating_add(m.len);
+    let over: Vec<&MapEntry> = maps
+        .iter()
+        .filter(|e| e.start < end && e.end > m.base)
+        .collect();
+    let mut at = m.base;
+    for e in &over {
+        if e.start != at || e.end > end || !e.is_anonymous() {
+            return false;
+        }
+        at = e.end;
+    }
+    at == end
+        && !over.is_empty()
+        && mem.read_vec(m.base, REGION_MAGIC.len()).ok().as_deref() != Some(&REGION_MAGIC[..])
+}
+
 /// Every patch region in `pid`, by scanning anonymous mappings for the magic; in
 /// application order.
 pub fn find_regions(pid: Pid) -> Result<Vec<RegionHeader>, Error> {
@@ -367,12 +526,14 @@ mod tests {
             RegionState::Applied,
             RegionState::Committing,
             RegionState::Removing,
+            RegionState::Retired,
         ] {
             assert_eq!(RegionState::from_word(st.word()), st);
         }
         assert_eq!(RegionState::from_word(77), RegionState::Committing);
         assert!(RegionState::from_word(77).is_incomplete());
         assert!(!RegionState::Prepared.is_incomplete());
+        assert!(!RegionState::Retired.is_incomplete());
     }
 
     #[test]

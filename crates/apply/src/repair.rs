@@ -2,19 +2,24 @@
 //!
 //! The region header's state word is the journal (see [`crate::RegionState`]): a
 //! region left `Committing` or `Removing` had its code writes cut short, and one left
-//! `Prepared` was never committed (or was unpatched but not yet unmapped). [`check`]
+//! `Prepared` was never committed. [`check`]
 //! reads every such region and the live bytes of each of its code writes (function
 //! entry jumps, retargeted call sites) and says what [`repair`] would do; [`repair`]
 //! does it in a stop like a normal commit: it completes a commit whose writes all
 //! landed, rolls back any other, finishes an interrupted removal, and unmaps leftover
-//! regions once no thread can execute there. Live bytes matching neither side are
-//! left alone and reported.
+//! regions once no thread can execute there. A region whose new code may have run
+//! (a removal, a rollback of jumps that were live) is retired, not unmapped, as
+//! unpatch does (see [`crate::reclaim`]). Live bytes matching neither side are left
+//! alone and reported.
+
+use std::time::{Duration, Instant};
 
 use livecare_process::arch::x86_64::SYS_MUNMAP;
 use livecare_process::{loaded_objects, read_maps, Pid, RemoteMemory, ThreadSet};
 
 use crate::arch::{Native, PatchArch};
-use crate::region::{find_regions, RegionHeader, RegionState};
+use crate::region::{find_regions, leftovers_in, Leftover, Mark, RegionHeader, RegionState};
+use crate::rsyscall::{padding_windows, Window};
 use crate::safety::{self, Busy};
 use crate::{callsites, Error, Options};
 
@@ -24,9 +29,10 @@ use crate::{callsites, Error, Options};
 pub enum Verdict {
     /// Interrupted commit whose code writes all landed: mark it applied.
     Complete,
-    /// Interrupted commit: undo the writes that landed, unmap the region.
+    /// Interrupted commit: undo the writes that landed; unmap the region if none had,
+    /// retire it otherwise.
     RollBack,
-    /// Interrupted unpatch: undo the writes still live, unmap the region.
+    /// Interrupted unpatch: undo the writes still live, retire the region.
     FinishRemoval,
     /// Never committed or already removed: nothing jumps there; unmap it.
     Unmap,
@@ -79,6 +85,39 @@ pub struct Repaired {
     pub redirects_undone: usize,
     /// One entry per region acted on (or found stuck).
     pub regions: Vec<RepairReport>,
+    /// Leftovers outside any region header removed: mappings with no header yet
+    /// unmapped, marks and stubs cleared from the code padding.
+    pub leftovers_removed: Vec<Leftover>,
+}
+
+/// How long `repair` waits for threads to leave remote-syscall stubs a killed
+/// livecare left them in (each returns on its own within about a second).
+const STUB_WAIT: Duration = Duration::from_secs(5);
+
+/// Stops every thread with none inside a stub: a thread a killed livecare left in one
+/// finishes it on its own, so it is let run until it has (up to [`STUB_WAIT`]).
+fn stop_outside_stubs(threads: &mut ThreadSet, mem: &RemoteMemory) -> Result<(), Error> {
+    let stubs: Vec<u64> = padding_windows(mem, &read_maps(threads.pid())?, false)?
+        .into_iter()
+        .filter(|w| w.1 == Window::Stub)
+        .map(|w| w.0)
+        .collect();
+    let deadline = Instant::now() + STUB_WAIT;
+    loop {
+        threads.interrupt_all()?;
+        let mut inside = false;
+        for t in threads.tids() {
+            let pc = threads.regs(t)?.rip;
+            inside |= stubs
+                .iter()
+                .any(|&s| (s..s + crate::rsyscall::WINDOW).contains(&pc));
+        }
+        if !inside || Instant::now() >= deadline {
+            return Ok(());
+        }
+        threads.resume_all()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The patch's code writes for region `r`: `(addr, new, old)`.
@@ -104,7 +143,7 @@ pub fn check(pid: Pid, rollback: bool) -> Result<Vec<RegionCheck>, Error> {
     let mem = RemoteMemory::open(pid)?;
     let mut out = Vec::new();
     for r in find_regions(pid)? {
-        if r.state == RegionState::Applied {
+        if matches!(r.state, RegionState::Applied | RegionState::Retired) {
             continue;
         }
         let writes = apply_writes(&r);
@@ -160,6 +199,47 @@ pub fn check(pid: Pid, rollback: bool) -> Result<Vec<RegionCheck>, Error> {
     Ok(out)
 }
 
+/// Unmaps the mappings livecares killed before their header left (nothing was ever
+/// written there, so nothing uses them), clears the marks, and reports the stubs the
+/// stop before cleared.
+fn remove_leftovers(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    stubs_before: Vec<Leftover>,
+    out: &mut Repaired,
+) -> Result<(), Error> {
+    let now = leftovers_in(mem, &read_maps(threads.pid())?);
+    // Stubs the stop cleared.
+    for l in stubs_before {
+        if !now.contains(&l) {
+            out.leftovers_removed.push(l);
+        }
+    }
+    for l in now {
+        match &l {
+            Leftover::Mapping { addr, len, mark } => {
+                crate::rsyscall::syscall(threads, "munmap", SYS_MUNMAP, [*addr, *len, 0, 0, 0, 0])?;
+                Mark {
+                    at: *mark,
+                    base: *addr,
+                    len: *len,
+                }
+                .clear(mem)?;
+            }
+            Leftover::Mark { at } => {
+                let w = mem.read_vec(*at, crate::rsyscall::WINDOW as usize)?;
+                if let Some(m) = Mark::decode(*at, &w) {
+                    m.clear(mem)?;
+                }
+            }
+            // Still there: a thread was in it when the stop cleared the others.
+            Leftover::Stub { .. } => continue,
+        }
+        out.leftovers_removed.push(l);
+    }
+    Ok(())
+}
+
 /// Brings every region of `pid` that is not cleanly applied to a clean state (see
 /// the module doc): seizes the process, undoes trampoline redirects left behind,
 /// then per region completes, rolls back, finishes the removal or unmaps, each in a
@@ -173,13 +253,18 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         pid: pid.0,
         redirects_undone: 0,
         regions: Vec::new(),
+        leftovers_removed: Vec::new(),
     };
     let all = find_regions(pid)?;
     let mut threads = ThreadSet::seize(pid).map_err(|e| crate::lock::explain_seize(pid, e))?;
     let mem = RemoteMemory::open(pid)?;
+    let stubs_before: Vec<Leftover> = leftovers_in(&mem, &read_maps(pid)?)
+        .into_iter()
+        .filter(|l| matches!(l, Leftover::Stub { .. }))
+        .collect();
     // A dead livecare may have left a thread due to return through a trampoline:
     // send it straight to its return address before any region can go away.
-    threads.interrupt_all()?;
+    stop_outside_stubs(&mut threads, &mem)?;
     let undone = (|| -> Result<usize, Error> {
         // Remote-syscall stubs left behind are cleared too (not counted: harmless).
         crate::rsyscall::clear_stale(&threads, &mem)?;
@@ -193,6 +278,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
     })();
     threads.resume_all()?;
     out.redirects_undone = undone?;
+    remove_leftovers(&mut threads, &mem, stubs_before, &mut out)?;
 
     let maps = read_maps(pid)?;
     let objects = loaded_objects(pid)?;
@@ -236,7 +322,14 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
                     range: h.saddr..h.saddr + h.slen as u64,
                     name: format!("{} (patched)", h.name),
                 }));
-                (w, busy, RegionState::Prepared)
+                // New code that ran may have left pointers into the region.
+                let used = c.verdict == Verdict::FinishRemoval || c.writes_live > 0;
+                let to = if used {
+                    RegionState::Retired
+                } else {
+                    RegionState::Prepared
+                };
+                (w, busy, to)
             }
             Verdict::Unmap => (Vec::new(), vec![region_busy], RegionState::Prepared),
         };
@@ -265,5 +358,11 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         out.regions.push(report);
     }
     threads.detach_all()?;
+    // Retired regions go too once nothing points into them.
+    if let Ok(r) = crate::reclaim(pid, opts) {
+        for rep in &mut out.regions {
+            rep.unmapped |= r.unmapped.contains(&rep.region);
+        }
+    }
     Ok(out)
 }

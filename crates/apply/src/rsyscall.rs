@@ -167,14 +167,28 @@ fn is_stub(w: &[u8]) -> bool {
             .any(|code| w[..at] == code[..at] && w[code.len()..].iter().all(|&x| x == 0))
 }
 
+/// What a padding window holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Window {
+    /// Zeros: free for a stub or a mark.
+    Free,
+    /// A stub (a dead livecare's, or one in use now).
+    Stub,
+    /// A region mark (see [`crate::region::Mark`]).
+    Mark,
+}
+
+/// Bytes of one padding window (a stub or a region mark).
+pub(crate) const WINDOW: u64 = NEED;
+
 /// The `NEED`-byte windows at the end of each file-backed executable mapping that
-/// are page padding (all zero) or stale stubs, from the end backwards, stopping at
-/// the first window holding anything else (code).
-fn padding_windows(
+/// are page padding (all zero), stubs or region marks, from the end backwards,
+/// stopping at the first window holding anything else (code).
+pub(crate) fn padding_windows(
     mem: &RemoteMemory,
     maps: &[MapEntry],
     first_free_only: bool,
-) -> Result<Vec<(u64, bool)>, Error> {
+) -> Result<Vec<(u64, Window)>, Error> {
     let mut out = Vec::new();
     for m in maps {
         if !m.exec || !m.path.starts_with('/') {
@@ -187,13 +201,15 @@ fn padding_windows(
         for w in page.rchunks_exact(NEED as usize) {
             let addr = m.end - len + (w.as_ptr() as usize - page.as_ptr() as usize) as u64;
             if w.iter().all(|&x| x == 0) {
-                out.push((addr, false));
+                out.push((addr, Window::Free));
                 if first_free_only {
                     // The stub's place: no need to read the other mappings' pages.
                     return Ok(out);
                 }
             } else if is_stub(w) {
-                out.push((addr, true));
+                out.push((addr, Window::Stub));
+            } else if crate::region::Mark::decode(addr, w).is_some() {
+                out.push((addr, Window::Mark));
             } else {
                 break;
             }
@@ -207,7 +223,7 @@ fn padding_windows(
 fn stub_site(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<u64, Error> {
     padding_windows(mem, maps, true)?
         .into_iter()
-        .find(|w| !w.1)
+        .find(|w| w.1 == Window::Free)
         .map(|w| w.0)
         .ok_or_else(|| {
             livecare_process::Error::RemoteSyscall {
@@ -246,6 +262,11 @@ pub struct Stub {
 pub type Call = (&'static str, u64, [u64; 6]);
 
 impl Stub {
+    /// The padding window the stub is written to.
+    pub fn site(&self) -> u64 {
+        self.site
+    }
+
     /// Finds the stub's place from `maps` (`/proc/PID/maps` of the target).
     pub fn find(threads: &ThreadSet, mem: &RemoteMemory, maps: &[MapEntry]) -> Result<Stub, Error> {
         Ok(Stub {
@@ -381,8 +402,8 @@ pub fn clear_stale(threads: &ThreadSet, mem: &RemoteMemory) -> Result<usize, Err
         pcs.push(threads.regs(t)?.rip);
     }
     let mut n = 0;
-    for (addr, stale) in padding_windows(mem, &read_maps(threads.pid())?, false)? {
-        if stale && !pcs.iter().any(|pc| (addr..addr + NEED).contains(pc)) {
+    for (addr, kind) in padding_windows(mem, &read_maps(threads.pid())?, false)? {
+        if kind == Window::Stub && !pcs.iter().any(|pc| (addr..addr + NEED).contains(pc)) {
             mem.write(addr, &[0u8; NEED as usize])?;
             n += 1;
         }

@@ -118,7 +118,8 @@ fn direct_calls_go_to_the_new_body_and_stacked_unpatch_restores_each_step() -> R
     ok(&lc(&["unpatch", "-p", &pid]))?;
     prog.drain();
     prog.wait_for("direct=2 pointer=2 twice=6 decoy=1", WAIT)?;
-    MemorySnapshot::take(prog.pid())?.assert_same(&first)?;
+    // Removed patches' regions may stay mapped, retired (listed by `info`).
+    MemorySnapshot::take(prog.pid())?.assert_same_except(&first, &retired_ranges(prog.pid())?)?;
 
     ok(&lc(&["unpatch", "-p", &pid]))?;
     prog.drain();
@@ -126,7 +127,8 @@ fn direct_calls_go_to_the_new_body_and_stacked_unpatch_restores_each_step() -> R
     for &site in &sites {
         assert_eq!(call_target(prog.pid(), site)?, value);
     }
-    MemorySnapshot::take(prog.pid())?.assert_same(&original)?;
+    MemorySnapshot::take(prog.pid())?
+        .assert_same_except(&original, &retired_ranges(prog.pid())?)?;
     assert!(prog.is_alive());
     assert_eq!(prog.proc_state()?.1, 0, "left traced");
     Ok(())

@@ -212,6 +212,103 @@ fn repair(t: &mut Running) -> Result<String> {
     Ok(out)
 }
 
+/// The lines of `/proc/PID/maps`: (start, end, the line).
+fn maps(pid: u32) -> Result<Vec<(u64, u64, String)>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let (range, _) = l.split_once(' ').context("maps line")?;
+        let (a, b) = range.split_once('-').context("maps range")?;
+        out.push((
+            u64::from_str_radix(a, 16)?,
+            u64::from_str_radix(b, 16)?,
+            l.to_string(),
+        ));
+    }
+    Ok(out)
+}
+
+/// An address range: start, end.
+type Range = (u64, u64);
+
+/// The address ranges `info` accounts for: every region (applied, incomplete or
+/// retired) and every leftover mapping; and the retired regions alone.
+fn reported(pid: u32) -> Result<(Vec<Range>, Vec<Range>)> {
+    let i = info(pid)?;
+    let range = |r: &Value| {
+        let a = r["addr"].as_u64().unwrap_or(0);
+        (a, a + r["total_len"].as_u64().unwrap_or(0))
+    };
+    let mut all = Vec::new();
+    for o in i["objects"].as_array().context("objects")? {
+        all.extend(
+            o["patches"]
+                .as_array()
+                .context("patches")?
+                .iter()
+                .map(range),
+        );
+    }
+    for c in i["incomplete"].as_array().context("incomplete")? {
+        all.push(range(&c["region"]));
+    }
+    let retired: Vec<Range> = i["retired"]
+        .as_array()
+        .context("retired")?
+        .iter()
+        .map(range)
+        .collect();
+    all.extend(&retired);
+    for l in i["leftovers"].as_array().context("leftovers")? {
+        if l["kind"] == "mapping" {
+            let a = l["addr"].as_u64().unwrap_or(0);
+            all.push((a, a + l["len"].as_u64().unwrap_or(0)));
+        }
+    }
+    Ok((all, retired))
+}
+
+/// Every mapping of the target not in `baseline` is one `info` reports; with
+/// `clean`, those are retired regions only (what `repair` leaves).
+fn assert_maps_accounted(pid: u32, baseline: &[(u64, u64, String)], clean: bool) -> Result<()> {
+    let (all, retired) = reported(pid)?;
+    let allowed = if clean { &retired } else { &all };
+    let now = maps(pid)?;
+    let covered = |s: u64, e: u64| allowed.iter().any(|&(a, b)| a <= s && e <= b);
+    let extra: Vec<&String> = now
+        .iter()
+        .filter(|m| !baseline.iter().any(|b| b.2 == m.2) && !covered(m.0, m.1))
+        .map(|m| &m.2)
+        .collect();
+    let gone: Vec<&String> = baseline
+        .iter()
+        .filter(|b| !now.iter().any(|m| m.2 == b.2))
+        .map(|b| &b.2)
+        .collect();
+    ensure!(
+        extra.is_empty() && gone.is_empty(),
+        "mappings not accounted for ({}): new {extra:#?}, gone {gone:#?}\ninfo: {}",
+        if clean {
+            "after repair"
+        } else {
+            "reported by info"
+        },
+        info(pid)?
+    );
+    Ok(())
+}
+
+/// Leftovers `info` lists (mappings with no header, marks, stubs).
+fn leftover_kinds(pid: u32) -> Result<Vec<String>> {
+    let i = info(pid)?;
+    Ok(i["leftovers"]
+        .as_array()
+        .context("leftovers")?
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
 /// Regions of any state in the target (applied or not).
 fn region_count(pid: u32) -> Result<usize> {
     let i = info(pid)?;
@@ -247,14 +344,33 @@ fn every_fault_step(threads: &str) -> Result<()> {
     t.wait_for("tick", WAIT)?;
     let pid = t.pid().to_string();
     let ctx = |step: &str| format!("{threads} worker thread(s), fault {step}");
+    let baseline = maps(t.pid())?;
 
-    for step in ["after-mmap", "after-body", "half-jumps", "before-detach"] {
+    for step in [
+        "in-mmap-stub",
+        "after-mmap",
+        "after-body",
+        "half-jumps",
+        "before-detach",
+    ] {
         (|| -> Result<()> {
             aborted(&lc_fault(step, &["patch", "-p", &pid, p(&f.patch.path)]))?;
             ensure!(t.is_alive(), "target died");
             assert_free(t.pid())?;
             let (seen, verdicts) = assert_info_truthful(&mut t)?;
+            assert_maps_accounted(t.pid(), &baseline, false)?;
             match step {
+                "in-mmap-stub" => {
+                    // Killed between the mmap and the header: the mapping is named by
+                    // its mark, and the thread's stub is still in the padding.
+                    ensure!(seen.is_empty(), "{seen:?}");
+                    ensure!(verdicts.is_empty(), "{verdicts:?}");
+                    let mut kinds = leftover_kinds(t.pid())?;
+                    kinds.sort();
+                    ensure!(kinds == ["mapping", "stub"], "{kinds:?}");
+                    let human = ok(&lc(&["info", "-p", &pid]))?;
+                    ensure!(human.contains("LEFTOVER"), "{human}");
+                }
                 "after-mmap" | "after-body" => {
                     ensure!(seen.is_empty(), "{seen:?}");
                     ensure!(verdicts == ["unmap"], "{verdicts:?}");
@@ -286,6 +402,11 @@ fn every_fault_step(threads: &str) -> Result<()> {
                 ensure!(observed(&mut t)?.is_empty(), "not rolled back");
             }
             ensure!(region_count(t.pid())? == 0, "a region is left");
+            ensure!(
+                leftover_kinds(t.pid())?.is_empty(),
+                "leftovers after repair"
+            );
+            assert_maps_accounted(t.pid(), &baseline, true)?;
             Ok(())
         })()
         .with_context(|| ctx(step))?;
@@ -309,8 +430,11 @@ fn every_fault_step(threads: &str) -> Result<()> {
                     ensure!(verdicts == ["finish-removal"], "{verdicts:?}");
                 }
                 "before-munmap" => {
+                    // Removed and retired: a clean state, reclaimed by the next
+                    // unpatch or repair once nothing points into it.
                     ensure!(seen.is_empty(), "{seen:?}");
-                    ensure!(verdicts == ["unmap"], "{verdicts:?}");
+                    ensure!(verdicts.is_empty(), "{verdicts:?}");
+                    ensure!(reported(t.pid())?.1.len() == 1, "not retired");
                 }
                 "before-stop" => {
                     ensure!(seen == all_new(), "{seen:?}");
@@ -325,6 +449,11 @@ fn every_fault_step(threads: &str) -> Result<()> {
             repair(&mut t)?;
             ensure!(observed(&mut t)?.is_empty(), "unpatch not finished");
             ensure!(region_count(t.pid())? == 0, "a region is left");
+            ensure!(
+                leftover_kinds(t.pid())?.is_empty(),
+                "leftovers after repair"
+            );
+            assert_maps_accounted(t.pid(), &baseline, true)?;
             Ok(())
         })()
         .with_context(|| ctx(step))?;
@@ -380,6 +509,7 @@ fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -
     let mut t = Running::start(&f.exe.path, &["7"])?;
     t.wait_for("tick", WAIT)?;
     let pid = t.pid().to_string();
+    let baseline = maps(t.pid())?;
 
     // How long an uninterrupted patch and unpatch take: kills land within that.
     let t0 = Instant::now();
@@ -418,8 +548,11 @@ fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -
             ensure!(t.is_alive(), "target died");
             assert_free(t.pid())?;
             let (seen, verdicts) = assert_info_truthful(&mut t)?;
+            // Nothing is left that `info` does not name.
+            assert_maps_accounted(t.pid(), &baseline, false)?;
+            let left = leftover_kinds(t.pid())?;
             let outcome = format!(
-                "{} {}: {}{}",
+                "{} {}: {}{}{}",
                 args[0],
                 if killed { "killed" } else { "finished" },
                 match seen.len() {
@@ -431,10 +564,23 @@ fn sigkill_at_random_moments_during_patch_and_unpatch_never_hurts_the_target() -
                     String::new()
                 } else {
                     format!(", incomplete {verdicts:?}")
+                },
+                if left.is_empty() {
+                    String::new()
+                } else {
+                    format!(", leftovers {left:?}")
                 }
             );
-            if !verdicts.is_empty() {
+            if !verdicts.is_empty() || !left.is_empty() {
                 repair(&mut t)?;
+                ensure!(
+                    leftover_kinds(t.pid())?.is_empty(),
+                    "leftovers after repair"
+                );
+                // Back to the baseline, retired regions (reported) aside.
+                if observed(&mut t)?.is_empty() {
+                    assert_maps_accounted(t.pid(), &baseline, true)?;
+                }
             }
             applied = !observed(&mut t)?.is_empty();
             Ok(outcome)

@@ -428,6 +428,28 @@ impl MemorySnapshot {
         Ok(MemorySnapshot { maps, code })
     }
 
+    /// [`Self::assert_same`], but for mappings that lie inside one of `ranges`
+    /// (`(start, end)`), in either snapshot: the retired regions of removed patches,
+    /// which `info` lists and unpatch may keep mapped.
+    pub fn assert_same_except(&self, other: &MemorySnapshot, ranges: &[(u64, u64)]) -> Result<()> {
+        let inside = |line: &str| {
+            let range = line.split_whitespace().next().unwrap_or_default();
+            let Some((lo, hi)) = range.split_once('-') else {
+                return false;
+            };
+            let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+            else {
+                return false;
+            };
+            ranges.iter().any(|&(a, b)| a <= lo && hi <= b)
+        };
+        let keep = |s: &MemorySnapshot| MemorySnapshot {
+            maps: s.maps.iter().filter(|l| !inside(l)).cloned().collect(),
+            code: s.code.iter().filter(|c| !inside(&c.0)).cloned().collect(),
+        };
+        keep(self).assert_same(&keep(other))
+    }
+
     /// Fails with the first difference from `other`.
     pub fn assert_same(&self, other: &MemorySnapshot) -> Result<()> {
         if self.maps != other.maps {

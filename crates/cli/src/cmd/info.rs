@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use livecare_apply::{ProcessInfo, Verdict};
+use livecare_apply::{Leftover, ProcessInfo, Verdict};
 use livecare_process::Pid;
 
 /// Flags of `info`.
@@ -40,6 +40,9 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
             && livecare_apply::find_regions(pid)
                 .map(|r| r.is_empty())
                 .unwrap_or(true)
+            && livecare_apply::leftovers(pid)
+                .map(|l| l.is_empty())
+                .unwrap_or(true)
         {
             continue;
         }
@@ -55,9 +58,16 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                 if let Some(b) = &args.build_id {
                     i.incomplete.retain(|c| &c.region.build_id == b);
                 }
+                if let Some(b) = &args.build_id {
+                    i.retired.retain(|r| &r.build_id == b);
+                }
                 if all {
                     i.objects.retain(|o| !o.patches.is_empty());
-                    if i.objects.is_empty() && i.incomplete.is_empty() {
+                    if i.objects.is_empty()
+                        && i.incomplete.is_empty()
+                        && i.retired.is_empty()
+                        && i.leftovers.is_empty()
+                    {
                         continue;
                     }
                 }
@@ -79,6 +89,32 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `repair` did about a leftover, as printed.
+pub fn leftover_removed(l: &Leftover) -> String {
+    match l {
+        Leftover::Mapping { addr, len, .. } => format!(
+            "unmapped a region mapped by an interrupted patch before its header ({addr:#x}, {} KiB)",
+            len.div_ceil(1024)
+        ),
+        Leftover::Mark { at } => format!("cleared a stale region mark from the code padding at {at:#x}"),
+        Leftover::Stub { at } => format!("cleared a stale remote-syscall stub from the code padding at {at:#x}"),
+    }
+}
+
+fn print_leftover(pid: i32, l: &Leftover) {
+    let what = match l {
+        Leftover::Mapping { addr, len, .. } => format!(
+            "LEFTOVER: region mapped by an interrupted patch, no header ({addr:#x}, {} KiB, nothing uses it)",
+            len.div_ceil(1024)
+        ),
+        Leftover::Mark { at } => format!("leftover region mark in the code padding at {at:#x} (harmless)"),
+        Leftover::Stub { at } => format!(
+            "leftover remote-syscall stub in the code padding at {at:#x} (harmless; in use if a livecare runs now)"
+        ),
+    };
+    println!("  {what}; `livecare repair -p {pid}` removes it");
+}
+
 fn print_info(i: &ProcessInfo, face: super::Face) {
     print_objects(i, face);
     if let Some(h) = livecare_apply::TargetLock::holder(Pid(i.pid)) {
@@ -91,6 +127,24 @@ fn print_info(i: &ProcessInfo, face: super::Face) {
                 ": what follows is its operation in progress, not an interrupted one; do not repair it"
             }
         );
+    }
+    for l in &i.leftovers {
+        print_leftover(i.pid, l);
+    }
+    for r in &i.retired {
+        let size = format!("{} KiB", r.total_len.div_ceil(1024));
+        match face {
+            super::Face::LibCare => println!(
+                "Pid: {}\nRetired patch id: {} (build id {}, region {:#x}, {size}): removed, kept mapped because the process may still use it\n",
+                i.pid, r.patch_id, r.build_id, r.addr
+            ),
+            super::Face::Native => println!(
+                "  retired patch {} (build-id {}, region {:#x}, {size}): removed, kept mapped and inactive because the process may still use it",
+                r.patch_id,
+                super::patch::short_id(&r.build_id),
+                r.addr
+            ),
+        }
     }
     for c in &i.incomplete {
         let r = &c.region;

@@ -39,12 +39,14 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
     let lock = livecare_apply::TargetLock::acquire(pid)?;
     let pending = livecare_apply::check_regions(pid, args.rollback)
         .with_context(|| format!("reading pid {pid}"))?;
+    let left = livecare_apply::leftovers(pid).with_context(|| format!("reading pid {pid}"))?;
     drop(lock);
-    let done = if pending.is_empty() {
+    let done = if pending.is_empty() && left.is_empty() {
         livecare_apply::Repaired {
             pid: pid.0,
             redirects_undone: 0,
             regions: Vec::new(),
+            leftovers_removed: Vec::new(),
         }
     } else {
         livecare_apply::repair(pid, args.rollback, &opts)
@@ -57,8 +59,11 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&done).context("json")?);
     } else {
-        if done.regions.is_empty() {
+        if done.regions.is_empty() && done.leftovers_removed.is_empty() {
             println!("pid {}: nothing to repair", pid);
+        }
+        for l in &done.leftovers_removed {
+            println!("pid {}: {}", pid, super::info::leftover_removed(l));
         }
         if done.redirects_undone > 0 {
             println!(
@@ -67,14 +72,19 @@ pub fn run(args: Args, _face: super::Face) -> anyhow::Result<ExitCode> {
             );
         }
         for r in &done.regions {
+            let fate = if r.unmapped {
+                "region unmapped"
+            } else {
+                "region kept mapped, inactive (retired: the process may still use it)"
+            };
             let what = match &r.action {
                 Verdict::Complete => "completed the interrupted commit (now applied)".to_string(),
                 Verdict::RollBack => format!(
-                    "rolled back the interrupted commit ({} write(s) undone), region unmapped",
+                    "rolled back the interrupted commit ({} write(s) undone), {fate}",
                     r.writes
                 ),
                 Verdict::FinishRemoval => format!(
-                    "finished the interrupted unpatch ({} write(s) undone), region unmapped",
+                    "finished the interrupted unpatch ({} write(s) undone), {fate}",
                     r.writes
                 ),
                 Verdict::Unmap => "unmapped a leftover region (never applied)".to_string(),
@@ -105,5 +115,6 @@ pub fn state_name(s: livecare_apply::RegionState) -> &'static str {
         livecare_apply::RegionState::Applied => "applied",
         livecare_apply::RegionState::Committing => "committing",
         livecare_apply::RegionState::Removing => "removing",
+        livecare_apply::RegionState::Retired => "retired",
     }
 }

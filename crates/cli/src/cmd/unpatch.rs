@@ -107,14 +107,22 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                     r.hunks, r.pid
                 ),
                 super::Face::Native => println!(
-                    "unpatched {} ({} function{}) from pid {} (build-id {}), paused {} µs{}",
+                    "unpatched {} ({} function{}) from pid {} (build-id {}), paused {} µs{}{}",
                     r.patch_id,
                     r.hunks,
                     if r.hunks == 1 { "" } else { "s" },
                     r.pid,
                     super::patch::short_id(&r.build_id),
                     r.pause_us,
-                    super::patch::fenced_note(r.threads_fenced)
+                    super::patch::fenced_note(r.threads_fenced),
+                    if r.retired {
+                        format!(
+                            "; region {:#x} kept mapped, inactive (retired: the process may still use it)",
+                            r.region
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             }
         }

@@ -77,3 +77,22 @@ pub fn monotonic_now() -> f64 {
     assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
+
+/// The retired regions `info` lists for `pid`, as `(start, end)`: removed patches
+/// whose regions unpatch keeps mapped while the process may still use them.
+pub fn retired_ranges(pid: u32) -> Result<Vec<(u64, u64)>> {
+    let out = lc(&["info", "-p", &pid.to_string(), "--json"]);
+    if !out.status.success() {
+        bail!("info failed: {}", stderr(&out));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v[0]["retired"]
+        .as_array()
+        .context("info lists no retired regions")?
+        .iter()
+        .map(|r| {
+            let a = r["addr"].as_u64().unwrap_or(0);
+            (a, a + r["total_len"].as_u64().unwrap_or(0))
+        })
+        .collect())
+}
