@@ -512,6 +512,7 @@ fn apply_one(
             // then runs through the crash-safe stub (see `rsyscall`).
             if !held {
                 threads.resume(tid)?;
+                threads.release_others()?;
             }
             vec![fs_base]
         } else {

@@ -489,12 +489,17 @@ fn run(
         Ok(())
     })();
     // Still in the stub (the normal case): the registers it had, at a syscall's exit
-    // stop, where the kernel restarts nothing: a syscall it was interrupted in is
-    // restarted here as the stub would. Otherwise it has already restored itself and
-    // gone back.
+    // stop, where the kernel restarts nothing by itself: a syscall it was interrupted
+    // in is restarted here as the stub would. Unless a signal came meanwhile: then
+    // the registers go back exactly as they were (`orig_rax` and the -ERESTART* code
+    // in `rax`), and the kernel, delivering it, restarts the syscall or fails it with
+    // EINTR as the handler's SA_RESTART says. Otherwise it has already restored
+    // itself and gone back.
     let mut back = saved;
-    (back.rip, back.rax) = (resume_rip, resume_rax);
-    back.orig_rax = u64::MAX;
+    if !threads.has_pending_signals(tid) {
+        (back.rip, back.rax) = (resume_rip, resume_rax);
+        back.orig_rax = u64::MAX;
+    }
     let out_of_stub = match threads.regs(tid) {
         Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &back).is_ok(),
         Ok(_) => true,
@@ -508,6 +513,9 @@ fn run(
         let _ = mem.write(site, &vec![0u8; code.len()]);
     }
     resumed?;
+    // Threads the borrowed one (or another) created meanwhile wait at their first
+    // stop, their parents at a clone event: let them go now.
+    threads.release_others()?;
     outcome
 }
 
