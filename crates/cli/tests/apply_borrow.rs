@@ -162,6 +162,19 @@ fn patch_once(
     Ok(())
 }
 
+/// Waits until `pid` has `n` threads.
+fn all_threads_started(pid: u32, n: usize) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let count = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
+        if count >= n {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{count} threads of {n} after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `JOIN_TRIALS` from the environment, else `default`.
 fn trials(default: usize) -> usize {
     std::env::var("JOIN_TRIALS")
@@ -206,7 +219,7 @@ fn patch_a_process_creating_a_thousand_threads() -> Result<()> {
         let mut prog = Running::start(&exe.path, &[])?;
         patch_once(&mut prog, &exe, &patch, &mut tally, "created=100 ")
             .with_context(|| format!("trial {trial} ({tally:?})"))?;
-        prog.wait_for("all created", WAIT)?;
+        all_threads_started(prog.pid(), 1001)?;
         if trial == 0 {
             patch_once(&mut prog, &exe, &patch, &mut tally, "value=1")
                 .with_context(|| format!("all created ({tally:?})"))?;
