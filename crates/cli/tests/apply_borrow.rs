@@ -229,3 +229,94 @@ fn patch_a_process_creating_a_thousand_threads() -> Result<()> {
     ensure!(tally.patched > 0, "no attempt took: {tally:?}");
     Ok(())
 }
+
+/// A numeric field `key=N` of a line.
+fn field(line: &str, key: &str) -> Result<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no {key} in {line:?}"))?
+        .parse()
+        .with_context(|| format!("{key} in {line:?}"))
+}
+
+/// The one thread of the target is in a read() that a SIGALRM without SA_RESTART
+/// breaks off every 100 µs, so livecare borrows it with a signal on its way or
+/// arriving meanwhile, and with a syscall to restart or to fail. Every read must
+/// still fail with EINTR (never be restarted by the borrow's restore, never return
+/// anything else), the handler keep running, and each patch take.
+#[test]
+fn a_borrowed_thread_keeps_the_eintr_of_a_handler_without_sa_restart() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "eintr")?;
+    let mut prog = Running::start(&exe.path, &[])?;
+    prog.wait_for("value=1 ", WAIT)?;
+    let pid = prog.pid().to_string();
+    let check = |line: &str| -> Result<u64> {
+        ensure!(field(line, "restarted=")? == 0, "a read was restarted: {line}");
+        ensure!(field(line, "other=")? == 0, "a read returned something else: {line}");
+        field(line, "eintr=")
+    };
+    let mut last = 0;
+    for cycle in 0..10 {
+        (|| -> Result<()> {
+            ok(&lc(&["patch", "-p", &pid, patch.path.to_str().unwrap()]))?;
+            prog.drain();
+            settles_on(&mut prog, 2)?;
+            ok(&lc(&["unpatch", "-p", &pid]))?;
+            prog.drain();
+            settles_on(&mut prog, 1)?;
+            let line = prog.wait_for("value=1 ", WAIT)?;
+            let eintr = check(&line)?;
+            ensure!(eintr > last, "no read broken off since the last cycle: {line}");
+            last = eintr;
+            ensure!(prog.is_alive(), "the target died");
+            all_tasks_released(prog.pid())
+        })()
+        .with_context(|| format!("cycle {cycle}"))?;
+    }
+    Ok(())
+}
+
+/// A process stopped by SIGSTOP is refused with a clear message (it would have to run
+/// for the remote syscalls), left stopped and unchanged; once continued it runs on and
+/// can be patched.
+#[test]
+fn a_stopped_process_is_refused_and_stays_stopped() -> Result<()> {
+    let s = Scratch::new()?;
+    let (exe, patch) = build(&s, "join")?;
+    let mut prog = Running::start(&exe.path, &[])?;
+    prog.wait_for("value=1", WAIT)?;
+    let pid = prog.pid();
+    let before = code_of(pid, &exe.path)?;
+    // SAFETY: kill with a pid we started and a plain signal number.
+    ensure!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0);
+    let state = || prog.proc_state().map(|s| s.0);
+    let deadline = Instant::now() + WAIT;
+    while !state()?.starts_with('T') {
+        ensure!(Instant::now() < deadline, "not stopped: {}", state()?);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = lc(&["patch", "-p", &pid.to_string(), patch.path.to_str().unwrap()]);
+    ensure!(
+        o.status.code() == Some(1) && stderr(&o).contains("is stopped"),
+        "patch of a stopped process: {}\n{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    ensure!(state()?.starts_with('T'), "no longer stopped: {}", state()?);
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(e?.path().join("status"))?;
+        ensure!(status.contains("TracerPid:\t0\n"), "still traced:\n{status}");
+        ensure!(status.contains("State:\tT"), "a thread not stopped:\n{status}");
+    }
+    ensure!(code_of(pid, &exe.path)? == before, "the code changed");
+    // SAFETY: as above.
+    ensure!(unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0);
+    prog.drain();
+    settles_on(&mut prog, 1)?;
+    let mut tally = Tally::default();
+    patch_once(&mut prog, &exe, &patch, &mut tally, "value=1")?;
+    ensure!(tally.patched == 1, "not patched once continued: {tally:?}");
+    Ok(())
+}
