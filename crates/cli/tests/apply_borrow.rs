@@ -138,7 +138,10 @@ fn patch_once(
             ok(&lc(&["unpatch", "-p", &pid_s])).context("unpatch")?;
             prog.drain();
             settles_on(prog, 1).context("after unpatch")?;
-            ensure!(code_of(pid, &exe.path)? == before, "unpatch left the code changed");
+            ensure!(
+                code_of(pid, &exe.path)? == before,
+                "unpatch left the code changed"
+            );
         }
         Some(1) => {
             tally.refused += 1;
@@ -150,14 +153,13 @@ fn patch_once(
             prog.drain();
             settles_on(prog, 1).context("after patch exited 1")?;
         }
-        _ => bail!(
-            "patch exited {}:\n{}{}",
-            o.status,
-            stdout(&o),
-            stderr(&o)
-        ),
+        _ => bail!("patch exited {}:\n{}{}", o.status, stdout(&o), stderr(&o)),
     }
-    ensure!(prog.is_alive(), "the target died; last lines {:?}", prog.tail(5));
+    ensure!(
+        prog.is_alive(),
+        "the target died; last lines {:?}",
+        prog.tail(5)
+    );
     all_tasks_released(pid).context("at the end")?;
     Ok(())
 }
@@ -170,7 +172,10 @@ fn all_threads_started(pid: u32, n: usize) -> Result<()> {
         if count >= n {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "{count} threads of {n} after {WAIT:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "{count} threads of {n} after {WAIT:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -209,13 +214,17 @@ fn patch_a_thread_create_join_loop_on_fresh_processes() -> Result<()> {
 }
 
 /// A process still creating its 1000 threads (each then sleeping) while patched, on
-/// fresh processes, then once more with all of them asleep.
+/// fresh processes (3, or `SPAWN_TRIALS`), then once more with all of them asleep.
 #[test]
 fn patch_a_process_creating_a_thousand_threads() -> Result<()> {
     let s = Scratch::new()?;
     let (exe, patch) = build(&s, "spawn")?;
     let mut tally = Tally::default();
-    for trial in 0..3 {
+    let n = std::env::var("SPAWN_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for trial in 0..n {
         let mut prog = Running::start(&exe.path, &[])?;
         patch_once(&mut prog, &exe, &patch, &mut tally, "created=100 ")
             .with_context(|| format!("trial {trial} ({tally:?})"))?;
@@ -252,8 +261,14 @@ fn a_borrowed_thread_keeps_the_eintr_of_a_handler_without_sa_restart() -> Result
     prog.wait_for("value=1 ", WAIT)?;
     let pid = prog.pid().to_string();
     let check = |line: &str| -> Result<u64> {
-        ensure!(field(line, "restarted=")? == 0, "a read was restarted: {line}");
-        ensure!(field(line, "other=")? == 0, "a read returned something else: {line}");
+        ensure!(
+            field(line, "restarted=")? == 0,
+            "a read was restarted: {line}"
+        );
+        ensure!(
+            field(line, "other=")? == 0,
+            "a read returned something else: {line}"
+        );
         field(line, "eintr=")
     };
     let mut last = 0;
@@ -267,7 +282,10 @@ fn a_borrowed_thread_keeps_the_eintr_of_a_handler_without_sa_restart() -> Result
             settles_on(&mut prog, 1)?;
             let line = prog.wait_for("value=1 ", WAIT)?;
             let eintr = check(&line)?;
-            ensure!(eintr > last, "no read broken off since the last cycle: {line}");
+            ensure!(
+                eintr > last,
+                "no read broken off since the last cycle: {line}"
+            );
             last = eintr;
             ensure!(prog.is_alive(), "the target died");
             all_tasks_released(prog.pid())
@@ -296,7 +314,12 @@ fn a_stopped_process_is_refused_and_stays_stopped() -> Result<()> {
         ensure!(Instant::now() < deadline, "not stopped: {}", state()?);
         std::thread::sleep(Duration::from_millis(5));
     }
-    let o = lc(&["patch", "-p", &pid.to_string(), patch.path.to_str().unwrap()]);
+    let o = lc(&[
+        "patch",
+        "-p",
+        &pid.to_string(),
+        patch.path.to_str().unwrap(),
+    ]);
     ensure!(
         o.status.code() == Some(1) && stderr(&o).contains("is stopped"),
         "patch of a stopped process: {}\n{}{}",
@@ -307,8 +330,14 @@ fn a_stopped_process_is_refused_and_stays_stopped() -> Result<()> {
     ensure!(state()?.starts_with('T'), "no longer stopped: {}", state()?);
     for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let status = std::fs::read_to_string(e?.path().join("status"))?;
-        ensure!(status.contains("TracerPid:\t0\n"), "still traced:\n{status}");
-        ensure!(status.contains("State:\tT"), "a thread not stopped:\n{status}");
+        ensure!(
+            status.contains("TracerPid:\t0\n"),
+            "still traced:\n{status}"
+        );
+        ensure!(
+            status.contains("State:\tT"),
+            "a thread not stopped:\n{status}"
+        );
     }
     ensure!(code_of(pid, &exe.path)? == before, "the code changed");
     // SAFETY: as above.

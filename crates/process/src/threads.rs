@@ -203,13 +203,14 @@ fn ptrace(req: libc::c_uint, tid: Tid, addr: u64, data: u64) -> i64 {
     }
 }
 
-/// True if a thread of `pid` is stopped by job control (state `T`: SIGSTOP, SIGTSTP
-/// and the like), i.e. the process is stopped.
+/// True if `pid` is stopped by job control (SIGSTOP, SIGTSTP and the like): its first
+/// live thread (main, unless it exited) is in state `T`. A group stop stops them all,
+/// so one is enough (a thousand threads would cost a thousand reads).
 fn job_stopped(pid: Pid) -> bool {
-    pid.tasks()
-        .unwrap_or_default()
-        .into_iter()
-        .any(|t| pid.task_state(t) == Some('T'))
+    let live_state = |t: Tid| pid.task_state(t).filter(|c| !matches!(c, 'Z' | 'X'));
+    // Main first: listing the tasks costs more.
+    live_state(Tid(pid.0)).or_else(|| pid.tasks().ok()?.into_iter().find_map(live_state))
+        == Some('T')
 }
 
 /// `PTRACE_GET_SYSCALL_INFO` (Linux 5.3) and the `op` values of its answer.
@@ -312,6 +313,8 @@ impl ThreadSet {
             tid,
             ThreadState {
                 stopped: true,
+                // The SIGTRAP of the breakpoint at its entry (see `launch`).
+                at: Stop::Signal(libc::SIGTRAP),
                 ..Default::default()
             },
         );
@@ -520,7 +523,9 @@ impl ThreadSet {
 
     /// True if `tid` took signals while held that are still to be delivered.
     pub fn has_pending_signals(&self, tid: Tid) -> bool {
-        self.threads.get(&tid).is_some_and(|t| !t.pending.is_empty())
+        self.threads
+            .get(&tid)
+            .is_some_and(|t| !t.pending.is_empty())
     }
 
     /// True if we hold `tid` and it is stopped.
@@ -532,6 +537,7 @@ impl ThreadSet {
     fn note_status(&mut self, tid: Tid, status: i32) -> bool {
         // Whatever happened, the thread ran since its registers were cached.
         self.regs_cache.get_mut().remove(&tid);
+        self.born.retain(|&t| t != tid);
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             self.threads.remove(&tid);
             return false;
@@ -544,7 +550,6 @@ impl ThreadSet {
         }
         let event = status >> 16;
         self.left.remove(&tid);
-        self.born.retain(|&t| t != tid);
         let seized = self.seized;
         let st = self.threads.entry(tid).or_default();
         st.stopped = true;
@@ -726,7 +731,7 @@ impl ThreadSet {
     /// signal-delivery stop if there is one (the single-stepped syscall then ends at a
     /// SIGTRAP stop, where the kernel restarts what the thread was in), else one
     /// brought to an interrupt stop without running user code. Otherwise the lowest
-    /// thread still alive, at an interrupt stop ([`Self::to_interrupt_stop`]).
+    /// thread still alive, at an interrupt stop ([`Self::bring_to_interrupt_stop`]).
     pub fn stop_one(&mut self) -> Result<Tid, Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         if self.threads.values().any(|t| t.stopped) {
@@ -748,7 +753,7 @@ impl ThreadSet {
             let Some(tid) = pick(&|_, s| s.at != Stop::Group) else {
                 return Err(Error::ProcessStopped(self.pid));
             };
-            self.to_interrupt_stop(tid, deadline)?;
+            self.bring_to_interrupt_stop(tid, deadline)?;
             return Ok(tid);
         }
         loop {
@@ -780,7 +785,7 @@ impl ThreadSet {
                             continue;
                         }
                         if self.is_stopped(tid) {
-                            self.to_interrupt_stop(tid, deadline)?;
+                            self.bring_to_interrupt_stop(tid, deadline)?;
                             return Ok(tid);
                         }
                     }
@@ -812,7 +817,7 @@ impl ThreadSet {
     /// - at a syscall-entry or -exit stop: the syscall finishes (or is broken off).
     ///
     /// A group stop is refused: the process is stopped by job control.
-    fn to_interrupt_stop(&mut self, tid: Tid, deadline: Instant) -> Result<(), Error> {
+    fn bring_to_interrupt_stop(&mut self, tid: Tid, deadline: Instant) -> Result<(), Error> {
         for _ in 0..64 {
             let Some(st) = self.threads.get(&tid) else {
                 return Err(Error::ThreadGone(tid));
@@ -929,8 +934,10 @@ impl ThreadSet {
                 return Ok(());
             }
             let Some(status) = wait_one(tid, deadline)? else {
-                tracing::warn!("thread {tid}: signals {pending:?} not taken back in time; left queued",
-                    pending = pending.iter().map(|p| p.0).collect::<Vec<_>>());
+                tracing::warn!(
+                    "thread {tid}: signals {pending:?} not taken back in time; left queued",
+                    pending = pending.iter().map(|p| p.0).collect::<Vec<_>>()
+                );
                 return Ok(());
             };
             if !self.note_status(tid, status) {
@@ -977,15 +984,13 @@ impl ThreadSet {
             let Some(&child) = self.born.first() else {
                 return Ok(());
             };
-            match wait_one(child, deadline) {
-                Ok(Some(status)) => {
-                    if self.note_status(child, status) {
-                        self.resume(child)?;
-                    }
-                }
-                // Gone, or slow to start: its first stop is taken by the next wait.
-                _ => {
-                    self.born.retain(|&t| t != child);
+            let status = wait_one(child, deadline);
+            // Whatever came (or, gone or slow to start, nothing: its first stop is then
+            // taken by the next wait), it is not waited for again.
+            self.born.retain(|&t| t != child);
+            if let Ok(Some(status)) = status {
+                if self.note_status(child, status) {
+                    self.resume(child)?;
                 }
             }
         }
@@ -1480,5 +1485,33 @@ impl ThreadSet {
 impl Drop for ThreadSet {
     fn drop(&mut self) {
         let _ = self.detach_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stop;
+
+    /// A wait status of a ptrace-stop: `event << 16 | sig << 8 | 0x7f`.
+    fn stopped(sig: i32, event: i32) -> i32 {
+        (event << 16) | (sig << 8) | 0x7f
+    }
+
+    #[test]
+    fn stops_are_told_apart_by_event_and_signal() {
+        use libc::*;
+        assert_eq!(
+            Stop::of(stopped(SIGTRAP, PTRACE_EVENT_STOP)),
+            Stop::Interrupt
+        );
+        for sig in [SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU] {
+            assert_eq!(Stop::of(stopped(sig, PTRACE_EVENT_STOP)), Stop::Group);
+        }
+        // Inside clone: not a stop to borrow the thread at.
+        assert_eq!(Stop::of(stopped(SIGTRAP, PTRACE_EVENT_CLONE)), Stop::Event);
+        assert_eq!(Stop::of(stopped(SIGTRAP | 0x80, 0)), Stop::Syscall);
+        assert_eq!(Stop::of(stopped(SIGALRM, 0)), Stop::Signal(SIGALRM));
+        assert_eq!(Stop::of(stopped(SIGTRAP, 0)), Stop::Signal(SIGTRAP));
+        assert!(WIFSTOPPED(stopped(SIGTRAP, PTRACE_EVENT_CLONE)));
     }
 }
