@@ -224,18 +224,28 @@ fn patch_a_process_creating_a_thousand_threads() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let mut still_creating = 0;
     for trial in 0..n {
         let mut prog = Running::start(&exe.path, &[])?;
-        patch_once(&mut prog, &exe, &patch, &mut tally, "created=100 ")
+        prog.wait_for("created=100 ", WAIT)?;
+        patch_once(&mut prog, &exe, &patch, &mut tally, "created=200 ")
             .with_context(|| format!("trial {trial} ({tally:?})"))?;
+        let threads = std::fs::read_dir(format!("/proc/{}/task", prog.pid()))?.count();
+        if threads < 1001 {
+            still_creating += 1;
+        }
         all_threads_started(prog.pid(), 1001)?;
         if trial == 0 {
             patch_once(&mut prog, &exe, &patch, &mut tally, "value=1")
                 .with_context(|| format!("all created ({tally:?})"))?;
         }
     }
-    eprintln!("spawn: {tally:?}");
+    eprintln!("spawn: {tally:?}, {still_creating} of {n} still creating after the patch");
     ensure!(tally.patched > 0, "no attempt took: {tally:?}");
+    ensure!(
+        still_creating > 0,
+        "every patch came after the threads were created"
+    );
     Ok(())
 }
 
