@@ -9,6 +9,10 @@ use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
 
 mod fence;
 
+/// How long [`ThreadSet::release_others`] waits for new threads' first stops: a new
+/// thread reports within µs of its first run; one that has not run by then is let go
+/// by our next wait for stops.
+const BORN_WAIT: Duration = Duration::from_millis(200);
 /// How long we wait for threads to report a stop before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a wait for stops polls before it blocks.
@@ -570,7 +574,12 @@ impl ThreadSet {
                 // GETEVENTMSG at a clone stop yields the new thread's id.
                 if ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as u64) == 0 {
                     let child = Tid(msg as i32);
-                    if !self.threads.get(&child).is_some_and(|c| c.stopped) {
+                    // Its first stop may have come (and gone) before this report.
+                    if self
+                        .threads
+                        .get(&child)
+                        .is_none_or(|c| c.at == Stop::Unknown)
+                    {
                         self.threads.entry(child).or_default();
                         self.born.push(child);
                     }
@@ -974,7 +983,7 @@ impl ThreadSet {
         if self.threads.values().any(|t| t.stopped) {
             return Ok(());
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let deadline = Instant::now() + BORN_WAIT;
         loop {
             while let Ok(Some((tid, status))) = waitpid(-1, libc::WNOHANG) {
                 if self.note_status(tid, status) {
