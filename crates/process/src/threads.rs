@@ -907,12 +907,12 @@ impl ThreadSet {
     }
 
     /// Resumes stopped `tid` and delivers `pending`, signals it took while held, from
-    /// a stop other than their own (an interrupt, event or syscall stop, where a
-    /// resume cannot inject a signal, or at a syscall stop only as a bare SIGTRAP-like
-    /// `send_sig`): each is queued to the thread again (tgkill) and, at the
-    /// signal-delivery stop that follows, given back its siginfo and delivered. The
-    /// kernel then applies the handler's SA_RESTART to the syscall the thread was in,
-    /// as it would have. A signal the thread blocks now stays queued.
+    /// a stop other than their own: at an interrupt or event stop a resume cannot
+    /// inject a signal (it would be lost), at a syscall stop only without its siginfo.
+    /// Each is queued to the thread again (tgkill) and, at the signal-delivery stop
+    /// that follows before any user instruction, given back its siginfo and delivered.
+    /// The kernel then applies the handler's SA_RESTART to the syscall the thread was
+    /// in, as it would have. A signal the thread blocks now stays queued.
     fn redeliver(
         &mut self,
         tid: Tid,
