@@ -104,7 +104,8 @@ fn settles_on(prog: &mut Running, want: u32) -> Result<()> {
 struct Tally {
     patched: usize,
     refused: usize,
-    /// Patches that returned while the target was still creating its threads.
+    /// Patches that returned while the target had fewer than 1001 threads (for the
+    /// 1000-thread target: while it was still creating them).
     mid_creation: usize,
 }
 

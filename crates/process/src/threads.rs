@@ -1486,6 +1486,7 @@ impl ThreadSet {
         }
         drop(timer);
         self.regs_cache.get_mut().clear();
+        self.born.clear();
         self.end_pause();
         first_err.map_or(Ok(()), Err)
     }
