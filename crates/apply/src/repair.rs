@@ -173,6 +173,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         regions: Vec::new(),
     };
     let all = find_regions(pid)?;
+    ThreadSet::refuse_stopped(pid)?;
     let mut threads = ThreadSet::seize(pid)?;
     let mem = RemoteMemory::open(pid)?;
     // A dead livecare may have left a thread due to return through a trampoline:

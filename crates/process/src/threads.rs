@@ -274,11 +274,6 @@ impl ThreadSet {
                 what: "cannot trace ourselves".into(),
             });
         }
-        // A stopped process (job control) would have to run for our remote syscalls
-        // and commit: refused before it is touched.
-        if job_stopped(pid) {
-            return Err(Error::ProcessStopped(pid));
-        }
         // Our short polling sleeps (20–50 µs) would otherwise last the default 50 µs
         // timer slack longer. SAFETY: prctl with integer arguments on the calling thread.
         unsafe {
@@ -302,6 +297,17 @@ impl ThreadSet {
             return Err(Error::NoSuchProcess(pid));
         }
         Ok(set)
+    }
+
+    /// Fails with [`Error::ProcessStopped`] if `pid` is stopped by job control: a
+    /// change that needs remote syscalls (its threads would have to run) is refused
+    /// before anything is touched. (A set can hold a stopped process: its threads stay
+    /// in their group-stop, see [`Self::resume`].)
+    pub fn refuse_stopped(pid: Pid) -> Result<(), Error> {
+        if job_stopped(pid) {
+            return Err(Error::ProcessStopped(pid));
+        }
+        Ok(())
     }
 
     /// Takes over a single-threaded process we already trace (PTRACE_TRACEME child)
