@@ -488,24 +488,34 @@ fn run(
         }
         Ok(())
     })();
-    // Still in the stub (the normal case): the registers it had, at a syscall's exit
-    // stop, where the kernel restarts nothing by itself: a syscall it was interrupted
-    // in is restarted here as the stub would. Unless a signal came meanwhile: then
-    // the registers go back exactly as they were (`orig_rax` and the -ERESTART* code
-    // in `rax`), and the kernel, delivering it, restarts the syscall or fails it with
-    // EINTR as the handler's SA_RESTART says. Otherwise it has already restored
-    // itself and gone back.
+    // Still in the stub (the normal case): given back the registers it had, exactly,
+    // at an interrupt stop, where the kernel itself restarts the syscall it was
+    // interrupted in (or fails it with EINTR for a signal due then, as the handler's
+    // SA_RESTART says). If that cannot be done, as the stub would do it: at the stop
+    // it is at, a syscall it was in restarted here (unless a signal is to be
+    // delivered: then the kernel decides). Otherwise it has already restored itself
+    // and gone back.
     let mut back = saved;
     if !threads.has_pending_signals(tid) {
         (back.rip, back.rax) = (resume_rip, resume_rax);
         back.orig_rax = u64::MAX;
     }
+    let mut resumed = None;
     let out_of_stub = match threads.regs(tid) {
-        Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &back).is_ok(),
+        Ok(now) if in_stub(now.rip) => match threads.give_back(tid, &saved) {
+            Ok(()) => {
+                resumed = Some(Ok(()));
+                true
+            }
+            Err(e) => {
+                tracing::debug!("thread {tid} given back at the stop it is at: {e}");
+                threads.set_regs(tid, &back).is_ok()
+            }
+        },
         Ok(_) => true,
         Err(_) => false,
     };
-    let resumed = threads.resume(tid);
+    let resumed = resumed.unwrap_or_else(|| threads.resume(tid));
     // Put the padding back once the thread is out, after letting it go: it never
     // comes back here (a stub left behind by a dead livecare is harmless: nothing
     // jumps there).

@@ -980,6 +980,65 @@ impl ThreadSet {
         }
     }
 
+    /// Ends a borrow of `tid` (stopped, its registers changed, after the last syscall
+    /// it ran for us) by giving it back `regs`, the registers it had at the interrupt
+    /// stop it was borrowed at, exactly (`orig_rax` and an `-ERESTART*` in `rax`
+    /// included), and resuming it. They are written at an interrupt stop, as they were
+    /// read: the thread is first let on (INTERRUPT queued) from the stop it is at to its
+    /// interrupt stop, taken on its way back to user space before any user instruction
+    /// (the registers it runs there are ours, which still lead back). From there the
+    /// kernel itself delivers a signal that is due (those that came during the borrow
+    /// are re-delivered, see [`Self::resume`]) and restarts the syscall the thread was
+    /// in, or fails it with EINTR, as the signal's handler says; at a syscall-exit stop
+    /// it would do neither.
+    pub fn give_back(&mut self, tid: Tid, regs: &Regs) -> Result<(), Error> {
+        let Some(st) = self.threads.get_mut(&tid) else {
+            return Err(Error::ThreadGone(tid));
+        };
+        // Kept aside: delivered once the registers are back, not in the stub.
+        let mut pending = std::mem::take(&mut st.pending);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut result = Ok(());
+        for _ in 0..16 {
+            let Some(st) = self.threads.get_mut(&tid) else {
+                return Err(Error::ThreadGone(tid));
+            };
+            pending.append(&mut st.pending);
+            if st.at == Stop::Interrupt {
+                break;
+            }
+            // INTERRUPT queues the trap on the stopped thread; CONT without a signal
+            // takes it there (a signal stop on the way is kept in `pending`).
+            if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0
+                || ptrace(libc::PTRACE_CONT, tid, 0, 0) < 0
+            {
+                return Err(Error::ThreadGone(tid));
+            }
+            st.stopped = false;
+            self.regs_cache.get_mut().remove(&tid);
+            match wait_one(tid, deadline)? {
+                Some(status) if self.note_status(tid, status) => {}
+                Some(_) => return Err(Error::ThreadGone(tid)),
+                None => {
+                    result = Err(Error::Timeout(format!("thread {tid} did not stop")));
+                    self.stop_held(tid)?;
+                    break;
+                }
+            }
+        }
+        if let Some(st) = self.threads.get_mut(&tid) {
+            st.pending = pending;
+        }
+        if result.is_ok() && self.threads.get(&tid).map(|s| s.at) != Some(Stop::Interrupt) {
+            result = Err(Error::Timeout(format!(
+                "thread {tid} did not reach an interrupt stop"
+            )));
+        }
+        result?;
+        self.set_regs(tid, regs)?;
+        self.resume(tid)
+    }
+
     /// Lets go every stop of a thread we do not hold, after a borrow while the others
     /// run: the clone event of a thread that created one, the first stop of a new
     /// thread (auto-attached by TRACECLONE, and waited for: its parent may be waiting
