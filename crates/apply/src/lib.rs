@@ -382,6 +382,7 @@ fn wait_for_memory_sharers(
 /// Seizes every thread of `pid` as `opts` say; idle threads will be fenced if `fence`.
 /// Then waits until no other process shares its memory ([`wait_for_memory_sharers`]).
 fn seize(pid: Pid, opts: &Options, fence: bool, action: &'static str) -> Result<ThreadSet, Error> {
+    ThreadSet::refuse_stopped(pid)?;
     let mut threads = ThreadSet::seize(pid).map_err(|e| lock::explain_seize(pid, e))?;
     wait_for_memory_sharers(&threads, action, Instant::now(), opts.timeout)?;
     threads.keep_cpus_warm(opts.spin_cpus);
@@ -562,6 +563,7 @@ fn apply_one(
             // then runs through the crash-safe stub (see `rsyscall`).
             if !held {
                 threads.resume(tid)?;
+                threads.release_others()?;
             }
             vec![fs_base]
         } else {

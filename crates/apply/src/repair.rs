@@ -256,6 +256,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         leftovers_removed: Vec::new(),
     };
     let all = find_regions(pid)?;
+    ThreadSet::refuse_stopped(pid)?;
     let mut threads = ThreadSet::seize(pid).map_err(|e| crate::lock::explain_seize(pid, e))?;
     let mem = RemoteMemory::open(pid)?;
     let stubs_before: Vec<Leftover> = leftovers_in(&mem, &read_maps(pid)?)

@@ -509,19 +509,34 @@ fn run(
         }
         Ok(())
     })();
-    // Still in the stub (the normal case): the registers it had, at a syscall's exit
-    // stop, where the kernel restarts nothing: a syscall it was interrupted in is
-    // restarted here as the stub would. Otherwise it has already restored itself and
-    // gone back.
+    // Still in the stub (the normal case): given back the registers it had, exactly,
+    // at an interrupt stop, where the kernel itself restarts the syscall it was
+    // interrupted in (or fails it with EINTR for a signal due then, as the handler's
+    // SA_RESTART says). If that cannot be done, as the stub would do it: at the stop
+    // it is at, a syscall it was in restarted here (unless a signal is to be
+    // delivered: then the kernel decides). Otherwise it has already restored itself
+    // and gone back.
     let mut back = saved;
-    (back.rip, back.rax) = (resume_rip, resume_rax);
-    back.orig_rax = u64::MAX;
+    if !threads.has_pending_signals(tid) {
+        (back.rip, back.rax) = (resume_rip, resume_rax);
+        back.orig_rax = u64::MAX;
+    }
+    let mut resumed = None;
     let out_of_stub = match threads.regs(tid) {
-        Ok(now) if in_stub(now.rip) => threads.set_regs(tid, &back).is_ok(),
+        Ok(now) if in_stub(now.rip) => match threads.give_back(tid, &saved) {
+            Ok(()) => {
+                resumed = Some(Ok(()));
+                true
+            }
+            Err(e) => {
+                tracing::debug!("thread {tid} given back at the stop it is at: {e}");
+                threads.set_regs(tid, &back).is_ok()
+            }
+        },
         Ok(_) => true,
         Err(_) => false,
     };
-    let resumed = threads.resume(tid);
+    let resumed = resumed.unwrap_or_else(|| threads.resume(tid));
     // Put the padding back once the thread is out, after letting it go: it never
     // comes back here (a stub left behind by a dead livecare is harmless: nothing
     // jumps there).
@@ -529,6 +544,9 @@ fn run(
         let _ = mem.write(site, &vec![0u8; code.len()]);
     }
     resumed?;
+    // Threads the borrowed one (or another) created meanwhile wait at their first
+    // stop, their parents at a clone event: let them go now.
+    threads.release_others()?;
     outcome
 }
 

@@ -70,6 +70,12 @@ pub enum Error {
     /// A timeout expired.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The process is stopped by job control; changing it would need it to run.
+    #[error(
+        "process {0} is stopped (SIGSTOP or another stop signal): continue it first \
+         (kill -CONT {0}), then try again"
+    )]
+    ProcessStopped(Pid),
 }
 
 impl Error {

@@ -9,6 +9,10 @@ use crate::{read_maps, Error, Pid, RemoteMemory, Tid};
 
 mod fence;
 
+/// How long [`ThreadSet::release_others`] waits for new threads' first stops: a new
+/// thread reports within µs of its first run; one that has not run by then is let go
+/// by our next wait for stops.
+const BORN_WAIT: Duration = Duration::from_millis(200);
 /// How long we wait for threads to report a stop before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a wait for stops polls before it blocks.
@@ -25,11 +29,47 @@ enum TaskStatus {
     Other,
 }
 
-#[derive(Clone, Copy, Default)]
+/// The kind of ptrace-stop a thread was last seen in (see [`Stop::of`]).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+enum Stop {
+    /// No stop seen yet (a thread seized, or born, and not reported since).
+    #[default]
+    Unknown,
+    /// PTRACE_EVENT_STOP with SIGTRAP: our INTERRUPT (or a new thread's first stop),
+    /// taken on the way back to user space: the only stop a thread is borrowed at.
+    Interrupt,
+    /// PTRACE_EVENT_STOP with a stopping signal: the process is stopped (job control).
+    Group,
+    /// Another PTRACE_EVENT_* stop (a clone event: inside the `clone` syscall).
+    Event,
+    /// A syscall-entry or -exit stop (PTRACE_SYSCALL).
+    Syscall,
+    /// A signal-delivery stop for this signal.
+    Signal(i32),
+}
+
+impl Stop {
+    /// Classifies the wait status of a stopped thread.
+    fn of(status: i32) -> Stop {
+        let sig = libc::WSTOPSIG(status);
+        match status >> 16 {
+            0 if sig == libc::SIGTRAP | 0x80 => Stop::Syscall,
+            0 => Stop::Signal(sig),
+            libc::PTRACE_EVENT_STOP if sig == libc::SIGTRAP => Stop::Interrupt,
+            libc::PTRACE_EVENT_STOP => Stop::Group,
+            _ => Stop::Event,
+        }
+    }
+}
+
+#[derive(Clone, Default)]
 struct ThreadState {
     stopped: bool,
-    /// A signal that arrived while we held the thread; re-injected on resume.
-    pending_sig: i32,
+    /// The stop it is (or was last) in.
+    at: Stop,
+    /// Signals that arrived while we held the thread, each with the siginfo its
+    /// signal-delivery stop had; delivered on resume (see [`ThreadSet::resume`]).
+    pending: Vec<(i32, Option<libc::siginfo_t>)>,
     /// Fenced (see `fence.rs`): inside a syscall with its exit stop armed, with the
     /// registers of its entry stop.
     fenced: Option<Regs>,
@@ -98,6 +138,11 @@ pub struct ThreadSet {
     /// Registers of stopped threads as last read (each thread's are read once per
     /// stop); dropped whenever the thread runs or its registers are written.
     regs_cache: RefCell<BTreeMap<Tid, Regs>>,
+    /// Seized (PTRACE_SEIZE), not a PTRACE_TRACEME child: there a SIGSTOP
+    /// signal-delivery stop is a real SIGSTOP, not the first stop of a new thread.
+    seized: bool,
+    /// Threads a clone event announced whose first stop has not been seen yet.
+    born: Vec<Tid>,
 }
 
 /// How long [`wait_one`] polls before it sleeps.
@@ -162,6 +207,53 @@ fn ptrace(req: libc::c_uint, tid: Tid, addr: u64, data: u64) -> i64 {
     }
 }
 
+/// True if `pid` is stopped by job control (SIGSTOP, SIGTSTP and the like): its first
+/// live thread (main, unless it exited) is in state `T`. A group stop stops them all,
+/// so one is enough (a thousand threads would cost a thousand reads).
+fn job_stopped(pid: Pid) -> bool {
+    let live_state = |t: Tid| pid.task_state(t).filter(|c| !matches!(c, 'Z' | 'X'));
+    // Main first: listing the tasks costs more.
+    live_state(Tid(pid.0)).or_else(|| pid.tasks().ok()?.into_iter().find_map(live_state))
+        == Some('T')
+}
+
+/// `PTRACE_GET_SYSCALL_INFO` (Linux 5.3) and the `op` values of its answer.
+const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
+const SYSCALL_INFO_ENTRY: u8 = 1;
+const SYSCALL_INFO_EXIT: u8 = 2;
+
+/// Whether `tid`, at a syscall stop, is at the syscall's entry or exit
+/// ([`SYSCALL_INFO_ENTRY`] or [`SYSCALL_INFO_EXIT`]); None if the kernel cannot say.
+fn syscall_op(tid: Tid) -> Option<u8> {
+    // struct ptrace_syscall_info begins with its u8 `op`; the rest is not needed.
+    let mut info = [0u8; 88];
+    // GET_SYSCALL_INFO writes at most `addr` bytes to the buffer we own.
+    let n = ptrace(
+        PTRACE_GET_SYSCALL_INFO,
+        tid,
+        info.len() as u64,
+        info.as_mut_ptr() as u64,
+    );
+    (n > 0).then_some(info[0])
+}
+
+/// The signals `tid` blocks now (PTRACE_GETSIGMASK; 0 if it cannot be read).
+fn blocked_signals(tid: Tid) -> u64 {
+    const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+    let mut mask = 0u64;
+    // GETSIGMASK writes the 8-byte kernel sigset of a stopped tracee to our local.
+    if ptrace(PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as u64) < 0 {
+        return 0;
+    }
+    mask
+}
+
+/// Queues signal `sig` to thread `tid` of `pid`.
+fn tgkill(pid: Pid, tid: Tid, sig: i32) {
+    // SAFETY: a plain syscall with integer arguments.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid.0, tid.0, sig) };
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -197,12 +289,25 @@ impl ThreadSet {
             boost: None,
             warm: None,
             regs_cache: RefCell::default(),
+            seized: true,
+            born: Vec::new(),
         };
         set.seize_new_tasks()?;
         if set.threads.is_empty() {
             return Err(Error::NoSuchProcess(pid));
         }
         Ok(set)
+    }
+
+    /// Fails with [`Error::ProcessStopped`] if `pid` is stopped by job control: a
+    /// change that needs remote syscalls (its threads would have to run) is refused
+    /// before anything is touched. (A set can hold a stopped process: its threads stay
+    /// in their group-stop, see [`Self::resume`].)
+    pub fn refuse_stopped(pid: Pid) -> Result<(), Error> {
+        if job_stopped(pid) {
+            return Err(Error::ProcessStopped(pid));
+        }
+        Ok(())
     }
 
     /// Takes over a single-threaded process we already trace (PTRACE_TRACEME child)
@@ -218,6 +323,8 @@ impl ThreadSet {
             tid,
             ThreadState {
                 stopped: true,
+                // The SIGTRAP of the breakpoint at its entry (see `launch`).
+                at: Stop::Signal(libc::SIGTRAP),
                 ..Default::default()
             },
         );
@@ -231,6 +338,8 @@ impl ThreadSet {
             boost: None,
             warm: None,
             regs_cache: RefCell::default(),
+            seized: false,
+            born: Vec::new(),
         })
     }
 
@@ -422,6 +531,13 @@ impl ThreadSet {
         self.threads.keys().copied().collect()
     }
 
+    /// True if `tid` took signals while held that are still to be delivered.
+    pub fn has_pending_signals(&self, tid: Tid) -> bool {
+        self.threads
+            .get(&tid)
+            .is_some_and(|t| !t.pending.is_empty())
+    }
+
     /// True if we hold `tid` and it is stopped.
     pub fn is_stopped(&self, tid: Tid) -> bool {
         self.threads.get(&tid).is_some_and(|t| t.stopped)
@@ -431,6 +547,7 @@ impl ThreadSet {
     fn note_status(&mut self, tid: Tid, status: i32) -> bool {
         // Whatever happened, the thread ran since its registers were cached.
         self.regs_cache.get_mut().remove(&tid);
+        self.born.retain(|&t| t != tid);
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             self.threads.remove(&tid);
             return false;
@@ -441,25 +558,40 @@ impl ThreadSet {
         if self.watch.started.is_none() {
             self.watch.started = Some((Instant::now(), monotonic_ns()));
         }
-        let sig = libc::WSTOPSIG(status);
         let event = status >> 16;
         self.left.remove(&tid);
+        let seized = self.seized;
         let st = self.threads.entry(tid).or_default();
         st.stopped = true;
         st.fenced = None;
-        if event == libc::PTRACE_EVENT_CLONE {
-            let mut msg: libc::c_ulong = 0;
-            // GETEVENTMSG at a clone stop yields the new thread's id.
-            if ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as u64) == 0 {
-                self.threads.entry(Tid(msg as i32)).or_default();
+        st.at = Stop::of(status);
+        match st.at {
+            // A signal arrived while held. SIGTRAP is ours (a step, a breakpoint); a
+            // SIGSTOP is the first stop of a new thread of a PTRACE_TRACEME child.
+            Stop::Signal(sig) if sig != libc::SIGTRAP && (sig != libc::SIGSTOP || seized) => {
+                // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // GETSIGINFO at a signal-delivery stop copies its siginfo to our local.
+                let got = ptrace(libc::PTRACE_GETSIGINFO, tid, 0, &mut info as *mut _ as u64);
+                st.pending.push((sig, (got == 0).then_some(info)));
             }
-        } else if event == 0
-            && sig != libc::SIGTRAP
-            && sig != libc::SIGSTOP
-            && sig != libc::SIGTRAP | 0x80
-        {
-            // A signal arrived while held (SIGTRAP | 0x80 is a syscall stop, not one).
-            st.pending_sig = sig;
+            Stop::Event if event == libc::PTRACE_EVENT_CLONE => {
+                let mut msg: libc::c_ulong = 0;
+                // GETEVENTMSG at a clone stop yields the new thread's id.
+                if ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as u64) == 0 {
+                    let child = Tid(msg as i32);
+                    // Its first stop may have come (and gone) before this report.
+                    if self
+                        .threads
+                        .get(&child)
+                        .is_none_or(|c| c.at == Stop::Unknown)
+                    {
+                        self.threads.entry(child).or_default();
+                        self.born.push(child);
+                    }
+                }
+            }
+            _ => {}
         }
         true
     }
@@ -609,12 +741,36 @@ impl ThreadSet {
         Ok(())
     }
 
-    /// Stops one thread (the lowest tid still alive) and returns it.
+    /// Stops one thread and returns it, at a stop where it can be borrowed for a remote
+    /// syscall or call. When threads are held, one of them: at an interrupt stop or a
+    /// signal-delivery stop if there is one (the single-stepped syscall then ends at a
+    /// SIGTRAP stop, where the kernel restarts what the thread was in), else one
+    /// brought to an interrupt stop without running user code. Otherwise the lowest
+    /// thread still alive, at an interrupt stop ([`Self::bring_to_interrupt_stop`]).
     pub fn stop_one(&mut self) -> Result<Tid, Error> {
-        if let Some((tid, _)) = self.threads.iter().find(|t| t.1.stopped) {
-            return Ok(*tid);
-        }
         let deadline = Instant::now() + STOP_TIMEOUT;
+        if self.threads.values().any(|t| t.stopped) {
+            let pick = |ok: &dyn Fn(Tid, &ThreadState) -> bool| {
+                self.threads
+                    .iter()
+                    .find(|(t, s)| s.stopped && ok(**t, s))
+                    .map(|t| *t.0)
+            };
+            if let Some(tid) = pick(&|_, s| matches!(s.at, Stop::Interrupt | Stop::Signal(_)))
+                .or_else(|| {
+                    pick(&|t, s| s.at == Stop::Syscall && syscall_op(t) == Some(SYSCALL_INFO_EXIT))
+                })
+            {
+                return Ok(tid);
+            }
+            // Only threads inside clone (an event stop) or at a syscall's entry: one is
+            // let through to its interrupt stop; a group-stopped process is refused.
+            let Some(tid) = pick(&|_, s| s.at != Stop::Group) else {
+                return Err(Error::ProcessStopped(self.pid));
+            };
+            self.bring_to_interrupt_stop(tid, deadline)?;
+            return Ok(tid);
+        }
         loop {
             if self.threads.is_empty() {
                 // Released after a commit (or every thread we held has exited): one
@@ -635,26 +791,24 @@ impl ThreadSet {
                     self.threads.remove(&tid);
                     continue;
                 }
-                loop {
-                    // Other threads' events queue up for later; we only need this one.
-                    // Polled first, and bounded: a thread stuck in the kernel (D state)
-                    // must not hang us past the deadline.
-                    match wait_one(tid, deadline) {
-                        Ok(Some(status)) => {
-                            if !self.note_status(tid, status) {
-                                break;
-                            }
-                            if self.is_stopped(tid) {
-                                return Ok(tid);
-                            }
+                // Other threads' events queue up for later; we only need this one.
+                // Polled first, and bounded: a thread stuck in the kernel (D state)
+                // must not hang us past the deadline.
+                match wait_one(tid, deadline) {
+                    Ok(Some(status)) => {
+                        if !self.note_status(tid, status) {
+                            continue;
                         }
-                        Ok(None) => {
-                            return Err(Error::Timeout(format!("thread {tid} did not stop")));
+                        if self.is_stopped(tid) {
+                            self.bring_to_interrupt_stop(tid, deadline)?;
+                            return Ok(tid);
                         }
-                        Err(_) => {
-                            self.threads.remove(&tid);
-                            break;
-                        }
+                    }
+                    Ok(None) => {
+                        return Err(Error::Timeout(format!("thread {tid} did not stop")));
+                    }
+                    Err(_) => {
+                        self.threads.remove(&tid);
                     }
                 }
             }
@@ -666,26 +820,254 @@ impl ThreadSet {
         }
     }
 
-    /// Resumes one stopped thread (re-injecting a signal that arrived meanwhile).
+    /// Brings stopped `tid` to an interrupt stop (PTRACE_EVENT_STOP with SIGTRAP), the
+    /// one stop where its registers are its user state and nothing of the kernel's is
+    /// in flight, so a borrow can replace them and put them back: taken on the way
+    /// back to user space, after the syscall it was in has finished or been broken off
+    /// (then `rax` says how it restarts). Other stops are let go on with an INTERRUPT
+    /// queued, so the thread stops again before its next user instruction:
+    /// - inside `clone` (a clone event): changing the registers there would make the
+    ///   syscall return its child's id into the stub, and the thread lose it;
+    /// - at a signal-delivery stop: the signal is delivered (its frame set up) first;
+    /// - at a syscall-entry or -exit stop: the syscall finishes (or is broken off).
+    ///
+    /// A group stop is refused: the process is stopped by job control.
+    fn bring_to_interrupt_stop(&mut self, tid: Tid, deadline: Instant) -> Result<(), Error> {
+        for _ in 0..64 {
+            let Some(st) = self.threads.get(&tid) else {
+                return Err(Error::ThreadGone(tid));
+            };
+            let direct = match (st.at, st.pending.as_slice()) {
+                (Stop::Interrupt, _) if st.stopped => return Ok(()),
+                (Stop::Group, _) => return Err(Error::ProcessStopped(self.pid)),
+                (_, []) => true,
+                (Stop::Signal(s), [(sig, _)]) => s == *sig,
+                _ => false,
+            };
+            if direct {
+                // INTERRUPT on a stopped tracee only queues the trap; the resume below
+                // (with the signal of this very stop, if any) takes the thread to it
+                // before any user instruction.
+                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                    return Err(Error::ThreadGone(tid));
+                }
+                self.resume(tid)?;
+            } else {
+                // Signals to re-deliver first (they stop it again on their way).
+                self.resume(tid)?;
+                // INTERRUPT: it stops at its next return towards user space.
+                if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0 {
+                    return Err(Error::ThreadGone(tid));
+                }
+            }
+            match wait_one(tid, deadline)? {
+                Some(status) if self.note_status(tid, status) => {}
+                Some(_) => return Err(Error::ThreadGone(tid)),
+                None => return Err(Error::Timeout(format!("thread {tid} did not stop"))),
+            }
+        }
+        Err(Error::Timeout(format!(
+            "thread {tid} did not reach an interrupt stop"
+        )))
+    }
+
+    /// Resumes one stopped thread, delivering the signals that arrived meanwhile as
+    /// they would have been. A thread in a group stop is left stopped (PTRACE_LISTEN):
+    /// the process is stopped by job control and stays so.
     pub fn resume(&mut self, tid: Tid) -> Result<(), Error> {
+        let pid = self.pid;
         let Some(st) = self.threads.get_mut(&tid) else {
             return Ok(());
         };
         if !st.stopped {
             return Ok(());
         }
-        let sig = std::mem::take(&mut st.pending_sig);
-        // CONT from any ptrace-stop; the signal (if any) is delivered as if never held.
-        if ptrace(libc::PTRACE_CONT, tid, 0, sig as u64) < 0 {
+        let pending = std::mem::take(&mut st.pending);
+        let (req, op, sig) = match (st.at, pending.as_slice()) {
+            (Stop::Group, _) => {
+                // Queued again, delivered when the process is continued.
+                for &(sig, _) in &pending {
+                    tgkill(pid, tid, sig);
+                }
+                (libc::PTRACE_LISTEN, "LISTEN", 0)
+            }
+            (_, []) => (libc::PTRACE_CONT, "CONT", 0),
+            // At that signal's own stop, its siginfo untouched: delivered as is.
+            (Stop::Signal(s), [(sig, _)]) if s == *sig => (libc::PTRACE_CONT, "CONT", s),
+            _ => return self.redeliver(tid, pending),
+        };
+        // CONT from a ptrace-stop (with the signal of a signal-delivery stop, delivered
+        // as if never held); LISTEN from a group stop (stopped, but not ptrace-stopped).
+        if ptrace(req, tid, 0, sig as u64) < 0 {
             if errno() == libc::ESRCH {
                 self.threads.remove(&tid);
                 return Ok(());
             }
-            return Err(Error::ptrace("CONT", tid));
+            return Err(Error::ptrace(op, tid));
         }
-        st.stopped = false;
+        if let Some(st) = self.threads.get_mut(&tid) {
+            st.stopped = false;
+        }
         self.regs_cache.get_mut().remove(&tid);
         Ok(())
+    }
+
+    /// Resumes stopped `tid` and delivers `pending`, signals it took while held, from
+    /// a stop other than their own: at an interrupt or event stop a resume cannot
+    /// inject a signal (it would be lost), at a syscall stop only without its siginfo.
+    /// Each is queued to the thread again (tgkill) and, at the signal-delivery stop
+    /// that follows before any user instruction, given back its siginfo and delivered.
+    /// The kernel then applies the handler's SA_RESTART to the syscall the thread was
+    /// in, as it would have. A signal the thread blocks now stays queued.
+    fn redeliver(
+        &mut self,
+        tid: Tid,
+        mut pending: Vec<(i32, Option<libc::siginfo_t>)>,
+    ) -> Result<(), Error> {
+        let blocked = blocked_signals(tid);
+        for &(sig, _) in &pending {
+            tgkill(self.pid, tid, sig);
+        }
+        pending.retain(|&(sig, _)| blocked & (1u64 << (sig - 1)) == 0);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut sig = 0;
+        loop {
+            // CONT (without a signal: the stop we are at has none to deliver, or its
+            // own was handled above); a signal stop is fed its signal back.
+            if ptrace(libc::PTRACE_CONT, tid, 0, sig as u64) < 0 {
+                if errno() == libc::ESRCH {
+                    self.threads.remove(&tid);
+                    return Ok(());
+                }
+                return Err(Error::ptrace("CONT", tid));
+            }
+            if let Some(st) = self.threads.get_mut(&tid) {
+                st.stopped = false;
+            }
+            self.regs_cache.get_mut().remove(&tid);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let Some(status) = wait_one(tid, deadline)? else {
+                tracing::warn!(
+                    "thread {tid}: signals {pending:?} not taken back in time; left queued",
+                    pending = pending.iter().map(|p| p.0).collect::<Vec<_>>()
+                );
+                return Ok(());
+            };
+            if !self.note_status(tid, status) {
+                return Ok(());
+            }
+            let Some(st) = self.threads.get_mut(&tid) else {
+                return Ok(());
+            };
+            // This stop's own signal, recorded by note_status, is delivered right here.
+            st.pending.clear();
+            sig = 0;
+            if let Stop::Signal(s) = st.at {
+                sig = s;
+                if let Some(i) = pending.iter().position(|p| p.0 == s) {
+                    if let Some(info) = pending.remove(i).1 {
+                        // SETSIGINFO at this signal-delivery stop: the signal is
+                        // delivered with the siginfo it first came with.
+                        ptrace(libc::PTRACE_SETSIGINFO, tid, 0, &info as *const _ as u64);
+                    }
+                }
+            } else if st.at == Stop::Group {
+                // Stopped by job control meanwhile: it stays so; the rest stay queued.
+                return self.resume(tid);
+            }
+        }
+    }
+
+    /// Ends a borrow of `tid` (stopped, its registers changed, after the last syscall
+    /// it ran for us) by giving it back `regs`, the registers it had at the interrupt
+    /// stop it was borrowed at, exactly (`orig_rax` and an `-ERESTART*` in `rax`
+    /// included), and resuming it. They are written at an interrupt stop, as they were
+    /// read: the thread is first let on (INTERRUPT queued) from the stop it is at to its
+    /// interrupt stop, taken on its way back to user space before any user instruction
+    /// (the registers it runs there are ours, which still lead back). From there the
+    /// kernel itself delivers a signal that is due (those that came during the borrow
+    /// are re-delivered, see [`Self::resume`]) and restarts the syscall the thread was
+    /// in, or fails it with EINTR, as the signal's handler says; at a syscall-exit stop
+    /// it would do neither.
+    pub fn give_back(&mut self, tid: Tid, regs: &Regs) -> Result<(), Error> {
+        let Some(st) = self.threads.get_mut(&tid) else {
+            return Err(Error::ThreadGone(tid));
+        };
+        // Kept aside: delivered once the registers are back, not in the stub.
+        let mut pending = std::mem::take(&mut st.pending);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut result = Ok(());
+        for _ in 0..16 {
+            let Some(st) = self.threads.get_mut(&tid) else {
+                return Err(Error::ThreadGone(tid));
+            };
+            pending.append(&mut st.pending);
+            if st.at == Stop::Interrupt {
+                break;
+            }
+            // INTERRUPT queues the trap on the stopped thread; CONT without a signal
+            // takes it there (a signal stop on the way is kept in `pending`).
+            if ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) < 0
+                || ptrace(libc::PTRACE_CONT, tid, 0, 0) < 0
+            {
+                return Err(Error::ThreadGone(tid));
+            }
+            st.stopped = false;
+            self.regs_cache.get_mut().remove(&tid);
+            match wait_one(tid, deadline)? {
+                Some(status) if self.note_status(tid, status) => {}
+                Some(_) => return Err(Error::ThreadGone(tid)),
+                None => {
+                    result = Err(Error::Timeout(format!("thread {tid} did not stop")));
+                    self.stop_held(tid)?;
+                    break;
+                }
+            }
+        }
+        if let Some(st) = self.threads.get_mut(&tid) {
+            st.pending = pending;
+        }
+        if result.is_ok() && self.threads.get(&tid).map(|s| s.at) != Some(Stop::Interrupt) {
+            result = Err(Error::Timeout(format!(
+                "thread {tid} did not reach an interrupt stop"
+            )));
+        }
+        result?;
+        self.set_regs(tid, regs)?;
+        self.resume(tid)
+    }
+
+    /// Lets go every stop of a thread we do not hold, after a borrow while the others
+    /// run: the clone event of a thread that created one, the first stop of a new
+    /// thread (auto-attached by TRACECLONE, and waited for: its parent may be waiting
+    /// for it), a signal. Without this they would wait until our next wait for stops.
+    /// Nothing is done while threads are held.
+    pub fn release_others(&mut self) -> Result<(), Error> {
+        if self.threads.values().any(|t| t.stopped) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + BORN_WAIT;
+        loop {
+            while let Ok(Some((tid, status))) = waitpid(-1, libc::WNOHANG) {
+                if self.note_status(tid, status) {
+                    self.resume(tid)?;
+                }
+            }
+            let Some(&child) = self.born.first() else {
+                return Ok(());
+            };
+            let status = wait_one(child, deadline);
+            // Whatever came (or, gone or slow to start, nothing: its first stop is then
+            // taken by the next wait), it is not waited for again.
+            self.born.retain(|&t| t != child);
+            if let Ok(Some(status)) = status {
+                if self.note_status(child, status) {
+                    self.resume(child)?;
+                }
+            }
+        }
     }
 
     /// Lets only `tid` run (the others stay stopped) until it stops again or `timeout`
@@ -706,10 +1088,11 @@ impl ThreadSet {
     /// And no polling of the target's memory: each stop is waited for with
     /// [`wait_one`]. Other stops on the way (a signal, kept for the resume; an
     /// interrupt or group stop) are let go on. Returns false, with the thread stopped
-    /// again, if it did not reach the exit stop within `timeout`.
+    /// again, if it did not reach the exit stop within `timeout`. The thread must be
+    /// at a stop from which it goes on in user space (an interrupt stop, or the exit
+    /// stop of a previous call): the first syscall stop must be this syscall's entry,
+    /// or it fails (the registers given would have been lost to another syscall).
     pub fn run_one_syscall(&mut self, tid: Tid, timeout: Duration) -> Result<bool, Error> {
-        // TRACESYSGOOD marks syscall stops (SIGTRAP | 0x80); set on every seize.
-        const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
         let deadline = Instant::now() + timeout;
         let mut syscall_stops = 0;
         while syscall_stops < 2 {
@@ -728,11 +1111,23 @@ impl ThreadSet {
             if !self.note_status(tid, status) {
                 return Err(Error::ThreadGone(tid));
             }
-            if libc::WIFSTOPPED(status)
-                && status >> 16 == 0
-                && libc::WSTOPSIG(status) == SYSCALL_STOP
-            {
-                syscall_stops += 1;
+            if Stop::of(status) == Stop::Syscall {
+                // Entry, then exit; the kernel says which (since 5.3), so an exit stop
+                // of a syscall the thread was still in is never taken for ours.
+                let want = [SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT][syscall_stops];
+                match syscall_op(tid) {
+                    Some(op) if op != want => {
+                        return Err(Error::RemoteSyscall {
+                            name: "any",
+                            tid,
+                            what: format!(
+                                "syscall stop {op} where {want} was expected: the thread \
+                                 was not at a stop in user space"
+                            ),
+                        });
+                    }
+                    _ => syscall_stops += 1,
+                }
             }
         }
         Ok(true)
@@ -951,6 +1346,7 @@ impl ThreadSet {
         if !had_stopped {
             self.resume(tid)?;
             self.end_pause();
+            self.release_others()?;
         }
         let v = res?;
         if (-4095..0).contains(&v) {
@@ -972,6 +1368,7 @@ impl ThreadSet {
         if !had_stopped {
             self.resume(tid)?;
             self.end_pause();
+            self.release_others()?;
         }
         res
     }
@@ -1014,7 +1411,9 @@ impl ThreadSet {
                         let regs = self.regs(tid)?;
                         if let Some(st) = self.threads.get_mut(&tid) {
                             if sig == libc::SIGSEGV {
-                                st.pending_sig = 0;
+                                // Ours (the return to 0, or a crash of the call): the
+                                // registers go back to before it.
+                                st.pending.retain(|p| p.0 != libc::SIGSEGV);
                             }
                         }
                         if sig == libc::SIGSEGV && regs.rip == 0 {
@@ -1101,14 +1500,27 @@ impl ThreadSet {
         };
         let flags = if timer.is_some() { 0 } else { libc::WNOHANG };
         loop {
-            let stopped: Vec<(Tid, i32)> = self
+            let stopped: Vec<Tid> = self
                 .threads
                 .iter()
                 .filter(|t| t.1.stopped)
-                .map(|(t, s)| (*t, s.pending_sig))
+                .map(|t| *t.0)
                 .collect();
-            for (tid, sig) in stopped {
-                self.threads.remove(&tid);
+            for tid in stopped {
+                let Some(st) = self.threads.remove(&tid) else {
+                    continue;
+                };
+                // DETACH injects a signal only at its own signal-delivery stop; others
+                // are queued again, and the thread takes them untraced.
+                let sig = match (st.at, st.pending.as_slice()) {
+                    (Stop::Signal(s), [(sig, _)]) if s == *sig => s,
+                    (_, pending) => {
+                        for &(sig, _) in pending {
+                            tgkill(self.pid, tid, sig);
+                        }
+                        0
+                    }
+                };
                 detach(tid, sig, &mut first_err);
             }
             if self.threads.is_empty() {
@@ -1139,6 +1551,7 @@ impl ThreadSet {
         }
         drop(timer);
         self.regs_cache.get_mut().clear();
+        self.born.clear();
         self.end_pause();
         first_err.map_or(Ok(()), Err)
     }
@@ -1147,5 +1560,33 @@ impl ThreadSet {
 impl Drop for ThreadSet {
     fn drop(&mut self) {
         let _ = self.detach_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stop;
+
+    /// A wait status of a ptrace-stop: `event << 16 | sig << 8 | 0x7f`.
+    fn stopped(sig: i32, event: i32) -> i32 {
+        (event << 16) | (sig << 8) | 0x7f
+    }
+
+    #[test]
+    fn stops_are_told_apart_by_event_and_signal() {
+        use libc::*;
+        assert_eq!(
+            Stop::of(stopped(SIGTRAP, PTRACE_EVENT_STOP)),
+            Stop::Interrupt
+        );
+        for sig in [SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU] {
+            assert_eq!(Stop::of(stopped(sig, PTRACE_EVENT_STOP)), Stop::Group);
+        }
+        // Inside clone: not a stop to borrow the thread at.
+        assert_eq!(Stop::of(stopped(SIGTRAP, PTRACE_EVENT_CLONE)), Stop::Event);
+        assert_eq!(Stop::of(stopped(SIGTRAP | 0x80, 0)), Stop::Syscall);
+        assert_eq!(Stop::of(stopped(SIGALRM, 0)), Stop::Signal(SIGALRM));
+        assert_eq!(Stop::of(stopped(SIGTRAP, 0)), Stop::Signal(SIGTRAP));
+        assert!(WIFSTOPPED(stopped(SIGTRAP, PTRACE_EVENT_CLONE)));
     }
 }

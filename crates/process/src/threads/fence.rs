@@ -220,7 +220,18 @@ impl ThreadSet {
         let Some(st) = self.threads.get_mut(&tid) else {
             return Ok(Step::Plain);
         };
-        let sig = std::mem::take(&mut st.pending_sig);
+        // A signal of this very stop is delivered by the SYSCALL below; others (or a
+        // group stop) are left to a plain resume, and the thread to the commit.
+        let sig = match (st.at, st.pending.as_slice()) {
+            (super::Stop::Signal(s), [(sig, _)]) if s == *sig => s,
+            (super::Stop::Group, _) => return Ok(Step::Plain),
+            (_, []) => 0,
+            _ => {
+                self.resume(tid)?;
+                return Ok(Step::Plain);
+            }
+        };
+        st.pending.clear();
         // SYSCALL from any ptrace-stop: the thread runs to its next syscall entry (a
         // syscall broken off by our INTERRUPT is restarted through user space, so it
         // comes back through an entry stop).
