@@ -47,7 +47,8 @@ use livecare_process::{
 
 use arch::{Native, PatchArch};
 pub use container::{
-    fnv1a, load_patches, parse_container, read_patch_bytes, read_patch_file, Patch,
+    fnv1a, load_patches, load_patches_by, parse_container, read_patch_bytes, read_patch_file,
+    DirLookup, Loaded, Patch,
 };
 pub use error::Error;
 pub use lock::{start_time, TargetLock};

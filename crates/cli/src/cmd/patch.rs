@@ -276,8 +276,19 @@ fn print_report(r: &ApplyReport, face: super::Face) {
 /// Runs `patch`.
 pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     check_trusted(&args.patch, args.allow_insecure_perms)?;
-    let patches = livecare_apply::load_patches(&args.patch)
+    // Under LibCare's names a directory is read as LibCare reads it (see README).
+    let lookup = match face {
+        super::Face::LibCare => livecare_apply::DirLookup::LibCare,
+        super::Face::Native => livecare_apply::DirLookup::Native,
+    };
+    let loaded = livecare_apply::load_patches_by(&args.patch, lookup)
         .with_context(|| format!("loading {}", args.patch.display()))?;
+    if face == super::Face::Native {
+        for note in &loaded.notes {
+            eprintln!("livecare: {note}");
+        }
+    }
+    let patches = loaded.patches;
     if patches.is_empty() {
         anyhow::bail!("no patches found in {}", args.patch.display());
     }
