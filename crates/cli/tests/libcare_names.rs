@@ -292,3 +292,71 @@ fn libcare_ctl_unpatch_removes_every_patch() -> Result<()> {
     see(&mut p, "t0 value=1")?;
     assert_clean(&mut p)
 }
+
+/// Item 10, `libcare-cc` called on its own (as LibCare's test Makefiles do in the
+/// lpmake flavour) with no KPCC_PATCH_ARGS: the patched-stage object reaches glibc's
+/// `stdout` through the GOT, not with a 32-bit pc-relative reference; with
+/// KPCC_PATCH_ARGS set (even empty) the options are the ones given, as in LibCare.
+#[test]
+fn libcare_cc_alone_reaches_glibc_data_through_the_got() -> Result<()> {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+    let (tree, bin) = tools()?;
+    tree.copy_fixture("libcare-gotpcrel")?;
+    let cc = |stage: &str, patch_args: Option<&str>| -> Result<Vec<u8>> {
+        let mut c = Command::new(bin.join("libcare-cc"));
+        c.args(["-O2", "-fPIE", "-c", "pie.c", "-o", "pie.o"])
+            .current_dir(tree.path())
+            .env("KPATCH_STAGE", stage)
+            .env("KPATCH_ASM_DIR", tree.join("asm"))
+            .env_remove("KPCCREAL")
+            .env_remove("KPCC_PATCH_ARGS");
+        if let Some(a) = patch_args {
+            c.env("KPCC_PATCH_ARGS", a);
+        }
+        let o = c.output()?;
+        ensure!(o.status.success(), "libcare-cc ({stage}): {}", text(&o));
+        Ok(std::fs::read(tree.join("pie.o"))?)
+    };
+    cc("original", None)?;
+    let fix = testkit::fixture_dir("libcare-gotpcrel").join("fix.diff");
+    let o = Command::new("patch")
+        .args(["-p1", "--quiet", "-i"])
+        .arg(&fix)
+        .current_dir(tree.path())
+        .output()?;
+    ensure!(o.status.success(), "patch: {}", text(&o));
+    // The kinds of the relocations from the patch code to `stdout`.
+    let kinds = |obj: &[u8]| -> Result<Vec<u32>> {
+        let f = object::File::parse(obj)?;
+        let mut v = Vec::new();
+        for sec in f.sections() {
+            for (_, r) in sec.relocations() {
+                let RelocationTarget::Symbol(i) = r.target() else {
+                    continue;
+                };
+                if f.symbol_by_index(i)?.name()? == "stdout" {
+                    if let object::RelocationFlags::Elf { r_type } = r.flags() {
+                        v.push(r_type);
+                    }
+                }
+            }
+        }
+        Ok(v)
+    };
+    let got = [
+        object::elf::R_X86_64_GOTPCREL,
+        object::elf::R_X86_64_GOTPCRELX,
+        object::elf::R_X86_64_REX_GOTPCRELX,
+    ];
+    let default = kinds(&cc("patched", None)?)?;
+    ensure!(
+        !default.is_empty() && default.iter().all(|t| got.contains(t)),
+        "stdout through the GOT by default: {default:?}"
+    );
+    let given = kinds(&cc("patched", Some(""))?)?;
+    ensure!(
+        given.contains(&object::elf::R_X86_64_PC32),
+        "KPCC_PATCH_ARGS=\"\" gives no diff options: {given:?}"
+    );
+    Ok(())
+}
