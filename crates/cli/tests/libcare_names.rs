@@ -44,7 +44,12 @@ fn ok(exe: &Path, args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
-    ensure!(o.status.success(), "{} {args:?}: {}", exe.display(), text(&o));
+    ensure!(
+        o.status.success(),
+        "{} {args:?}: {}",
+        exe.display(),
+        text(&o)
+    );
     Ok(text(&o))
 }
 
