@@ -75,8 +75,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         let mut done = livecare_apply::unpatch(pid, &sel, &opts);
         // LibCare keeps one patch per object and removes it whole: under its name,
         // without `-i`, every selected patch goes (newest first), not just the newest.
-        while every_patch {
-            let Ok(reports) = &mut done else { break };
+        while let (true, Ok(reports)) = (every_patch, &mut done) {
             if reports.is_empty() || holds_selected_patch(pid, &sel) != Ok(true) {
                 break;
             }
