@@ -471,7 +471,8 @@ fn apply_one(
     if existing.iter().any(|r| {
         r.build_id == patch.build_id
             && (r.hash == patch.hash
-                || (!patch.patch_id.is_empty() && r.patch_id == patch.patch_id))
+                // Storage levels may share a patch id (LibcarePlus' -i): the level tells.
+                || (!patch.patch_id.is_empty() && patch.level == 0 && r.patch_id == patch.patch_id))
     }) {
         return Err(Error::AlreadyApplied {
             pid: pid.0,

@@ -165,8 +165,9 @@ fn latest_symlink_chooses_the_level_and_upgrades_one_to_two() -> Result<()> {
     let (s, bin) = tools()?;
     let b = scenario_builder(&s)?;
     let exe = b.executable("orig.c", "prog", &[])?;
-    let level1 = b.patch(&exe, "patched-basic.c", "1")?;
-    let level2 = b.patch(&exe, "patched-stack2.c", "2")?;
+    // One patch id for both levels, as LibcarePlus' test Makefiles give (`-i`).
+    let level1 = b.patch(&exe, "patched-basic.c", "0001")?;
+    let level2 = b.patch(&exe, "patched-stack2.c", "0001")?;
     let root = s.join("patchlevel-root");
     store(&root, &level1, 1)?;
     store(&root, &level2, 2)?;
@@ -182,6 +183,11 @@ fn latest_symlink_chooses_the_level_and_upgrades_one_to_two() -> Result<()> {
     ok(&ctl, &["patch-user", "-p", &pid, ps(&root)])?;
     see(&mut p, "t0 value=3")?;
     ensure!(applied(p.pid())? == 1, "level 2 replaced level 1");
+    // Again at the same level: nothing to do, as LibCare says (exit 0).
+    let again = ok(&ctl, &["patch-user", "-p", &pid, ps(&root)])?;
+    ensure!(again.contains("No patch(es) applicable"), "{again}");
+    ensure!(applied(p.pid())? == 1, "still one patch");
+    see(&mut p, "t0 value=3")?;
     ok(&ctl, &["unpatch-user", "-p", &pid])?;
     see(&mut p, "t0 value=1")?;
     assert_clean(&mut p)?;

@@ -44,10 +44,51 @@ enum Outcome {
     /// With `-p all`: we may not read its mappings (another user's process), so we
     /// cannot tell whether a patch is for it. Named, and counted as not done.
     Unreadable,
+    /// Under LibCare's name: every patch for it is applied already (the same patch, or
+    /// a level as high): nothing to do, as LibCare says.
+    NothingNew,
+}
+
+/// `patches` without the ones `pid` holds already (same patch, or for storage levels
+/// the same or a higher level applied): LibCare leaves those objects alone, without
+/// error, and patches the others. `None` when nothing was left out.
+fn not_yet_applied(
+    pid: Pid,
+    patches: &[livecare_apply::Patch],
+) -> Option<Vec<livecare_apply::Patch>> {
+    let regions = livecare_apply::find_regions(pid).ok()?;
+    let held = |p: &livecare_apply::Patch| {
+        regions.iter().any(|r| {
+            r.state == livecare_apply::RegionState::Applied
+                && r.build_id == p.build_id
+                && (r.hash == p.hash
+                    || (!p.patch_id.is_empty() && r.patch_id == p.patch_id && p.level == 0)
+                    || (p.level > 0 && r.level >= p.level))
+        })
+    };
+    if !patches.iter().any(held) {
+        return None;
+    }
+    Some(patches.iter().filter(|p| !held(p)).cloned().collect())
 }
 
 /// Patches one process; with `all`, processes without a matching object are skipped.
-fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Options) -> Outcome {
+/// `skip_applied` (LibCare's name): patches the process holds already are left out.
+fn patch_one(
+    pid: Pid,
+    all: bool,
+    patches: &[livecare_apply::Patch],
+    opts: &Options,
+    skip_applied: bool,
+) -> Outcome {
+    let fewer = skip_applied
+        .then(|| not_yet_applied(pid, patches))
+        .flatten();
+    let patches = match &fewer {
+        Some(v) if v.is_empty() => return Outcome::NothingNew,
+        Some(v) => v.as_slice(),
+        None => patches,
+    };
     let result = if all {
         // Only processes with an object some patch is for count; the others
         // (including ones we cannot read or that exit meanwhile) are skipped. The
@@ -309,18 +350,28 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let mut failed: Vec<(Pid, String)> = Vec::new();
     let mut unreadable: Vec<Pid> = Vec::new();
     let before = (!all).then(|| Before::take(pids[0]));
+    // LibCare leaves an object whose patch (or a level as high) is applied alone.
+    let skip_applied = face == super::Face::LibCare;
     let outcomes = if all {
         in_parallel(&pids, jobs_or_cpus(args.jobs), |pid| {
-            patch_one(pid, true, &patches, &opts)
+            patch_one(pid, true, &patches, &opts, skip_applied)
         })
     } else {
         pids.iter()
-            .map(|&pid| patch_one(pid, false, &patches, &opts))
+            .map(|&pid| patch_one(pid, false, &patches, &opts, skip_applied))
             .collect()
     };
+    let mut nothing_new = 0usize;
     for (pid, outcome) in pids.iter().zip(outcomes) {
         match outcome {
             Outcome::Skipped => {}
+            Outcome::NothingNew => {
+                nothing_new += 1;
+                if !all {
+                    // LibCare's words and exit status 0.
+                    println!("No patch(es) applicable to PID '{pid}' have been found");
+                }
+            }
             Outcome::Unreadable => unreadable.push(*pid),
             Outcome::Patched(reports) => ok.extend(reports),
             Outcome::Failed(e) if !all => {
@@ -351,10 +402,10 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         eprintln!("livecare: {}", unreadable_note(&unreadable, "patch"));
     }
     let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
-    if all && ok.is_empty() && failed.is_empty() && unreadable.is_empty() {
+    if all && ok.is_empty() && failed.is_empty() && unreadable.is_empty() && nothing_new == 0 {
         anyhow::bail!("no process has an object with build-id {}", ids.join(", "));
     }
-    if all && ok.is_empty() && failed.is_empty() {
+    if all && ok.is_empty() && failed.is_empty() && nothing_new == 0 {
         eprintln!(
             "livecare: no process it could read has an object with build-id {}",
             ids.join(", ")
