@@ -81,13 +81,16 @@ fn patch_one(
     opts: &Options,
     skip_applied: bool,
 ) -> Outcome {
-    let fewer = skip_applied
-        .then(|| not_yet_applied(pid, patches))
-        .flatten();
-    let patches = match &fewer {
-        Some(v) if v.is_empty() => return Outcome::NothingNew,
-        Some(v) => v.as_slice(),
-        None => patches,
+    use std::borrow::Cow;
+    let still_to_apply = || -> Option<Cow<'_, [livecare_apply::Patch]>> {
+        if !skip_applied {
+            return Some(Cow::Borrowed(patches));
+        }
+        match not_yet_applied(pid, patches) {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(Cow::Owned(v)),
+            None => Some(Cow::Borrowed(patches)),
+        }
     };
     let result = if all {
         // Only processes with an object some patch is for count; the others
@@ -104,9 +107,16 @@ fn patch_one(
         if livecare_apply::matching_patches(patches, &objects).is_empty() {
             return Outcome::Skipped;
         }
-        livecare_apply::apply_to_objects(pid, patches, objects, opts)
+        // Only now, for a process that is a target: the others cost no region scan.
+        let Some(todo) = still_to_apply() else {
+            return Outcome::NothingNew;
+        };
+        livecare_apply::apply_to_objects(pid, &todo, objects, opts)
     } else {
-        livecare_apply::apply(pid, patches, opts)
+        let Some(todo) = still_to_apply() else {
+            return Outcome::NothingNew;
+        };
+        livecare_apply::apply(pid, &todo, opts)
     };
     match result {
         Ok(reports) => Outcome::Patched(reports),
