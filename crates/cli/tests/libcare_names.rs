@@ -251,10 +251,18 @@ fn libcare_cc_defaults_to_force_gotpcrel() -> Result<()> {
     ensure!(o.status.success(), "libcare-patch-make: {}", text(&o));
     let ctl = bin.join("libcare-ctl");
     let patchroot = tree.join("patchroot");
-    for prog in ["pie", "nopie"] {
+    for (prog, other) in [("pie", "nopie"), ("nopie", "pie")] {
         let mut p = Running::start(&tree.join(prog), &[])?;
         see(&mut p, "Hello from UNPATCHED")?;
         let pid = p.pid().to_string();
+        // The other program's patch is for none of its objects: as LibCare, nothing to
+        // do and exit status 0.
+        let theirs = patchroot.join(format!(
+            "{}.kpatch",
+            testkit::build_id_of(&tree.join(other))?
+        ));
+        let none = ok(&ctl, &["patch", "-p", &pid, ps(&theirs)])?;
+        ensure!(none.contains("No patch(es) applicable"), "{none}");
         ok(&ctl, &["patch", "-p", &pid, ps(&patchroot)])?;
         see(&mut p, "Hello from PATCHED")?;
         ok(&ctl, &["unpatch", "-p", &pid])?;

@@ -45,8 +45,9 @@ enum Outcome {
     /// cannot tell whether a patch is for it. Named, and counted as not done.
     Unreadable,
     /// Under LibCare's name: every patch for it is applied already (the same patch, or
-    /// a level as high): nothing to do, as LibCare says.
-    NothingNew,
+    /// a level as high), or none is for its objects: nothing to do, as LibCare says
+    /// (exit status 0); the note says why.
+    NothingNew(Option<String>),
 }
 
 /// `patches` without the ones `pid` holds already (same patch, or for storage levels
@@ -109,18 +110,22 @@ fn patch_one(
         }
         // Only now, for a process that is a target: the others cost no region scan.
         let Some(todo) = still_to_apply() else {
-            return Outcome::NothingNew;
+            return Outcome::NothingNew(None);
         };
         livecare_apply::apply_to_objects(pid, &todo, objects, opts)
     } else {
         let Some(todo) = still_to_apply() else {
-            return Outcome::NothingNew;
+            return Outcome::NothingNew(None);
         };
         livecare_apply::apply(pid, &todo, opts)
     };
     match result {
         Ok(reports) => Outcome::Patched(reports),
         Err(ApplyError::NoMatchingObject { .. }) if all => Outcome::Skipped,
+        // LibCare: "No patch(es) applicable", exit status 0.
+        Err(e @ ApplyError::NoMatchingObject { .. }) if skip_applied => {
+            Outcome::NothingNew(Some(e.to_string()))
+        }
         Err(e)
             if all
                 && matches!(e, ApplyError::Process(_))
@@ -375,8 +380,11 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     for (pid, outcome) in pids.iter().zip(outcomes) {
         match outcome {
             Outcome::Skipped => {}
-            Outcome::NothingNew => {
+            Outcome::NothingNew(note) => {
                 nothing_new += 1;
+                if let Some(note) = note {
+                    eprintln!("livecare: {note}");
+                }
                 if !all {
                     // LibCare's words and exit status 0.
                     println!("No patch(es) applicable to PID '{pid}' have been found");
