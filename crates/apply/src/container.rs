@@ -1,5 +1,6 @@
 //! Loading patches: a `.kpatch` file, a directory of `<buildid>.kpatch`, or LibCare
 //! storage (`<buildid>/latest/kpatch.bin`, levels `<buildid>/<N>/kpatch.bin`).
+//! [`DirLookup`] says which files of a directory count.
 
 use std::path::{Path, PathBuf};
 
@@ -111,14 +112,42 @@ pub fn read_patch_bytes(path: &Path) -> Result<Vec<u8>, Error> {
 }
 
 /// Loads every patch at `path`: a file, a directory of `<buildid>.kpatch`, or LibCare
-/// storage (for each build-id the highest level, or `latest`).
+/// storage (for each build-id the level `latest` points to, else the highest level).
 pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
+    load_patches_by(path, DirLookup::Native).map(|l| l.patches)
+}
+
+/// How a patch directory is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirLookup {
+    /// livecare: every `*.kpatch` file (identical copies once) and, in each
+    /// `<buildid>/` storage directory, the level `latest` names (else the highest).
+    Native,
+    /// LibCare's lookup: per build-id, `<buildid>/latest/kpatch.bin`, else
+    /// `<buildid>.kpatch`; nothing else in the directory is read.
+    LibCare,
+}
+
+/// Patches loaded from a path, and what was left out of a directory and why.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The patches to apply, in directory order.
+    pub patches: Vec<Patch>,
+    /// One line per file left out (a duplicate, or a name LibCare's lookup skips).
+    pub notes: Vec<String>,
+}
+
+/// Loads the patches at `path`, reading a directory as `lookup` says.
+pub fn load_patches_by(path: &Path, lookup: DirLookup) -> Result<Loaded, Error> {
     let meta = std::fs::metadata(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         err: e,
     })?;
     if meta.is_file() {
-        return Ok(vec![read_patch_file(path)?]);
+        return Ok(Loaded {
+            patches: vec![read_patch_file(path)?],
+            notes: Vec::new(),
+        });
     }
     if !meta.is_dir() {
         // Never opened: reading a FIFO would block until someone writes to it.
@@ -136,19 +165,75 @@ pub fn load_patches(path: &Path) -> Result<Vec<Patch>, Error> {
     })?;
     let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     entries.sort();
-    let mut out = Vec::new();
-    for p in entries {
-        let name = p
-            .file_name()
+    let name_of = |p: &Path| {
+        p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if p.is_file() && name.ends_with(".kpatch") {
-            out.push(read_patch_file(&p)?);
-        } else if p.is_dir() && is_hex_id(name.as_bytes()) {
-            if let Some(patch) = load_storage_entry(&p)? {
-                out.push(patch);
+            .unwrap_or_default()
+    };
+    let mut out = Loaded::default();
+    // Storage directories first: LibCare looks up `<buildid>/latest/kpatch.bin` before
+    // `<buildid>.kpatch`.
+    for p in &entries {
+        let name = name_of(p);
+        if p.is_dir() && is_hex_id(name.as_bytes()) {
+            if let Some(patch) = load_storage_entry(p, lookup)? {
+                out.patches.push(patch);
             }
         }
+    }
+    for p in &entries {
+        let name = name_of(p);
+        let Some(stem) = name.strip_suffix(".kpatch").filter(|_| p.is_file()) else {
+            continue;
+        };
+        if lookup == DirLookup::LibCare {
+            // LibCare opens `<buildid>.kpatch` for each object's build-id; a file named
+            // otherwise (the suites' `TEST.kpatch` copy) is never read.
+            if !(is_hex_id(stem.as_bytes()) && stem.bytes().all(|c| c.is_ascii_hexdigit())) {
+                out.notes.push(format!(
+                    "{} ignored: LibCare looks patches up as <buildid>.kpatch",
+                    p.display()
+                ));
+                continue;
+            }
+            let stem = stem.to_ascii_lowercase();
+            if out.patches.iter().any(|q| q.build_id == stem) {
+                out.notes.push(format!(
+                    "{} ignored: {stem}/latest/kpatch.bin comes first",
+                    p.display()
+                ));
+                continue;
+            }
+            let patch = read_patch_file(p)?;
+            if patch.build_id != stem {
+                return Err(Error::BadPatch {
+                    path: p.clone(),
+                    what: format!(
+                        "named for build-id {stem} but made for build-id {}; rename it \
+                         <buildid>.kpatch after the object it patches",
+                        patch.build_id
+                    ),
+                });
+            }
+            out.patches.push(patch);
+            continue;
+        }
+        let patch = read_patch_file(p)?;
+        // The same patch under two names (LibCare's suites keep `TEST.kpatch` and
+        // `<buildid>.kpatch`): applied once.
+        if let Some(first) = out
+            .patches
+            .iter()
+            .find(|q| q.build_id == patch.build_id && q.hash == patch.hash)
+        {
+            out.notes.push(format!(
+                "{} holds the same patch as {}: applied once",
+                p.display(),
+                first.source.display()
+            ));
+            continue;
+        }
+        out.patches.push(patch);
     }
     Ok(out)
 }
@@ -170,34 +255,34 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// `<buildid>/` in LibCare storage: the highest numbered level (or `latest`).
-fn load_storage_entry(dir: &Path) -> Result<Option<Patch>, Error> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
-        path: dir.to_path_buf(),
-        err: e,
-    })?;
+/// `<buildid>/` in LibCare storage: the level `latest` points to (LibCare's lookup),
+/// else, natively, the highest numbered level.
+fn load_storage_entry(dir: &Path, lookup: DirLookup) -> Result<Option<Patch>, Error> {
     let mut best: Option<(u32, PathBuf)> = None;
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(level) = name.parse::<u32>() {
-            let f = e.path().join("kpatch.bin");
-            if f.is_file() && best.as_ref().is_none_or(|(l, _)| level > *l) {
-                best = Some((level, f));
+    let latest = dir.join("latest").join("kpatch.bin");
+    if latest.is_file() {
+        let level = std::fs::read_link(dir.join("latest"))
+            .ok()
+            .and_then(|t| {
+                t.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0);
+        best = Some((level, latest));
+    } else if lookup == DirLookup::Native {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
+            path: dir.to_path_buf(),
+            err: e,
+        })?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(level) = name.parse::<u32>() {
+                let f = e.path().join("kpatch.bin");
+                if f.is_file() && best.as_ref().is_none_or(|(l, _)| level > *l) {
+                    best = Some((level, f));
+                }
             }
-        }
-    }
-    if best.is_none() {
-        let latest = dir.join("latest").join("kpatch.bin");
-        if latest.is_file() {
-            let level = std::fs::read_link(dir.join("latest"))
-                .ok()
-                .and_then(|t| {
-                    t.file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.parse().ok())
-                })
-                .unwrap_or(0);
-            best = Some((level, latest));
         }
     }
     let Some((level, f)) = best else {

@@ -50,7 +50,8 @@ use livecare_process::{
 
 use arch::{Native, PatchArch};
 pub use container::{
-    fnv1a, load_patches, parse_container, read_patch_bytes, read_patch_file, Patch,
+    fnv1a, load_patches, load_patches_by, parse_container, read_patch_bytes, read_patch_file,
+    DirLookup, Loaded, Patch,
 };
 pub use error::Error;
 pub use lock::{start_time, TargetLock};
@@ -513,7 +514,8 @@ fn apply_one(
     if existing.iter().any(|r| {
         r.build_id == patch.build_id
             && (r.hash == patch.hash
-                || (!patch.patch_id.is_empty() && r.patch_id == patch.patch_id))
+                // Storage levels may share a patch id (LibcarePlus' -i): the level tells.
+                || (!patch.patch_id.is_empty() && patch.level == 0 && r.patch_id == patch.patch_id))
     }) {
         return Err(Error::AlreadyApplied {
             pid: pid.0,

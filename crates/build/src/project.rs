@@ -42,7 +42,7 @@ pub struct Options {
     pub targets: Vec<PathBuf>,
     /// The `livecare` executable the wrapper scripts run.
     pub tool: PathBuf,
-    /// `KPCC_PATCH_ARGS` when the environment does not set it.
+    /// `KPCC_PATCH_ARGS` when the environment does not set it (empty: no diff options).
     pub diff_args: String,
     /// Put the original binaries back into the tree at the end.
     pub restore_outputs: bool,
@@ -364,7 +364,9 @@ impl Session {
         if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
             c.env("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH);
         }
-        if std::env::var_os("KPCC_PATCH_ARGS").is_none() && !self.opts.diff_args.is_empty() {
+        // Set even when empty: `libcare-cc` with no KPCC_PATCH_ARGS at all takes
+        // LibCare's default (`--force-gotpcrel`), which `diff_args` decides here.
+        if std::env::var_os("KPCC_PATCH_ARGS").is_none() {
             c.env("KPCC_PATCH_ARGS", &self.opts.diff_args);
         }
         let status = c.status().map_err(|e| BuildError::Command {

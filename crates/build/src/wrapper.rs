@@ -160,17 +160,19 @@ fn split_list(v: Option<String>) -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// Parses `kpatch_gensrc`-style flags into diff options; unknown flags are ignored
+/// Parses `kpatch_gensrc`-style flags (`;`- or space-separated) into diff options; unknown flags are ignored
 /// with a warning (LibCare passes `--os=rhel6` and friends that mean nothing here).
 pub fn gensrc_options(flags: &str) -> asm_diff::Options {
     let mut o = asm_diff::Options::default();
-    for f in flags.split_whitespace() {
+    // LibCare separates them with `;` (as in KPCC_APPEND_ARGS), livecare with spaces.
+    let flags = flags.split(|c: char| c == ';' || c.is_whitespace());
+    for f in flags.filter(|f| !f.is_empty()) {
         match f {
             "--force-global" => o.force_global = true,
             "--force-gotpcrel" => o.force_gotpcrel = true,
             "--ignore-line-macros" => o.ignore_line_macros = true,
             "-v" | "--verbose" => o.verbose = true,
-            f if f.starts_with("--os=") || f.starts_with("--dbg-filter") => {}
+            f if f.starts_with("--os=") || f.starts_with("--dbg-filter") || f == "--test-mode" => {}
             other => eprintln!("libcare-cc: ignoring unknown diff option {other:?}"),
         }
     }

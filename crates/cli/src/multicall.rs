@@ -88,7 +88,7 @@ enum CtlCommand {
     /// Apply patches: -p PID|all FILE|DIR.
     #[command(alias = "patch-user")]
     Patch(cmd::patch::Args),
-    /// Remove patches: -p PID|all [-i ID] [BUILDID...].
+    /// Remove patches: -p PID|all [-i ID] [BUILDID...]; without -i, all selected ones.
     #[command(alias = "unpatch-user")]
     Unpatch(cmd::unpatch::Args),
     /// List applied patches.
@@ -150,7 +150,7 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             },
             Err(e) => exit_on_usage(e),
         },
-        "libcare-cc" => cmd::cc::run(args.into_iter().skip(1).collect()),
+        "libcare-cc" => cmd::cc::run_as(args.into_iter().skip(1).collect(), face),
         "libcare-patch-make" => match parse_as::<cmd::patch_make::Args>("libcare-patch-make", args)
         {
             Ok(a) => cmd::patch_make::run(a),

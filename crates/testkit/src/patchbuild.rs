@@ -80,6 +80,9 @@ pub struct Builder {
     fixture: PathBuf,
     work: PathBuf,
     flags: Flags,
+    /// Runs the diff step as this tool (e.g. a `kpatch_gensrc` link) with these extra
+    /// flags, instead of `livecare gensrc`.
+    gensrc_tool: Option<(PathBuf, Vec<String>)>,
 }
 
 /// Runs `cmd` (in `cwd` if given) and returns its stdout; errors name the step.
@@ -107,7 +110,16 @@ impl Builder {
             fixture: fixture.to_path_buf(),
             work: work.to_path_buf(),
             flags,
+            gensrc_tool: None,
         })
+    }
+
+    /// Makes [`Builder::patch`] run its diff step as `tool` (a LibCare tool name linked
+    /// to livecare, say `kpatch_gensrc`) with `extra` flags first.
+    pub fn gensrc_via(mut self, tool: &Path, extra: &[&str]) -> Builder {
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        self.gensrc_tool = Some((tool.to_path_buf(), extra));
+        self
     }
 
     /// The flags in use.
@@ -268,7 +280,14 @@ impl Builder {
             c
         };
         let aug = dir.join("aug.s");
-        let mut gensrc = lc("gensrc");
+        let mut gensrc = match &self.gensrc_tool {
+            Some((tool, extra)) => {
+                let mut c = Command::new(tool);
+                c.args(extra);
+                c
+            }
+            None => lc("gensrc"),
+        };
         if orig.shared || self.flags.force_gotpcrel {
             gensrc.arg("--force-gotpcrel");
         }

@@ -30,6 +30,10 @@ pub struct Args {
     /// Treat functions whose only change is shifted `__LINE__` constants as unchanged.
     #[arg(long = "ignore-line-macros")]
     pub ignore_line_macros: bool,
+    /// Accepted for LibcarePlus compatibility: there it only turns off its optional
+    /// function filter (a config file), which livecare does not have.
+    #[arg(long = "test-mode")]
+    pub test_mode: bool,
     /// Print changed/added functions and warnings about unknown directives.
     #[arg(short = 'v', long = "verbose")]
     pub verbose: bool,

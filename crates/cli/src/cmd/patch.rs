@@ -44,10 +44,55 @@ enum Outcome {
     /// With `-p all`: we may not read its mappings (another user's process), so we
     /// cannot tell whether a patch is for it. Named, and counted as not done.
     Unreadable,
+    /// Under LibCare's name: every patch for it is applied already (the same patch, or
+    /// a level as high), or none is for its objects: nothing to do, as LibCare says
+    /// (exit status 0); the note says why.
+    NothingNew(Option<String>),
+}
+
+/// `patches` without the ones `pid` holds already (same patch, or for storage levels
+/// the same or a higher level applied): LibCare leaves those objects alone, without
+/// error, and patches the others. `None` when nothing was left out.
+fn not_yet_applied(
+    pid: Pid,
+    patches: &[livecare_apply::Patch],
+) -> Option<Vec<livecare_apply::Patch>> {
+    let regions = livecare_apply::find_regions(pid).ok()?;
+    let held = |p: &livecare_apply::Patch| {
+        regions.iter().any(|r| {
+            r.state == livecare_apply::RegionState::Applied
+                && r.build_id == p.build_id
+                && (r.hash == p.hash
+                    || (!p.patch_id.is_empty() && r.patch_id == p.patch_id && p.level == 0)
+                    || (p.level > 0 && r.level >= p.level))
+        })
+    };
+    if !patches.iter().any(held) {
+        return None;
+    }
+    Some(patches.iter().filter(|p| !held(p)).cloned().collect())
 }
 
 /// Patches one process; with `all`, processes without a matching object are skipped.
-fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Options) -> Outcome {
+/// `skip_applied` (LibCare's name): patches the process holds already are left out.
+fn patch_one(
+    pid: Pid,
+    all: bool,
+    patches: &[livecare_apply::Patch],
+    opts: &Options,
+    skip_applied: bool,
+) -> Outcome {
+    use std::borrow::Cow;
+    let still_to_apply = || -> Option<Cow<'_, [livecare_apply::Patch]>> {
+        if !skip_applied {
+            return Some(Cow::Borrowed(patches));
+        }
+        match not_yet_applied(pid, patches) {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(Cow::Owned(v)),
+            None => Some(Cow::Borrowed(patches)),
+        }
+    };
     let result = if all {
         // Only processes with an object some patch is for count; the others
         // (including ones we cannot read or that exit meanwhile) are skipped. The
@@ -63,13 +108,24 @@ fn patch_one(pid: Pid, all: bool, patches: &[livecare_apply::Patch], opts: &Opti
         if livecare_apply::matching_patches(patches, &objects).is_empty() {
             return Outcome::Skipped;
         }
-        livecare_apply::apply_to_objects(pid, patches, objects, opts)
+        // Only now, for a process that is a target: the others cost no region scan.
+        let Some(todo) = still_to_apply() else {
+            return Outcome::NothingNew(None);
+        };
+        livecare_apply::apply_to_objects(pid, &todo, objects, opts)
     } else {
-        livecare_apply::apply(pid, patches, opts)
+        let Some(todo) = still_to_apply() else {
+            return Outcome::NothingNew(None);
+        };
+        livecare_apply::apply(pid, &todo, opts)
     };
     match result {
         Ok(reports) => Outcome::Patched(reports),
         Err(ApplyError::NoMatchingObject { .. }) if all => Outcome::Skipped,
+        // LibCare: "No patch(es) applicable", exit status 0.
+        Err(e @ ApplyError::NoMatchingObject { .. }) if skip_applied => {
+            Outcome::NothingNew(Some(e.to_string()))
+        }
         Err(e)
             if all
                 && matches!(e, ApplyError::Process(_))
@@ -276,8 +332,19 @@ fn print_report(r: &ApplyReport, face: super::Face) {
 /// Runs `patch`.
 pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     check_trusted(&args.patch, args.allow_insecure_perms)?;
-    let patches = livecare_apply::load_patches(&args.patch)
+    // Under LibCare's names a directory is read as LibCare reads it (see README).
+    let lookup = match face {
+        super::Face::LibCare => livecare_apply::DirLookup::LibCare,
+        super::Face::Native => livecare_apply::DirLookup::Native,
+    };
+    let loaded = livecare_apply::load_patches_by(&args.patch, lookup)
         .with_context(|| format!("loading {}", args.patch.display()))?;
+    if face == super::Face::Native {
+        for note in &loaded.notes {
+            eprintln!("livecare: {note}");
+        }
+    }
+    let patches = loaded.patches;
     if patches.is_empty() {
         anyhow::bail!("no patches found in {}", args.patch.display());
     }
@@ -298,18 +365,31 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let mut failed: Vec<(Pid, String)> = Vec::new();
     let mut unreadable: Vec<Pid> = Vec::new();
     let before = (!all).then(|| Before::take(pids[0]));
+    // LibCare leaves an object whose patch (or a level as high) is applied alone.
+    let skip_applied = face == super::Face::LibCare;
     let outcomes = if all {
         in_parallel(&pids, jobs_or_cpus(args.jobs), |pid| {
-            patch_one(pid, true, &patches, &opts)
+            patch_one(pid, true, &patches, &opts, skip_applied)
         })
     } else {
         pids.iter()
-            .map(|&pid| patch_one(pid, false, &patches, &opts))
+            .map(|&pid| patch_one(pid, false, &patches, &opts, skip_applied))
             .collect()
     };
+    let mut nothing_new = 0usize;
     for (pid, outcome) in pids.iter().zip(outcomes) {
         match outcome {
             Outcome::Skipped => {}
+            Outcome::NothingNew(note) => {
+                nothing_new += 1;
+                if let Some(note) = note {
+                    eprintln!("livecare: {note}");
+                }
+                if !all {
+                    // LibCare's words and exit status 0.
+                    println!("No patch(es) applicable to PID '{pid}' have been found");
+                }
+            }
             Outcome::Unreadable => unreadable.push(*pid),
             Outcome::Patched(reports) => ok.extend(reports),
             Outcome::Failed(e) if !all => {
@@ -340,10 +420,10 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
         eprintln!("livecare: {}", unreadable_note(&unreadable, "patch"));
     }
     let ids: Vec<&str> = patches.iter().map(|p| p.build_id.as_str()).collect();
-    if all && ok.is_empty() && failed.is_empty() && unreadable.is_empty() {
+    if all && ok.is_empty() && failed.is_empty() && unreadable.is_empty() && nothing_new == 0 {
         anyhow::bail!("no process has an object with build-id {}", ids.join(", "));
     }
-    if all && ok.is_empty() && failed.is_empty() {
+    if all && ok.is_empty() && failed.is_empty() && nothing_new == 0 {
         eprintln!(
             "livecare: no process it could read has an object with build-id {}",
             ids.join(", ")

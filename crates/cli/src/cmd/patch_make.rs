@@ -43,6 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     opts.workdir = srcdir.join("lpmake");
     opts.clean = args.clean;
     opts.patch_id = args.id;
+    // LibCare's libcare-cc default when KPCC_PATCH_ARGS is unset (see `cc`).
+    opts.diff_args = super::cc::LIBCARE_PATCH_ARGS.into();
     if let Some(var) = args.destdir {
         let dest = opts.workdir.join("install");
         opts.build_cmd = vec![

@@ -1,4 +1,5 @@
-//! `unpatch`: remove applied patches, last-in first-out.
+//! `unpatch`: remove applied patches, last-in first-out (under LibCare's name, with no
+//! `-i`, all of the selected ones).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -60,6 +61,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     let mut unreadable = Vec::new();
+    let every_patch = face == super::Face::LibCare && args.patch_id.is_none();
     let one = |pid| {
         // With `all`, a process holding nothing this request selects is not a failure;
         // one we may not read is named (`Err`).
@@ -70,7 +72,22 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
                 Err(()) => return Err(()),
             }
         }
-        Ok(Some(livecare_apply::unpatch(pid, &sel, &opts)))
+        let mut done = livecare_apply::unpatch(pid, &sel, &opts);
+        // LibCare keeps one patch per object and removes it whole: under its name,
+        // without `-i`, every selected patch goes (newest first), not just the newest.
+        while let (true, Ok(reports)) = (every_patch, &mut done) {
+            if reports.is_empty() || holds_selected_patch(pid, &sel) != Ok(true) {
+                break;
+            }
+            match livecare_apply::unpatch(pid, &sel, &opts) {
+                Ok(more) => reports.extend(more),
+                Err(e) => {
+                    done = Err(e);
+                    break;
+                }
+            }
+        }
+        Ok(Some(done))
     };
     let before = (!all).then(|| super::patch::Before::take(pids[0]));
     let outcomes = if all {
