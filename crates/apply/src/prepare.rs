@@ -911,6 +911,18 @@ impl<'a> PatchElf<'a> {
                             st_type: ty,
                         };
                         check_placed_symbol(name, sname, base, want, target, view).map_err(bad)?;
+                        if ty == elf::STT_GNU_IFUNC {
+                            // The symbol's address is the resolver: the code wants what
+                            // it picks, as the original got from ld.so through its PLT.
+                            let real = resolve_ifunc(bname, target, &want, call_resolver)
+                                .map_err(bad)?;
+                            syms.push(Some(if target.contains(real) {
+                                SymVal::Local(real)
+                            } else {
+                                SymVal::External(real)
+                            }));
+                            continue;
+                        }
                     }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
@@ -1368,20 +1380,28 @@ fn resolve_undefined(
             ));
         }
         if s.st_type == elf::STT_GNU_IFUNC {
-            // The resolver picks the implementation for this CPU: run it here when we
-            // have the same object, else in the target.
-            if let Some(real) = crate::ifunc::resolve_locally(name, o, &s) {
-                return Ok(SymVal::External(real));
-            }
-            let real = call_resolver(s.addr)
-                .map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))?;
-            return Ok(SymVal::External(real));
+            return resolve_ifunc(name, o, &s, call_resolver).map(SymVal::External);
         }
         return Ok(SymVal::External(s.addr));
     }
     Err(format!(
         "undefined symbol {name} not found in any loaded object"
     ))
+}
+
+/// The implementation IFUNC `name` of `o` (resolver `s`) picks for this CPU: the
+/// resolver runs here when livecare has loaded the same object itself, else in the
+/// target.
+fn resolve_ifunc(
+    name: &str,
+    o: &LoadedObject,
+    s: &ObjSym,
+    call_resolver: &mut dyn FnMut(u64) -> Result<u64, Error>,
+) -> Result<u64, String> {
+    if let Some(real) = crate::ifunc::resolve_locally(name, o, s) {
+        return Ok(real);
+    }
+    call_resolver(s.addr).map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))
 }
 
 /// What TLS resolution reads from the stopped target.
