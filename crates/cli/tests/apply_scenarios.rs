@@ -248,6 +248,41 @@ fn library_patch_reads_initial_exec_library_tls_variable() -> Result<()> {
     round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=18")
 }
 
+#[test]
+fn library_patch_reads_static_initial_exec_tls_variable_of_the_library() -> Result<()> {
+    let s = Scratch::new()?;
+    // A `static __thread` variable reached initial-exec: the library's GOT slot for it
+    // has a TPOFF64 relocation without a symbol (issue 18.3), found by its offset.
+    let flags = Flags {
+        opt: "-O2".into(),
+        force_gotpcrel: true,
+        extra: vec!["-ftls-model=initial-exec".into()],
+        ..Flags::default()
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-lib"),
+        s.path(),
+        flags,
+    )?;
+    let lib = b.library("lib-static-tls.c", "scen")?;
+    let exe = b.executable("orig.c", "libprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-static-tls-patched.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=42")
+}
+
+#[test]
+fn library_patch_calls_an_ifunc_of_the_library_itself() -> Result<()> {
+    let s = Scratch::new()?;
+    // livecare maps the library's file to read it but never loads it: the resolver
+    // must not be run from that mapping (issue 18.2: livecare died of SIGSEGV).
+    let b = builder(&s, "scenario-lib-ifunc", Link::Pie, "-O2")?;
+    let lib = b.library("lib.c", "ifn")?;
+    let exe = b.executable("orig.c", "ifnprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-patched.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "lib=1", "lib=42")
+}
+
 /// A directory with `<buildid>.kpatch` for the executable and the library.
 fn exe_and_lib_dir(s: &Scratch) -> Result<(Object, std::path::PathBuf)> {
     let (b, lib, exe) = lib_setup(s)?;
