@@ -97,9 +97,8 @@ fn loaded_here(me: &LoadedObject, addr: u64) -> bool {
     }
     // Our maps now, not as cached: a mapping of the file may have come or gone.
     read_maps(Pid(std::process::id() as i32)).is_ok_and(|maps| {
-        maps.iter().any(|m| {
-            m.exec && m.path == me.path && m.start <= addr && addr < m.end
-        })
+        maps.iter()
+            .any(|m| m.exec && m.path == me.path && m.start <= addr && addr < m.end)
     })
 }
 

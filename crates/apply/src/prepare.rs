@@ -1737,6 +1737,7 @@ mod tests {
             fdes: Arc::new(Lazy::ready(HashMap::new())),
             tls: Some((0x20, 8)),
             tpoff_slots: none(),
+            tpoff_by_offset: Arc::new(HashMap::new()),
             dtpmod_slots: none(),
             dtpoff_slots: none(),
             own_dtpmod_slot: Some(0x9000),
