@@ -128,4 +128,27 @@ mod tests {
         let plain = view.dynsym.get("getpid").unwrap();
         assert_eq!(resolve_locally("getpid", libc_obj, &plain), None);
     }
+
+    /// Issue 18.2: livecare's own read-only mapping of a file (how it reads the
+    /// target's objects) is never taken for the loaded code of that file.
+    #[test]
+    fn a_read_only_mapping_of_a_loaded_file_is_not_code_to_run() {
+        let (libc_obj, view) = own_objects()
+            .iter()
+            .find(|(o, _)| o.path.contains("/libc.so"))
+            .expect("libc is loaded");
+        let sym = view.dynsym.get("strlen").expect("libc exports strlen");
+        assert!(loaded_here(libc_obj, sym.addr));
+        let data = livecare_process::Bytes::map_path(&libc_obj.path).expect("libc maps");
+        let start = data.as_ptr() as u64;
+        let whole_file = LoadedObject {
+            ranges: vec![start..start + data.len() as u64],
+            load_bias: start,
+            data: data.clone(),
+            ..libc_obj.clone()
+        };
+        let at = sym.addr - libc_obj.load_bias + start;
+        assert!(whole_file.contains(at));
+        assert!(!loaded_here(&whole_file, at));
+    }
 }

@@ -21,7 +21,9 @@
 //! (`.cfi_undefined rip` in `_start` and `clone3`) or at a zero return address. A PC
 //! outside every module, an address without an FDE, an unreadable stack slot, a frame
 //! that does not move up the stack, or more than [`MAX_FRAMES`] frames is an error, which
-//! the caller must treat as "unsafe". There is no frame-pointer guessing. Signal frames
+//! the caller must treat as "unsafe". There is no frame-pointer guessing. (Patch code
+//! without CFI is stepped by [`crate::bare`], which proves each step another way or
+//! fails it.) Signal frames
 //! (glibc's `__restore_rt`, CFI expressions over the saved `ucontext`) are followed.
 //!
 //! Why not framehop's iterator: framehop silently falls back to frame-pointer unwinding
