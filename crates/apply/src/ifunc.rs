@@ -142,7 +142,7 @@ mod tests {
         let data = livecare_process::Bytes::map_path(&libc_obj.path).expect("libc maps");
         let start = data.as_ptr() as u64;
         let whole_file = LoadedObject {
-            ranges: vec![start..start + data.len() as u64],
+            ranges: std::iter::once(start..start + data.len() as u64).collect(),
             load_bias: start,
             data: data.clone(),
             ..libc_obj.clone()

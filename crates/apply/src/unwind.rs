@@ -22,7 +22,7 @@
 //! outside every module, an address without an FDE, an unreadable stack slot, a frame
 //! that does not move up the stack, or more than [`MAX_FRAMES`] frames is an error, which
 //! the caller must treat as "unsafe". There is no frame-pointer guessing. (Patch code
-//! without CFI is stepped by [`crate::bare`], which proves each step another way or
+//! without CFI is stepped by `crate::bare`, which proves each step another way or
 //! fails it.) Signal frames
 //! (glibc's `__restore_rt`, CFI expressions over the saved `ucontext`) are followed.
 //!
