@@ -24,6 +24,7 @@
 //! Several patches (or removals) in one call are all or nothing.
 
 pub mod arch;
+mod bare;
 mod callsites;
 mod container;
 mod error;

@@ -182,6 +182,7 @@ struct LinkView {
     fdes: Arc<Lazy<HashMap<u64, u64>>>,
     tls: Option<(u64, u64)>,
     tpoff_slots: Arc<HashMap<String, u64>>,
+    tpoff_by_offset: Arc<HashMap<u64, u64>>,
     dtpmod_slots: Arc<HashMap<String, u64>>,
     dtpoff_slots: Arc<HashMap<String, u64>>,
     own_dtpmod_slot: Option<u64>,
@@ -215,6 +216,12 @@ pub struct ObjectView {
     pub tls: Option<(u64, u64)>,
     /// Runtime GOT slot of each TLS symbol's TPOFF64 dynamic relocation.
     pub tpoff_slots: ByName<u64>,
+    /// TPOFF64 GOT slots without a symbol (local `static __thread` variables), by the
+    /// variable's offset in this object's TLS segment (the addend); see
+    /// [`ObjectView::tpoff_slot_at`].
+    tpoff_by_offset: Arc<HashMap<u64, u64>>,
+    /// Load bias, for [`ObjectView::tpoff_slot_at`].
+    bias: u64,
     /// Runtime GOT slot of each TLS symbol's DTPMOD64 (general-dynamic) relocation.
     pub dtpmod_slots: ByName<u64>,
     /// Runtime GOT slot of each TLS symbol's DTPOFF64 (general-dynamic) relocation.
@@ -282,10 +289,27 @@ impl ObjectView {
             fdes: ByAddr::new(l.fdes.clone(), bias),
             tls: l.tls,
             tpoff_slots: addr(&l.tpoff_slots),
+            tpoff_by_offset: l.tpoff_by_offset.clone(),
+            bias,
             dtpmod_slots: addr(&l.dtpmod_slots),
             dtpoff_slots: addr(&l.dtpoff_slots),
             own_dtpmod_slot: l.own_dtpmod_slot.map(|s| s.wrapping_add(bias)),
         }
+    }
+
+    /// The runtime GOT slot of a symbol-less TPOFF64 relocation for TLS segment offset
+    /// `off`, or else any such slot with its offset: ld.so wrote the thread-pointer
+    /// offset of that variable there, and the module's static TLS block is contiguous.
+    pub fn tpoff_slot_at(&self, off: u64) -> Option<(u64, u64)> {
+        let (o, slot) = match self.tpoff_by_offset.get(&off) {
+            Some(slot) => (off, *slot),
+            None => self
+                .tpoff_by_offset
+                .iter()
+                .min()
+                .map(|(o, slot)| (*o, *slot))?,
+        };
+        Some((o, slot.wrapping_add(self.bias)))
     }
 
     /// bytes of the file at runtime address `addr` (for comparing code).
@@ -407,6 +431,7 @@ impl LinkView {
             }
         }
         let mut tpoff_slots = HashMap::new();
+        let mut tpoff_by_offset = HashMap::new();
         let mut dtpmod_slots = HashMap::new();
         let mut dtpoff_slots = HashMap::new();
         let mut own_dtpmod_slot = None;
@@ -430,6 +455,19 @@ impl LinkView {
                     ) {
                         continue;
                     }
+                    // No symbol (which `object` refuses to look up): a TPOFF64 is a
+                    // local variable of this object, at the addend's offset in its TLS
+                    // segment; a DTPMOD64 is this object's own module id.
+                    if idx == 0 {
+                        match r_type {
+                            elf::R_X86_64_TPOFF64 => {
+                                tpoff_by_offset.insert(r.r_addend(e) as u64, r.r_offset(e));
+                            }
+                            elf::R_X86_64_DTPMOD64 => own_dtpmod_slot = Some(r.r_offset(e)),
+                            _ => {}
+                        }
+                        continue;
+                    }
                     let Ok(sym) = dynsyms.symbol(object::SymbolIndex(idx)) else {
                         continue;
                     };
@@ -443,8 +481,7 @@ impl LinkView {
                             tpoff_slots.insert(name, slot);
                         }
                         elf::R_X86_64_DTPMOD64 => {
-                            let own = idx == 0 || sym.st_shndx(e) != elf::SHN_UNDEF;
-                            if own && (own_dtpmod_slot.is_none() || idx == 0) {
+                            if sym.st_shndx(e) != elf::SHN_UNDEF && own_dtpmod_slot.is_none() {
                                 own_dtpmod_slot = Some(slot);
                             }
                             if !name.is_empty() {
@@ -469,6 +506,7 @@ impl LinkView {
             fdes: Arc::new(fdes),
             tls,
             tpoff_slots: Arc::new(tpoff_slots),
+            tpoff_by_offset: Arc::new(tpoff_by_offset),
             dtpmod_slots: Arc::new(dtpmod_slots),
             dtpoff_slots: Arc::new(dtpoff_slots),
             own_dtpmod_slot,
@@ -911,6 +949,18 @@ impl<'a> PatchElf<'a> {
                             st_type: ty,
                         };
                         check_placed_symbol(name, sname, base, want, target, view).map_err(bad)?;
+                        if ty == elf::STT_GNU_IFUNC {
+                            // The symbol's address is the resolver: the code wants what
+                            // it picks, as the original got from ld.so through its PLT.
+                            let real =
+                                resolve_ifunc(bname, target, &want, call_resolver).map_err(bad)?;
+                            syms.push(Some(if target.contains(real) {
+                                SymVal::Local(real)
+                            } else {
+                                SymVal::External(real)
+                            }));
+                            continue;
+                        }
                     }
                     Some(SymVal::Local(if ty == elf::STT_SECTION {
                         base
@@ -1368,20 +1418,28 @@ fn resolve_undefined(
             ));
         }
         if s.st_type == elf::STT_GNU_IFUNC {
-            // The resolver picks the implementation for this CPU: run it here when we
-            // have the same object, else in the target.
-            if let Some(real) = crate::ifunc::resolve_locally(name, o, &s) {
-                return Ok(SymVal::External(real));
-            }
-            let real = call_resolver(s.addr)
-                .map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))?;
-            return Ok(SymVal::External(real));
+            return resolve_ifunc(name, o, &s, call_resolver).map(SymVal::External);
         }
         return Ok(SymVal::External(s.addr));
     }
     Err(format!(
         "undefined symbol {name} not found in any loaded object"
     ))
+}
+
+/// The implementation IFUNC `name` of `o` (resolver `s`) picks for this CPU: the
+/// resolver runs here when livecare has loaded the same object itself, else in the
+/// target.
+fn resolve_ifunc(
+    name: &str,
+    o: &LoadedObject,
+    s: &ObjSym,
+    call_resolver: &mut dyn FnMut(u64) -> Result<u64, Error>,
+) -> Result<u64, String> {
+    if let Some(real) = crate::ifunc::resolve_locally(name, o, s) {
+        return Ok(real);
+    }
+    call_resolver(s.addr).map_err(|e| format!("IFUNC resolver of {name} in {}: {e}", o.path))
 }
 
 /// What TLS resolution reads from the stopped target.
@@ -1436,6 +1494,15 @@ fn resolve_tls(
             .ok_or_else(|| format!("reading the TLS offset of {name} at {slot:#x}"))?;
         return Ok(SymVal::Tls(v as i64));
     }
+    // A local (`static __thread`) variable: its slot's relocation names no symbol and
+    // is found by the variable's offset in the TLS segment.
+    if let Some(off) = tls_segment_offset(bname, ty, sname, view) {
+        if let Some((o, slot)) = view.tpoff_slot_at(off) {
+            let v = read_u64(slot)
+                .ok_or_else(|| format!("reading the TLS offset of {name} at {slot:#x}"))?;
+            return Ok(SymVal::Tls((v.wrapping_sub(o).wrapping_add(off)) as i64));
+        }
+    }
     if ty == elf::STT_SECTION {
         return Err(format!(
             "TLS section {sname} of library {} has no initial-exec GOT slot to read its offset from",
@@ -1443,6 +1510,23 @@ fn resolve_tls(
         ));
     }
     static_tls_offset(name, target, view, mem).map(SymVal::Tls)
+}
+
+/// Offset of TLS symbol `bname` (or of TLS section `sname`, for a section symbol) in
+/// the TLS segment of `view`'s object.
+fn tls_segment_offset(bname: &str, ty: u8, sname: &str, view: &ObjectView) -> Option<u64> {
+    if ty == elf::STT_SECTION {
+        let seg = [view.sections.get(".tdata"), view.sections.get(".tbss")]
+            .into_iter()
+            .flatten()
+            .min()?;
+        return view.sections.get(sname)?.checked_sub(seg);
+    }
+    view.symtab
+        .get(bname)
+        .or_else(|| view.dynsym.get(bname))
+        .filter(|s| s.st_type == elf::STT_TLS)
+        .map(|s| s.addr)
 }
 
 /// glibc's `TLS_DTV_UNALLOCATED`: a DTV entry whose block was never allocated.
@@ -1653,6 +1737,7 @@ mod tests {
             fdes: Arc::new(Lazy::ready(HashMap::new())),
             tls: Some((0x20, 8)),
             tpoff_slots: none(),
+            tpoff_by_offset: Arc::new(HashMap::new()),
             dtpmod_slots: none(),
             dtpoff_slots: none(),
             own_dtpmod_slot: Some(0x9000),

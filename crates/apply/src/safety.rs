@@ -19,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 
 use livecare_process::{Bytes, LoadedObject, MapEntry, Regs, RemoteMemory, ThreadSet, Tid};
 
+use crate::bare::{BareCode, BareFn};
 use crate::region::RegionHeader;
 use crate::unwind::{CodeModule, Regs as UnwindRegs, Unwinder};
 use crate::Error;
@@ -61,22 +62,44 @@ pub fn build_unwinder(
             }
         }
     }
+    let mut bare = Vec::new();
     for r in regions {
-        if r.eh_frame == 0 || r.eh_frame_len == 0 {
-            continue;
-        }
-        if let Ok(eh) = mem.read_vec(r.eh_frame, r.eh_frame_len as usize) {
-            if let Ok(cm) = CodeModule::from_eh_frame(
+        let eh = (r.eh_frame != 0 && r.eh_frame_len != 0)
+            .then(|| mem.read_vec(r.eh_frame, r.eh_frame_len as usize).ok())
+            .flatten();
+        let module = eh.and_then(|eh| {
+            CodeModule::from_eh_frame(
                 format!("patch {}", r.patch_id),
                 eh,
                 r.eh_frame,
                 r.addr..r.addr + r.exec_len,
-            ) {
-                modules.push(cm);
-            }
+            )
+            .ok()
+        });
+        // A zeroed `.eh_frame` parses as an empty one: no more use than none.
+        if let Some(cm) = module.filter(|m| m.fde_count() > 0) {
+            modules.push(cm);
+        } else if let Ok(bytes) = mem.read_vec(r.addr, r.exec_len as usize) {
+            // No usable CFI (peer-made patches): its functions are still known.
+            bare.push(BareCode {
+                range: r.addr..r.addr + r.exec_len,
+                bytes,
+                functions: r
+                    .hunks
+                    .iter()
+                    .map(|h| BareFn {
+                        code: h.saddr..h.saddr + u64::from(h.slen),
+                        callees: vec![h.daddr, h.saddr],
+                    })
+                    .collect(),
+            });
         }
     }
-    Unwinder::new(modules)
+    let mut u = Unwinder::new(modules);
+    for b in bare {
+        u.add_bare(b);
+    }
+    u
 }
 
 /// The unwind module of an object file, built once per invocation and shared by every

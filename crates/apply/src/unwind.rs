@@ -21,7 +21,9 @@
 //! (`.cfi_undefined rip` in `_start` and `clone3`) or at a zero return address. A PC
 //! outside every module, an address without an FDE, an unreadable stack slot, a frame
 //! that does not move up the stack, or more than [`MAX_FRAMES`] frames is an error, which
-//! the caller must treat as "unsafe". There is no frame-pointer guessing. Signal frames
+//! the caller must treat as "unsafe". There is no frame-pointer guessing. (Patch code
+//! without CFI is stepped by `crate::bare`, which proves each step another way or
+//! fails it.) Signal frames
 //! (glibc's `__restore_rt`, CFI expressions over the saved `ucontext`) are followed.
 //!
 //! Why not framehop's iterator: framehop silently falls back to frame-pointer unwinding
@@ -47,6 +49,8 @@ use gimli::{
     UnwindSection, UnwindTable, UnwindTableRow, Value, X86_64,
 };
 use livecare_process::Bytes;
+
+use crate::bare::BareCode;
 use object::{Object, ObjectSection, ObjectSegment};
 
 /// At most this many frames are walked; a deeper stack is reported as an error.
@@ -563,6 +567,8 @@ pub struct Unwinder {
     /// The rows of warmed functions: start address → (end address, rule), for the rows
     /// whose rule needs no expression (see [`Self::warm_function`]).
     rows: BTreeMap<u64, (u64, FastRule)>,
+    /// Patch code without CFI, stepped by its prologue (see [`crate::bare`]).
+    bare: Vec<BareCode>,
 }
 
 const EMPTY_RULE: FastRule = FastRule {
@@ -581,6 +587,7 @@ impl Unwinder {
             ctx: Box::new(UnwindContext::new()),
             cache: vec![(u64::MAX, EMPTY_RULE); RULE_CACHE_SLOTS].into_boxed_slice(),
             rows: BTreeMap::new(),
+            bare: Vec::new(),
         };
         for m in modules {
             u.add_module(m);
@@ -595,6 +602,11 @@ impl Unwinder {
             .partition_point(|x| x.avma.start <= m.avma.start);
         self.modules.insert(at, m);
         self.clear_cache();
+    }
+
+    /// Adds patch code that has no CFI (steps through it are proven another way).
+    pub(crate) fn add_bare(&mut self, b: BareCode) {
+        self.bare.push(b);
     }
 
     /// Removes the module whose range starts at `avma_start` (e.g. an unmapped patch region).
@@ -764,11 +776,29 @@ impl Unwinder {
             self.cache[slot] = (lookup, rule);
             rule
         } else {
-            let Unwinder { modules, ctx, .. } = self;
-            let module = find_module(modules, lookup).ok_or(UnwindError::NoModule {
-                frame: cur.index,
-                pc: cur.pc,
-            })?;
+            let Unwinder {
+                modules, ctx, bare, ..
+            } = self;
+            let Some(module) = find_module(modules, lookup) else {
+                // Patch code without CFI: stepped only where its prologue and the
+                // caller's call prove the return address (never cached).
+                let step = bare
+                    .iter()
+                    .find(|b| b.range.contains(&lookup))
+                    .and_then(|b| b.step(cur.pc, lookup == cur.pc, cur.rsp, cur.rbp, read_stack));
+                return match step {
+                    Some(s) => Ok(Step {
+                        ra: Some(s.ra),
+                        cfa: s.cfa,
+                        rbp: s.rbp,
+                        signal: false,
+                    }),
+                    None => Err(UnwindError::NoModule {
+                        frame: cur.index,
+                        pc: cur.pc,
+                    }),
+                };
+            };
             let mut derived = None;
             for table in &module.tables {
                 derived = match table.kind {

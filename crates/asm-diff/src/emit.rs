@@ -76,6 +76,7 @@ pub(crate) fn emit(plan: &Plan, opts: &Options, warnings: &mut Vec<String>) -> S
     };
     e.original();
     e.out.push_str("\n# livecare: patch code and data\n");
+    let data_at = e.out.len();
     let mut records = Vec::new();
     for (k, &(ofi, pfi)) in plan.changed.iter().enumerate() {
         let end = e.copy_function(pfi, &format!(".Lkpatch_nend{k}"));
@@ -110,6 +111,15 @@ pub(crate) fn emit(plan: &Plan, opts: &Options, warnings: &mut Vec<String>) -> S
         }
     }
     e.info(&records);
+    // New data starts on a page of its own, after all patch code in the file: an
+    // applier that maps the patch file as it is (LibcarePlus) makes everything before
+    // `.kpatch.data`'s file offset read+exec and leaves the rest writable.
+    if e.out[data_at..].contains(".kpatch.data,") {
+        e.out.insert_str(
+            data_at,
+            "\t.pushsection\t.kpatch.data,\"aw\",@progbits\n\t.p2align\t12\n\t.popsection\n",
+        );
+    }
     warnings.append(&mut e.warnings);
     e.out
 }
@@ -215,7 +225,8 @@ impl<'x, 'a> Emitter<'x, 'a> {
         match (kind, flavour) {
             (SecKind::Text, "cold") => "\t.section\t.kpatch.text.unlikely,\"ax\",@progbits",
             (SecKind::Text, _) => "\t.section\t.kpatch.text,\"ax\",@progbits",
-            (SecKind::Bss, _) => "\t.section\t.kpatch.bss,\"aw\",@nobits",
+            // Zeroed data too: a NOBITS section would overlap whatever follows it in
+            // the file, where appliers that map the file as it is put it.
             _ => "\t.section\t.kpatch.data,\"aw\",@progbits",
         }
     }

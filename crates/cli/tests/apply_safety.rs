@@ -200,3 +200,62 @@ fn thread_almost_always_inside_is_caught_at_its_return() -> Result<()> {
     assert_eq!(t.proc_state()?.1, 0);
     Ok(())
 }
+
+/// `patch` with its `.eh_frame` zeroed, as in patches whose CFI livecare cannot use
+/// (made by LibCare or LibcarePlus), the CRC-32 recomputed (see forged.rs `edited`).
+fn without_eh_frame(s: &Scratch, patch: &Patch) -> Result<std::path::PathBuf> {
+    let original = std::fs::read(&patch.path)?;
+    let pf = kpatch_file::PatchFile::parse(&original).context("the patch parses")?;
+    let mut b = original.clone();
+    let elf = pf.header().kpatch_offset as usize;
+    let sec = pf
+        .elf_view()
+        .section_by_name(".eh_frame")
+        .context("the patch has an .eh_frame")?;
+    let start = elf + sec.offset as usize;
+    b[start..start + sec.size as usize].fill(0);
+    // LibcarePlus layout (what `livecare make` writes): csum at 144.
+    let total = pf.header().total_size as usize;
+    let crc = kpatch_file::crc32(&b[elf..total]);
+    b[144..148].copy_from_slice(&crc.to_le_bytes());
+    let out = s.join("no-eh-frame.kpatch");
+    std::fs::write(&out, b)?;
+    Ok(out)
+}
+
+/// Issue 18.5: a patch whose code has no CFI is removed once no thread is in it, also
+/// when the thread is nearly always inside it (`inside`: it is let run out of the
+/// patched function, whose return address its prologue and its caller's call prove).
+fn unpatch_without_eh_frame(mode: &str) -> Result<()> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("unpatch-no-cfi"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "nocfi", &[])?;
+    let patch = without_eh_frame(&s, &b.patch(&exe, "patched.c", "0001")?)?;
+    let mut t = Running::start(&exe.path, &[mode])?;
+    t.wait_for("value=1", WAIT)?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&patch)]))?;
+    t.drain();
+    t.wait_for("value=2", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid, "--timeout", "15"]))?;
+    t.drain();
+    t.wait_for("value=1", WAIT)?;
+    assert!(t.is_alive());
+    assert_eq!(t.proc_state()?.1, 0, "left traced");
+    Ok(())
+}
+
+#[test]
+fn patch_without_eh_frame_is_unpatched_while_the_thread_sleeps_inside_it() -> Result<()> {
+    unpatch_without_eh_frame("inside")
+}
+
+#[test]
+fn patch_without_eh_frame_is_unpatched_while_the_thread_runs_outside_it() -> Result<()> {
+    unpatch_without_eh_frame("outside")
+}

@@ -188,6 +188,49 @@ fn patched_code_calls_ifunc_memcpy_and_strlen() -> Result<()> {
     )
 }
 
+/// Issue 18.12: new variables go to `.kpatch.data`, a progbits section that starts a
+/// page of its own in the patch file after all patch code (LibcarePlus makes what
+/// precedes its file offset read+exec, and writing a variable there faulted).
+#[test]
+fn new_variables_are_in_a_writable_page_of_their_own_after_the_code() -> Result<()> {
+    const SHF_WRITE: u64 = 1;
+    const SHF_ALLOC: u64 = 2;
+    const SHF_EXECINSTR: u64 = 4;
+    let s = Scratch::new()?;
+    let b = builder(&s, "scenario-exe", Link::Pie, "-O2")?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch = b.patch(&exe, "patched-newvar.c", "0001")?;
+    let bytes = std::fs::read(&patch.path)?;
+    let pf = kpatch_file::PatchFile::parse(&bytes)?;
+    let view = pf.elf_view();
+    let data = view
+        .section_by_name(".kpatch.data")
+        .expect("the patch has a .kpatch.data section");
+    assert!(
+        data.addralign >= 4096 && data.offset % 4096 == 0,
+        ".kpatch.data at file offset {:#x}, alignment {}",
+        data.offset,
+        data.addralign
+    );
+    for sec in view.sections() {
+        let name = sec.name_str();
+        if sec.flags & SHF_ALLOC == 0 || !name.starts_with(".kpatch") {
+            continue;
+        }
+        if sec.flags & SHF_EXECINSTR != 0 {
+            assert!(
+                sec.offset + sec.size <= data.offset,
+                "{name} after the data"
+            );
+        }
+        if sec.flags & SHF_WRITE != 0 {
+            assert!(sec.offset >= data.offset, "{name} before .kpatch.data");
+            assert!(!sec.is_nobits(), "{name} is NOBITS");
+        }
+    }
+    round_trip(&exe, &[], &patch.path, "value=1", "value=42")
+}
+
 #[test]
 fn patched_code_reads_executable_tls_variable() -> Result<()> {
     exe_case(
@@ -246,6 +289,41 @@ fn library_patch_reads_initial_exec_library_tls_variable() -> Result<()> {
     let exe = b.executable("orig.c", "libprog", &[&lib])?;
     let patch = b.patch(&lib, "lib-tls.c", "0001")?;
     round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=18")
+}
+
+#[test]
+fn library_patch_reads_static_initial_exec_tls_variable_of_the_library() -> Result<()> {
+    let s = Scratch::new()?;
+    // A `static __thread` variable reached initial-exec: the library's GOT slot for it
+    // has a TPOFF64 relocation without a symbol (issue 18.3), found by its offset.
+    let flags = Flags {
+        opt: "-O2".into(),
+        force_gotpcrel: true,
+        extra: vec!["-ftls-model=initial-exec".into()],
+        ..Flags::default()
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-lib"),
+        s.path(),
+        flags,
+    )?;
+    let lib = b.library("lib-static-tls.c", "scen")?;
+    let exe = b.executable("orig.c", "libprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-static-tls-patched.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=42")
+}
+
+#[test]
+fn library_patch_calls_an_ifunc_of_the_library_itself() -> Result<()> {
+    let s = Scratch::new()?;
+    // livecare maps the library's file to read it but never loads it: the resolver
+    // must not be run from that mapping (issue 18.2: livecare died of SIGSEGV).
+    let b = builder(&s, "scenario-lib-ifunc", Link::Pie, "-O2")?;
+    let lib = b.library("lib.c", "ifn")?;
+    let exe = b.executable("orig.c", "ifnprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-patched.c", "0001")?;
+    round_trip(&exe, &[], &patch.path, "lib=1", "lib=42")
 }
 
 /// A directory with `<buildid>.kpatch` for the executable and the library.
