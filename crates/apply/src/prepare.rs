@@ -4,24 +4,18 @@
 //! This file is the patch-ELF view (sections, symbols, relocations, validation);
 //! [`layout`] places and relocates the region image, [`object_view`] is the target's side.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
-use object::read::elf::{FileHeader, ProgramHeader, Rela as _, SectionHeader, Sym as _};
+use object::read::elf::{FileHeader, Rela as _, SectionHeader, Sym as _};
 use object::{elf, LittleEndian as LE};
 
-use livecare_process::{Bytes, LoadedObject};
-
-use crate::arch::{Native, PatchArch, RelocInput};
+use crate::arch::{Native, PatchArch};
 use crate::container::Patch;
-use crate::region::{Hunk, RegionHeader, SAVED_LEN};
 use crate::Error;
 
 mod layout;
 mod object_view;
 
-pub use layout::*;
-pub use object_view::*;
+pub use layout::Layout;
+pub use object_view::{ObjSym, ObjectView, TlsMemory};
 
 type Hdr = elf::FileHeader64<LE>;
 type Shdr = elf::SectionHeader64<LE>;

@@ -4,7 +4,19 @@
 //! Separate from the patch-ELF parse because it is where the patch meets the target:
 //! everything here depends on the loaded object and, for relocation, the region base.
 
-use super::*;
+use std::collections::HashMap;
+
+use object::read::elf::{FileHeader, SectionHeader, Sym as _};
+use object::{elf, LittleEndian as LE};
+
+use livecare_process::LoadedObject;
+
+use super::object_view::{base_name, fde_extents, resolve_tls, ObjSym, ObjectView, TlsMemory};
+use super::{align, is_loaded, Hdr, PatchElf, KPATCH_INFO_LEN, PAGE};
+use crate::arch::{Native, PatchArch, RelocInput};
+use crate::container::Patch;
+use crate::region::{Hunk, RegionHeader, SAVED_LEN};
+use crate::Error;
 
 /// How a patch symbol resolves.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +57,7 @@ pub type Relocated = (Vec<u8>, Vec<Hunk>, Option<(u64, u64)>);
 
 /// Where the patch's code lies in the region, and where its functions start.
 #[derive(Default)]
-pub(super) struct PatchCode {
+struct PatchCode {
     /// (section index, region addresses) of each `.kpatch.text*` section.
     ranges: Vec<(usize, std::ops::Range<u64>)>,
     /// Region addresses where a function of the patch starts.
@@ -589,7 +601,7 @@ impl Layout {
 /// Every definition of `name` in the target's `.symtab` (several for a name that is
 /// static in more than one file), at runtime addresses. A scan of the whole table: only
 /// done when the one definition [`ObjectView::symtab`] keeps does not match.
-pub(super) fn target_definitions(target: &LoadedObject, name: &str) -> Vec<ObjSym> {
+fn target_definitions(target: &LoadedObject, name: &str) -> Vec<ObjSym> {
     let mut out = Vec::new();
     let data: &[u8] = &target.data;
     let Ok(hdr) = Hdr::parse(data) else {
@@ -620,7 +632,7 @@ pub(super) fn target_definitions(target: &LoadedObject, name: &str) -> Vec<ObjSy
     out
 }
 
-pub(super) fn symbol_type_name(t: u8) -> String {
+fn symbol_type_name(t: u8) -> String {
     match t {
         elf::STT_NOTYPE => "NOTYPE".into(),
         elf::STT_OBJECT => "OBJECT".into(),
@@ -635,7 +647,7 @@ pub(super) fn symbol_type_name(t: u8) -> String {
 /// address `base`) against the target's own symbol of that name: same place in the
 /// section, same size, same type. Without a `.symtab` the exported symbols are the only
 /// reference; a name found in neither cannot be checked.
-pub(super) fn check_placed_symbol(
+fn check_placed_symbol(
     name: &str,
     sname: &str,
     base: u64,
@@ -689,7 +701,7 @@ pub(super) fn check_placed_symbol(
     ))
 }
 
-pub(super) fn resolve_undefined(
+fn resolve_undefined(
     name: &str,
     view: &ObjectView,
     objects: &[(LoadedObject, ObjectView)],
@@ -737,7 +749,7 @@ pub(super) fn resolve_undefined(
 /// The implementation IFUNC `name` of `o` (resolver `s`) picks for this CPU: the
 /// resolver runs here when livecare has loaded the same object itself, else in the
 /// target.
-pub(super) fn resolve_ifunc(
+fn resolve_ifunc(
     name: &str,
     o: &LoadedObject,
     s: &ObjSym,

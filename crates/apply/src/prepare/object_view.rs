@@ -4,7 +4,17 @@
 //! Separate from the patch side because it reads the *target's* ELF, never the patch,
 //! and its caches outlive a single patch.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use object::elf;
+use object::read::elf::{FileHeader, ProgramHeader, Rela as _, SectionHeader, Sym as _};
+
+use livecare_process::{Bytes, LoadedObject};
+
+use super::layout::SymVal;
+use super::{align, Hdr};
+use crate::Error;
 
 /// Strips a symbol version (`printf@GLIBC_2.2.5` → `printf`).
 pub fn base_name(name: &str) -> &str {
@@ -24,7 +34,7 @@ pub struct ObjSym {
 
 /// A symbol at its link-time address moved to its runtime address (TLS symbols hold a
 /// segment offset, which no load moves).
-pub(super) fn rebase_sym(s: ObjSym, bias: u64) -> ObjSym {
+fn rebase_sym(s: ObjSym, bias: u64) -> ObjSym {
     if s.st_type == elf::STT_TLS {
         s
     } else {
@@ -36,7 +46,7 @@ pub(super) fn rebase_sym(s: ObjSym, bias: u64) -> ObjSym {
 }
 
 /// A value that is not an address (a size): the same at every load address.
-pub(super) fn unmoved(v: u64, _bias: u64) -> u64 {
+fn unmoved(v: u64, _bias: u64) -> u64 {
     v
 }
 
@@ -82,7 +92,7 @@ impl<V: Copy> std::ops::Deref for ByName<V> {
 }
 
 /// A table that is filled on first use (and then shared).
-pub(super) struct Lazy<T> {
+struct Lazy<T> {
     cell: OnceLock<T>,
     init: Box<dyn Fn() -> T + Send + Sync>,
 }
@@ -148,7 +158,7 @@ impl<V: Clone> std::ops::Deref for ByAddr<V> {
 }
 
 /// Everything [`ObjectView`] knows about one object file, at link-time addresses.
-pub(super) struct LinkView {
+struct LinkView {
     sections: Arc<HashMap<String, u64>>,
     section_sizes: Arc<HashMap<String, u64>>,
     symtab: Arc<HashMap<String, ObjSym>>,
@@ -212,9 +222,9 @@ pub struct ObjectView {
 /// Parsed files by identity of their bytes (address and length of the shared
 /// allocation, which the entry keeps alive so the address cannot be reused). The
 /// per-key cell lets concurrent `-p all` jobs wait for one parse instead of repeating it.
-pub(super) type LinkCache = HashMap<(usize, usize), (Bytes, Arc<OnceLock<Option<Arc<LinkView>>>>)>;
+type LinkCache = HashMap<(usize, usize), (Bytes, Arc<OnceLock<Option<Arc<LinkView>>>>)>;
 
-pub(super) fn link_cache() -> &'static Mutex<LinkCache> {
+fn link_cache() -> &'static Mutex<LinkCache> {
     static CACHE: OnceLock<Mutex<LinkCache>> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
@@ -583,12 +593,7 @@ pub(super) fn resolve_tls(
 
 /// Offset of TLS symbol `bname` (or of TLS section `sname`, for a section symbol) in
 /// the TLS segment of `view`'s object.
-pub(super) fn tls_segment_offset(
-    bname: &str,
-    ty: u8,
-    sname: &str,
-    view: &ObjectView,
-) -> Option<u64> {
+fn tls_segment_offset(bname: &str, ty: u8, sname: &str, view: &ObjectView) -> Option<u64> {
     if ty == elf::STT_SECTION {
         let seg = [view.sections.get(".tdata"), view.sections.get(".tbss")]
             .into_iter()
@@ -604,11 +609,11 @@ pub(super) fn tls_segment_offset(
 }
 
 /// glibc's `TLS_DTV_UNALLOCATED`: a DTV entry whose block was never allocated.
-pub(super) const DTV_UNALLOCATED: u64 = u64::MAX;
+const DTV_UNALLOCATED: u64 = u64::MAX;
 /// Size of a glibc `dtv_t` entry (`{void *val; void *to_free;}`).
-pub(super) const DTV_ENTRY: u64 = 16;
+const DTV_ENTRY: u64 = 16;
 /// Offset of `tcbhead_t.dtv` from the thread pointer.
-pub(super) const TCB_DTV: u64 = 8;
+const TCB_DTV: u64 = 8;
 
 /// The thread-pointer offset of a general-dynamic TLS variable of a library, read from
 /// the running process: the module id ld.so wrote into the library's DTPMOD64 GOT slot
@@ -617,7 +622,7 @@ pub(super) const TCB_DTV: u64 = 8;
 /// offset. Only static TLS (a library loaded at startup) has one offset for every
 /// thread, so the block must be ld.so's (set, `to_free == NULL`), lie below the thread
 /// pointer, and give the same offset in every stopped thread; anything else is refused.
-pub(super) fn static_tls_offset(
+fn static_tls_offset(
     name: &str,
     target: &LoadedObject,
     view: &ObjectView,
