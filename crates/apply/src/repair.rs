@@ -336,7 +336,7 @@ pub fn repair(pid: Pid, rollback: bool, opts: &Options) -> Result<Repaired, Erro
         };
         report.writes = writes.len();
         let journal = [(r.addr, target)];
-        crate::commit_journal(
+        crate::commit::commit_journal(
             &mut threads,
             &mem,
             &maps,
