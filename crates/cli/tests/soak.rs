@@ -758,7 +758,10 @@ fn patch_unpatch_cycles_under_client_load_lose_no_request() -> Result<()> {
             (a, a + r["total_len"].as_u64().unwrap_or(0))
         })
         .collect();
-    eprintln!("soak: {} retired regions left after {n} cycles", retired.len());
+    eprintln!(
+        "soak: {} retired regions left after {n} cycles",
+        retired.len()
+    );
     ensure!(
         retired.len() <= n / 4 + 1,
         "{} retired regions after {n} cycles: reclaim never frees them\n{info}",
