@@ -159,8 +159,10 @@ fn a_different_second_patch_for_the_same_binary_never_replaces_the_first() {
     let t = text(&o);
     assert!(!o.status.success(), "a second fix replaced the first:\n{t}");
     assert!(
-        t.contains(&format!("{} already holds a different patch", first.display()))
-            && t.contains("it was kept"),
+        t.contains(&format!(
+            "{} already holds a different patch",
+            first.display()
+        )) && t.contains("it was kept"),
         "{t}"
     );
     assert!(
