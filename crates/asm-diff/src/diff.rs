@@ -34,7 +34,9 @@ impl<'m, 'a> Norm<'m, 'a> {
             return;
         }
         match self.m.defs.get(name) {
-            Some(Def::Data(di)) if self.m.is_literal(*di) => {
+            // Coverage records change with every edit; code referencing them
+            // (gcov's constructor) is unchanged.
+            Some(Def::Data(di)) if self.m.is_literal(*di) && !is_instrumentation(name) => {
                 if depth >= MAX_INLINE_DEPTH {
                     out.push_str("{..}");
                 } else {
@@ -229,6 +231,18 @@ fn var_sig(m: &Model, n: &Norm, v: Var) -> [String; 4] {
     }
 }
 
+/// Compiler instrumentation data (gcov `--coverage`/`-fprofile-arcs`, `-fprofile-generate`):
+/// records and counters, not program state.
+pub(crate) fn is_instrumentation(name: &str) -> bool {
+    name.starts_with("__gcov") || name.starts_with(".LPBX") || name.starts_with("__llvm_prf")
+}
+
+/// Counter arrays the instrumented code itself writes (`__gcov0.f`, `__gcov7.f`, ...).
+fn is_counter(name: &str) -> bool {
+    name.strip_prefix("__gcov")
+        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 fn is_tls(m: &Model, v: Var) -> bool {
     match v {
         Var::Data(i) => m.sections[m.datas[i].section].kind == SecKind::Tls,
@@ -332,6 +346,26 @@ pub fn gensrc(original: &str, patched: &str, opts: &Options) -> Result<Diff, Err
         match ovars.get(key) {
             Some(&(oname, ov)) => {
                 let (a, b) = (var_sig(&o, &no, ov), var_sig(&p, &np, pv));
+                if a != b && is_instrumentation(oname) {
+                    // Coverage/profile data changes with any edit of the file
+                    // (checksums, counter counts). It is no program state: old
+                    // records and counters stay; counters of a new shape are new
+                    // zeroed data for the patched code, so it never writes past the
+                    // old array.
+                    if is_counter(oname) && a[..3] != b[..3] {
+                        warnings.push(format!(
+                            "instrumentation counters `{oname}` changed shape: the patched code counts in new data (its counts are not written to the coverage file)"
+                        ));
+                        var_map.insert(name, format!("{name}.kpatch"));
+                        new_vars.push(pv);
+                    } else {
+                        warnings.push(format!(
+                            "instrumentation data `{oname}` changed; the original is kept"
+                        ));
+                        var_map.insert(name, oname.to_string());
+                    }
+                    continue;
+                }
                 if a != b {
                     if is_tls(&o, ov) || is_tls(&p, pv) {
                         return Err(Error::TlsChanged {

@@ -167,6 +167,8 @@ impl<'x, 'a> Emitter<'x, 'a> {
         }
         let p = self.plan.p;
         match p.defs.get(name).copied() {
+            // The original coverage record of this file, not a copy.
+            Some(Def::Data(_)) if crate::diff::is_instrumentation(name) => Some(name.to_string()),
             Some(Def::Data(di)) if p.is_literal(di) => {
                 if self.literal_seen.insert(di) {
                     self.literals.push(di);

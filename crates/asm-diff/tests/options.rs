@@ -459,3 +459,41 @@ fn dbg_filter_keeps_local_binding_of_static_commons() {
     );
     assert!(!out.contains("\t.loc\t"), "filter kept .loc lines");
 }
+
+/// Issue 17.2: gcov data (`--coverage`) changes with every edit of a file. It never
+/// stops the diff: the records stay the original's, gcov's constructor is unchanged,
+/// a changed function whose counter array keeps its shape counts in the original
+/// array, and one whose array grew counts in new data of its own (never past the end
+/// of the original array).
+#[test]
+fn coverage_records_never_stop_a_diff_and_grown_counters_are_new_data() {
+    let src = |grow: &str, konst: &str| {
+        format!(
+            "long grow(long n) {{ {grow} }}\nlong konst(long n) {{ return n * {konst}; }}\n\
+             long same(long n) {{ return n + 7; }}\n"
+        )
+    };
+    let flags = ["-O2", "-g", "--coverage"];
+    let o = asm_c(&src("return n * 2 + 1;", "2"), &flags);
+    let p = asm_c(&src("if (n < 0) return 0; return -(n * 3);", "5"), &flags);
+    let d = gensrc(&o, &p, &Options::default()).unwrap();
+    let mut changed = d.changed.clone();
+    changed.sort();
+    assert_eq!(changed, ["grow", "konst"], "{:?}", d.warnings);
+    assert!(d.added.is_empty(), "{:?}", d.added);
+    let def = |name: &str| d.asm.lines().any(|l| l == format!("{name}:"));
+    assert!(def("__gcov0.grow.kpatch"), "grown counters are new data");
+    assert!(!def("__gcov0.konst.kpatch") && !def("__gcov0.same.kpatch"));
+    assert!(!d.asm.contains(".LPBX0.kpatch") && !d.asm.contains("__gcov_.grow.kpatch"));
+    let copy = |f: &str| {
+        let at = d.asm.find(&format!("\n{f}.kpatch:")).unwrap();
+        let end = d.asm[at..].find(".cfi_endproc").unwrap();
+        d.asm[at..at + end].to_string()
+    };
+    assert!(copy("grow").contains("__gcov0.grow.kpatch(%rip)"));
+    assert!(!copy("grow").contains("__gcov0.grow(%rip)"));
+    assert!(copy("konst").contains("__gcov0.konst(%rip)"));
+    let tmp = testkit::Scratch::new().unwrap();
+    let s = tmp.write("out.s", &d.asm).unwrap();
+    assemble(&s, &tmp.join("out.o"));
+}

@@ -92,8 +92,10 @@ pub fn patched_functions(path: &Path, data: &[u8]) -> Result<Option<Vec<String>>
     if !has_entries {
         return Ok(None);
     }
+    // Copies of data (`__PRETTY_FUNCTION__.0.kpatch`, new counters) are no functions.
     let mut names: Vec<String> = file
         .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text)
         .filter_map(|s| s.name().ok()?.strip_suffix(".kpatch").map(str::to_string))
         .filter(|n| !n.is_empty())
         .collect();

@@ -110,11 +110,27 @@ pub enum BuildError {
         /// The last lines of the log.
         tail: String,
     },
+    /// The original build compiled nothing: the tree was already built.
+    #[error("the tree is already built: `{cmd}` recompiled nothing, so livecare saw no original code to patch; run again with --clean (or run `make clean` first), or use a fresh copy of the tree; full log: {log}")]
+    AlreadyBuilt {
+        /// The build command.
+        cmd: String,
+        /// The log file.
+        log: PathBuf,
+    },
     /// The original build linked nothing through the wrapper.
     #[error("the original build linked no program or library through the wrapper (does the build use $CC / cc / gcc from PATH?); full log: {log}")]
     NothingLinked {
         /// The log file.
         log: PathBuf,
+    },
+    /// The output directory already holds a different patch for the same build-id.
+    #[error("{kpatch} already holds a different patch for {object} (an earlier fix?); it was kept and no patch was written: apply or move it away, or choose another output directory with -o")]
+    PatchExists {
+        /// The existing patch file.
+        kpatch: PathBuf,
+        /// The binary both patches are for.
+        object: PathBuf,
     },
     /// No patch resulted; the reason says why.
     #[error("no patch was produced: {reason}; full log: {log}")]
@@ -464,9 +480,17 @@ impl Session {
             ] {
                 let _ = std::fs::remove_file(f);
             }
+            // Coarse file clocks may stamp a file slightly before this instant.
+            let started = std::time::SystemTime::now() - std::time::Duration::from_millis(100);
             s.run_build("original", &cmd)?;
             let linked = read_link_log(&s.link_log("original"));
             if linked.is_empty() {
+                if !compiled_since(&s.opts.workdir.join("asm"), started) {
+                    return Err(BuildError::AlreadyBuilt {
+                        cmd: cmd.join(" "),
+                        log: s.log.clone(),
+                    });
+                }
                 return Err(BuildError::NothingLinked { log: s.log.clone() });
             }
             let mut originals = Vec::new();
@@ -639,22 +663,43 @@ impl Session {
             let (bid, bytes) =
                 pipeline::make_kpatch(&orig.stash, path, self.opts.patch_id.as_deref(), &scratch)?;
             let out = self.opts.outdir.join(format!("{bid}.kpatch"));
-            std::fs::write(&out, bytes).map_err(|e| io(&out, e))?;
-            self.progress.note(&format!(
-                "patch for {} is in {} ({} function(s): {})",
-                path.display(),
-                out.display(),
-                functions.len(),
-                functions.join(", ")
+            made.push((
+                MadePatch {
+                    object: path.clone(),
+                    original: orig.stash.clone(),
+                    build_id: bid,
+                    kpatch: out,
+                    functions,
+                },
+                bytes,
             ));
-            made.push(MadePatch {
-                object: path.clone(),
-                original: orig.stash.clone(),
-                build_id: bid,
-                kpatch: out,
-                functions,
-            });
         }
+        // Appliers look a patch up as `<build-id>.kpatch`, so a second fix for the same
+        // binary cannot sit beside the first: keep the earlier one and write nothing.
+        for (m, bytes) in &made {
+            if let Ok(old) = std::fs::read(&m.kpatch) {
+                if !same_patch(&old, bytes) {
+                    return Err(BuildError::PatchExists {
+                        kpatch: m.kpatch.clone(),
+                        object: m.object.clone(),
+                    });
+                }
+            }
+        }
+        let made: Vec<MadePatch> = made
+            .into_iter()
+            .map(|(m, bytes)| {
+                std::fs::write(&m.kpatch, bytes).map_err(|e| io(&m.kpatch, e))?;
+                self.progress.note(&format!(
+                    "patch for {} is in {} ({} function(s): {})",
+                    m.object.display(),
+                    m.kpatch.display(),
+                    m.functions.len(),
+                    m.functions.join(", ")
+                ));
+                Ok(m)
+            })
+            .collect::<Result<_, BuildError>>()?;
         if made.is_empty() {
             return Err(BuildError::NoPatch {
                 reason: self.no_patch_reason(&relinked),
@@ -881,6 +926,32 @@ pub fn diff_paths(diff: &str) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Whether two `.kpatch` files (LibcarePlus layout) are the same patch: equal but
+/// for the header's `build_time`, so a rerun of the same build may replace its file.
+fn same_patch(a: &[u8], b: &[u8]) -> bool {
+    use kpatch_file::header::raw::LibCarePlusHeader;
+    let t = std::mem::offset_of!(LibCarePlusHeader, build_time);
+    let t = t..t + 8;
+    a.len() == b.len()
+        && a.len() >= t.end
+        && a[..t.start] == b[..t.start]
+        && a[t.end..] == b[t.end..]
+}
+
+/// Whether the wrapper kept any original-stage assembly (one per compiled C file)
+/// since `since`: none means the build command compiled nothing.
+fn compiled_since(asm_dir: &Path, since: std::time::SystemTime) -> bool {
+    let Ok(dir) = std::fs::read_dir(asm_dir) else {
+        return false;
+    };
+    dir.filter_map(Result::ok).any(|e| {
+        e.file_name().to_string_lossy().ends_with(".original.s")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+    })
 }
 
 fn read_link_log(path: &Path) -> Vec<PathBuf> {

@@ -498,8 +498,9 @@ fn configured_memcached() -> Option<(PathBuf, Scratch, Scratch)> {
     Some((src, tree, tools))
 }
 
+/// Issue 17.2: the default `make` also builds memcached-debug (gcov), whose coverage
+/// records change with any edit; that must not stop the build.
 #[test]
-#[ignore = "needs livecare build --target to tolerate objects of other outputs: the default `make` also builds memcached-debug (-fprofile-arcs), whose gcov tables change with any edit, and the wrapper fails the whole build (gensrc: variable `__gcov_._finalize_mset` changed its initial value)"]
 fn memcached_default_make_with_coverage_debug_binary_still_patches_memcached() {
     let Some((_src, tree, _tools)) = configured_memcached() else {
         return;
