@@ -5,6 +5,8 @@
 //! be alive and not left stopped or traced. Failure cases must exit 1 with a message and
 //! leave the target's maps and code bytes as they were.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
@@ -159,20 +161,6 @@ fn info(p: &Running) -> Result<String> {
     lc_ok(["info", "-p", &pid_s(p)])
 }
 
-/// The retired regions `info --json` lists, as `(start, end)`.
-fn retired_ranges(p: &Running) -> Result<Vec<(u64, u64)>> {
-    let v: serde_json::Value = serde_json::from_str(&lc_ok(["info", "-p", &pid_s(p), "--json"])?)?;
-    Ok(v[0]["retired"]
-        .as_array()
-        .context("info lists no retired regions")?
-        .iter()
-        .map(|r| {
-            let a = r["addr"].as_u64().unwrap_or(0);
-            (a, a + r["total_len"].as_u64().unwrap_or(0))
-        })
-        .collect())
-}
-
 /// Waits until every needle has been seen in new output (any order).
 fn see_all(p: &mut Running, needles: &[&str]) -> Result<()> {
     p.drain();
@@ -272,7 +260,7 @@ fn cycle(
     if same_after {
         // The removed patch's region may stay mapped, retired (listed by `info`).
         MemorySnapshot::take(p.pid())?
-            .assert_same_except(&snap, &retired_ranges(p)?)
+            .assert_same_except(&snap, &common::retired_ranges(p.pid())?)
             .context("maps and code after unpatch")?;
     }
     Ok(())
@@ -1156,7 +1144,7 @@ fn main_thread_exited_process_is_patched_and_unpatched() -> Result<()> {
     // The region is reclaimed (or listed as retired): memory is read through a live
     // thread.
     MemorySnapshot::take(pid)?
-        .assert_same_except(&snap, &retired_ranges(&p)?)
+        .assert_same_except(&snap, &common::retired_ranges(p.pid())?)
         .context("maps and code after unpatch")?;
     Ok(())
 }
