@@ -3,12 +3,21 @@
 # dir, with a PRIVATE apt sources list and lists dir (the system's apt files are never
 # touched), and installs the package's C build dependencies that the test needs.
 #
-#   .ci/setup-debian-src.sh [PACKAGE] [CACHE_DIR]
+#   .ci/setup-debian-src.sh [--orig] [PACKAGE] [CACHE_DIR]
+#
+# --orig unpacks the upstream tarball Debian ships (`*.orig.tar.*`) without Debian's
+# patches, for programs whose Debian patches change the stock build (redis: system
+# jemalloc, lua, hiredis). Its tree is `<PACKAGE>-<version>-orig`.
 #
 # Prints the path of the unpacked source tree on its last line. Exits non-zero (with a
 # message on stderr) when the registry is unreachable or the fetch fails; the caller
 # decides whether that is a skip.
 set -euo pipefail
+orig=
+if [ "${1:-}" = "--orig" ]; then
+  orig=1
+  shift
+fi
 pkg="${1:-memcached}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${2:-$root/target/debian-src}"
@@ -17,11 +26,16 @@ apt_dir="${LIVECARE_APT_DIR:-/tmp/livecare-apt}"
 # Build dependencies of the packages we know, from the system's own archive.
 case "$pkg" in
   memcached) deps=(libevent-dev) ;;
-  lighttpd) deps=(libpcre2-dev zlib1g-dev) ;;
+  lighttpd | nginx) deps=(libpcre2-dev zlib1g-dev) ;;
   *) deps=() ;;
 esac
 
-existing="$(find "$cache" -maxdepth 1 -mindepth 1 -type d -name "$pkg-*" 2>/dev/null | sort | tail -n1 || true)"
+# Debian's tree is <pkg>-<version>, the upstream one <pkg>-<version>-orig.
+if [ -n "$orig" ]; then
+  existing="$(find "$cache" -maxdepth 1 -mindepth 1 -type d -name "$pkg-*-orig" 2>/dev/null | sort | tail -n1 || true)"
+else
+  existing="$(find "$cache" -maxdepth 1 -mindepth 1 -type d -name "$pkg-*" ! -name '*-orig' 2>/dev/null | sort | tail -n1 || true)"
+fi
 
 missing=()
 for d in "${deps[@]}"; do
@@ -64,8 +78,21 @@ timeout 300 apt-get "${apt_opts[@]}" update -qq >&2
 work="$(mktemp -d "$cache/.fetch-XXXXXX")"
 chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && timeout 300 apt-get "${apt_opts[@]}" source -qq "$pkg" >&2)
-tree="$(find "$work" -maxdepth 1 -mindepth 1 -type d -name "$pkg-*" | head -n1)"
+if [ -n "$orig" ]; then
+  (cd "$work" && timeout 300 apt-get "${apt_opts[@]}" source --download-only -qq "$pkg" >&2)
+  tarball="$(find "$work" -maxdepth 1 -name "${pkg}_*.orig.tar.*" ! -name '*.asc' | head -n1)"
+  [ -n "$tarball" ] || { echo "setup-debian-src: no $pkg upstream tarball" >&2; exit 1; }
+  version="$(basename "$tarball" | sed -E "s/^${pkg}_(.*)\.orig\.tar\..*$/\1/")"
+  mkdir "$work/unpack"
+  tar -xf "$tarball" -C "$work/unpack"
+  top="$(find "$work/unpack" -maxdepth 1 -mindepth 1 -type d | head -n1)"
+  [ -n "$top" ] || { echo "setup-debian-src: empty $pkg tarball" >&2; exit 1; }
+  tree="$work/$pkg-$version-orig"
+  mv "$top" "$tree"
+else
+  (cd "$work" && timeout 300 apt-get "${apt_opts[@]}" source -qq "$pkg" >&2)
+  tree="$(find "$work" -maxdepth 1 -mindepth 1 -type d -name "$pkg-*" | head -n1)"
+fi
 [ -n "$tree" ] || { echo "setup-debian-src: no unpacked $pkg tree" >&2; exit 1; }
 name="$(basename "$tree")"
 rm -rf "${cache:?}/$name"

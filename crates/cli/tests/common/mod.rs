@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod load;
+
 use anyhow::{bail, Context, Result};
 
 /// The livecare binary under test.
