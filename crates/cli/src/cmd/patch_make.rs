@@ -40,13 +40,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(std::path::absolute)
         .collect::<Result<Vec<_>, _>>()?;
     let mut opts = Options::new(&srcdir, patches, &srcdir.join("patchroot"), &tool);
-    opts.workdir = srcdir.join("lpmake");
+    // The work files stay outside the tree (a private copy of the tree is built);
+    // lpmake/ in the tree keeps LibCare's install trees, written through to the tree.
+    let lpmake = srcdir.join("lpmake");
+    opts.passthrough = vec![lpmake.clone()];
+    // `-u` reuses the original build.
+    opts.keep_work = true;
     opts.clean = args.clean;
     opts.patch_id = args.id;
     // LibCare's libcare-cc default when KPCC_PATCH_ARGS is unset (see `cc`).
     opts.diff_args = super::cc::LIBCARE_PATCH_ARGS.into();
     if let Some(var) = args.destdir {
-        let dest = opts.workdir.join("install");
+        let dest = lpmake.join("install");
         opts.build_cmd = vec![
             "sh".into(),
             "-c".into(),
