@@ -129,6 +129,34 @@ impl<'a> Original<'a> {
             })
     }
 
+    /// Like [`Original::symbol`], for a reference bound globally: when the name is also
+    /// static in some file (redis: `dictFind` in dict.c and hiredis's async.c), the
+    /// global definition is the one the link resolved it to, not the first local.
+    pub fn global_symbol(&self, name: &[u8]) -> Option<OrigSymbol> {
+        let want = base_name(name);
+        if want.is_empty() {
+            return None;
+        }
+        let global = self
+            .file
+            .symbols()
+            .chain(self.file.dynamic_symbols())
+            .filter(|s| !s.is_undefined() && s.is_global())
+            .find(|s| s.name_bytes().map(base_name).ok() == Some(want));
+        let Some(s) = global else {
+            return self.symbol(name);
+        };
+        let SymbolSection::Section(idx) = s.section() else {
+            return None;
+        };
+        let section = self.file.section_by_index(idx).ok()?;
+        Some(OrigSymbol {
+            value: s.address(),
+            section: section.name().ok()?.to_string(),
+            is_tls: s.kind() == object::SymbolKind::Tls,
+        })
+    }
+
     /// The PT_TLS segment, if the object has thread-local storage.
     pub fn tls(&self) -> Option<TlsSegment> {
         let endian = self.file.endian();

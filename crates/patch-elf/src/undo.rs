@@ -67,7 +67,7 @@ pub(crate) fn undo_link(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
             _ => {
                 let mut v = sym.st_value.wrapping_sub(base);
                 if placeholder && sym.st_bind() != elf::STB_LOCAL && !sym.name.is_empty() {
-                    if let Some(o) = original.symbol(&sym.name) {
+                    if let Some(o) = original.global_symbol(&sym.name) {
                         if o.section.as_bytes() == sec_name.as_slice() && !o.is_tls {
                             if let Some(oaddr) = original.section_addr(&sec_name) {
                                 v = o.value.wrapping_sub(oaddr);
