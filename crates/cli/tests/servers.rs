@@ -121,6 +121,14 @@ fn configured_copy(p: &Prog, src: &Path) -> Scratch {
         Command::new("cp").arg("-a").arg(src.join(".")).arg(tree.path()),
         "copying the source",
     );
+    // `cp -a` gives the copy the mode of the unpacked tree, 0775 for redis's tarball
+    // (unpacked by root, permissions kept); livecare refuses patches under a directory
+    // others may write, so make it what an operator's umask 022 would.
+    ok_in(
+        Path::new("/"),
+        Command::new("chmod").arg("go-w").arg(tree.path()),
+        "chmod go-w",
+    );
     if let Some(argv) = p.configure {
         ok_in(
             tree.path(),
