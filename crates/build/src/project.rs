@@ -332,6 +332,9 @@ impl Session {
         if opts.build_cmd.is_empty() {
             return Err(BuildError::Usage("empty build command".into()));
         }
+        for d in &deployed {
+            crate::deployed::check_build_dir(d, &opts.srcdir).map_err(BuildError::Usage)?;
+        }
         check_configured(&opts)?;
         check_workdir_base(&opts.workdir)?;
         for d in [&opts.outdir, &opts.workdir] {

@@ -113,8 +113,8 @@ fn debian_source(pkg: &str, orig: bool) -> Option<PathBuf> {
     Some(dir)
 }
 
-/// A scratch copy of `src`, configured by its stock configure step when it has one.
-fn configured_copy(p: &Prog, src: &Path) -> Scratch {
+/// A scratch copy of `src`, as unpacked.
+fn copy_tree(src: &Path) -> Scratch {
     let tree = Scratch::new().unwrap();
     ok_in(
         Path::new("/"),
@@ -129,6 +129,12 @@ fn configured_copy(p: &Prog, src: &Path) -> Scratch {
         Command::new("chmod").arg("go-w").arg(tree.path()),
         "chmod go-w",
     );
+    tree
+}
+
+/// A scratch copy of `src`, configured by its stock configure step when it has one.
+fn configured_copy(p: &Prog, src: &Path) -> Scratch {
+    let tree = copy_tree(src);
     if let Some(argv) = p.configure {
         ok_in(
             tree.path(),
@@ -357,8 +363,11 @@ fn server_case(p: &Prog) {
     );
     let live1 = patch_under_load(p, &mut server, port, &out);
 
-    // Route 2: the deployed binary, the source at another path.
-    let b = configured_copy(p, &src);
+    // Route 2: the deployed binary, the source at another path. livecare reads where
+    // the deployed binary was built before anything else (so B is left unconfigured:
+    // its configure step would only cost CI time); should it one day reproduce the
+    // build from B, the test needs B configured first.
+    let b = copy_tree(&src);
     let t = Instant::now();
     let (text, res) = run_in(
         b.path(),
