@@ -4,15 +4,16 @@
 //! archive) apply to processes started from those trees, change what they do, and
 //! unpatch back to the original behaviour.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::load::{assert_phases, Conn, Load, Phases, Reply};
 use testkit::{build_id_of, MemorySnapshot, Running, Scratch};
 
 /// Generous for a loaded CI machine: a wait only lasts this long on failure.
@@ -393,62 +394,17 @@ fn memcached_source() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// What one `version` request got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
-    Original,
-    Patched,
-}
-
-/// One request: when it was sent, when its reply arrived, and the reply (Err: what
-/// went wrong).
-type Sample = (Instant, Instant, Result<Reply, String>);
-
-/// Sends `version` requests on 127.0.0.1:`port` until `stop` (or 3 minutes, or 200k
-/// requests), over one kept connection (`reconnect` false) or a new one per request.
-fn version_client(
-    port: u16,
-    reconnect: bool,
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<Sample>>>,
-    sent: Arc<AtomicU64>,
-) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let start = Instant::now();
-    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(180) && n < 200_000
-    {
-        n += 1;
-        let at = Instant::now();
-        let result = (|| -> Result<Reply, String> {
-            if conn.is_none() {
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                    .map_err(|e| format!("connect: {e}"))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-                conn = Some((s, r));
-            }
-            let (s, r) = conn.as_mut().unwrap();
-            s.write_all(b"version\r\n")
-                .map_err(|e| format!("write: {e}"))?;
-            let mut line = String::new();
-            r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
-            match line.trim_end() {
-                l if l.starts_with("VERSION ") && l.ends_with("-livecare-fixed") => {
-                    Ok(Reply::Patched)
-                }
-                l if l.starts_with("VERSION 1.") && !l.contains("livecare") => Ok(Reply::Original),
-                other => Err(format!("unexpected reply {other:?}")),
-            }
-        })();
-        if result.is_err() || reconnect {
-            conn = None;
-        }
-        sent.fetch_add(1, Ordering::Relaxed);
-        log.lock().unwrap().push((at, Instant::now(), result));
-        thread::sleep(Duration::from_micros(500));
+/// One memcached `version` request: the fix makes it `VERSION 1.x-livecare-fixed`.
+fn version_ask(c: &mut Conn) -> Result<Reply, String> {
+    c.w.write_all(b"version\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    c.r.read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    match line.trim_end() {
+        l if l.starts_with("VERSION ") && l.ends_with("-livecare-fixed") => Ok(Reply::Patched),
+        l if l.starts_with("VERSION 1.") && !l.contains("livecare") => Ok(Reply::Original),
+        other => Err(format!("unexpected reply {other:?}")),
     }
 }
 
@@ -589,86 +545,40 @@ fn memcached_from_debian_source_is_patched_and_unpatched_under_load() {
     );
     assert_eq!(stored.trim_end(), "STORED");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sent = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = [false, true]
-        .into_iter()
-        .map(|reconnect| {
-            let (stop, log, sent) = (stop.clone(), log.clone(), sent.clone());
-            thread::spawn(move || version_client(port, reconnect, stop, log, sent))
-        })
-        .collect();
-    let wait_sent = |n: u64| {
-        let from = sent.load(Ordering::Relaxed);
-        let t = Instant::now();
-        // Long enough for the slowest machine: each phase needs 100 requests.
-        while sent.load(Ordering::Relaxed) < from + n && t.elapsed() < Duration::from_secs(60) {
-            thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_sent(200);
+    let load = Load::start(port, version_ask);
+    load.wait_sent(200);
     let t_patch = Instant::now();
     let patch_text = patch_dir(server.pid(), &out);
     let t_patched = Instant::now();
     assert_eq!(
         stats_livecare(port, server.pid()).as_deref(),
         Some("patched"),
-        "stats while patched"
+        "stats while patched\n{patch_text}"
     );
-    wait_sent(500);
+    load.wait_sent(500);
     let t_unpatch = Instant::now();
     let unpatch_text = unpatch_latest(server.pid());
     let t_unpatched = Instant::now();
     assert_eq!(
         stats_livecare(port, server.pid()),
         None,
-        "stats after unpatch"
+        "stats after unpatch\n{unpatch_text}"
     );
-    wait_sent(500);
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    load.wait_sent(500);
+    let end = Instant::now();
+    let log = load.finish();
     assert!(server.is_alive(), "memcached died");
     let (state, tracer) = server.proc_state().unwrap();
     assert_eq!(tracer, 0, "memcached left traced ({state})");
-
-    let log = log.lock().unwrap();
-    let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        failed.len(),
-        log.len(),
-        failed.first()
-    );
-    // A request belongs to a phase when it was sent after the phase began and answered
-    // before it ended; requests in flight while patch or unpatch ran may get either.
-    let count = |from: Instant, to: Instant, want: Reply| {
-        let in_window: Vec<_> = log
-            .iter()
-            .filter(|(sent, got, _)| *sent >= from && *got < to)
-            .collect();
-        let good = in_window.iter().filter(|(_, _, r)| *r == Ok(want)).count();
-        (good, in_window.len())
+    let phases = Phases {
+        up,
+        patch: t_patch,
+        patched: t_patched,
+        unpatch: t_unpatch,
+        unpatched: t_unpatched,
+        end,
     };
-    let end = Instant::now();
-    let (orig_before, n_before) = count(up, t_patch, Reply::Original);
-    let (patched, n_patched) = count(t_patched, t_unpatch, Reply::Patched);
-    let (orig_after, n_after) = count(t_unpatched, end, Reply::Original);
-    assert!(
-        n_before >= 100 && orig_before == n_before,
-        "before: {orig_before}/{n_before}"
-    );
-    assert!(
-        n_patched >= 100 && patched == n_patched,
-        "patched: {patched}/{n_patched}\n{patch_text}"
-    );
-    assert!(
-        n_after >= 100 && orig_after == n_after,
-        "after: {orig_after}/{n_after}\n{unpatch_text}"
-    );
+    assert_phases("memcached", &log, &phases);
     // The cache kept its data through patch and unpatch.
     let got = memcached_request(port, "get livecare\r\n");
     assert!(got.contains("\r\nhello\r\n"), "{got:?}");

@@ -299,6 +299,19 @@ fn patch_under_load(p: &Prog, server: &mut Server, port: u16, patches: &Path) ->
     )
 }
 
+/// CPU time (user + system) of every child process waited for so far: the build
+/// figures, less noisy than wall time on a shared machine.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes one rusage to the valid pointer it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Size and modification time of a file, to prove a build left it alone.
 fn stamp(path: &Path) -> (u64, SystemTime) {
     let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -318,6 +331,7 @@ fn server_case(p: &Prog) {
 
     // The deployed build: the stock configure and make, as the README says.
     let t = Instant::now();
+    let cpu = children_cpu();
     let a = configured_copy(p, &src);
     let configured = t.elapsed();
     ok_in(
@@ -326,6 +340,7 @@ fn server_case(p: &Prog) {
         &format!("{} make", p.pkg),
     );
     let plain = t.elapsed();
+    let plain_cpu = children_cpu() - cpu;
     let exe = a.join(p.binary);
     let deployed_id = build_id_of(&exe).unwrap();
     let exe_stamp = stamp(&exe);
@@ -335,12 +350,14 @@ fn server_case(p: &Prog) {
 
     // Route 1: in the built tree, no flags at all.
     let t = Instant::now();
+    let cpu = children_cpu();
     let text = ok_in(
         a.path(),
         nice_livecare().arg("build").arg(&diff),
         &format!("livecare build FIX.diff in the built {} tree", p.pkg),
     );
     let patch_build = t.elapsed();
+    let patch_cpu = children_cpu() - cpu;
     let out = a.join("patches");
     assert_eq!(kpatch_names(&out), [deployed_id.clone()], "{text}");
     let kpatch = out.join(format!("{deployed_id}.kpatch"));
@@ -402,9 +419,9 @@ fn server_case(p: &Prog) {
     };
     assert!(server.0.is_alive(), "{} died", p.pkg);
     eprintln!(
-        "\n==== {}: plain build {plain:?} (configure {configured:?}); patch build in the built \
-         tree {patch_build:?}, {size} bytes; {live1}\n==== {} deployed route: {route2}\n==== {} \
-         test total {:?} ====\n",
+        "\n==== {}: plain build {plain:?} (configure {configured:?}, CPU {plain_cpu:?}); patch \
+         build in the built tree {patch_build:?} (CPU {patch_cpu:?}), {size} bytes; {live1}\n\
+         ==== {} deployed route: {route2}\n==== {} test total {:?} ====\n",
         p.pkg,
         p.pkg,
         p.pkg,
