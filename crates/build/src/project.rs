@@ -445,6 +445,17 @@ impl Session {
     /// Puts back sources that an interrupted earlier run (killed while the diffs were
     /// applied) left patched, using its journal of backed-up files.
     fn recover_interrupted(&mut self) -> Result<(), BuildError> {
+        // Earlier versions kept their work files in OUTDIR/.livecare (livecare build)
+        // or SRCDIR/lpmake (libcare-patch-make).
+        for legacy in [
+            self.opts.outdir.join(".livecare"),
+            self.opts.srcdir.join("lpmake"),
+        ] {
+            let journal = legacy.join("applied.tsv");
+            if journal != self.journal() && journal.is_file() {
+                let _ = std::fs::rename(&journal, self.journal());
+            }
+        }
         let Ok(text) = std::fs::read_to_string(self.journal()) else {
             return Ok(());
         };
@@ -684,6 +695,24 @@ impl Session {
         if files.is_empty() {
             return Ok(files);
         }
+        if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+            for rel in &files {
+                let text = std::fs::read(self.opts.srcdir.join(rel)).unwrap_or_default();
+                let text = String::from_utf8_lossy(&text);
+                if ["__DATE__", "__TIME__", "__TIMESTAMP__"]
+                    .iter()
+                    .any(|m| text.contains(m))
+                {
+                    self.progress.note(&format!(
+                        "WARNING: {} uses __DATE__/__TIME__: each compile of it differs, so \
+                         its program relinked now will not match one built earlier, and the \
+                         functions using them are patched too; set SOURCE_DATE_EPOCH as the \
+                         tree's own build did to avoid this",
+                        rel.display()
+                    ));
+                }
+            }
+        }
         let mut c = self.tree_command("touch")?;
         c.arg("-c").arg("--").args(&files).stdin(Stdio::null());
         let out = c.output().map_err(|e| io(Path::new("touch"), e))?;
@@ -811,7 +840,7 @@ impl Session {
             return Ok(());
         }
         self.mismatched.clear();
-        let mut first = None;
+        let mut errors = Vec::new();
         for o in &self.originals {
             if !o.path.starts_with(&self.opts.srcdir) || !o.path.is_file() {
                 continue;
@@ -827,7 +856,12 @@ impl Session {
             }
             let built = pipeline::read_file(&o.stash)?;
             let why = crate::deployed::differences(&data, &built);
-            let differences = if why.is_empty() {
+            let differences = if has_coverage_counters(&built) {
+                "It is coverage-instrumented (gcov): every compile stamps its coverage \
+                 records anew, so no rebuild has the tree's build-id; patch the \
+                 uninstrumented program instead."
+                    .to_string()
+            } else if why.is_empty() {
                 "No difference in code sizes or compiler version (the source, a flag or a \
                  build stamp differs)."
                     .to_string()
@@ -845,12 +879,12 @@ impl Session {
                 return Err(err);
             }
             self.mismatched.push(o.path.clone());
-            first.get_or_insert(err);
+            errors.push(err);
         }
-        if let Some(err) = first {
-            if self.mismatched.len() == self.originals.len() {
-                return Err(err);
-            }
+        if !errors.is_empty() && self.mismatched.len() == self.originals.len() {
+            return Err(errors.remove(0));
+        }
+        for err in errors {
             self.progress
                 .note(&format!("WARNING: no patch will be made for it: {err}"));
         }
@@ -1277,6 +1311,15 @@ fn check_workdir_base(workdir: &Path) -> Result<(), BuildError> {
         )));
     }
     Ok(())
+}
+
+/// Whether an ELF file carries gcov's coverage counters.
+fn has_coverage_counters(data: &[u8]) -> bool {
+    use object::{Object, ObjectSymbol};
+    object::File::parse(data).is_ok_and(|f| {
+        f.symbols()
+            .any(|s| s.name().is_ok_and(|n| n.starts_with("__gcov_")))
+    })
 }
 
 /// C and C++ sources and headers: the files whose change makes the build compile.
