@@ -195,29 +195,25 @@ impl PrivateTree {
     }
 
     fn mounts(&self, overlay: bool) -> Result<Mounts, String> {
-        let mut data = b"lowerdir=".to_vec();
-        for (i, p) in [self.tree.clone(), self.upper(), self.work()]
-            .iter()
-            .enumerate()
-        {
-            let bytes = p.as_os_str().as_bytes();
-            // The option string separates with `,` and lower layers with `:`.
-            if bytes.iter().any(|b| b",:\\".contains(b)) {
-                return Err(format!(
-                    "the path {} holds a ',', ':' or '\\', which overlayfs options cannot carry",
-                    p.display()
-                ));
+        let mut data = Vec::new();
+        for (key, p) in [
+            ("lowerdir=", self.tree.clone()),
+            (",upperdir=", self.upper()),
+            (",workdir=", self.work()),
+        ] {
+            data.extend(key.as_bytes());
+            // The option string separates options with `,` and lower layers with `:`;
+            // overlayfs takes both (and `\`) escaped with a backslash.
+            for &b in p.as_os_str().as_bytes() {
+                if b",:\\".contains(&b) {
+                    data.push(b'\\');
+                }
+                data.push(b);
             }
-            if i == 1 {
-                data.extend(b",upperdir=");
-            } else if i == 2 {
-                data.extend(b",workdir=");
-            }
-            data.extend(bytes);
         }
         Ok(Mounts {
             tree: cstr(&self.tree),
-            data: CString::new(data).unwrap_or_default(),
+            data: CString::new(data).map_err(|e| e.to_string())?,
             binds: self.binds.iter().map(|(r, h)| (cstr(r), cstr(h))).collect(),
             overlay,
         })
