@@ -416,6 +416,7 @@ impl Session {
         for d in ["asm", "original"] {
             let _ = std::fs::remove_dir_all(self.opts.workdir.join(d));
         }
+        let _ = std::fs::remove_file(&self.log);
         Ok(())
     }
 
@@ -1170,8 +1171,10 @@ impl Session {
         Ok(())
     }
 
-    /// Removes the bulky work files of a successful build unless they are kept for
-    /// an `--update`: the private tree's changes and the kept assembly.
+    /// Removes the bulky work files of a successful build (the patches are in the
+    /// output directory and the tree is untouched), unless they are kept for an
+    /// `--update`; the log and the wrapper scripts stay. Only livecare's own files go:
+    /// `--workdir` may name a directory with others.
     fn drop_work_files(&mut self) {
         if self.opts.keep_work {
             return;
@@ -1179,8 +1182,18 @@ impl Session {
         if let Some(p) = &self.private {
             p.remove();
         }
-        let _ = std::fs::remove_dir_all(self.opts.workdir.join("asm"));
-        let _ = std::fs::remove_dir_all(self.opts.workdir.join("kpatch"));
+        let w = &self.opts.workdir;
+        for d in ["asm", "kpatch", "original", "backup"] {
+            let _ = std::fs::remove_dir_all(w.join(d));
+        }
+        for f in [
+            "links.original",
+            "links.patched",
+            "changes.log",
+            "originals.tsv",
+        ] {
+            let _ = std::fs::remove_file(w.join(f));
+        }
     }
 
     fn restore_files(&mut self) -> Result<(), BuildError> {
