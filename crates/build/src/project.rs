@@ -375,7 +375,7 @@ impl Session {
                 self.opts.workdir.display()
             ))
         } else {
-            let p = PrivateTree::new(
+            let mut p = PrivateTree::new(
                 tree,
                 &self.opts.workdir.join("tree"),
                 &self.opts.passthrough,

@@ -446,3 +446,72 @@ fn the_default_output_directory_is_srcdir_patches_and_holds_only_patches() {
         "{t}"
     );
 }
+
+/// Without root the private copy lives in a user namespace that maps only the user's
+/// own ids: a build by `nobody` in its own already-built tree makes the patch and
+/// leaves the tree exactly as it was.
+#[test]
+fn a_user_other_than_root_builds_in_a_private_copy_too() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!(
+            "\n\n==== SKIPPED: needs root and setpriv (util-linux) to run a build as nobody ====\n"
+        );
+        return;
+    }
+    // Whether this kernel lets nobody make a user namespace and mount an overlay there.
+    let probe = Scratch::new().unwrap();
+    sh(
+        probe.path(),
+        "mkdir l u w m && chown -R 65534:65534 . && chmod 755 .",
+    );
+    let userns = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args([
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+        ])
+        .arg("mount -t overlay overlay -o lowerdir=l,upperdir=u,workdir=w,userxattr m")
+        .current_dir(probe.path())
+        .output()
+        .unwrap();
+    if !userns.status.success() {
+        eprintln!(
+            "\n\n==== SKIPPED: this kernel gives unprivileged users no overlay in a user \
+             namespace ====\n{}\n",
+            text(&userns)
+        );
+        return;
+    }
+    let tree = built_tree();
+    let home = Scratch::new().unwrap();
+    // nobody may not reach the workspace's target directory: a copy of livecare.
+    let tool = home.join("livecare");
+    std::fs::copy(livecare(), &tool).unwrap();
+    let out = home.join("out");
+    for dir in [tree.path(), home.path()] {
+        sh(dir, "chown -R 65534:65534 .");
+    }
+    let before = snapshot(tree.path(), &[]);
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&tool)
+        .args(["build", "-o", &out.to_string_lossy(), "fix.diff"])
+        .current_dir(tree.path())
+        .output()
+        .unwrap();
+    let t = ok(o, "livecare build as nobody");
+    assert!(!t.contains("building in the tree itself"), "{t}");
+    let id = build_id_of(&tree.join("objs/server")).unwrap();
+    assert_eq!(
+        kpatch_files(&out),
+        [out.join(format!("{id}.kpatch"))],
+        "{t}"
+    );
+    assert_same_tree(&before, &snapshot(tree.path(), &[]));
+}
