@@ -285,6 +285,8 @@ pub struct Session {
     fresh: bool,
     /// Outputs whose rebuilt build-id differs from the tree's copy: no patch for them.
     mismatched: Vec<PathBuf>,
+    /// Held (flock) while the session lives: one build per work directory.
+    _lock: File,
 }
 
 impl Session {
@@ -344,6 +346,7 @@ impl Session {
         for p in &mut opts.passthrough {
             *p = abs(&opts.srcdir.join(&*p))?;
         }
+        let lock = lock_workdir(&opts.workdir)?;
         let log = opts.workdir.join("build.log");
         let session = Session {
             deployed,
@@ -355,6 +358,7 @@ impl Session {
             private: None,
             fresh: false,
             mismatched: Vec::new(),
+            _lock: lock,
         };
         let mut session = session;
         session.install_wrapper()?;
@@ -1257,6 +1261,28 @@ impl Drop for Session {
     }
 }
 
+/// Locks the work directory for this session: two builds of one tree at once would
+/// share (and wipe) each other's work files.
+fn lock_workdir(workdir: &Path) -> Result<File, BuildError> {
+    use std::os::fd::AsRawFd;
+    let path = workdir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(BuildError::Usage(format!(
+            "another livecare build is using the work directory {} (a build of the same \
+             tree): wait for it to end, or give this one its own --workdir",
+            workdir.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// The names GNU make looks for.
 const MAKEFILES: [&str; 3] = ["GNUmakefile", "makefile", "Makefile"];
 
@@ -1578,8 +1604,9 @@ mod tests {
             .unwrap()
             .contains("return 2"));
         assert!(tree.join("new.c").exists());
-        // Killed here: no Drop, no restore.
-        std::mem::forget(s);
+        // Killed here: no restore (only the lock goes, as with a killed process).
+        s.backups.clear();
+        drop(s);
         let _s = Session::new(opts, Progress::new(crate::Style::Quiet)).unwrap();
         assert!(std::fs::read_to_string(tree.join("a.c"))
             .unwrap()

@@ -246,7 +246,8 @@ fn an_already_built_tree_gives_a_patch_for_its_running_program_and_is_not_touche
 }
 
 /// Item 4: a build killed in its patched stage (the diff applied, the patched objects
-/// built) leaves the tree exactly as it was, and the next run works.
+/// built) leaves the tree exactly as it was, and the next run works. While it runs, a
+/// second build of the same tree is refused.
 #[test]
 fn a_build_killed_in_its_patched_stage_leaves_the_tree_as_it_was_and_a_rerun_works() {
     let tree = built_tree();
@@ -280,6 +281,15 @@ fn a_build_killed_in_its_patched_stage_leaves_the_tree_as_it_was_and_a_rerun_wor
         assert!(Instant::now() < deadline, "the patched stage never began");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second build of the same tree meanwhile is refused, not mixed into this one.
+    let second = livecare_in(
+        tree.path(),
+        &["build", "-o", &out.to_string_lossy(), "fix.diff"],
+        &[],
+    );
+    let t = text(&second);
+    assert_eq!(second.status.code(), Some(1), "{t}");
+    assert!(t.contains("another livecare build is using"), "{t}");
     child.kill().unwrap();
     let killed = child.wait_with_output().unwrap();
     if !private(&text(&killed)) {
