@@ -688,9 +688,10 @@ impl Session {
         })
     }
 
-    /// Makes the C/C++ files the diffs change newer than their objects (in the private
-    /// tree only: the tree's own timestamps stay), so that the original build compiles
-    /// them through the wrapper even in a tree that is already built.
+    /// Makes the C/C++ files the diffs change newer than their objects, so that the
+    /// original build compiles them through the wrapper even in a tree that is already
+    /// built. In the private tree only the copy is touched (the tree's own timestamps
+    /// stay); in place, the tree's files (they are put back with new times anyway).
     fn touch_changed(&mut self) -> Result<Vec<PathBuf>, BuildError> {
         let files: Vec<PathBuf> = self
             .touched_files()?
