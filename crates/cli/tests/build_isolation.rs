@@ -470,8 +470,12 @@ fn a_user_other_than_root_builds_in_a_private_copy_too() {
         );
         return;
     }
-    // Whether this kernel lets nobody make a user namespace and mount an overlay there.
-    let probe = Scratch::new().unwrap();
+    // Whether this kernel lets nobody make a user namespace and mount an overlay there,
+    // with the upper layer where livecare's default work directory is.
+    let probe = tempfile::Builder::new()
+        .prefix("livecare-userns-probe-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     sh(
         probe.path(),
         "mkdir l u w m && chown -R 65534:65534 . && chmod 755 .",
