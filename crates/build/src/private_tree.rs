@@ -209,16 +209,16 @@ impl PrivateTree {
             let aside = self
                 .root
                 .with_file_name(format!("tree.old-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&aside);
+            remove_layers(&aside);
             std::fs::rename(&self.root, &aside)?;
-            let _ = std::fs::remove_dir_all(&aside);
+            remove_layers(&aside);
         }
         // Leftovers of earlier runs whose removal raced with such a process.
         if let Some(parent) = self.root.parent() {
             if let Ok(dir) = std::fs::read_dir(parent) {
                 for e in dir.flatten() {
                     if e.file_name().to_string_lossy().starts_with("tree.old-") {
-                        let _ = std::fs::remove_dir_all(e.path());
+                        remove_layers(&e.path());
                     }
                 }
             }
@@ -228,7 +228,7 @@ impl PrivateTree {
 
     /// Removes the layers.
     pub fn remove(&self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        remove_layers(&self.root);
     }
 
     fn mounts(&self, overlay: bool) -> Result<Mounts, String> {
@@ -367,6 +367,19 @@ impl PrivateTree {
         }
         Ok(())
     }
+}
+
+/// Removes a layers directory. overlayfs leaves `work/work` (and `work/index`) with
+/// mode 000, which only root could then list: open them up first.
+fn remove_layers(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["work", "index"] {
+        let _ = std::fs::set_permissions(
+            root.join("work").join(d),
+            std::fs::Permissions::from_mode(0o700),
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
 }
 
 /// An overlayfs whiteout: a character device 0:0 that hides the lower file.

@@ -512,20 +512,32 @@ fn a_user_other_than_root_builds_in_a_private_copy_too() {
         sh(dir, "chown -R 65534:65534 .");
     }
     let before = snapshot(tree.path(), &[]);
-    let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&tool)
-        .args(["build", "-o", &out.to_string_lossy(), "fix.diff"])
-        .current_dir(tree.path())
-        .output()
-        .unwrap();
-    let t = ok(o, "livecare build as nobody");
-    assert!(!t.contains("building in the tree itself"), "{t}");
-    let id = build_id_of(&tree.join("objs/server")).unwrap();
-    assert_eq!(
-        kpatch_files(&out),
-        [out.join(format!("{id}.kpatch"))],
-        "{t}"
-    );
+    let work = probe.path().join("work");
+    // Twice: the second build starts from the first one's work directory.
+    for round in 0..2 {
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&tool)
+            .args(["build", "-o", &out.to_string_lossy()])
+            .args(["--workdir", &work.to_string_lossy(), "fix.diff"])
+            .current_dir(tree.path())
+            .output()
+            .unwrap();
+        let t = ok(o, "livecare build as nobody");
+        assert!(!t.contains("building in the tree itself"), "{t}");
+        let id = build_id_of(&tree.join("objs/server")).unwrap();
+        assert_eq!(
+            kpatch_files(&out),
+            [out.join(format!("{id}.kpatch"))],
+            "{t}"
+        );
+        // The private copy is gone (overlayfs leaves directories only root could list).
+        let left: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("tree"))
+            .collect();
+        assert!(left.is_empty(), "round {round}: left {left:?}\n{t}");
+    }
     assert_same_tree(&before, &snapshot(tree.path(), &[]));
 }
