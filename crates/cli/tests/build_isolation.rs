@@ -541,3 +541,39 @@ fn a_user_other_than_root_builds_in_a_private_copy_too() {
     }
     assert_same_tree(&before, &snapshot(tree.path(), &[]));
 }
+
+/// Item 4: the tree was built with other flags than the build command uses: the
+/// relinked program cannot be the tree's, so no patch is made and the error says what
+/// differs and what to do; the tree is untouched.
+#[test]
+fn a_tree_built_otherwise_is_named_with_what_differs() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture(CASE).unwrap();
+    sh(
+        tree.path(),
+        "./configure >/dev/null && make CFLAGS='-O0 -g' >/dev/null",
+    );
+    let before = snapshot(tree.path(), &[]);
+    let scratch = Scratch::new().unwrap();
+    let out = scratch.join("out");
+    let o = livecare_in(
+        tree.path(),
+        &["build", "-o", &out.to_string_lossy(), "fix.diff"],
+        &[],
+    );
+    let t = text(&o);
+    if !private(&t) {
+        return;
+    }
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    let id = build_id_of(&tree.join("objs/server")).unwrap();
+    assert!(
+        t.contains("objs/server")
+            && t.contains(&id)
+            && t.contains(".text size")
+            && t.contains("Rebuild the tree exactly as it is deployed"),
+        "{t}"
+    );
+    assert!(!out.exists() || kpatch_files(&out).is_empty(), "{t}");
+    assert_same_tree(&before, &snapshot(tree.path(), &[]));
+}
