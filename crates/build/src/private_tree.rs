@@ -7,6 +7,10 @@
 //! livecare's work directory, and the tree itself, its binaries and its timestamps are
 //! never changed: a `make clean` deletes nothing real, and a build killed at any point
 //! leaves the tree as it was.
+//!
+//! As root the namespace is a plain mount namespace. Other users get one inside a
+//! user namespace that maps only their own uid and gid (so the build runs as them),
+//! where the kernel (5.11+) allows unprivileged overlay mounts.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -19,6 +23,8 @@ use std::process::{Command, Stdio};
 /// The overlay of one tree: where its writes go.
 #[derive(Debug, Clone)]
 pub struct PrivateTree {
+    /// Whether the mounts need a user namespace of their own (not root).
+    userns: bool,
     /// The tree (lower layer, and the mount point).
     tree: PathBuf,
     /// The directory holding `upper`, `work` and the bind holders.
@@ -39,6 +45,26 @@ struct Mounts {
     data: CString,
     binds: Vec<(CString, CString)>,
     overlay: bool,
+    /// `/proc/self/uid_map` and `gid_map` contents for a user namespace.
+    userns: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Writes `data` to the file `path` with raw syscalls (no allocation).
+fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: open takes a NUL-terminated path; the flags need no mode argument.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_error());
+    }
+    // SAFETY: writes `data.len()` bytes from a live slice to the descriptor just opened.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let err = last_error();
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::close(fd) };
+    if n != data.len() as isize {
+        return Err(err);
+    }
+    Ok(())
 }
 
 fn last_error() -> std::io::Error {
@@ -52,9 +78,19 @@ impl Mounts {
         // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no
         // memory; the build must not outlive a livecare that was killed.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        let flags = match self.userns {
+            Some(_) => libc::CLONE_NEWUSER | libc::CLONE_NEWNS,
+            None => libc::CLONE_NEWNS,
+        };
         // SAFETY: unshare takes flags only; the child is single-threaded after fork.
-        if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        if unsafe { libc::unshare(flags) } != 0 {
             return Err(last_error());
+        }
+        if let Some((uid_map, gid_map)) = &self.userns {
+            // The kernel wants setgroups denied before an unprivileged gid_map.
+            write_proc(c"/proc/self/setgroups", b"deny")?;
+            write_proc(c"/proc/self/uid_map", uid_map)?;
+            write_proc(c"/proc/self/gid_map", gid_map)?;
         }
         let none = std::ptr::null();
         // SAFETY: all pointers are NUL-terminated strings that live in `self` or are
@@ -133,6 +169,7 @@ impl PrivateTree {
     /// the tree that the build writes through to the real tree.
     pub fn new(tree: &Path, root: &Path, binds: &[PathBuf]) -> PrivateTree {
         PrivateTree {
+            userns: false,
             tree: tree.to_path_buf(),
             root: root.to_path_buf(),
             binds: binds
@@ -172,16 +209,16 @@ impl PrivateTree {
             let aside = self
                 .root
                 .with_file_name(format!("tree.old-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&aside);
+            remove_layers(&aside);
             std::fs::rename(&self.root, &aside)?;
-            let _ = std::fs::remove_dir_all(&aside);
+            remove_layers(&aside);
         }
         // Leftovers of earlier runs whose removal raced with such a process.
         if let Some(parent) = self.root.parent() {
             if let Ok(dir) = std::fs::read_dir(parent) {
                 for e in dir.flatten() {
                     if e.file_name().to_string_lossy().starts_with("tree.old-") {
-                        let _ = std::fs::remove_dir_all(e.path());
+                        remove_layers(&e.path());
                     }
                 }
             }
@@ -191,33 +228,42 @@ impl PrivateTree {
 
     /// Removes the layers.
     pub fn remove(&self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        remove_layers(&self.root);
     }
 
     fn mounts(&self, overlay: bool) -> Result<Mounts, String> {
-        let mut data = b"lowerdir=".to_vec();
-        for (i, p) in [self.tree.clone(), self.upper(), self.work()]
-            .iter()
-            .enumerate()
-        {
-            let bytes = p.as_os_str().as_bytes();
-            // The option string separates with `,` and lower layers with `:`.
-            if bytes.iter().any(|b| b",:\\".contains(b)) {
-                return Err(format!(
-                    "the path {} holds a ',', ':' or '\\', which overlayfs options cannot carry",
-                    p.display()
-                ));
+        let mut data = Vec::new();
+        for (key, p) in [
+            ("lowerdir=", self.tree.clone()),
+            (",upperdir=", self.upper()),
+            (",workdir=", self.work()),
+        ] {
+            data.extend(key.as_bytes());
+            // The option string separates options with `,` and lower layers with `:`;
+            // overlayfs takes both (and `\`) escaped with a backslash.
+            for &b in p.as_os_str().as_bytes() {
+                if b",:\\".contains(&b) {
+                    data.push(b'\\');
+                }
+                data.push(b);
             }
-            if i == 1 {
-                data.extend(b",upperdir=");
-            } else if i == 2 {
-                data.extend(b",workdir=");
-            }
-            data.extend(bytes);
         }
+        // In a user namespace overlayfs keeps its metadata in user.* xattrs.
+        if self.userns {
+            data.extend(b",userxattr");
+        }
+        let userns = self.userns.then(|| {
+            // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            (
+                format!("{uid} {uid} 1\n").into_bytes(),
+                format!("{gid} {gid} 1\n").into_bytes(),
+            )
+        });
         Ok(Mounts {
+            userns,
             tree: cstr(&self.tree),
-            data: CString::new(data).unwrap_or_default(),
+            data: CString::new(data).map_err(|e| e.to_string())?,
             binds: self.binds.iter().map(|(r, h)| (cstr(r), cstr(h))).collect(),
             overlay,
         })
@@ -231,14 +277,15 @@ impl PrivateTree {
         Ok(())
     }
 
-    /// Whether the private view works here; the reason when not. Creates the layers.
-    pub fn probe(&self) -> Result<(), String> {
+    /// Whether the private view works here; the reason when not. Creates the layers
+    /// and chooses a user namespace when not root.
+    pub fn probe(&mut self) -> Result<(), String> {
         self.create()
             .map_err(|e| format!("cannot create {}: {e}", self.root.display()))?;
-        let run = |overlay: bool| -> Result<(), String> {
-            let mounts = self.mounts(overlay)?;
+        let run = |tree: &PrivateTree, overlay: bool| -> Result<(), String> {
+            let mounts = tree.mounts(overlay)?;
             let mut c = Command::new("true");
-            c.current_dir(&self.tree)
+            c.current_dir(&tree.tree)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
@@ -250,12 +297,27 @@ impl PrivateTree {
                 Err(e) => Err(e.to_string()),
             }
         };
-        run(false)
-            .map_err(|e| format!("cannot make a private mount namespace ({e}; needs root)"))?;
-        run(true).map_err(|e| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        self.userns = unsafe { libc::geteuid() } != 0;
+        run(self, false).map_err(|e| {
+            if self.userns {
+                format!(
+                    "cannot make a private mount namespace ({e}): not root, and the \
+                     kernel refuses unprivileged user namespaces"
+                )
+            } else {
+                format!("cannot make a private mount namespace ({e})")
+            }
+        })?;
+        run(self, true).map_err(|e| {
             format!(
-                "cannot mount an overlay of the tree with its upper layer in {} ({e})",
-                self.root.display()
+                "cannot mount an overlay of the tree with its upper layer in {} ({e}{})",
+                self.root.display(),
+                if self.userns {
+                    "; without root this needs Linux 5.11 or later"
+                } else {
+                    ""
+                }
             )
         })
     }
@@ -305,6 +367,19 @@ impl PrivateTree {
         }
         Ok(())
     }
+}
+
+/// Removes a layers directory. overlayfs leaves `work/work` (and `work/index`) with
+/// mode 000, which only root could then list: open them up first.
+fn remove_layers(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["work", "index"] {
+        let _ = std::fs::set_permissions(
+            root.join("work").join(d),
+            std::fs::Permissions::from_mode(0o700),
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
 }
 
 /// An overlayfs whiteout: a character device 0:0 that hides the lower file.

@@ -285,6 +285,8 @@ pub struct Session {
     fresh: bool,
     /// Outputs whose rebuilt build-id differs from the tree's copy: no patch for them.
     mismatched: Vec<PathBuf>,
+    /// Held (flock) while the session lives: one build per work directory.
+    _lock: File,
 }
 
 impl Session {
@@ -347,6 +349,7 @@ impl Session {
         for p in &mut opts.passthrough {
             *p = abs(&opts.srcdir.join(&*p))?;
         }
+        let lock = lock_workdir(&opts.workdir)?;
         let log = opts.workdir.join("build.log");
         let session = Session {
             deployed,
@@ -358,6 +361,7 @@ impl Session {
             private: None,
             fresh: false,
             mismatched: Vec::new(),
+            _lock: lock,
         };
         let mut session = session;
         session.install_wrapper()?;
@@ -378,7 +382,7 @@ impl Session {
                 self.opts.workdir.display()
             ))
         } else {
-            let p = PrivateTree::new(
+            let mut p = PrivateTree::new(
                 tree,
                 &self.opts.workdir.join("tree"),
                 &self.opts.passthrough,
@@ -419,6 +423,7 @@ impl Session {
         for d in ["asm", "original"] {
             let _ = std::fs::remove_dir_all(self.opts.workdir.join(d));
         }
+        let _ = std::fs::remove_file(&self.log);
         Ok(())
     }
 
@@ -448,6 +453,17 @@ impl Session {
     /// Puts back sources that an interrupted earlier run (killed while the diffs were
     /// applied) left patched, using its journal of backed-up files.
     fn recover_interrupted(&mut self) -> Result<(), BuildError> {
+        // Earlier versions kept their work files in OUTDIR/.livecare (livecare build)
+        // or SRCDIR/lpmake (libcare-patch-make).
+        for legacy in [
+            self.opts.outdir.join(".livecare"),
+            self.opts.srcdir.join("lpmake"),
+        ] {
+            let journal = legacy.join("applied.tsv");
+            if journal != self.journal() && journal.is_file() {
+                let _ = std::fs::rename(&journal, self.journal());
+            }
+        }
         let Ok(text) = std::fs::read_to_string(self.journal()) else {
             return Ok(());
         };
@@ -675,9 +691,10 @@ impl Session {
         })
     }
 
-    /// Makes the C/C++ files the diffs change newer than their objects (in the private
-    /// tree only: the tree's own timestamps stay), so that the original build compiles
-    /// them through the wrapper even in a tree that is already built.
+    /// Makes the C/C++ files the diffs change newer than their objects, so that the
+    /// original build compiles them through the wrapper even in a tree that is already
+    /// built. In the private tree only the copy is touched (the tree's own timestamps
+    /// stay); in place, the tree's files (they are put back with new times anyway).
     fn touch_changed(&mut self) -> Result<Vec<PathBuf>, BuildError> {
         let files: Vec<PathBuf> = self
             .touched_files()?
@@ -686,6 +703,24 @@ impl Session {
             .collect();
         if files.is_empty() {
             return Ok(files);
+        }
+        if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+            for rel in &files {
+                let text = std::fs::read(self.opts.srcdir.join(rel)).unwrap_or_default();
+                let text = String::from_utf8_lossy(&text);
+                if ["__DATE__", "__TIME__", "__TIMESTAMP__"]
+                    .iter()
+                    .any(|m| text.contains(m))
+                {
+                    self.progress.note(&format!(
+                        "WARNING: {} uses __DATE__/__TIME__: each compile of it differs, so \
+                         its program relinked now will not match one built earlier, and the \
+                         functions using them are patched too; set SOURCE_DATE_EPOCH as the \
+                         tree's own build did to avoid this",
+                        rel.display()
+                    ));
+                }
+            }
         }
         let mut c = self.tree_command("touch")?;
         c.arg("-c").arg("--").args(&files).stdin(Stdio::null());
@@ -814,7 +849,7 @@ impl Session {
             return Ok(());
         }
         self.mismatched.clear();
-        let mut first = None;
+        let mut errors = Vec::new();
         for o in &self.originals {
             if !o.path.starts_with(&self.opts.srcdir) || !o.path.is_file() {
                 continue;
@@ -830,7 +865,12 @@ impl Session {
             }
             let built = pipeline::read_file(&o.stash)?;
             let why = crate::deployed::differences(&data, &built);
-            let differences = if why.is_empty() {
+            let differences = if has_coverage_counters(&built) {
+                "It is coverage-instrumented (gcov): every compile stamps its coverage \
+                 records anew, so no rebuild has the tree's build-id; patch the \
+                 uninstrumented program instead."
+                    .to_string()
+            } else if why.is_empty() {
                 "No difference in code sizes or compiler version (the source, a flag or a \
                  build stamp differs)."
                     .to_string()
@@ -848,12 +888,12 @@ impl Session {
                 return Err(err);
             }
             self.mismatched.push(o.path.clone());
-            first.get_or_insert(err);
+            errors.push(err);
         }
-        if let Some(err) = first {
-            if self.mismatched.len() == self.originals.len() {
-                return Err(err);
-            }
+        if !errors.is_empty() && self.mismatched.len() == self.originals.len() {
+            return Err(errors.remove(0));
+        }
+        for err in errors {
             self.progress
                 .note(&format!("WARNING: no patch will be made for it: {err}"));
         }
@@ -1139,8 +1179,10 @@ impl Session {
         Ok(())
     }
 
-    /// Removes the bulky work files of a successful build unless they are kept for
-    /// an `--update`: the private tree's changes and the kept assembly.
+    /// Removes the bulky work files of a successful build (the patches are in the
+    /// output directory and the tree is untouched), unless they are kept for an
+    /// `--update`; the log and the wrapper scripts stay. Only livecare's own files go:
+    /// `--workdir` may name a directory with others.
     fn drop_work_files(&mut self) {
         if self.opts.keep_work {
             return;
@@ -1148,8 +1190,18 @@ impl Session {
         if let Some(p) = &self.private {
             p.remove();
         }
-        let _ = std::fs::remove_dir_all(self.opts.workdir.join("asm"));
-        let _ = std::fs::remove_dir_all(self.opts.workdir.join("kpatch"));
+        let w = &self.opts.workdir;
+        for d in ["asm", "kpatch", "original", "backup"] {
+            let _ = std::fs::remove_dir_all(w.join(d));
+        }
+        for f in [
+            "links.original",
+            "links.patched",
+            "changes.log",
+            "originals.tsv",
+        ] {
+            let _ = std::fs::remove_file(w.join(f));
+        }
     }
 
     fn restore_files(&mut self) -> Result<(), BuildError> {
@@ -1211,6 +1263,28 @@ impl Drop for Session {
             let _ = self.restore_files();
         }
     }
+}
+
+/// Locks the work directory for this session: two builds of one tree at once would
+/// share (and wipe) each other's work files.
+fn lock_workdir(workdir: &Path) -> Result<File, BuildError> {
+    use std::os::fd::AsRawFd;
+    let path = workdir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(BuildError::Usage(format!(
+            "another livecare build is using the work directory {} (a build of the same \
+             tree): wait for it to end, or give this one its own --workdir",
+            workdir.display()
+        )));
+    }
+    Ok(f)
 }
 
 /// The names GNU make looks for.
@@ -1280,6 +1354,15 @@ fn check_workdir_base(workdir: &Path) -> Result<(), BuildError> {
         )));
     }
     Ok(())
+}
+
+/// Whether an ELF file carries gcov's coverage counters.
+fn has_coverage_counters(data: &[u8]) -> bool {
+    use object::{Object, ObjectSymbol};
+    object::File::parse(data).is_ok_and(|f| {
+        f.symbols()
+            .any(|s| s.name().is_ok_and(|n| n.starts_with("__gcov_")))
+    })
 }
 
 /// C and C++ sources and headers: the files whose change makes the build compile.
@@ -1525,8 +1608,9 @@ mod tests {
             .unwrap()
             .contains("return 2"));
         assert!(tree.join("new.c").exists());
-        // Killed here: no Drop, no restore.
-        std::mem::forget(s);
+        // Killed here: no restore (only the lock goes, as with a killed process).
+        s.backups.clear();
+        drop(s);
         let _s = Session::new(opts, Progress::new(crate::Style::Quiet)).unwrap();
         assert!(std::fs::read_to_string(tree.join("a.c"))
             .unwrap()

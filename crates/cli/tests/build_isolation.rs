@@ -246,7 +246,8 @@ fn an_already_built_tree_gives_a_patch_for_its_running_program_and_is_not_touche
 }
 
 /// Item 4: a build killed in its patched stage (the diff applied, the patched objects
-/// built) leaves the tree exactly as it was, and the next run works.
+/// built) leaves the tree exactly as it was, and the next run works. While it runs, a
+/// second build of the same tree is refused.
 #[test]
 fn a_build_killed_in_its_patched_stage_leaves_the_tree_as_it_was_and_a_rerun_works() {
     let tree = built_tree();
@@ -280,6 +281,15 @@ fn a_build_killed_in_its_patched_stage_leaves_the_tree_as_it_was_and_a_rerun_wor
         assert!(Instant::now() < deadline, "the patched stage never began");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second build of the same tree meanwhile is refused, not mixed into this one.
+    let second = livecare_in(
+        tree.path(),
+        &["build", "-o", &out.to_string_lossy(), "fix.diff"],
+        &[],
+    );
+    let t = text(&second);
+    assert_eq!(second.status.code(), Some(1), "{t}");
+    assert!(t.contains("another livecare build is using"), "{t}");
     child.kill().unwrap();
     let killed = child.wait_with_output().unwrap();
     if !private(&text(&killed)) {
@@ -445,4 +455,125 @@ fn the_default_output_directory_is_srcdir_patches_and_holds_only_patches() {
         [tree.join(format!("patches/{id}.kpatch"))],
         "{t}"
     );
+}
+
+/// Without root the private copy lives in a user namespace that maps only the user's
+/// own ids: a build by `nobody` in its own already-built tree makes the patch and
+/// leaves the tree exactly as it was.
+#[test]
+fn a_user_other_than_root_builds_in_a_private_copy_too() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!(
+            "\n\n==== SKIPPED: needs root and setpriv (util-linux) to run a build as nobody ====\n"
+        );
+        return;
+    }
+    // Whether this kernel lets nobody make a user namespace and mount an overlay there,
+    // with the upper layer where livecare's default work directory is.
+    let probe = tempfile::Builder::new()
+        .prefix("livecare-userns-probe-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    sh(
+        probe.path(),
+        "mkdir l u w m && chown -R 65534:65534 . && chmod 755 .",
+    );
+    let userns = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args([
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+        ])
+        .arg("mount -t overlay overlay -o lowerdir=l,upperdir=u,workdir=w,userxattr m")
+        .current_dir(probe.path())
+        .output()
+        .unwrap();
+    if !userns.status.success() {
+        eprintln!(
+            "\n\n==== SKIPPED: this kernel gives unprivileged users no overlay in a user \
+             namespace ====\n{}\n",
+            text(&userns)
+        );
+        return;
+    }
+    let tree = built_tree();
+    let home = Scratch::new().unwrap();
+    // nobody may not reach the workspace's target directory: a copy of livecare.
+    let tool = home.join("livecare");
+    std::fs::copy(livecare(), &tool).unwrap();
+    let out = home.join("out");
+    for dir in [tree.path(), home.path()] {
+        sh(dir, "chown -R 65534:65534 .");
+    }
+    let before = snapshot(tree.path(), &[]);
+    let work = probe.path().join("work");
+    // Twice: the second build starts from the first one's work directory.
+    for round in 0..2 {
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&tool)
+            .args(["build", "-o", &out.to_string_lossy()])
+            .args(["--workdir", &work.to_string_lossy(), "fix.diff"])
+            .current_dir(tree.path())
+            .output()
+            .unwrap();
+        let t = ok(o, "livecare build as nobody");
+        assert!(!t.contains("building in the tree itself"), "{t}");
+        let id = build_id_of(&tree.join("objs/server")).unwrap();
+        assert_eq!(
+            kpatch_files(&out),
+            [out.join(format!("{id}.kpatch"))],
+            "{t}"
+        );
+        // The private copy is gone (overlayfs leaves directories only root could list).
+        let left: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("tree"))
+            .collect();
+        assert!(left.is_empty(), "round {round}: left {left:?}\n{t}");
+    }
+    assert_same_tree(&before, &snapshot(tree.path(), &[]));
+}
+
+/// Item 4: the tree was built with other flags than the build command uses: the
+/// relinked program cannot be the tree's, so no patch is made and the error says what
+/// differs and what to do; the tree is untouched.
+#[test]
+fn a_tree_built_otherwise_is_named_with_what_differs() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture(CASE).unwrap();
+    sh(
+        tree.path(),
+        "./configure >/dev/null && make CFLAGS='-O0 -g' >/dev/null",
+    );
+    let before = snapshot(tree.path(), &[]);
+    let scratch = Scratch::new().unwrap();
+    let out = scratch.join("out");
+    let o = livecare_in(
+        tree.path(),
+        &["build", "-o", &out.to_string_lossy(), "fix.diff"],
+        &[],
+    );
+    let t = text(&o);
+    if !private(&t) {
+        return;
+    }
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    let id = build_id_of(&tree.join("objs/server")).unwrap();
+    assert!(
+        t.contains("objs/server")
+            && t.contains(&id)
+            && t.contains(".text size")
+            && t.contains("Rebuild the tree exactly as it is deployed"),
+        "{t}"
+    );
+    assert!(!out.exists() || kpatch_files(&out).is_empty(), "{t}");
+    assert_same_tree(&before, &snapshot(tree.path(), &[]));
 }

@@ -8,6 +8,17 @@ use livecare_build::{Options, Progress, Session, Style};
 
 /// Flags of `livecare build`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Build the tree first as its README says (e.g. `./configure && make`; nginx: \
+`./auto/configure && make`), then run `livecare build FIX.diff` in it; or give the whole \
+build command after `--`, e.g. `-- sh -c './configure && make'`.
+
+The stages run in a private copy of the tree (an overlay mounted at the tree's own path \
+in a private mount namespace): the tree, its programs and their timestamps are never changed, and a build \
+killed at any point leaves the tree as it was. In a built tree only the files the diffs \
+change are compiled again; each relinked program must have the build-id of the tree's \
+own copy. Where the kernel refuses the copy, livecare says why and builds in the tree \
+itself.")]
 pub struct Args {
     /// Source directory (the build runs there; diffs apply there with -p1).
     #[arg(short = 'C', long = "srcdir", default_value = ".")]
