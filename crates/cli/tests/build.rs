@@ -519,3 +519,53 @@ fn a_patch_id_that_does_not_fit_is_refused_before_building() {
     assert!(err.contains("far-too-long"), "{err}");
     assert!(!tree.join("prog").exists(), "something was built: {err}");
 }
+
+/// One line of the build-same-name fixture: `n=N value=V other=O [fixed]`.
+fn same_name_line(line: &str) -> Option<(i64, i64, i64, bool)> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))?
+            .parse()
+            .ok()
+    };
+    Some((
+        field("n=")?,
+        field("value=")?,
+        field("other=")?,
+        line.ends_with(" fixed"),
+    ))
+}
+
+/// A patched function calling a global function whose name is also static in another
+/// file (redis: `dictFind` in dict.c and in hiredis's async.c) must call the global one.
+/// The patch took the first symbol of that name, the static one: with equal sizes the
+/// applier's checks passed and the patched code silently called the wrong function.
+#[test]
+fn a_patched_call_to_a_global_function_shadowed_by_a_static_one_elsewhere_calls_the_global() {
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("build-same-name").unwrap();
+    testkit::run_ok(Command::new("make").current_dir(tree.path())).unwrap();
+    let text = ok(
+        livecare_in(tree.path(), &["build", "fix.diff"]),
+        "livecare build (same-name)",
+    );
+    let out = tree.join("patches");
+    assert_eq!(kpatch_files(&out).len(), 1, "{text}");
+    let mut p = Running::start(&tree.join("prog"), &[]).unwrap();
+    let right = |fixed: bool| {
+        move |l: &str| {
+            same_name_line(l).is_some_and(|(n, v, o, f)| v == n + 700 && o == n + 1000 && f == fixed)
+        }
+    };
+    p.wait_for_match(right(false), WAIT).unwrap();
+    patch(p.pid(), &out);
+    let line = p.wait_for_match(|l| l.ends_with(" fixed"), WAIT).unwrap();
+    assert!(right(true)(&line), "the patched code called the wrong lookup: {line}");
+    for _ in 0..5 {
+        let line = p.wait_for("n=", WAIT).unwrap();
+        assert!(right(true)(&line), "{line}");
+    }
+    unpatch(p.pid());
+    p.wait_for_match(right(false), WAIT).unwrap();
+    assert!(p.is_alive());
+}
