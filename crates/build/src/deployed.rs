@@ -209,9 +209,13 @@ mod tests {
     /// there when checked against an identical tree `b`, and passes against `a`.
     #[test]
     fn build_dir_of_deployed_binary_is_checked_before_the_build() {
-        let (a, b) = (testkit::Scratch::new().unwrap(), testkit::Scratch::new().unwrap());
+        let (a, b) = (
+            testkit::Scratch::new().unwrap(),
+            testkit::Scratch::new().unwrap(),
+        );
         for t in [&a, &b] {
-            t.write("src/main.c", "int main(void) { return 0; }\n").unwrap();
+            t.write("src/main.c", "int main(void) { return 0; }\n")
+                .unwrap();
         }
         let exe = a.join("prog");
         let st = Command::new("gcc")
@@ -220,7 +224,10 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        let (a_real, b_real) = (a.path().canonicalize().unwrap(), b.path().canonicalize().unwrap());
+        let (a_real, b_real) = (
+            a.path().canonicalize().unwrap(),
+            b.path().canonicalize().unwrap(),
+        );
         let err = check_build_dir(&exe, &b_real).unwrap_err();
         assert!(
             err.contains(&format!("built in {} ", a_real.display()))

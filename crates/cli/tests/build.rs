@@ -559,13 +559,17 @@ fn a_patched_call_to_a_global_function_shadowed_by_a_static_one_elsewhere_calls_
     let mut p = Running::start(&tree.join("prog"), &[]).unwrap();
     let right = |fixed: bool| {
         move |l: &str| {
-            same_name_line(l).is_some_and(|(n, v, o, f)| v == n + 700 && o == n + 1000 && f == fixed)
+            same_name_line(l)
+                .is_some_and(|(n, v, o, f)| v == n + 700 && o == n + 1000 && f == fixed)
         }
     };
     p.wait_for_match(right(false), WAIT).unwrap();
     patch(p.pid(), &out);
     let line = p.wait_for_match(|l| l.ends_with(" fixed"), WAIT).unwrap();
-    assert!(right(true)(&line), "the patched code called the wrong lookup: {line}");
+    assert!(
+        right(true)(&line),
+        "the patched code called the wrong lookup: {line}"
+    );
     for _ in 0..5 {
         let line = p.wait_for("n=", WAIT).unwrap();
         assert!(right(true)(&line), "{line}");

@@ -399,8 +399,7 @@ fn version_ask(c: &mut Conn) -> Result<Reply, String> {
     c.w.write_all(b"version\r\n")
         .map_err(|e| format!("write: {e}"))?;
     let mut line = String::new();
-    c.r.read_line(&mut line)
-        .map_err(|e| format!("read: {e}"))?;
+    c.r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
     match line.trim_end() {
         l if l.starts_with("VERSION ") && l.ends_with("-livecare-fixed") => Ok(Reply::Patched),
         l if l.starts_with("VERSION 1.") && !l.contains("livecare") => Ok(Reply::Original),

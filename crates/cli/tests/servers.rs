@@ -118,7 +118,10 @@ fn copy_tree(src: &Path) -> Scratch {
     let tree = Scratch::new().unwrap();
     ok_in(
         Path::new("/"),
-        Command::new("cp").arg("-a").arg(src.join(".")).arg(tree.path()),
+        Command::new("cp")
+            .arg("-a")
+            .arg(src.join("."))
+            .arg(tree.path()),
         "copying the source",
     );
     // `cp -a` gives the copy the mode of the unpacked tree, 0775 for redis's tarball
@@ -359,7 +362,7 @@ fn server_case(p: &Prog) {
     let patch_build = t.elapsed();
     let patch_cpu = children_cpu() - cpu;
     let out = a.join("patches");
-    assert_eq!(kpatch_names(&out), [deployed_id.clone()], "{text}");
+    assert_eq!(kpatch_names(&out), [deployed_id.as_str()], "{text}");
     let kpatch = out.join(format!("{deployed_id}.kpatch"));
     let size = std::fs::metadata(&kpatch).unwrap().len();
     assert_eq!(
@@ -371,7 +374,9 @@ fn server_case(p: &Prog) {
     assert_eq!(build_id_of(&exe).unwrap(), deployed_id);
     let (_, dry) = run_in(
         a.path(),
-        Command::new("patch").args(["-p1", "--dry-run", "-s", "-i"]).arg(&diff),
+        Command::new("patch")
+            .args(["-p1", "--dry-run", "-s", "-i"])
+            .arg(&diff),
         "patch --dry-run",
     );
     assert!(
@@ -399,7 +404,7 @@ fn server_case(p: &Prog) {
     let deployed_build = t.elapsed();
     let route2 = if res.status.success() {
         let out = b.join("patches");
-        assert_eq!(kpatch_names(&out), [deployed_id.clone()], "{text}");
+        assert_eq!(kpatch_names(&out), [deployed_id.as_str()], "{text}");
         let live2 = patch_under_load(p, &mut server, port, &out);
         format!("patch for the deployed build-id in {deployed_build:?}; {live2}")
     } else {
@@ -415,7 +420,10 @@ fn server_case(p: &Prog) {
             "the deployed-binary route failed without naming the difference:\n{text}"
         );
         assert_eq!(build_id_of(&exe).unwrap(), deployed_id);
-        format!("refused in {deployed_build:?}: {}", text.trim().replace('\n', " | "))
+        format!(
+            "refused in {deployed_build:?}: {}",
+            text.trim().replace('\n', " | ")
+        )
     };
     assert!(server.0.is_alive(), "{} died", p.pkg);
     eprintln!(
@@ -505,11 +513,13 @@ fn redis_ask(c: &mut Conn) -> Result<Reply, String> {
     if !text.contains("\r\nredis_version:7.") || !text.ends_with("\r\n") {
         return Err(format!("unexpected INFO {text:?}"));
     }
-    Ok(match text.lines().filter(|l| *l == "livecare:fixed").count() {
-        0 => Reply::Original,
-        1 => Reply::Patched,
-        _ => return Err(format!("livecare:fixed twice: {text:?}")),
-    })
+    Ok(
+        match text.lines().filter(|l| *l == "livecare:fixed").count() {
+            0 => Reply::Original,
+            1 => Reply::Patched,
+            _ => return Err(format!("livecare:fixed twice: {text:?}")),
+        },
+    )
 }
 
 fn start_redis(tree: &Path, _dir: &Path, port: u16) -> Running {
