@@ -176,6 +176,10 @@ pub struct MadePatch {
     pub kpatch: PathBuf,
     /// Functions replaced or added.
     pub functions: Vec<String>,
+    /// Data objects added (string constants, statics), not functions.
+    pub data: Vec<String>,
+    /// The patch's id, as `patch`, `info`, `unpatch` and `inspect` print it.
+    pub patch_id: String,
 }
 
 /// One patch build, stage by stage. Dropping it puts the original source back.
@@ -659,10 +663,18 @@ impl Session {
             let Some(functions) = pipeline::patched_functions(path, &data)? else {
                 continue;
             };
+            let data_objects = pipeline::patched_data(path, &data)?;
             let scratch = self.opts.workdir.join("kpatch").join(&orig.build_id);
             let (bid, bytes) =
                 pipeline::make_kpatch(&orig.stash, path, self.opts.patch_id.as_deref(), &scratch)?;
             let out = self.opts.outdir.join(format!("{bid}.kpatch"));
+            let patch_id = kpatch_file::PatchFile::parse(&bytes)
+                .map(|f| f.id())
+                .map_err(|e| pipeline::PipelineError::Step {
+                    step: "make",
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             made.push((
                 MadePatch {
                     object: path.clone(),
@@ -670,6 +682,8 @@ impl Session {
                     build_id: bid,
                     kpatch: out,
                     functions,
+                    data: data_objects,
+                    patch_id,
                 },
                 bytes,
             ));
@@ -691,11 +705,13 @@ impl Session {
             .map(|(m, bytes)| {
                 std::fs::write(&m.kpatch, bytes).map_err(|e| io(&m.kpatch, e))?;
                 self.progress.note(&format!(
-                    "patch for {} is in {} ({} function(s): {})",
+                    "patch {} for {} is in {} ({} function(s): {}{})",
+                    m.patch_id,
                     m.object.display(),
                     m.kpatch.display(),
                     m.functions.len(),
-                    m.functions.join(", ")
+                    m.functions.join(", "),
+                    data_note(&m.data)
                 ));
                 Ok(m)
             })
@@ -813,6 +829,15 @@ impl Drop for Session {
         if !self.backups.is_empty() {
             let _ = self.restore_files();
         }
+    }
+}
+
+/// `; N data object(s): a, b` for a summary line, or nothing.
+fn data_note(data: &[String]) -> String {
+    if data.is_empty() {
+        String::new()
+    } else {
+        format!("; {} data object(s): {}", data.len(), data.join(", "))
     }
 }
 

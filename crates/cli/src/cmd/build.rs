@@ -58,10 +58,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let made = session.run(false)?;
     for m in &made {
         println!(
-            "{}: {} function(s) [{}] for {} (build-id {})",
+            "{}: patch {}, {} function(s) [{}], {} data object(s) [{}] for {} (build-id {})",
             m.kpatch.display(),
+            m.patch_id,
             m.functions.len(),
             m.functions.join(", "),
+            m.data.len(),
+            m.data.join(", "),
             m.object.display(),
             m.build_id
         );
