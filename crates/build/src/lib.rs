@@ -19,6 +19,6 @@ pub mod verify;
 pub mod wrapper;
 
 pub use args::{CompilerArgs, Input, Lang, Mode};
-pub use progress::{Progress, Step, Style};
+pub use progress::{Progress, StageTime, Step, Style};
 pub use project::{BuildError, MadePatch, Options, OriginalOutput, Session};
 pub use wrapper::{Stage, WrapperEnv, WrapperError};

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use crate::pipeline::{self, PipelineError};
 use crate::progress::{Progress, Step};
-use crate::wrapper::{CHANGE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
+use crate::wrapper::{CHANGE_LOG_ENV, COMPILE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
 
 /// `SOURCE_DATE_EPOCH` used for both stages when the caller does not set one, so that
 /// `__DATE__`/`__TIME__` do not differ between the builds.
@@ -249,6 +249,7 @@ impl Session {
             log,
         };
         let mut session = session;
+        session.progress.log_file(&session.log);
         session.install_wrapper()?;
         session.recover_interrupted()?;
         Ok(session)
@@ -342,6 +343,10 @@ impl Session {
         self.opts.workdir.join(format!("links.{stage}"))
     }
 
+    fn compile_log(&self, stage: &str) -> PathBuf {
+        self.opts.workdir.join(format!("compiled.{stage}"))
+    }
+
     fn change_log(&self) -> PathBuf {
         self.opts.workdir.join("changes.log")
     }
@@ -389,13 +394,32 @@ impl Session {
         if std::env::var_os("KPCC_PATCH_ARGS").is_none() {
             c.env("KPCC_PATCH_ARGS", &self.opts.diff_args);
         }
-        let status = c.status().map_err(|e| BuildError::Command {
+        // Units compiled, counted for the progress display against the stage before.
+        let compiled = self.compile_log(stage);
+        let expected = match stage {
+            "original" => count_lines(&compiled),
+            "patched" => count_lines(&self.compile_log("original")),
+            _ => None,
+        };
+        let _ = std::fs::remove_file(&compiled);
+        c.env(COMPILE_LOG_ENV, &compiled);
+        let spawned = c.spawn().and_then(|mut child| loop {
+            if let Some(status) = child.try_wait()? {
+                break Ok(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            self.progress
+                .compiled(count_lines(&compiled).unwrap_or(0), expected);
+        });
+        let status = spawned.map_err(|e| BuildError::Command {
             stage,
             cmd: cmd.join(" "),
             status: e.to_string(),
             log: self.log.clone(),
             tail: String::new(),
         })?;
+        self.progress
+            .compiled(count_lines(&compiled).unwrap_or(0), expected);
         if !status.success() {
             return Err(BuildError::Command {
                 stage,
@@ -991,6 +1015,13 @@ fn read_link_log(path: &Path) -> Vec<PathBuf> {
         out.push(p);
     }
     out
+}
+
+/// Lines in a file (`None` if it cannot be read).
+fn count_lines(path: &Path) -> Option<usize> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
 }
 
 fn tail(path: &Path, n: usize) -> String {

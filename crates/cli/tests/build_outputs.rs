@@ -305,3 +305,123 @@ fn one_patch_id_everywhere_with_and_without_dash_i() {
         assert!(p.is_alive());
     }
 }
+
+/// Issue 17.7: the log path is printed before the original stage starts; without a
+/// terminal a running stage prints the units compiled so far (here every poll:
+/// `LIVECARE_PROGRESS_SECS=0`), against the previous stage's count once there is
+/// one; `--json` gives the result on stdout, on success and on failure.
+#[test]
+fn build_progress_names_the_log_first_and_json_gives_the_result() {
+    let tree = fixture_tree();
+    let out = tree.join("out");
+    let fix = tree.join("fix.diff");
+    // One unit, then a pause the progress poll (every 250 ms) cannot miss, then the rest.
+    let cmd = ["sh", "-c", "make prog-main.o && sleep 2 && make && sleep 2"];
+    let o = Command::new(livecare())
+        .current_dir("/")
+        .env("LIVECARE_PROGRESS_SECS", "0")
+        .args(["build", "--json", "-C"])
+        .arg(tree.path())
+        .arg("-o")
+        .arg(&out)
+        .arg(&fix)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{}", text(&o));
+    let doc = json(&String::from_utf8_lossy(&o.stdout));
+    let log = doc["log"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no log: {doc}"));
+    let pos = |needle: &str| {
+        err.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} on stderr:\n{err}"))
+    };
+    assert!(
+        pos(&format!("full build log: {log}")) < pos("building original code ..."),
+        "the log path must come before the original stage:\n{err}"
+    );
+    pos("building original code: 1 file(s) compiled, ");
+    // The patched stage counts against the original stage's 4 units (the trailing
+    // pause makes sure a poll sees its final count).
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("livecare: building patched code: ")
+                && l.contains("/~4 file(s) compiled, ")),
+        "{err}"
+    );
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert!(doc["error"].is_null(), "{doc}");
+    let prog = tree.join("prog");
+    let patches = doc["patches"].as_array().unwrap();
+    let p = patches
+        .iter()
+        .find(|p| p["object"] == prog.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no patch for prog: {doc}"));
+    let bid = build_id_of(&prog).unwrap();
+    let kpatch = out.join(format!("{bid}.kpatch"));
+    assert_eq!(p["build_id"], bid.as_str(), "{p}");
+    assert_eq!(p["path"], kpatch.to_str().unwrap(), "{p}");
+    assert_eq!(p["size"], std::fs::metadata(&kpatch).unwrap().len(), "{p}");
+    assert_eq!(p["functions"], serde_json::json!(["value"]), "{p}");
+    assert_eq!(
+        p["data"],
+        serde_json::json!(["__PRETTY_FUNCTION__.0"]),
+        "{p}"
+    );
+    let id = p["patch_id"].as_str().unwrap();
+    assert!(
+        run_livecare(&["inspect", kpatch.to_str().unwrap()]).contains(id),
+        "patch id {id}"
+    );
+    let stages: Vec<&str> = doc["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "check-patches",
+            "original",
+            "apply-patches",
+            "patched",
+            "make-patches",
+            "restore"
+        ]
+    );
+    let original = &doc["stages"][1];
+    assert!(
+        original["ok"] == true && original["seconds"].as_f64().unwrap() >= 2.0,
+        "{original}"
+    );
+
+    // A failure is a document too, naming the error; exit status 1.
+    let bad = tree.join("bad.diff");
+    std::fs::write(
+        &bad,
+        "--- a/value.c\n+++ b/value.c\n@@ -1 +1 @@\n-nothing\n+here\n",
+    )
+    .unwrap();
+    let o = Command::new(livecare())
+        .args(["build", "--json", "-C"])
+        .arg(tree.path())
+        .arg("-o")
+        .arg(&out)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let doc = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(doc["ok"], false, "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("does not apply"),
+        "{doc}"
+    );
+    assert_eq!(doc["stages"][0]["stage"], "check-patches", "{doc}");
+    assert_eq!(doc["stages"][0]["ok"], false, "{doc}");
+    assert_source_restored(tree.path());
+}
