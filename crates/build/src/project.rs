@@ -902,6 +902,16 @@ fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, O
         return (user.unwrap_or_default().to_string(), None);
     }
     let rest: Vec<&str> = words.collect();
+    if names_the_wrapper(first, bin) {
+        // LibCare's documented flow (`CC=libcare-cc ./configure`, then the build):
+        // `CC` names the wrapper itself, so the real compiler is gcc from PATH,
+        // past the wrapper, as the wrapper scripts find it.
+        let cc = std::iter::once(script.as_str())
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(" ");
+        return (cc, None);
+    }
     let cc = std::iter::once(script.as_str())
         .chain(rest)
         .collect::<Vec<_>>()
@@ -915,6 +925,28 @@ fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, O
             .unwrap_or_else(|| first.to_string())
     };
     (cc, Some(real))
+}
+
+/// Whether the compiler `first` (a path, or a name looked up on PATH) is this tool
+/// (`libcare-cc` or any link to it) rather than a real compiler: `bin/libcare-cc`
+/// links to the tool.
+fn names_the_wrapper(first: &str, bin: &Path) -> bool {
+    let Ok(me) = bin.join("libcare-cc").canonicalize() else {
+        return first == "libcare-cc";
+    };
+    let found = if first.contains('/') {
+        Some(PathBuf::from(first))
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(first))
+                .find(|c| c.is_file())
+        })
+    };
+    match found.and_then(|f| f.canonicalize().ok()) {
+        Some(f) => f == me,
+        None => first == "libcare-cc",
+    }
 }
 
 /// Applies one diff in `dir`.
@@ -1064,6 +1096,11 @@ mod tests {
         assert_eq!(
             wrapped_compiler(Some("/w/bin/cc"), &script, bin),
             ("/w/bin/cc".into(), None)
+        );
+        // `CC=libcare-cc` names the wrapper, not a real compiler (LibCare's flow).
+        assert_eq!(
+            wrapped_compiler(Some("libcare-cc -O1"), &script, bin),
+            ("/w/bin/cc -O1".into(), None)
         );
     }
 

@@ -843,3 +843,88 @@ fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
     assert!(p.is_alive());
     assert_eq!(p.proc_state().unwrap().1, 0, "left traced");
 }
+
+/// Issue 17.6: LibCare's documented flow, with `libcare-cc` on PATH
+/// (`livecare install-links`): `KPATCH_STAGE=configure CC=libcare-cc ./configure`,
+/// then `libcare-patch-make` with `CC=libcare-cc` still in the environment (a shell
+/// that exported it), and `livecare build` with `CC` the link's absolute path. The
+/// wrapper named as the compiler is never taken for the real one: gcc is found on
+/// PATH past it, in every stage. The patch works live.
+#[test]
+fn libcare_documented_flow_cc_libcare_cc_configure_then_build() {
+    if !have("autoreconf") || !have("automake") {
+        eprintln!("==== SKIPPED: autoreconf/automake are missing (apt-get install -y autoconf automake) ====");
+        return;
+    }
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("project-autotools").unwrap();
+    sh(tree.path(), "autoreconf -i 2>&1");
+    let links = Scratch::new().unwrap();
+    ok_in(
+        Path::new("/"),
+        Command::new(livecare())
+            .arg("install-links")
+            .arg(links.path()),
+        "livecare install-links",
+    );
+    let path = format!(
+        "{}:{}",
+        links.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    fn with_path<'a>(c: &'a mut Command, path: &str) -> &'a mut Command {
+        c.env("PATH", path)
+            .env_remove("KPATCH_STAGE")
+            .env_remove("KPCCREAL")
+    }
+    ok_in(
+        tree.path(),
+        with_path(Command::new("./configure").arg("-q"), &path)
+            .env("KPATCH_STAGE", "configure")
+            .env("CC", "libcare-cc"),
+        "KPATCH_STAGE=configure CC=libcare-cc ./configure",
+    );
+    let makefile = std::fs::read_to_string(tree.join("Makefile")).unwrap();
+    assert!(
+        makefile.contains("\nCC = libcare-cc\n"),
+        "configure did not take CC"
+    );
+    let text = ok_in(
+        tree.path(),
+        with_path(&mut Command::new(links.join("libcare-patch-make")), &path)
+            .env("CC", "libcare-cc")
+            .args(["-i", "lc1", "fix.diff"]),
+        "CC=libcare-cc libcare-patch-make fix.diff",
+    );
+    let exe = tree.join("metronome");
+    let bid = build_id_of(&exe).unwrap();
+    assert_eq!(
+        kpatch_names(&tree.join("patchroot")),
+        [bid.clone()],
+        "{text}"
+    );
+
+    sh(tree.path(), "make clean >/dev/null");
+    let out = tree.join("out");
+    let cc = links.join("libcare-cc");
+    let text = ok_in(
+        tree.path(),
+        with_path(&mut Command::new(livecare()), &path)
+            .env("CC", &cc)
+            .args(["build", "-i", "lc2", "-o"])
+            .arg(&out)
+            .arg("fix.diff"),
+        "CC=/abs/libcare-cc livecare build fix.diff",
+    );
+    assert_eq!(kpatch_names(&out), [bid], "{text}");
+
+    let mut p = Running::start(&exe, &[]).unwrap();
+    let original = |l: &str| beat(l).is_some_and(|(n, t, _)| t == 60 + n % 4);
+    let patched = |l: &str| beat(l).is_some_and(|(n, t, m)| t == 120 + n % 4 && m == "FRANTIC");
+    p.wait_for_match(original, WAIT).unwrap();
+    patch_dir(p.pid(), &tree.join("patchroot"));
+    p.wait_for_match(patched, WAIT).unwrap();
+    unpatch_latest(p.pid());
+    p.wait_for_match(original, WAIT).unwrap();
+    assert!(p.is_alive());
+}
