@@ -900,7 +900,7 @@ fn libcare_documented_flow_cc_libcare_cc_configure_then_build() {
     let bid = build_id_of(&exe).unwrap();
     assert_eq!(
         kpatch_names(&tree.join("patchroot")),
-        [bid.clone()],
+        std::slice::from_ref(&bid),
         "{text}"
     );
 
