@@ -49,15 +49,6 @@ fn sh(dir: &Path, script: &str) -> String {
     ok_in(dir, Command::new("sh").args(["-c", script]), script)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The `<buildid>.kpatch` files of a patch directory, sorted by name.
 fn kpatch_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -376,11 +367,11 @@ fn memcached_source() -> Option<PathBuf> {
         .output()
         .expect("running .ci/setup-debian-src.sh");
     if !out.status.success() {
-        eprintln!(
-            "\n\n==== SKIPPED: memcached source from Debian's archive is not available ({}) ====\n{}\n",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        testkit::skip_banner(&format!(
+            "memcached's source from Debian's archive (network; .ci/setup-debian-src.sh: {})",
+            out.status
+        ));
         return None;
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -717,9 +708,8 @@ fn beat(line: &str) -> Option<(i64, i64, String)> {
 
 #[test]
 fn autotools_project_built_with_its_own_configure_and_make_is_patched_live() {
-    if !have("autoreconf") || !have("automake") {
-        panic!("autoreconf/automake are missing: apt-get install -y autoconf automake");
-    }
+    testkit::needs_tool!("autoreconf", "apt-get install -y autoconf automake");
+    testkit::needs_tool!("automake", "apt-get install -y autoconf automake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("project-autotools").unwrap();
     sh(tree.path(), "autoreconf -i 2>&1");
@@ -779,9 +769,7 @@ fn ping(line: &str) -> Option<(i64, String, i64, String)> {
 
 #[test]
 fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
-    if !have("cmake") {
-        panic!("cmake is missing: apt-get install -y cmake");
-    }
+    testkit::needs_tool!("cmake", "apt-get install -y cmake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("project-cmake").unwrap();
     let out = tree.join("out");
@@ -852,10 +840,8 @@ fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
 /// PATH past it, in every stage. The patch works live.
 #[test]
 fn libcare_documented_flow_cc_libcare_cc_configure_then_build() {
-    if !have("autoreconf") || !have("automake") {
-        eprintln!("==== SKIPPED: autoreconf/automake are missing (apt-get install -y autoconf automake) ====");
-        return;
-    }
+    testkit::needs_tool!("autoreconf", "apt-get install -y autoconf automake");
+    testkit::needs_tool!("automake", "apt-get install -y autoconf automake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("project-autotools").unwrap();
     sh(tree.path(), "autoreconf -i 2>&1");
