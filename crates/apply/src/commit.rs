@@ -104,11 +104,7 @@ pub(crate) fn fill_and_commit(
         total_len: lay.size,
         seq: last_seq + 1,
         build_id: patch.build_id.clone(),
-        patch_id: if patch.patch_id.is_empty() {
-            format!("{:016x}", patch.hash)
-        } else {
-            patch.patch_id.clone()
-        },
+        patch_id: patch.id(),
         hash: patch.hash,
         level: patch.level,
         eh_frame: eh.map(|e| e.0).unwrap_or(0),

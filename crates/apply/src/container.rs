@@ -27,14 +27,19 @@ fn is_hex_id(b: &[u8]) -> bool {
     b.len() >= 40 && b[..40].iter().all(|c| c.is_ascii_hexdigit())
 }
 
-/// FNV-1a, 64 bit.
-pub fn fnv1a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+pub use kpatch_file::fnv1a;
+
+impl Patch {
+    /// The id this patch is known by in reports and region headers: the header's patch
+    /// id (or the storage level's `level-N`), else the hash of its ELF, as
+    /// [`kpatch_file::patch_identity`] (what `build` and `inspect` print).
+    pub fn id(&self) -> String {
+        if self.patch_id.is_empty() {
+            format!("{:016x}", self.hash)
+        } else {
+            self.patch_id.clone()
+        }
     }
-    h
 }
 
 /// Parses a `.kpatch` container (both LibCare and LibcarePlus header layouts), with

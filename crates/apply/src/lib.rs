@@ -485,11 +485,7 @@ fn apply_one(
         .into_iter()
         .filter(|r| r.state == RegionState::Applied)
         .collect();
-    let display_id = if patch.patch_id.is_empty() {
-        patch.source.display().to_string()
-    } else {
-        patch.patch_id.clone()
-    };
+    let display_id = format!("{} ({})", patch.id(), patch.source.display());
     if existing.iter().any(|r| {
         r.build_id == patch.build_id
             && (r.hash == patch.hash
@@ -651,7 +647,7 @@ fn apply_one(
         total_len: lay.size,
         seq: 0,
         build_id: patch.build_id.clone(),
-        patch_id: patch.patch_id.clone(),
+        patch_id: patch.id(),
         hash: patch.hash,
         level: patch.level,
         eh_frame: 0,
@@ -682,7 +678,7 @@ fn apply_one(
         comm: pid.comm(),
         object: target.path.clone(),
         build_id: patch.build_id.clone(),
-        patch_id: patch.patch_id.clone(),
+        patch_id: patch.id(),
         region: base,
         hunks,
         pause_us: pause.as_micros() as u64,

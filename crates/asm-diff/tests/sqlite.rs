@@ -30,9 +30,9 @@ fn apt(dir: &Path, cwd: &Path, args: &[&str]) -> bool {
 }
 
 fn skip(why: &str) {
-    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!!! SKIPPED sqlite amalgamation test: {why}");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    testkit::skip_banner(&format!(
+        "the SQLite amalgamation from Debian's archive (network): {why}"
+    ));
 }
 
 #[test]

@@ -20,7 +20,7 @@ pub mod verify;
 pub mod wrapper;
 
 pub use args::{CompilerArgs, Input, Lang, Mode};
-pub use progress::{Progress, Step, Style};
+pub use progress::{Progress, StageTime, Step, Style};
 pub use project::{
     default_workdir, BuildError, Isolation, MadePatch, Options, OriginalOutput, Session,
 };

@@ -104,6 +104,31 @@ pub fn patched_functions(path: &Path, data: &[u8]) -> Result<Option<Vec<String>>
     Ok(Some(names))
 }
 
+/// The data objects a patched binary adds (its `<name>.kpatch` data symbols: string
+/// constants such as `__PRETTY_FUNCTION__.0`, new statics, counters), sorted.
+pub fn patched_data(path: &Path, data: &[u8]) -> Result<Vec<String>, PipelineError> {
+    let file = object::File::parse(data).map_err(|e| PipelineError::Elf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut names: Vec<String> = file
+        .symbols()
+        // The differ's copies of data carry no `.type` (NOTYPE): anything but code,
+        // sections and files.
+        .filter(|s| {
+            !matches!(
+                s.kind(),
+                object::SymbolKind::Text | object::SymbolKind::Section | object::SymbolKind::File
+            )
+        })
+        .filter_map(|s| s.name().ok()?.strip_suffix(".kpatch").map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// Checks that every function of the original binary is in the patched binary with the
 /// same size: the patched link must carry the original code unchanged beside the
 /// `.kpatch` copies, or the patch's addresses would not fit the running original.

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use crate::pipeline::{self, PipelineError};
 use crate::private_tree::PrivateTree;
 use crate::progress::{Progress, Step};
-use crate::wrapper::{CHANGE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
+use crate::wrapper::{CHANGE_LOG_ENV, COMPILE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
 
 /// Where the stages build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +268,10 @@ pub struct MadePatch {
     pub kpatch: PathBuf,
     /// Functions replaced or added.
     pub functions: Vec<String>,
+    /// Data objects added (string constants, statics), not functions.
+    pub data: Vec<String>,
+    /// The patch's id, as `patch`, `info`, `unpatch` and `inspect` print it.
+    pub patch_id: String,
 }
 
 /// One patch build, stage by stage. Dropping it puts the original source back.
@@ -364,6 +368,7 @@ impl Session {
             _lock: lock,
         };
         let mut session = session;
+        session.progress.log_file(&session.log);
         session.install_wrapper()?;
         session.recover_interrupted()?;
         session.choose_isolation()?;
@@ -545,6 +550,10 @@ impl Session {
         self.opts.workdir.join(format!("links.{stage}"))
     }
 
+    fn compile_log(&self, stage: &str) -> PathBuf {
+        self.opts.workdir.join(format!("compiled.{stage}"))
+    }
+
     fn change_log(&self) -> PathBuf {
         self.opts.workdir.join("changes.log")
     }
@@ -591,13 +600,32 @@ impl Session {
         if std::env::var_os("KPCC_PATCH_ARGS").is_none() {
             c.env("KPCC_PATCH_ARGS", &self.opts.diff_args);
         }
-        let status = c.status().map_err(|e| BuildError::Command {
+        // Units compiled, counted for the progress display against the stage before.
+        let compiled = self.compile_log(stage);
+        let expected = match stage {
+            "original" => count_lines(&compiled),
+            "patched" => count_lines(&self.compile_log("original")),
+            _ => None,
+        };
+        let _ = std::fs::remove_file(&compiled);
+        c.env(COMPILE_LOG_ENV, &compiled);
+        let spawned = c.spawn().and_then(|mut child| loop {
+            if let Some(status) = child.try_wait()? {
+                break Ok(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            self.progress
+                .compiled(count_lines(&compiled).unwrap_or(0), expected);
+        });
+        let status = spawned.map_err(|e| BuildError::Command {
             stage,
             cmd: cmd.join(" "),
             status: e.to_string(),
             log: self.log.clone(),
             tail: String::new(),
         })?;
+        self.progress
+            .compiled(count_lines(&compiled).unwrap_or(0), expected);
         if !status.success() {
             return Err(BuildError::Command {
                 stage,
@@ -1022,10 +1050,18 @@ impl Session {
             let Some(functions) = pipeline::patched_functions(&file, &data)? else {
                 continue;
             };
+            let data_objects = pipeline::patched_data(&file, &data)?;
             let scratch = self.opts.workdir.join("kpatch").join(&orig.build_id);
             let (bid, bytes) =
                 pipeline::make_kpatch(&orig.stash, &file, self.opts.patch_id.as_deref(), &scratch)?;
             let out = self.opts.outdir.join(format!("{bid}.kpatch"));
+            let patch_id = kpatch_file::PatchFile::parse(&bytes)
+                .map(|f| f.id())
+                .map_err(|e| pipeline::PipelineError::Step {
+                    step: "make",
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             made.push((
                 MadePatch {
                     object: path.clone(),
@@ -1033,6 +1069,8 @@ impl Session {
                     build_id: bid,
                     kpatch: out,
                     functions,
+                    data: data_objects,
+                    patch_id,
                 },
                 bytes,
             ));
@@ -1054,11 +1092,13 @@ impl Session {
             .map(|(m, bytes)| {
                 std::fs::write(&m.kpatch, bytes).map_err(|e| io(&m.kpatch, e))?;
                 self.progress.note(&format!(
-                    "patch for {} is in {} ({} function(s): {})",
+                    "patch {} for {} is in {} ({} function(s): {}{})",
+                    m.patch_id,
                     m.object.display(),
                     m.kpatch.display(),
                     m.functions.len(),
-                    m.functions.join(", ")
+                    m.functions.join(", "),
+                    data_note(&m.data)
                 ));
                 Ok(m)
             })
@@ -1386,6 +1426,15 @@ fn is_c_family(rel: &Path) -> bool {
     })
 }
 
+/// `; N data object(s): a, b` for a summary line, or nothing.
+fn data_note(data: &[String]) -> String {
+    if data.is_empty() {
+        String::new()
+    } else {
+        format!("; {} data object(s): {}", data.len(), data.join(", "))
+    }
+}
+
 /// `p` quoted for `sh`: in single quotes, each `'` written as `'\''`.
 fn sh_quote(p: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
@@ -1423,6 +1472,16 @@ fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, O
         return (user.unwrap_or_default().to_string(), None);
     }
     let rest: Vec<&str> = words.collect();
+    if names_the_wrapper(first, bin) {
+        // LibCare's documented flow (`CC=libcare-cc ./configure`, then the build):
+        // `CC` names the wrapper itself, so the real compiler is gcc from PATH,
+        // past the wrapper, as the wrapper scripts find it.
+        let cc = std::iter::once(script.as_str())
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(" ");
+        return (cc, None);
+    }
     let cc = std::iter::once(script.as_str())
         .chain(rest)
         .collect::<Vec<_>>()
@@ -1436,6 +1495,28 @@ fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, O
             .unwrap_or_else(|| first.to_string())
     };
     (cc, Some(real))
+}
+
+/// Whether the compiler `first` (a path, or a name looked up on PATH) is this tool
+/// (`libcare-cc` or any link to it) rather than a real compiler: `bin/libcare-cc`
+/// links to the tool.
+fn names_the_wrapper(first: &str, bin: &Path) -> bool {
+    let Ok(me) = bin.join("libcare-cc").canonicalize() else {
+        return first == "libcare-cc";
+    };
+    let found = if first.contains('/') {
+        Some(PathBuf::from(first))
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(first))
+                .find(|c| c.is_file())
+        })
+    };
+    match found.and_then(|f| f.canonicalize().ok()) {
+        Some(f) => f == me,
+        None => first == "libcare-cc",
+    }
 }
 
 /// Applies one diff with `c` (`patch`, run in `dir`).
@@ -1537,6 +1618,13 @@ fn read_link_log(path: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Lines in a file (`None` if it cannot be read).
+fn count_lines(path: &Path) -> Option<usize> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+}
+
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -1577,6 +1665,11 @@ mod tests {
         assert_eq!(
             wrapped_compiler(Some("/w/bin/cc"), &script, bin),
             ("/w/bin/cc".into(), None)
+        );
+        // `CC=libcare-cc` names the wrapper, not a real compiler (LibCare's flow).
+        assert_eq!(
+            wrapped_compiler(Some("libcare-cc -O1"), &script, bin),
+            ("/w/bin/cc -O1".into(), None)
         );
     }
 

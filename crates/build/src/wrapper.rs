@@ -24,6 +24,10 @@ pub const LINK_LOG_ENV: &str = "LIVECARE_LINK_LOG";
 /// Environment variable naming a file where the patched stage appends, per object,
 /// `<object>\t<changed functions>\t<added functions>` (comma-separated).
 pub const CHANGE_LOG_ENV: &str = "LIVECARE_CHANGE_LOG";
+/// Environment variable naming a file where each stage appends
+/// `<stage>\t<source>` per unit it compiled: `livecare build` counts the lines for
+/// its progress display.
+pub const COMPILE_LOG_ENV: &str = "LIVECARE_COMPILE_LOG";
 /// Default file-name prefix of the kept assembly files (LibCare's).
 pub const DEFAULT_PREFIX: &str = ".kpatch_";
 
@@ -144,6 +148,8 @@ pub struct WrapperEnv {
     pub link_log: Option<PathBuf>,
     /// `LIVECARE_CHANGE_LOG`.
     pub change_log: Option<PathBuf>,
+    /// `LIVECARE_COMPILE_LOG`.
+    pub compile_log: Option<PathBuf>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -244,6 +250,7 @@ impl WrapperEnv {
             debug: env_nonempty("KPCC_DEBUG").is_some(),
             link_log: env_nonempty(LINK_LOG_ENV).map(PathBuf::from),
             change_log: env_nonempty(CHANGE_LOG_ENV).map(PathBuf::from),
+            compile_log: env_nonempty(COMPILE_LOG_ENV).map(PathBuf::from),
         })
     }
 }
@@ -380,12 +387,32 @@ impl Wrapper {
         flat.retain(|a| !self.env.remove_args.contains(a));
         flat.extend(self.env.append_args.iter().cloned());
         let parsed = CompilerArgs::parse(&flat).unwrap_or(parsed);
-        match (stage, parsed.mode) {
-            (_, Mode::Preprocess | Mode::SyntaxOnly) => self.status(self.command(&flat)),
-            (Stage::Original, _) => self.original(&parsed, &flat),
-            (Stage::Patched, _) => self.patched(&parsed),
-            (Stage::Configure, _) => self.status(self.command(&flat)),
+        let code = match (stage, parsed.mode) {
+            (_, Mode::Preprocess | Mode::SyntaxOnly) => return self.status(self.command(&flat)),
+            (Stage::Original, _) => self.original(&parsed, &flat)?,
+            (Stage::Patched, _) => self.patched(&parsed)?,
+            (Stage::Configure, _) => return self.status(self.command(&flat)),
+        };
+        if code == 0 {
+            self.log_compiled(stage, &parsed)?;
         }
+        Ok(code)
+    }
+
+    /// One line per source this call compiled, for the progress display.
+    fn log_compiled(&self, stage: Stage, a: &CompilerArgs) -> Result<(), WrapperError> {
+        let Some(log) = &self.env.compile_log else {
+            return Ok(());
+        };
+        let lines: String = a
+            .inputs()
+            .filter(|i| i.lang.is_compiled())
+            .map(|i| format!("{}\t{}\n", stage.name(), self.cwd.join(&i.path).display()))
+            .collect();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        append(log, &lines)
     }
 
     fn original(&self, a: &CompilerArgs, flat: &[String]) -> Result<i32, WrapperError> {

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Copies the interop vectors into a scratch dir, or None if they are not present.
 fn interop() -> Result<Option<Scratch>> {
     let Some(dir) = testkit::interop_dir() else {
-        eprintln!("interop vectors not found; skipping");
+        testkit::skip_banner(testkit::INTEROP);
         return Ok(None);
     };
     let s = Scratch::new()?;

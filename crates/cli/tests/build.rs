@@ -348,14 +348,8 @@ fn a_comment_only_diff_says_why_there_is_no_patch() {
 
 #[test]
 fn autotools_project_patch_applies_to_the_running_program() {
-    if Command::new("autoreconf")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: autoreconf is not installed (apt-get install -y autoconf automake)");
-        return;
-    }
+    testkit::needs_tool!("autoreconf", "apt-get install -y autoconf automake");
+    testkit::needs_tool!("automake", "apt-get install -y autoconf automake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("build-autotools").unwrap();
     let run = |cmd: &str| {
@@ -384,10 +378,7 @@ fn autotools_project_patch_applies_to_the_running_program() {
 
 #[test]
 fn cmake_project_patch_applies_to_its_shared_library_in_a_running_program() {
-    if Command::new("cmake").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: cmake is not installed (apt-get install -y cmake)");
-        return;
-    }
+    testkit::needs_tool!("cmake", "apt-get install -y cmake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("build-cmake").unwrap();
     let text = ok(

@@ -123,11 +123,26 @@ fn coverage_variant_in_the_default_build_does_not_stop_it_and_both_programs_patc
         assert!(kpatch.is_file(), "no patch for {prog}:\n{said}");
         let line = said
             .lines()
-            .find(|l| l.contains(&format!("patch for {} is in", path.display())))
+            .find(|l| l.contains(&format!(" for {} is in", path.display())))
             .unwrap_or_else(|| panic!("no summary line for {prog}:\n{said}"));
+        // The `__PRETTY_FUNCTION__` string the fix adds is data, listed apart (issue
+        // 17.8), as are prog-debug's new counters.
         assert!(
-            line.ends_with("(1 function(s): value)"),
-            "the summary must list functions only: {line}"
+            line.contains("(1 function(s): value; ")
+                && line.contains(" data object(s): ")
+                && line.contains("__PRETTY_FUNCTION__.0"),
+            "the summary must list functions and data apart: {line}"
+        );
+        assert!(
+            said.contains(&format!(
+                "1 function(s) [value], {}",
+                if prog == "prog" {
+                    "1 data object(s) [__PRETTY_FUNCTION__.0]"
+                } else {
+                    "2 data object(s) [__PRETTY_FUNCTION__.0, __gcov0.value]"
+                }
+            )),
+            "{said}"
         );
     }
     check_live(&tree.join("prog"), &out);
@@ -194,4 +209,216 @@ fn an_already_built_tree_gives_a_patch_without_clean() {
     let out = tree.join("out-clean");
     build_ok(tree.path(), &out, &fix, &["--clean"]);
     check_live(&tree.join("prog"), &out);
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}):\n{s}"))
+}
+
+/// Issue 17.8: a patch has one id, printed the same by `build`, `inspect`, `patch`,
+/// `info` and `unpatch` (text and JSON): the header's id with `-i`, else the hash of
+/// the patch the applier writes into the target's region.
+#[test]
+fn one_patch_id_everywhere_with_and_without_dash_i() {
+    let tree = fixture_tree();
+    for (sub, extra, want) in [
+        ("auto", &[][..], None),
+        ("named", &["-i", "fix42"][..], Some("fix42")),
+    ] {
+        let out = tree.join(sub);
+        let o = build(tree.path(), &out, &tree.join("fix.diff"), extra);
+        assert!(o.status.success(), "build failed:\n{}", text(&o));
+        let prog = tree.join("prog");
+        let kpatch = out.join(format!("{}.kpatch", build_id_of(&prog).unwrap()));
+        // `build`: "<file>: patch <id>, ...".
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{}: patch ", kpatch.display())))
+            .unwrap_or_else(|| panic!("no summary line for {}:\n{stdout}", kpatch.display()));
+        let id = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_end_matches(',')
+            .to_string();
+        match want {
+            Some(w) => assert_eq!(id, w, "{line}"),
+            None => assert!(
+                id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "a patch without -i is named by its hash: {line}"
+            ),
+        }
+        let k = kpatch.to_string_lossy().to_string();
+        let insp = run_livecare(&["inspect", &k]);
+        assert!(
+            insp.lines()
+                .any(|l| l.trim_start().starts_with(&format!("patch id:       {id}"))),
+            "inspect:\n{insp}"
+        );
+        let insp = json(&run_livecare(&["inspect", "--json", &k]));
+        assert_eq!(insp["patch_id"], id.as_str(), "inspect --json: {insp}");
+
+        let mut p = Running::start(&prog, &[]).unwrap();
+        let pid = p.pid().to_string();
+        expect(&mut p, "original", |n, v| v == 2 * n + 1);
+        let said = run_livecare(&["patch", "-p", &pid, &k]);
+        assert!(said.contains(&format!("patch {id})")), "patch text: {said}");
+        expect(&mut p, "patched", |n, v| v == -(3 * n));
+        run_livecare(&["unpatch", "-p", &pid]);
+        let said = json(&run_livecare(&["patch", "--json", "-p", &pid, &k]));
+        assert_eq!(
+            said["patched"][0]["patch_id"],
+            id.as_str(),
+            "patch --json: {said}"
+        );
+        let info = run_livecare(&["info", "-p", &pid]);
+        assert!(info.contains(&format!("patch {id}: ")), "info:\n{info}");
+        let info = json(&run_livecare(&["info", "--json", "-p", &pid]));
+        let ids: Vec<&serde_json::Value> = info
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["objects"].as_array().into_iter().flatten())
+            .flat_map(|o| o["patches"].as_array().into_iter().flatten())
+            .map(|p| &p["patch_id"])
+            .collect();
+        assert_eq!(ids, [id.as_str()], "info --json: {info}");
+        let said = run_livecare(&["unpatch", "-p", &pid]);
+        assert!(
+            said.contains(&format!("unpatched {id} ")),
+            "unpatch text: {said}"
+        );
+        // Lines printed while the patch was on before are old news.
+        p.drain();
+        expect(&mut p, "original again", |n, v| v == 2 * n + 1);
+        run_livecare(&["patch", "-p", &pid, &k]);
+        let said = json(&run_livecare(&["unpatch", "--json", "-p", &pid]));
+        assert_eq!(
+            said["unpatched"][0]["patch_id"],
+            id.as_str(),
+            "unpatch --json: {said}"
+        );
+        assert!(p.is_alive());
+    }
+}
+
+/// Issue 17.7: the log path is printed before the original stage starts; without a
+/// terminal a running stage prints the units compiled so far (here every poll:
+/// `LIVECARE_PROGRESS_SECS=0`), against the previous stage's count once there is
+/// one; `--json` gives the result on stdout, on success and on failure.
+#[test]
+fn build_progress_names_the_log_first_and_json_gives_the_result() {
+    let tree = fixture_tree();
+    let out = tree.join("out");
+    let fix = tree.join("fix.diff");
+    // One unit, then a pause the progress poll (every 250 ms) cannot miss, then the rest.
+    let cmd = ["sh", "-c", "make prog-main.o && sleep 2 && make && sleep 2"];
+    let o = Command::new(livecare())
+        .current_dir("/")
+        .env("LIVECARE_PROGRESS_SECS", "0")
+        .args(["build", "--json", "-C"])
+        .arg(tree.path())
+        .arg("-o")
+        .arg(&out)
+        .arg(&fix)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{}", text(&o));
+    let doc = json(&String::from_utf8_lossy(&o.stdout));
+    let log = doc["log"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no log: {doc}"));
+    let pos = |needle: &str| {
+        err.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} on stderr:\n{err}"))
+    };
+    assert!(
+        pos(&format!("full build log: {log}")) < pos("building original code ..."),
+        "the log path must come before the original stage:\n{err}"
+    );
+    pos("building original code: 1 file(s) compiled, ");
+    // The patched stage counts against the original stage's 4 units (the trailing
+    // pause makes sure a poll sees its final count).
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("livecare: building patched code: ")
+                && l.contains("/~4 file(s) compiled, ")),
+        "{err}"
+    );
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert!(doc["error"].is_null(), "{doc}");
+    let prog = tree.join("prog");
+    let patches = doc["patches"].as_array().unwrap();
+    let p = patches
+        .iter()
+        .find(|p| p["object"] == prog.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no patch for prog: {doc}"));
+    let bid = build_id_of(&prog).unwrap();
+    let kpatch = out.join(format!("{bid}.kpatch"));
+    assert_eq!(p["build_id"], bid.as_str(), "{p}");
+    assert_eq!(p["path"], kpatch.to_str().unwrap(), "{p}");
+    assert_eq!(p["size"], std::fs::metadata(&kpatch).unwrap().len(), "{p}");
+    assert_eq!(p["functions"], serde_json::json!(["value"]), "{p}");
+    assert_eq!(
+        p["data"],
+        serde_json::json!(["__PRETTY_FUNCTION__.0"]),
+        "{p}"
+    );
+    let id = p["patch_id"].as_str().unwrap();
+    assert!(
+        run_livecare(&["inspect", kpatch.to_str().unwrap()]).contains(id),
+        "patch id {id}"
+    );
+    let stages: Vec<&str> = doc["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "check-patches",
+            "original",
+            "apply-patches",
+            "patched",
+            "make-patches",
+            "restore"
+        ]
+    );
+    let original = &doc["stages"][1];
+    assert!(
+        original["ok"] == true && original["seconds"].as_f64().unwrap() >= 2.0,
+        "{original}"
+    );
+
+    // A failure is a document too, naming the error; exit status 1.
+    let bad = tree.join("bad.diff");
+    std::fs::write(
+        &bad,
+        "--- a/value.c\n+++ b/value.c\n@@ -1 +1 @@\n-nothing\n+here\n",
+    )
+    .unwrap();
+    let o = Command::new(livecare())
+        .args(["build", "--json", "-C"])
+        .arg(tree.path())
+        .arg("-o")
+        .arg(&out)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let doc = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(doc["ok"], false, "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("does not apply"),
+        "{doc}"
+    );
+    assert_eq!(doc["stages"][0]["stage"], "check-patches", "{doc}");
+    assert_eq!(doc["stages"][0]["ok"], false, "{doc}");
+    assert_source_restored(tree.path());
 }

@@ -370,24 +370,28 @@ fn none_relocations_with_symbol_zero_are_skipped() -> Result<()> {
             .find(|r| r.target == eh.index)
             .expect(".rela.eh_frame");
         let syms = &view.symtab().expect("symtab").symbols;
-        // strip keeps no symbol of the static helper: its FDE is the one whose pc_begin
-        // lies in the new code but is no hunk's body (value, other).
-        let value = syms.iter().find(|s| s.name == b"value").expect("value");
-        let bodies: Vec<u64> = syms
+        // The patch carries the FDEs of its new code only (value, other and the static
+        // helper bump). The hunks' bodies are the `.kpatch.info` saddr targets; the
+        // helper's FDE is the one whose pc_begin is no hunk's body.
+        let info = view.section_by_name(".kpatch.info").expect(".kpatch.info");
+        let target = |r: &kpatch_file::elf::Relocation| {
+            syms[r.sym as usize].value.wrapping_add(r.addend as u64)
+        };
+        let code = syms[rel.entries[0].sym as usize].shndx;
+        let bodies: Vec<u64> = view
+            .relocation_sections()
             .iter()
-            .filter(|s| s.shndx == value.shndx && !s.name.is_empty())
-            .map(|s| s.value)
+            .filter(|r| r.target == info.index)
+            .flat_map(|r| r.entries.iter())
+            .filter(|r| syms[r.sym as usize].shndx == code)
+            .map(target)
             .collect();
         // That entry becomes R_X86_64_NONE against symbol 0, addend 0: its FDE keeps
         // pc_begin 0, as a dropped FDE's does.
         let k = rel
             .entries
             .iter()
-            .position(|r| {
-                let s = &syms[r.sym as usize];
-                let at = s.value.wrapping_add(r.addend as u64);
-                s.shndx == value.shndx && !bodies.contains(&at)
-            })
+            .position(|r| syms[r.sym as usize].shndx == code && !bodies.contains(&target(r)))
             .expect("the relocation of bump's FDE");
         let at = elf + view.section(rel.section).unwrap().offset as usize + k * 24;
         b[at + 8..at + 24].fill(0);

@@ -539,7 +539,7 @@ fn section_bytes(data: &[u8], name: &str) -> Result<Vec<u8>> {
 #[test]
 fn pipeline_output_matches_the_libcare_patches_of_the_interop_vector() -> Result<()> {
     let Some(interop) = testkit::interop_dir() else {
-        eprintln!("skipped: no interop vectors (../shared/interop)");
+        testkit::skip_banner(testkit::INTEROP);
         return Ok(());
     };
     let dir = Scratch::new()?;

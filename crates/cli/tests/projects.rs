@@ -50,15 +50,6 @@ fn sh(dir: &Path, script: &str) -> String {
     ok_in(dir, Command::new("sh").args(["-c", script]), script)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The `<buildid>.kpatch` files of a patch directory, sorted by name.
 fn kpatch_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -377,11 +368,11 @@ fn memcached_source() -> Option<PathBuf> {
         .output()
         .expect("running .ci/setup-debian-src.sh");
     if !out.status.success() {
-        eprintln!(
-            "\n\n==== SKIPPED: memcached source from Debian's archive is not available ({}) ====\n{}\n",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        testkit::skip_banner(&format!(
+            "memcached's source from Debian's archive (network; .ci/setup-debian-src.sh: {})",
+            out.status
+        ));
         return None;
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -626,9 +617,8 @@ fn beat(line: &str) -> Option<(i64, i64, String)> {
 
 #[test]
 fn autotools_project_built_with_its_own_configure_and_make_is_patched_live() {
-    if !have("autoreconf") || !have("automake") {
-        panic!("autoreconf/automake are missing: apt-get install -y autoconf automake");
-    }
+    testkit::needs_tool!("autoreconf", "apt-get install -y autoconf automake");
+    testkit::needs_tool!("automake", "apt-get install -y autoconf automake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("project-autotools").unwrap();
     sh(tree.path(), "autoreconf -i 2>&1");
@@ -688,9 +678,7 @@ fn ping(line: &str) -> Option<(i64, String, i64, String)> {
 
 #[test]
 fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
-    if !have("cmake") {
-        panic!("cmake is missing: apt-get install -y cmake");
-    }
+    testkit::needs_tool!("cmake", "apt-get install -y cmake");
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("project-cmake").unwrap();
     let out = tree.join("out");
@@ -751,4 +739,87 @@ fn cmake_project_fix_in_program_and_versioned_shared_library_is_patched_live() {
     }
     assert!(p.is_alive());
     assert_eq!(p.proc_state().unwrap().1, 0, "left traced");
+}
+
+/// Issue 17.6: LibCare's documented flow, with `libcare-cc` on PATH
+/// (`livecare install-links`): `KPATCH_STAGE=configure CC=libcare-cc ./configure`,
+/// then `libcare-patch-make` with `CC=libcare-cc` still in the environment (a shell
+/// that exported it), and `livecare build` with `CC` the link's absolute path. The
+/// wrapper named as the compiler is never taken for the real one: gcc is found on
+/// PATH past it, in every stage. The patch works live.
+#[test]
+fn libcare_documented_flow_cc_libcare_cc_configure_then_build() {
+    testkit::needs_tool!("autoreconf", "apt-get install -y autoconf automake");
+    testkit::needs_tool!("automake", "apt-get install -y autoconf automake");
+    let tree = Scratch::new().unwrap();
+    tree.copy_fixture("project-autotools").unwrap();
+    sh(tree.path(), "autoreconf -i 2>&1");
+    let links = Scratch::new().unwrap();
+    ok_in(
+        Path::new("/"),
+        Command::new(livecare())
+            .arg("install-links")
+            .arg(links.path()),
+        "livecare install-links",
+    );
+    let path = format!(
+        "{}:{}",
+        links.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    fn with_path<'a>(c: &'a mut Command, path: &str) -> &'a mut Command {
+        c.env("PATH", path)
+            .env_remove("KPATCH_STAGE")
+            .env_remove("KPCCREAL")
+    }
+    ok_in(
+        tree.path(),
+        with_path(Command::new("./configure").arg("-q"), &path)
+            .env("KPATCH_STAGE", "configure")
+            .env("CC", "libcare-cc"),
+        "KPATCH_STAGE=configure CC=libcare-cc ./configure",
+    );
+    let makefile = std::fs::read_to_string(tree.join("Makefile")).unwrap();
+    assert!(
+        makefile.contains("\nCC = libcare-cc\n"),
+        "configure did not take CC"
+    );
+    let text = ok_in(
+        tree.path(),
+        with_path(&mut Command::new(links.join("libcare-patch-make")), &path)
+            .env("CC", "libcare-cc")
+            .args(["-i", "lc1", "fix.diff"]),
+        "CC=libcare-cc libcare-patch-make fix.diff",
+    );
+    let exe = tree.join("metronome");
+    let bid = build_id_of(&exe).unwrap();
+    assert_eq!(
+        kpatch_names(&tree.join("patchroot")),
+        std::slice::from_ref(&bid),
+        "{text}"
+    );
+
+    sh(tree.path(), "make clean >/dev/null");
+    let out = tree.join("out");
+    let cc = links.join("libcare-cc");
+    let text = ok_in(
+        tree.path(),
+        with_path(&mut Command::new(livecare()), &path)
+            .env("CC", &cc)
+            .args(["build", "-i", "lc2", "-o"])
+            .arg(&out)
+            .arg("fix.diff"),
+        "CC=/abs/libcare-cc livecare build fix.diff",
+    );
+    assert_eq!(kpatch_names(&out), [bid], "{text}");
+
+    let mut p = Running::start(&exe, &[]).unwrap();
+    let original = |l: &str| beat(l).is_some_and(|(n, t, _)| t == 60 + n % 4);
+    let patched = |l: &str| beat(l).is_some_and(|(n, t, m)| t == 120 + n % 4 && m == "FRANTIC");
+    p.wait_for_match(original, WAIT).unwrap();
+    patch_dir(p.pid(), &tree.join("patchroot"));
+    p.wait_for_match(patched, WAIT).unwrap();
+    unpatch_latest(p.pid());
+    p.wait_for_match(original, WAIT).unwrap();
+    assert!(p.is_alive());
 }

@@ -18,6 +18,8 @@ pub const KPATCH_INFO_SIZE: u64 = 48;
 /// Everything `inspect` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The patch's id as every command prints it ([`crate::patch_identity`]).
+    pub patch_id: String,
     /// Size of the file in bytes.
     pub file_size: u64,
     /// The header.
@@ -218,6 +220,7 @@ impl Report {
             srcversion: printable(h.srcversion()),
         };
         Report {
+            patch_id: file.id(),
             file_size: to_u64(file.bytes().len()),
             header,
             elf: ElfReport::new(file.elf_view()),
@@ -576,8 +579,13 @@ impl fmt::Display for Report {
         writeln!(f, "  build-id:       {}", h.build_id)?;
         writeln!(
             f,
-            "  patch id:       {}",
-            h.patch_id.as_deref().unwrap_or("-")
+            "  patch id:       {}{}",
+            self.patch_id,
+            if h.patch_id.is_some() {
+                ""
+            } else {
+                " (none in the header: the hash of the ELF, as the applier names it)"
+            }
         )?;
         writeln!(f, "  modulename:     {}", h.modulename)?;
         writeln!(f, "  flags:          {:#x}", h.flags)?;

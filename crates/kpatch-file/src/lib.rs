@@ -50,6 +50,27 @@ pub use bytes::printable;
 use bytes::to_u64;
 pub use checksum::crc32;
 
+/// FNV-1a, 64 bit: the hash that tells patches apart (the same patch twice, and the
+/// id of a patch whose header has none).
+pub fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A patch's one id: the header's patch id when it has one (`-i`), else 16 hex digits
+/// of the FNV-1a hash of its inner ELF (`elf`, as [`PatchFile::elf`] gives it), which
+/// the applier also writes into the target's region header.
+pub fn patch_identity(header_id: Option<&str>, elf: &[u8]) -> String {
+    match header_id.map(str::trim) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => format!("{:016x}", fnv1a(elf)),
+    }
+}
+
 /// The ELF is padded to a multiple of this in the container.
 pub const ELF_ALIGN: usize = 16;
 
@@ -177,6 +198,12 @@ impl<'a> PatchFile<'a> {
     /// to 15 bytes of padding).
     pub fn elf(&self) -> &'a [u8] {
         self.elf.data()
+    }
+
+    /// The id the patch is known by everywhere (`build`, `patch`, `info`, `unpatch`,
+    /// `inspect`): see [`patch_identity`].
+    pub fn id(&self) -> String {
+        patch_identity(self.header.patch_id().map(PatchId::as_str), self.elf())
     }
 
     /// The validated view of the inner ELF.

@@ -398,6 +398,7 @@ fn field_matches(pattern: &str, field: &str) -> bool {
 
 #[test]
 fn every_corruption_gives_its_own_readable_error() {
+    testkit::needs_interop!();
     let originals = [
         ("foo.libcareplus.kpatch", interop("foo.libcareplus.kpatch")),
         ("foo.libcare.kpatch", interop("foo.libcare.kpatch")),
@@ -442,6 +443,7 @@ fn every_corruption_gives_its_own_readable_error() {
 
 #[test]
 fn error_message_names_field_offset_and_sizes() {
+    testkit::needs_interop!();
     let mut bytes = interop("foo.libcareplus.kpatch");
     bytes[152..156].copy_from_slice(&16384u32.to_le_bytes());
     let err = PatchFile::parse(&bytes).unwrap_err();
@@ -453,6 +455,7 @@ fn error_message_names_field_offset_and_sizes() {
 
 #[test]
 fn every_truncation_of_a_real_file_is_an_error() {
+    testkit::needs_interop!();
     for name in ["foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
         let bytes = interop(name);
         for len in 0..bytes.len() {
@@ -484,6 +487,7 @@ proptest! {
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..8),
         cut in prop::option::of(any::<prop::sample::Index>()),
     ) {
+        testkit::needs_interop!();
         let mut bytes = FILES.with(|f| f[usize::from(plus)].clone());
         for (at, value, how) in edits {
             let i = at.index(bytes.len());
@@ -508,6 +512,7 @@ proptest! {
 
     #[test]
     fn random_bytes_after_a_valid_header_never_panic(tail in prop::collection::vec(any::<u8>(), 0..2048)) {
+        testkit::needs_interop!();
         let mut bytes = FILES.with(|f| f[1][..504].to_vec());
         bytes.extend_from_slice(&tail);
         let total = bytes.len() as u32;

@@ -22,6 +22,7 @@ fn header_sizes_are_688_and_504() {
 
 #[test]
 fn libcare_file_is_detected_and_parses_completely() {
+    testkit::needs_interop!();
     let bytes = interop("foo.libcare.kpatch");
     let file = PatchFile::parse(&bytes).unwrap();
     assert_eq!(file.layout(), Layout::LibCare);
@@ -35,6 +36,7 @@ fn libcare_file_is_detected_and_parses_completely() {
 
 #[test]
 fn libcareplus_file_is_detected_and_parses_completely() {
+    testkit::needs_interop!();
     let bytes = interop("foo.libcareplus.kpatch");
     let file = PatchFile::parse(&bytes).unwrap();
     assert_eq!(file.layout(), Layout::LibCarePlus);
@@ -46,6 +48,7 @@ fn libcareplus_file_is_detected_and_parses_completely() {
 
 #[test]
 fn report_resolves_the_kpatch_info_record_of_report() {
+    testkit::needs_interop!();
     for name in ["foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
         let bytes = interop(name);
         let file = PatchFile::parse(&bytes).unwrap();
@@ -81,6 +84,7 @@ fn report_resolves_the_kpatch_info_record_of_report() {
 
 #[test]
 fn headers_reserialize_to_the_original_bytes() {
+    testkit::needs_interop!();
     for name in ["foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
         let bytes = interop(name);
         let header = Header::parse(&bytes).unwrap();
@@ -90,6 +94,7 @@ fn headers_reserialize_to_the_original_bytes() {
 
 #[test]
 fn make_rebuilds_both_peer_files_byte_for_byte() {
+    testkit::needs_interop!();
     let cases = [
         ("foo.libcare.kpatch", Layout::LibCare, None),
         ("foo.libcareplus.kpatch", Layout::LibCarePlus, Some("0001")),
@@ -112,6 +117,7 @@ fn make_rebuilds_both_peer_files_byte_for_byte() {
 
 #[test]
 fn make_pads_the_elf_to_16_bytes() {
+    testkit::needs_interop!();
     let bytes = interop("foo.libcareplus.kpatch");
     let file = PatchFile::parse(&bytes).unwrap();
     // The ELF proper ends at its section header table; cut the container padding off.
@@ -133,6 +139,7 @@ fn make_pads_the_elf_to_16_bytes() {
 
 #[test]
 fn make_refuses_a_patch_id_in_the_libcare_layout() {
+    testkit::needs_interop!();
     let bytes = interop("foo.libcare.kpatch");
     let file = PatchFile::parse(&bytes).unwrap();
     let bid = BuildId::parse(BUILD_ID).unwrap();
@@ -155,6 +162,7 @@ fn section_table_offset(elf: &[u8]) -> usize {
 
 #[test]
 fn an_aarch64_patch_is_accepted_and_named() {
+    testkit::needs_interop!();
     let mut bytes = interop("foo.libcareplus.kpatch");
     // e_machine = EM_AARCH64 (183).
     bytes[504 + 18..504 + 20].copy_from_slice(&183u16.to_le_bytes());
@@ -174,6 +182,7 @@ fn an_aarch64_patch_is_accepted_and_named() {
 
 #[test]
 fn the_checksum_catches_a_flipped_code_bit_the_peers_format_cannot() {
+    testkit::needs_interop!();
     let bytes = interop("foo.libcareplus.kpatch");
     let file = PatchFile::parse(&bytes).unwrap();
     let text = file.elf_view().section_by_name(".kpatch.text").unwrap();
@@ -198,6 +207,7 @@ fn the_checksum_catches_a_flipped_code_bit_the_peers_format_cannot() {
 
 #[test]
 fn extended_section_count_and_string_index_are_followed() {
+    testkit::needs_interop!();
     let mut bytes = interop("foo.libcareplus.kpatch");
     let shoff = 504 + u64::from_le_bytes(bytes[504 + 40..504 + 48].try_into().unwrap()) as usize;
     // e_shnum 0 and e_shstrndx SHN_XINDEX: the real values live in section 0.

@@ -86,6 +86,7 @@ proptest! {
         time in any::<u64>(),
         cut in 0usize..16,
     ) {
+        testkit::needs_interop!();
         let layout = if plus { Layout::LibCarePlus } else { Layout::LibCare };
         let id = plus.then_some(id);
         ELF.with(|elf| {

@@ -59,6 +59,7 @@ fn refused(what: &str, f: impl FnOnce(&mut Vec<u8>), field: &str) -> String {
 
 #[test]
 fn the_peers_files_have_a_sound_structure() {
+    testkit::needs_interop!();
     for name in ["foo.libcare.kpatch", "foo.libcareplus.kpatch"] {
         PatchFile::parse(&interop(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
@@ -66,6 +67,7 @@ fn the_peers_files_have_a_sound_structure() {
 
 #[test]
 fn a_relocation_section_moved_onto_another_section_is_refused() {
+    testkit::needs_interop!();
     // The eight variants the adversarial run found accepted, then crashing the target.
     for (what, info) in [
         ("sh_info=0", 0u32),
@@ -91,6 +93,7 @@ fn a_relocation_section_moved_onto_another_section_is_refused() {
 
 #[test]
 fn relocations_that_are_not_a_relocation_section_are_refused() {
+    testkit::needs_interop!();
     let msg = refused(
         ".rela.kpatch.text sh_type=PROGBITS",
         |b| {
@@ -104,6 +107,7 @@ fn relocations_that_are_not_a_relocation_section_are_refused() {
 
 #[test]
 fn patch_code_without_bytes_is_refused() {
+    testkit::needs_interop!();
     refused(
         ".kpatch.text sh_type=NOBITS",
         |b| {
@@ -116,6 +120,7 @@ fn patch_code_without_bytes_is_refused() {
 
 #[test]
 fn overlapping_sections_and_headers_are_refused() {
+    testkit::needs_interop!();
     let targets = |b: &[u8]| {
         [
             ("the ELF header", 0u64),
@@ -140,6 +145,7 @@ fn overlapping_sections_and_headers_are_refused() {
 
 #[test]
 fn symbols_moved_into_the_wrong_kind_of_section_are_refused() {
+    testkit::needs_interop!();
     // report.kpatch (the new body) into .kpatch.data; stdout (data) into .kpatch.text.
     for (what, j, shndx) in [
         ("report.kpatch into .kpatch.data", 8usize, KPATCH_DATA),
@@ -215,6 +221,7 @@ fn a_function_replaced_twice_is_refused() {
 
 #[test]
 fn names_that_do_not_print_are_escaped_in_the_report() {
+    testkit::needs_interop!();
     let mut b = interop("foo.libcareplus.kpatch");
     // Every "report.kpatch" (symbol name, .kpatch.strtab) becomes "report\x1b[2Jpatch".
     let needle = b"report.kpatch";
@@ -248,6 +255,7 @@ fn names_that_do_not_print_are_escaped_in_the_report() {
 
 #[test]
 fn the_size_is_checked_against_the_header_before_reading() {
+    testkit::needs_interop!();
     let b = interop("foo.libcareplus.kpatch");
     let len = b.len() as u64;
     assert_eq!(PatchFile::expected_len(&b[..688], len).unwrap(), len);

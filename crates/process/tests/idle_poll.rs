@@ -62,7 +62,9 @@ const MIN_IDLE: u64 = 10_000;
 #[test]
 fn idle_cpus_poll_while_a_process_is_held_and_halt_again_once_it_runs() -> Result<()> {
     if idle_time_us().is_none() || !std::path::Path::new("/dev/cpu_dma_latency").exists() {
-        eprintln!("skipped: no cpuidle POLL state or no /dev/cpu_dma_latency on this machine");
+        testkit::skip_banner(
+            "a cpuidle POLL state and /dev/cpu_dma_latency (this machine has not)",
+        );
         return Ok(());
     }
     let s = Scratch::new()?;

@@ -32,10 +32,93 @@ pub fn fixture_dir(case: &str) -> PathBuf {
     repo_root().join("tests").join("fixtures").join(case)
 }
 
-/// Directory of the interop vectors made by LibCare and LibcarePlus (`../shared/interop`).
+/// Environment variable that overrides where the interop vectors are looked for (a
+/// path that is no directory makes them missing, to check the skips).
+pub const INTEROP_ENV: &str = "LIVECARE_INTEROP_DIR";
+
+/// What the interop tests need, for their skip banner.
+pub const INTEROP: &str = "the LibCare/LibcarePlus interop vectors in ../shared/interop \
+    next to the repository (or $LIVECARE_INTEROP_DIR)";
+
+/// Directory of the interop vectors made by LibCare and LibcarePlus (`../shared/interop`,
+/// or `$LIVECARE_INTEROP_DIR`), if present.
 pub fn interop_dir() -> Option<PathBuf> {
-    let dir = repo_root().join("..").join("shared").join("interop");
+    let dir = match std::env::var_os(INTEROP_ENV) {
+        Some(d) => PathBuf::from(d),
+        None => repo_root().join("..").join("shared").join("interop"),
+    };
     dir.is_dir().then_some(dir)
+}
+
+/// Prints the one banner every test prints when something optional it needs is
+/// missing (`what`: the thing, and how to get it); the test then passes without
+/// checking anything. Named after the running test. Written to the real stderr, past
+/// the test harness's capture, so it shows in a plain `cargo test` run.
+pub fn skip_banner(what: &str) {
+    use std::io::Write;
+    let test = thread::current().name().unwrap_or("test").to_string();
+    let _ = std::io::stderr()
+        .write_all(format!("\n==== SKIPPED: {test}: needs {what} ====\n").as_bytes());
+}
+
+/// Whether `tool --version` runs and succeeds (an optional build tool is installed).
+pub fn have_tool(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What a skipped test returns: nothing, or `Ok(())`.
+pub trait SkipReturn {
+    /// The value a skipped test returns.
+    fn skipped() -> Self;
+}
+
+impl SkipReturn for () {
+    fn skipped() {}
+}
+
+impl<E> SkipReturn for std::result::Result<(), E> {
+    fn skipped() -> Self {
+        Ok(())
+    }
+}
+
+/// `skip_unless!(condition, "what is needed")`: unless the condition holds, prints the
+/// skip banner ([`skip_banner`], once per call site) and returns from the test.
+#[macro_export]
+macro_rules! skip_unless {
+    ($ok:expr, $what:expr) => {
+        if !$ok {
+            static BANNER: ::std::sync::Once = ::std::sync::Once::new();
+            BANNER.call_once(|| $crate::skip_banner(&$what));
+            return $crate::SkipReturn::skipped();
+        }
+    };
+}
+
+/// `needs_interop!()`: skips the test ([`skip_unless!`]) when the interop vectors are
+/// missing ([`interop_dir`]).
+#[macro_export]
+macro_rules! needs_interop {
+    () => {
+        $crate::skip_unless!($crate::interop_dir().is_some(), $crate::INTEROP)
+    };
+}
+
+/// `needs_tool!("cmake", "apt-get install -y cmake")`: skips the test when the tool
+/// does not run ([`have_tool`]).
+#[macro_export]
+macro_rules! needs_tool {
+    ($tool:expr, $install:expr) => {
+        $crate::skip_unless!(
+            $crate::have_tool($tool),
+            format!("{} ({})", $tool, $install)
+        )
+    };
 }
 
 /// Path of the `livecare` binary built by cargo for integration tests, if known.

@@ -1,10 +1,10 @@
 //! `livecare build`: build original, apply diffs, build patched, emit
 //! OUTDIR/<buildid>.kpatch per changed program or library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use livecare_build::{Options, Progress, Session, Style};
+use livecare_build::{Options, Progress, Session, StageTime, Style};
 
 /// Flags of `livecare build`.
 #[derive(clap::Args, Debug)]
@@ -50,6 +50,11 @@ pub struct Args {
     /// Diff options for the assembly differ (as for kpatch_gensrc, e.g. "--force-global").
     #[arg(long = "diff-args", default_value = "")]
     pub diff_args: String,
+    /// Print the result as one JSON document on stdout (patches made with their
+    /// build-id, patch id, functions, data and size; the log; each stage's duration;
+    /// on failure the error). Progress still goes to stderr.
+    #[arg(long)]
+    pub json: bool,
     /// Source diffs, applied in order.
     #[arg(required = true)]
     pub patches: Vec<PathBuf>,
@@ -76,17 +81,82 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.build_cmd.is_empty() {
         opts.build_cmd = args.build_cmd;
     }
-    let mut session = Session::new(opts, Progress::new(Style::Auto))?;
-    let made = session.run(false)?;
+    let json = args.json;
+    let mut session = match Session::new(opts, Progress::new(Style::Auto)) {
+        Ok(s) => s,
+        Err(e) if json => return Ok(json_failure(None, &[], &anyhow::Error::new(e))),
+        Err(e) => return Err(e.into()),
+    };
+    let made = match session.run(false) {
+        Ok(m) => m,
+        Err(e) if json => {
+            let log = session.log_path().to_path_buf();
+            let stages = session.progress().stages().to_vec();
+            return Ok(json_failure(Some(&log), &stages, &anyhow::Error::new(e)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        let patches: Vec<serde_json::Value> = made
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "path": m.kpatch,
+                    "object": m.object,
+                    "build_id": m.build_id,
+                    "patch_id": m.patch_id,
+                    "functions": m.functions,
+                    "data": m.data,
+                    "size": std::fs::metadata(&m.kpatch).map(|md| md.len()).ok(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "ok": true,
+            "patches": patches,
+            "log": session.log_path(),
+            "stages": stages_json(session.progress().stages()),
+            "error": null,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     for m in &made {
         println!(
-            "{}: {} function(s) [{}] for {} (build-id {})",
+            "{}: patch {}, {} function(s) [{}], {} data object(s) [{}] for {} (build-id {})",
             m.kpatch.display(),
+            m.patch_id,
             m.functions.len(),
             m.functions.join(", "),
+            m.data.len(),
+            m.data.join(", "),
             m.object.display(),
             m.build_id
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn stages_json(stages: &[StageTime]) -> Vec<serde_json::Value> {
+    stages
+        .iter()
+        .map(|s| serde_json::json!({"stage": s.step.name(), "seconds": s.seconds, "ok": s.ok}))
+        .collect()
+}
+
+/// The `--json` document of a failed build (also said on stderr); exit status 1.
+fn json_failure(log: Option<&Path>, stages: &[StageTime], err: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {err:#}");
+    let doc = serde_json::json!({
+        "ok": false,
+        "patches": [],
+        "log": log,
+        "stages": stages_json(stages),
+        "error": format!("{err:#}"),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
+    );
+    ExitCode::from(super::EXIT_ERROR)
 }

@@ -315,13 +315,14 @@ fn print_report(r: &ApplyReport, face: super::Face) {
         super::Face::Native => {
             let names: Vec<&str> = r.hunks.iter().map(|h| h.name.as_str()).collect();
             println!(
-                "patched {} function{} ({}) in pid {} ({}, build-id {}), paused {} µs{}",
+                "patched {} function{} ({}) in pid {} ({}, build-id {}, patch {}), paused {} µs{}",
                 r.hunks.len(),
                 if r.hunks.len() == 1 { "" } else { "s" },
                 names.join(", "),
                 r.pid,
                 r.comm,
                 short_id(&r.build_id),
+                r.patch_id,
                 r.pause_us,
                 fenced_note(r.threads_fenced)
             );
