@@ -76,7 +76,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .status()
             .context("running make clean")?;
         if !status.success() {
-            anyhow::bail!("`make{makefile} clean` in {} failed ({status})", srcdir.display());
+            anyhow::bail!(
+                "`make{makefile} clean` in {} failed ({status})",
+                srcdir.display()
+            );
         }
         for d in [&original_dir, &patched_dir] {
             if d.exists() {
