@@ -198,7 +198,7 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Err(e) => exit_on_usage(e),
         },
         "kpatch_make" => match parse_as::<cmd::make::Args>("kpatch_make", args) {
-            Ok(a) => cmd::make::run(a),
+            Ok(a) => cmd::make::run_as_kpatch_make(a),
             Err(e) => exit_on_usage(e),
         },
         _ => match Cli::try_parse_from(args) {

@@ -81,3 +81,82 @@ fn libcare_patch_make_clean_builds_a_libcare_project_into_lpmake_patchroot() -> 
     ensure!(Path::new(&format!("/proc/{pid}")).exists());
     Ok(())
 }
+
+/// Issue 18.9: under the name `kpatch_make`, a call without `-i` (LibCare's suite
+/// calls it so) writes LibCare's header layout, which LibCare's `libcare-ctl` requires;
+/// with `-i` (LibcarePlus' suite) LibcarePlus' layout. Both apply and unpatch live.
+#[test]
+fn kpatch_make_writes_the_layout_its_call_implies() -> Result<()> {
+    use testkit::patchbuild::{Builder, Flags};
+    let s = Scratch::new()?;
+    let bin = s.join("tools");
+    run_ok(Command::new(LIVECARE).arg("install-links").arg(&bin))?;
+    let b = Builder::new(
+        Path::new(LIVECARE),
+        &testkit::fixture_dir("scenario-exe"),
+        &s.join("build"),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "prog", &[])?;
+    let patch = b.patch(&exe, "patched-basic.c", "0001")?;
+    let make = bin.join("kpatch_make");
+    let libcare = s.join("libcare.kpatch");
+    let plus = s.join("plus.kpatch");
+    run_ok(
+        Command::new(&make)
+            .args(["-b", &exe.build_id])
+            .arg(&patch.elf)
+            .arg("-o")
+            .arg(&libcare),
+    )?;
+    run_ok(
+        Command::new(&make)
+            .args(["-b", &exe.build_id, "-i", "0001"])
+            .arg(&patch.elf)
+            .arg("-o")
+            .arg(&plus),
+    )?;
+    for (file, layout) in [
+        (&libcare, kpatch_file::Layout::LibCare),
+        (&plus, kpatch_file::Layout::LibCarePlus),
+    ] {
+        let bytes = std::fs::read(file)?;
+        let parsed = kpatch_file::PatchFile::parse(&bytes)?;
+        ensure!(
+            parsed.layout() == layout,
+            "{}: {:?}",
+            file.display(),
+            parsed.layout()
+        );
+    }
+    // `livecare make` keeps LibcarePlus' layout as its default.
+    let native = s.join("native.kpatch");
+    run_ok(
+        Command::new(LIVECARE)
+            .args(["make", "-b", &exe.build_id])
+            .arg(&patch.elf)
+            .arg("-o")
+            .arg(&native),
+    )?;
+    let bytes = std::fs::read(&native)?;
+    ensure!(kpatch_file::PatchFile::parse(&bytes)?.layout() == kpatch_file::Layout::LibCarePlus);
+
+    let ctl = bin.join("libcare-ctl");
+    let mut p = Running::start(&exe.path, &[])?;
+    p.wait_for("t0 value=1", WAIT)?;
+    let pid = p.pid().to_string();
+    for file in [&libcare, &plus] {
+        run_ok(Command::new(&ctl).args(["patch", "-p", &pid]).arg(file))?;
+        p.drain();
+        p.wait_for("t0 value=2", WAIT)?;
+        run_ok(Command::new(&ctl).args(["unpatch", "-p", &pid]))?;
+        p.drain();
+        p.wait_for("t0 value=1", WAIT)?;
+    }
+    let (state, tracer) = p.proc_state()?;
+    ensure!(
+        p.is_alive() && tracer == 0 && !state.starts_with('t') && !state.starts_with('T'),
+        "target left {state}, TracerPid {tracer}"
+    );
+    Ok(())
+}
