@@ -224,6 +224,13 @@ fn client_drives_patch_info_unpatch_through_libcare_ctl_server() -> Result<()> {
     ensure!(reply.contains("error"), "no error reply: {reply:?}");
     let reply = server.client(&["no-such-command"])?;
     ensure!(reply.contains("unknown command"), "{reply:?}");
+    // Only a process may announce its own exec: `execve PID` for another process is
+    // refused, and the target is not attached to (it goes on, untraced).
+    server.client(&["execve", &pid])?;
+    see(&out, std::fs::metadata(&out)?.len() as usize, "t0 value=1")?;
+    assert_clean(&pid)?;
+    let log = std::fs::read_to_string(s.join("server.err"))?;
+    ensure!(log.contains("refused"), "server log: {log}");
 
     kill_reaped(&server, &pid)?;
     server.stop()
