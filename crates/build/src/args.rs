@@ -436,6 +436,9 @@ impl CompilerArgs {
                 .and_then(|n| n.to_str())
                 .unwrap_or("");
             name.starts_with("conftest")
+                // nginx's auto/configure: objs/autotest.c -> objs/autotest.
+                || name == "autotest"
+                || name.starts_with("autotest.")
                 || name.starts_with("CMakeCCompilerId")
                 || name.starts_with("CMakeCXXCompilerId")
                 || name.starts_with("sanitycheck")
@@ -670,6 +673,7 @@ mod tests {
         assert!(parse("-c x.c").is_conftest(Path::new("/b/CMakeFiles/CMakeScratch/TryCompile-1")));
         assert!(parse("sanitycheckc.c -o sanitycheckc.exe").is_conftest(cwd));
         assert!(parse("-c testfile.c").is_conftest(Path::new("/b/meson-private/tmpab12")));
+        assert!(parse("-o objs/autotest objs/autotest.c -lpcre").is_conftest(cwd));
         assert!(!parse("-c main.c -o main.o").is_conftest(cwd));
     }
 

@@ -13,6 +13,7 @@
 pub mod args;
 pub mod deployed;
 pub mod pipeline;
+pub mod private_tree;
 pub mod progress;
 pub mod project;
 pub mod verify;
@@ -20,5 +21,7 @@ pub mod wrapper;
 
 pub use args::{CompilerArgs, Input, Lang, Mode};
 pub use progress::{Progress, Step, Style};
-pub use project::{BuildError, MadePatch, Options, OriginalOutput, Session};
+pub use project::{
+    default_workdir, BuildError, Isolation, MadePatch, Options, OriginalOutput, Session,
+};
 pub use wrapper::{Stage, WrapperEnv, WrapperError};

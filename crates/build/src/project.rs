@@ -1,6 +1,8 @@
 //! Patch-build orchestration shared by `livecare build` and `libcare-patch-make`:
 //! build the original tree through the wrapper, apply the diffs, rebuild incrementally,
-//! turn every changed linked output into `<buildid>.kpatch`, and put the source back.
+//! turn every changed linked output into `<buildid>.kpatch`. The stages run in a
+//! private overlay of the tree (`private_tree`), so the operator's tree is never
+//! changed; where that is impossible, in the tree itself, putting the source back.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -9,12 +11,59 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::pipeline::{self, PipelineError};
+use crate::private_tree::PrivateTree;
 use crate::progress::{Progress, Step};
 use crate::wrapper::{CHANGE_LOG_ENV, LINK_LOG_ENV, WRAPPER_DIR_ENV};
 
-/// `SOURCE_DATE_EPOCH` used for both stages when the caller does not set one, so that
-/// `__DATE__`/`__TIME__` do not differ between the builds.
-pub const DEFAULT_SOURCE_DATE_EPOCH: &str = "1577836800";
+/// Where the stages build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a private overlay of the tree mounted at the tree's own path (needs root):
+    /// the tree is never written. Falls back to `InPlace`, saying why, when the
+    /// kernel or the privileges refuse it.
+    Private,
+    /// In the tree itself: the diffs are applied there and undone afterwards, and the
+    /// tree's programs are relinked (and put back).
+    InPlace,
+}
+
+/// The default work directory for a tree: outside it and outside the output
+/// directory, on a file system that can hold an overlay's upper layer.
+pub fn default_workdir(srcdir: &Path) -> PathBuf {
+    let abs = srcdir
+        .canonicalize()
+        .or_else(|_| std::path::absolute(srcdir))
+        .unwrap_or_else(|_| srcdir.to_path_buf());
+    let name: String = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = abs
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    workdir_base().join(format!("{name}-{hash:016x}"))
+}
+
+/// `/var/tmp/livecare-build-<uid>`: one per user, so users do not share (or plant)
+/// each other's work files.
+fn workdir_base() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    PathBuf::from(format!("/var/tmp/livecare-build-{uid}"))
+}
 
 /// What to build and where the results go.
 #[derive(Debug, Clone)]
@@ -25,8 +74,17 @@ pub struct Options {
     pub patches: Vec<PathBuf>,
     /// Where `<buildid>.kpatch` files are written.
     pub outdir: PathBuf,
-    /// Where the wrapper scripts, kept assembly, original binaries and the log go.
+    /// Where the wrapper scripts, kept assembly, original binaries, the private tree's
+    /// changes and the log go (outside the tree).
     pub workdir: PathBuf,
+    /// Where the stages build.
+    pub isolation: Isolation,
+    /// Directories inside the tree that the build writes for the caller (e.g.
+    /// `libcare-patch-make`'s `lpmake/` install trees): their writes reach the tree.
+    pub passthrough: Vec<PathBuf>,
+    /// Keep the private tree and the kept assembly after a successful build (for a
+    /// later `--update`); otherwise they are removed.
+    pub keep_work: bool,
     /// Patch id written into the `.kpatch` headers.
     pub patch_id: Option<String>,
     /// Run `clean_cmd` before the original build.
@@ -50,7 +108,7 @@ pub struct Options {
 
 impl Options {
     /// Defaults for building `patches` in `srcdir`: `make -jN`, output in `outdir`,
-    /// work files in `outdir/.livecare`.
+    /// work files in `default_workdir(srcdir)`, a private build tree.
     pub fn new(srcdir: &Path, patches: Vec<PathBuf>, outdir: &Path, tool: &Path) -> Options {
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -59,7 +117,10 @@ impl Options {
             srcdir: srcdir.to_path_buf(),
             patches,
             outdir: outdir.to_path_buf(),
-            workdir: outdir.join(".livecare"),
+            workdir: default_workdir(srcdir),
+            isolation: Isolation::Private,
+            passthrough: Vec::new(),
+            keep_work: false,
             patch_id: None,
             clean: false,
             build_cmd: vec!["make".into(), format!("-j{jobs}")],
@@ -110,13 +171,44 @@ pub enum BuildError {
         /// The last lines of the log.
         tail: String,
     },
-    /// The original build compiled nothing: the tree was already built.
-    #[error("the tree is already built: `{cmd}` recompiled nothing, so livecare saw no original code to patch; run again with --clean (or run `make clean` first), or use a fresh copy of the tree; full log: {log}")]
+    /// The original build compiled nothing, not even the files the diffs change.
+    #[error("`{cmd}` compiled nothing in the original build, not even the files the diffs change ({touched}), so livecare saw no original code to patch: does that command build them (pass the make target that does after --)? Full log: {log}")]
     AlreadyBuilt {
         /// The build command.
         cmd: String,
+        /// The files the diffs change.
+        touched: String,
         /// The log file.
         log: PathBuf,
+    },
+    /// The original build relinked an output of the tree to another build-id than
+    /// the one the tree holds: a patch would not apply to the tree's binary.
+    #[error("the original build relinked {output} with build-id {built}, but the tree's own {output} has build-id {tree}: a patch made from this build would not apply to the tree's program. {differences} This happens when the tree was built with other flags, another compiler or another environment (e.g. SOURCE_DATE_EPOCH), or when a file the diffs change uses __DATE__/__TIME__. Rebuild the tree exactly as it is deployed (or pass that build command after --) and run again; full log: {log}")]
+    NotTheTreesBuild {
+        /// The output.
+        output: PathBuf,
+        /// Its build-id in the tree.
+        tree: String,
+        /// Its build-id as the original stage relinked it.
+        built: String,
+        /// What differs, as a sentence.
+        differences: String,
+        /// The log file.
+        log: PathBuf,
+    },
+    /// The tree has no Makefile yet but a configure step.
+    #[error("{srcdir} has no Makefile: configure it first, as the project's README says (run {script} there), or give the whole build command after --, e.g. `livecare build FIX.diff -- sh -c '{script} && make'`")]
+    NotConfigured {
+        /// The tree.
+        srcdir: PathBuf,
+        /// The configure step (`./configure`, `./auto/configure`, `cmake ...`).
+        script: String,
+    },
+    /// The clean command deleted what the build command needs.
+    #[error("the clean command `{cmd}` deleted the Makefile (the project's clean removes what its configure made, as nginx's does), so `make` cannot run; the real tree is untouched. Run without --clean (livecare builds in a private copy of the tree, a clean is not needed), or give a build command that configures again after --")]
+    CleanRemovedMakefile {
+        /// The clean command.
+        cmd: String,
     },
     /// The original build linked nothing through the wrapper.
     #[error("the original build linked no program or library through the wrapper (does the build use $CC / cc / gcc from PATH?); full log: {log}")]
@@ -187,6 +279,14 @@ pub struct Session {
     originals: Vec<OriginalOutput>,
     backups: Vec<(PathBuf, Option<PathBuf>)>,
     log: PathBuf,
+    /// The private view of the tree the stages build in (None: in place).
+    private: Option<PrivateTree>,
+    /// Whether the work files of earlier runs were dropped for this build.
+    fresh: bool,
+    /// Outputs whose rebuilt build-id differs from the tree's copy: no patch for them.
+    mismatched: Vec<PathBuf>,
+    /// Held (flock) while the session lives: one build per work directory.
+    _lock: File,
 }
 
 impl Session {
@@ -195,7 +295,9 @@ impl Session {
         let abs = |p: &Path| -> Result<PathBuf, BuildError> {
             std::path::absolute(p).map_err(|e| io(p, e))
         };
-        opts.srcdir = abs(&opts.srcdir)?;
+        // The build sees the tree by its real path (the kernel's cwd): link logs name
+        // outputs that way.
+        opts.srcdir = opts.srcdir.canonicalize().or_else(|_| abs(&opts.srcdir))?;
         opts.outdir = abs(&opts.outdir)?;
         opts.workdir = abs(&opts.workdir)?;
         let mut deployed = Vec::new();
@@ -232,9 +334,19 @@ impl Session {
         if opts.build_cmd.is_empty() {
             return Err(BuildError::Usage("empty build command".into()));
         }
+        check_configured(&opts)?;
+        check_workdir_base(&opts.workdir)?;
         for d in [&opts.outdir, &opts.workdir] {
             std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
         }
+        opts.workdir = opts
+            .workdir
+            .canonicalize()
+            .map_err(|e| io(&opts.workdir, e))?;
+        for p in &mut opts.passthrough {
+            *p = abs(&opts.srcdir.join(&*p))?;
+        }
+        let lock = lock_workdir(&opts.workdir)?;
         let log = opts.workdir.join("build.log");
         let session = Session {
             deployed,
@@ -243,11 +355,92 @@ impl Session {
             originals: Vec::new(),
             backups: Vec::new(),
             log,
+            private: None,
+            fresh: false,
+            mismatched: Vec::new(),
+            _lock: lock,
         };
         let mut session = session;
         session.install_wrapper()?;
         session.recover_interrupted()?;
+        session.choose_isolation()?;
         Ok(session)
+    }
+
+    /// Sets up the private tree, or says loudly why the build runs in the tree itself.
+    fn choose_isolation(&mut self) -> Result<(), BuildError> {
+        if self.opts.isolation == Isolation::InPlace {
+            return Ok(());
+        }
+        let tree = &self.opts.srcdir;
+        let why = if self.opts.workdir.starts_with(tree) || tree.starts_with(&self.opts.workdir) {
+            Err(format!(
+                "the work directory {} overlaps the tree (choose one outside it with --workdir)",
+                self.opts.workdir.display()
+            ))
+        } else {
+            let mut p = PrivateTree::new(
+                tree,
+                &self.opts.workdir.join("tree"),
+                &self.opts.passthrough,
+            );
+            p.probe().map(|()| p)
+        };
+        match why {
+            Ok(p) => self.private = Some(p),
+            Err(why) => {
+                self.opts.isolation = Isolation::InPlace;
+                self.progress.note(&format!(
+                    "WARNING: building in the tree itself, not in a private copy: {why}. \
+                     Its sources are patched during the build and put back after, and its \
+                     programs are relinked (and put back)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the tree is seen through a private overlay.
+    pub fn is_private(&self) -> bool {
+        self.private.is_some()
+    }
+
+    /// Drops the private tree's changes and the kept assembly of earlier runs, once
+    /// per session (not for `--update`, which reuses them).
+    fn ensure_fresh(&mut self) -> Result<(), BuildError> {
+        if self.fresh {
+            return Ok(());
+        }
+        self.fresh = true;
+        if let Some(p) = &self.private {
+            p.reset()
+                .map_err(|e| io(&self.opts.workdir.join("tree"), e))?;
+        }
+        // Stale assembly of another run would be taken for this run's originals.
+        for d in ["asm", "original"] {
+            let _ = std::fs::remove_dir_all(self.opts.workdir.join(d));
+        }
+        let _ = std::fs::remove_file(&self.log);
+        Ok(())
+    }
+
+    /// Where livecare reads a file of the tree as the build left it (None: the build
+    /// deleted it, or it does not exist).
+    fn built_file(&self, path: &Path) -> Option<PathBuf> {
+        match &self.private {
+            Some(p) => p.built_file(path),
+            None => path.is_file().then(|| path.to_path_buf()),
+        }
+    }
+
+    /// A command run in the tree as the build sees it.
+    fn tree_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command, BuildError> {
+        let mut c = Command::new(program);
+        c.current_dir(&self.opts.srcdir);
+        if let Some(p) = &self.private {
+            p.enter(&mut c).map_err(BuildError::Usage)?;
+        }
+        Ok(c)
     }
 
     fn journal(&self) -> PathBuf {
@@ -257,6 +450,17 @@ impl Session {
     /// Puts back sources that an interrupted earlier run (killed while the diffs were
     /// applied) left patched, using its journal of backed-up files.
     fn recover_interrupted(&mut self) -> Result<(), BuildError> {
+        // Earlier versions kept their work files in OUTDIR/.livecare (livecare build)
+        // or SRCDIR/lpmake (libcare-patch-make).
+        for legacy in [
+            self.opts.outdir.join(".livecare"),
+            self.opts.srcdir.join("lpmake"),
+        ] {
+            let journal = legacy.join("applied.tsv");
+            if journal != self.journal() && journal.is_file() {
+                let _ = std::fs::rename(&journal, self.journal());
+            }
+        }
         let Ok(text) = std::fs::read_to_string(self.journal()) else {
             return Ok(());
         };
@@ -355,9 +559,8 @@ impl Session {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![bin.clone()];
         paths.extend(std::env::split_paths(&path));
-        let mut c = Command::new(&cmd[0]);
+        let mut c = self.tree_command(&cmd[0])?;
         c.args(&cmd[1..])
-            .current_dir(&self.opts.srcdir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log)
@@ -377,9 +580,9 @@ impl Session {
                 }
             }
         }
-        if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
-            c.env("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH);
-        }
+        // No SOURCE_DATE_EPOCH or other variable of our own: the environment must not
+        // change what the build makes (a build stamp would change the build-id). Only
+        // the touched units are compiled again, so __DATE__ elsewhere cannot differ.
         // Set even when empty: `libcare-cc` with no KPCC_PATCH_ARGS at all takes
         // LibCare's default (`--force-gotpcrel`), which `diff_args` decides here.
         if std::env::var_os("KPCC_PATCH_ARGS").is_none() {
@@ -455,22 +658,82 @@ impl Session {
                 }
             }
             for p in &s.opts.patches {
-                patch_cmd(scratch.path(), p)?;
+                let mut c = Command::new("patch");
+                c.current_dir(scratch.path());
+                patch_cmd(c, scratch.path(), p)?;
             }
             Ok(((), format!("{} patch(es) apply", s.opts.patches.len())))
         })
     }
 
-    /// Runs the clean command.
+    /// Runs the clean command (in the private tree: nothing real is deleted).
     pub fn clean(&mut self) -> Result<(), BuildError> {
+        self.ensure_fresh()?;
         let cmd = self.opts.clean_cmd.clone();
         self.step(Step::Clean, |s| {
-            s.run_build("configure", &cmd).map(|()| ((), String::new()))
+            let had = s.has_makefile();
+            s.run_build("configure", &cmd)?;
+            if had && !s.has_makefile() && is_plain_make(&s.opts.build_cmd) {
+                return Err(BuildError::CleanRemovedMakefile { cmd: cmd.join(" ") });
+            }
+            Ok(((), String::new()))
         })
+    }
+
+    /// Whether the build's view of the tree has a makefile at its top.
+    fn has_makefile(&self) -> bool {
+        MAKEFILES.iter().any(|m| match &self.private {
+            Some(p) => p.visible(Path::new(m)),
+            None => self.opts.srcdir.join(m).exists(),
+        })
+    }
+
+    /// Makes the C/C++ files the diffs change newer than their objects, so that the
+    /// original build compiles them through the wrapper even in a tree that is already
+    /// built. In the private tree only the copy is touched (the tree's own timestamps
+    /// stay); in place, the tree's files (they are put back with new times anyway).
+    fn touch_changed(&mut self) -> Result<Vec<PathBuf>, BuildError> {
+        let files: Vec<PathBuf> = self
+            .touched_files()?
+            .into_iter()
+            .filter(|rel| is_c_family(rel) && self.opts.srcdir.join(rel).is_file())
+            .collect();
+        if files.is_empty() {
+            return Ok(files);
+        }
+        if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+            for rel in &files {
+                let text = std::fs::read(self.opts.srcdir.join(rel)).unwrap_or_default();
+                let text = String::from_utf8_lossy(&text);
+                if ["__DATE__", "__TIME__", "__TIMESTAMP__"]
+                    .iter()
+                    .any(|m| text.contains(m))
+                {
+                    self.progress.note(&format!(
+                        "WARNING: {} uses __DATE__/__TIME__: each compile of it differs, so \
+                         its program relinked now will not match one built earlier, and the \
+                         functions using them are patched too; set SOURCE_DATE_EPOCH as the \
+                         tree's own build did to avoid this",
+                        rel.display()
+                    ));
+                }
+            }
+        }
+        let mut c = self.tree_command("touch")?;
+        c.arg("-c").arg("--").args(&files).stdin(Stdio::null());
+        let out = c.output().map_err(|e| io(Path::new("touch"), e))?;
+        if !out.status.success() {
+            return Err(BuildError::Usage(format!(
+                "touch in the build tree failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(files)
     }
 
     /// Builds the original tree through the wrapper and keeps every linked output.
     pub fn build_original(&mut self) -> Result<Vec<OriginalOutput>, BuildError> {
+        self.ensure_fresh()?;
         let cmd = self.opts.build_cmd.clone();
         self.step(Step::Original, |s| {
             for f in [
@@ -480,6 +743,7 @@ impl Session {
             ] {
                 let _ = std::fs::remove_file(f);
             }
+            let touched = s.touch_changed()?;
             // Coarse file clocks may stamp a file slightly before this instant.
             let started = std::time::SystemTime::now() - std::time::Duration::from_millis(100);
             s.run_build("original", &cmd)?;
@@ -488,6 +752,11 @@ impl Session {
                 if !compiled_since(&s.opts.workdir.join("asm"), started) {
                     return Err(BuildError::AlreadyBuilt {
                         cmd: cmd.join(" "),
+                        touched: touched
+                            .iter()
+                            .map(|t| t.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         log: s.log.clone(),
                     });
                 }
@@ -495,7 +764,15 @@ impl Session {
             }
             let mut originals = Vec::new();
             for path in linked {
-                let data = pipeline::read_file(&path)?;
+                // Configure-style probe programs are linked and deleted again.
+                let Some(file) = s.built_file(&path) else {
+                    tracing::debug!(
+                        "{} was linked but no longer exists (a probe program?): ignored",
+                        path.display()
+                    );
+                    continue;
+                };
+                let data = pipeline::read_file(&file)?;
                 let build_id = match pipeline::build_id(&path, &data) {
                     Ok(id) => id,
                     Err(e) => {
@@ -510,7 +787,7 @@ impl Session {
                     std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
                 }
                 // A copy keeps the file mode (the original is an executable).
-                std::fs::copy(&path, &stash).map_err(|e| io(&stash, e))?;
+                std::fs::copy(&file, &stash).map_err(|e| io(&stash, e))?;
                 originals.push(OriginalOutput {
                     path,
                     stash,
@@ -519,6 +796,7 @@ impl Session {
             }
             s.originals = originals.clone();
             s.save_originals()?;
+            s.match_tree()?;
             let n = originals.len();
             Ok((originals, format!("{n} linked output(s)")))
         })
@@ -559,6 +837,66 @@ impl Session {
         Ok(self.originals.clone())
     }
 
+    /// Checks the relinked outputs against the tree's own copies (a tree that was
+    /// already built): a patch is only useful for the binary the tree holds. An
+    /// output that differs gets no patch; if it is a `--target`, or every output
+    /// differs, the build stops and says what differs.
+    fn match_tree(&mut self) -> Result<(), BuildError> {
+        if self.private.is_none() {
+            return Ok(());
+        }
+        self.mismatched.clear();
+        let mut errors = Vec::new();
+        for o in &self.originals {
+            if !o.path.starts_with(&self.opts.srcdir) || !o.path.is_file() {
+                continue;
+            }
+            let Ok(data) = pipeline::read_file(&o.path) else {
+                continue;
+            };
+            let Ok(tree_id) = pipeline::build_id(&o.path, &data) else {
+                continue;
+            };
+            if tree_id == o.build_id {
+                continue;
+            }
+            let built = pipeline::read_file(&o.stash)?;
+            let why = crate::deployed::differences(&data, &built);
+            let differences = if has_coverage_counters(&built) {
+                "It is coverage-instrumented (gcov): every compile stamps its coverage \
+                 records anew, so no rebuild has the tree's build-id; patch the \
+                 uninstrumented program instead."
+                    .to_string()
+            } else if why.is_empty() {
+                "No difference in code sizes or compiler version (the source, a flag or a \
+                 build stamp differs)."
+                    .to_string()
+            } else {
+                format!("Differences (tree vs rebuilt): {}.", why.join("; "))
+            };
+            let err = BuildError::NotTheTreesBuild {
+                output: o.path.clone(),
+                tree: tree_id,
+                built: o.build_id.clone(),
+                differences,
+                log: self.log.clone(),
+            };
+            if self.opts.targets.contains(&o.path) {
+                return Err(err);
+            }
+            self.mismatched.push(o.path.clone());
+            errors.push(err);
+        }
+        if !errors.is_empty() && self.mismatched.len() == self.originals.len() {
+            return Err(errors.remove(0));
+        }
+        for err in errors {
+            self.progress
+                .note(&format!("WARNING: no patch will be made for it: {err}"));
+        }
+        Ok(())
+    }
+
     /// Checks every deployed `--target` against the original stage's outputs and
     /// narrows the patches to the outputs they match; fails saying what differs.
     pub fn match_deployed(&mut self) -> Result<(), BuildError> {
@@ -575,8 +913,20 @@ impl Session {
         Ok(())
     }
 
-    /// Applies the diffs to the tree, keeping copies of the files they touch.
+    /// Applies the diffs to the private tree, or (in place) to the tree, keeping
+    /// copies of the files they touch.
     pub fn apply_patches(&mut self) -> Result<(), BuildError> {
+        if let Some(p) = self.private.clone() {
+            return self.step(Step::ApplyPatches, |s| {
+                // From the tree's own sources (an `--update` reuses the private tree).
+                let touched = s.touched_files()?;
+                p.revert(&touched).map_err(|e| io(&p.upper(), e))?;
+                for patch in s.opts.patches.clone() {
+                    patch_cmd(s.tree_command("patch")?, &s.opts.srcdir, &patch)?;
+                }
+                Ok(((), format!("{} file(s) changed", touched.len())))
+            });
+        }
         self.step(Step::ApplyPatches, |s| {
             let backup = s.opts.workdir.join("backup");
             let _ = std::fs::remove_dir_all(&backup);
@@ -606,7 +956,7 @@ impl Session {
                 .collect();
             std::fs::write(s.journal(), journal).map_err(|e| io(&s.journal(), e))?;
             for p in s.opts.patches.clone() {
-                patch_cmd(&s.opts.srcdir, &p)?;
+                patch_cmd(s.tree_command("patch")?, &s.opts.srcdir, &p)?;
             }
             Ok(((), format!("{} file(s) changed", s.backups.len())))
         })
@@ -648,6 +998,16 @@ impl Session {
             if !self.opts.targets.is_empty() && !self.opts.targets.contains(path) {
                 continue;
             }
+            let Some(file) = self.built_file(path) else {
+                tracing::debug!(
+                    "{} was linked but no longer exists (a probe program?): ignored",
+                    path.display()
+                );
+                continue;
+            };
+            if self.mismatched.contains(path) {
+                continue;
+            }
             let Some(orig) = originals.get(path) else {
                 self.progress.note(&format!(
                     "{} was not linked by the original build; skipped",
@@ -655,13 +1015,13 @@ impl Session {
                 ));
                 continue;
             };
-            let data = pipeline::read_file(path)?;
-            let Some(functions) = pipeline::patched_functions(path, &data)? else {
+            let data = pipeline::read_file(&file)?;
+            let Some(functions) = pipeline::patched_functions(&file, &data)? else {
                 continue;
             };
             let scratch = self.opts.workdir.join("kpatch").join(&orig.build_id);
             let (bid, bytes) =
-                pipeline::make_kpatch(&orig.stash, path, self.opts.patch_id.as_deref(), &scratch)?;
+                pipeline::make_kpatch(&orig.stash, &file, self.opts.patch_id.as_deref(), &scratch)?;
             let out = self.opts.outdir.join(format!("{bid}.kpatch"));
             made.push((
                 MadePatch {
@@ -747,6 +1107,17 @@ impl Session {
 
     /// Puts the original source (and, if asked, the original binaries) back.
     pub fn restore(&mut self) -> Result<(), BuildError> {
+        if let Some(p) = self.private.clone() {
+            // The tree was never changed. The private tree goes back to the tree's own
+            // sources (for an `--update`), and outputs the tree lacks (it was never
+            // built) are put there: they are what the patches are for.
+            p.revert(&self.touched_files()?)
+                .map_err(|e| io(&p.upper(), e))?;
+            if self.opts.restore_outputs {
+                self.add_missing_outputs()?;
+            }
+            return Ok(());
+        }
         if self.backups.is_empty() {
             return Ok(());
         }
@@ -754,6 +1125,80 @@ impl Session {
             s.restore_files()?;
             Ok(((), String::new()))
         })
+    }
+
+    /// Copies the original outputs that do not exist in the tree into it, with the
+    /// build's symlinks to them (`libx.so.1 -> libx.so.1.0`); never over an existing
+    /// file.
+    fn add_missing_outputs(&mut self) -> Result<(), BuildError> {
+        let Some(p) = &self.private else {
+            return Ok(());
+        };
+        let mut added = Vec::new();
+        for o in &self.originals {
+            let Ok(rel) = o.path.strip_prefix(&self.opts.srcdir) else {
+                continue;
+            };
+            if std::fs::symlink_metadata(&o.path).is_ok() {
+                continue;
+            }
+            let Some(dir) = o.path.parent() else {
+                continue;
+            };
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            let tmp = o.path.with_extension("livecare-new");
+            std::fs::copy(&o.stash, &tmp).map_err(|e| io(&tmp, e))?;
+            std::fs::rename(&tmp, &o.path).map_err(|e| io(&o.path, e))?;
+            added.push(o.path.display().to_string());
+            let built = p.upper().join(rel);
+            let (Some(built_dir), Ok(built)) = (built.parent(), built.canonicalize()) else {
+                continue;
+            };
+            for e in std::fs::read_dir(built_dir).into_iter().flatten().flatten() {
+                let link = dir.join(e.file_name());
+                let Ok(target) = std::fs::read_link(e.path()) else {
+                    continue;
+                };
+                if e.path().canonicalize().ok().as_ref() == Some(&built)
+                    && std::fs::symlink_metadata(&link).is_err()
+                {
+                    std::os::unix::fs::symlink(&target, &link).map_err(|e| io(&link, e))?;
+                    added.push(link.display().to_string());
+                }
+            }
+        }
+        if !added.is_empty() {
+            self.progress.note(&format!(
+                "the tree had not been built: put the original build's {} there",
+                added.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes the bulky work files of a successful build (the patches are in the
+    /// output directory and the tree is untouched), unless they are kept for an
+    /// `--update`; the log and the wrapper scripts stay. Only livecare's own files go:
+    /// `--workdir` may name a directory with others.
+    fn drop_work_files(&mut self) {
+        if self.opts.keep_work {
+            return;
+        }
+        if let Some(p) = &self.private {
+            p.remove();
+        }
+        let w = &self.opts.workdir;
+        for d in ["asm", "kpatch", "original", "backup"] {
+            let _ = std::fs::remove_dir_all(w.join(d));
+        }
+        for f in [
+            "links.original",
+            "links.patched",
+            "changes.log",
+            "originals.tsv",
+        ] {
+            let _ = std::fs::remove_file(w.join(f));
+        }
     }
 
     fn restore_files(&mut self) -> Result<(), BuildError> {
@@ -804,6 +1249,7 @@ impl Session {
         let restored = self.restore();
         let made = result?;
         restored?;
+        self.drop_work_files();
         Ok(made)
     }
 }
@@ -814,6 +1260,127 @@ impl Drop for Session {
             let _ = self.restore_files();
         }
     }
+}
+
+/// Locks the work directory for this session: two builds of one tree at once would
+/// share (and wipe) each other's work files.
+fn lock_workdir(workdir: &Path) -> Result<File, BuildError> {
+    use std::os::fd::AsRawFd;
+    let path = workdir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(BuildError::Usage(format!(
+            "another livecare build is using the work directory {} (a build of the same \
+             tree): wait for it to end, or give this one its own --workdir",
+            workdir.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// The names GNU make looks for.
+const MAKEFILES: [&str; 3] = ["GNUmakefile", "makefile", "Makefile"];
+
+/// Whether the build command is `make` reading the tree's top-level makefile.
+fn is_plain_make(cmd: &[String]) -> bool {
+    let Some(first) = cmd.first() else {
+        return false;
+    };
+    matches!(
+        Path::new(first).file_name().and_then(|n| n.to_str()),
+        Some("make" | "gmake")
+    ) && !cmd[1..].iter().any(|a| {
+        a == "-f"
+            || a == "-C"
+            || a.starts_with("--file")
+            || a.starts_with("--directory")
+            || a.starts_with("--makefile")
+            || (a.starts_with("-f") || a.starts_with("-C")) && !a.starts_with("--")
+    })
+}
+
+/// A fresh tree that needs its configure step before `make`: say so before building.
+fn check_configured(opts: &Options) -> Result<(), BuildError> {
+    let dir = &opts.srcdir;
+    if !is_plain_make(&opts.build_cmd) || MAKEFILES.iter().any(|m| dir.join(m).exists()) {
+        return Ok(());
+    }
+    let script = if dir.join("configure").is_file() {
+        "./configure"
+    } else if dir.join("auto/configure").is_file() {
+        "./auto/configure"
+    } else if dir.join("CMakeLists.txt").is_file() {
+        "cmake ."
+    } else {
+        return Ok(());
+    };
+    Err(BuildError::NotConfigured {
+        srcdir: dir.clone(),
+        script: script.into(),
+    })
+}
+
+/// The default work directories live in a shared directory (`/var/tmp`): refuse one
+/// that another user made, or a symlink planted there.
+fn check_workdir_base(workdir: &Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::MetadataExt;
+    let base = workdir_base();
+    if !workdir.starts_with(&base) {
+        return Ok(());
+    }
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&base) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(io(&base, e));
+        }
+    }
+    let m = std::fs::symlink_metadata(&base).map_err(|e| io(&base, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(BuildError::Usage(format!(
+            "{} is not a private directory of this user (a symlink, or someone else's): \
+             remove it, or choose a work directory with --workdir",
+            base.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether an ELF file carries gcov's coverage counters.
+fn has_coverage_counters(data: &[u8]) -> bool {
+    use object::{Object, ObjectSymbol};
+    object::File::parse(data).is_ok_and(|f| {
+        f.symbols()
+            .any(|s| s.name().is_ok_and(|n| n.starts_with("__gcov_")))
+    })
+}
+
+/// C and C++ sources and headers: the files whose change makes the build compile.
+fn is_c_family(rel: &Path) -> bool {
+    rel.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        matches!(
+            e,
+            "c" | "h"
+                | "cc"
+                | "cpp"
+                | "cxx"
+                | "c++"
+                | "C"
+                | "hh"
+                | "hpp"
+                | "hxx"
+                | "inc"
+                | "def"
+                | "tbl"
+        )
+    })
 }
 
 /// `p` quoted for `sh`: in single quotes, each `'` written as `'\''`.
@@ -868,9 +1435,8 @@ fn wrapped_compiler(user: Option<&str>, script: &Path, bin: &Path) -> (String, O
     (cc, Some(real))
 }
 
-/// Applies one diff in `dir`.
-fn patch_cmd(dir: &Path, patch: &Path) -> Result<(), BuildError> {
-    let mut c = Command::new("patch");
+/// Applies one diff with `c` (`patch`, run in `dir`).
+fn patch_cmd(mut c: Command, dir: &Path, patch: &Path) -> Result<(), BuildError> {
     c.args([
         "-p1",
         "--forward",
@@ -881,7 +1447,7 @@ fn patch_cmd(dir: &Path, patch: &Path) -> Result<(), BuildError> {
         "-i",
     ])
     .arg(patch)
-    .current_dir(dir);
+    .stdin(Stdio::null());
     let out = c.output().map_err(|e| io(Path::new("patch"), e))?;
     if !out.status.success() {
         return Err(BuildError::PatchDoesNotApply {
@@ -1026,20 +1592,24 @@ mod tests {
              --- /dev/null\n+++ b/new.c\n@@ -0,0 +1 @@\n+int n;\n",
         )
         .unwrap();
-        let opts = Options::new(
+        let mut opts = Options::new(
             &tree,
             vec![diff],
             &dir.path().join("out"),
             Path::new("/bin/true"),
         );
+        // The journal only exists for builds in the tree itself.
+        opts.isolation = Isolation::InPlace;
+        opts.workdir = dir.path().join("work");
         let mut s = Session::new(opts.clone(), Progress::new(crate::Style::Quiet)).unwrap();
         s.apply_patches().unwrap();
         assert!(std::fs::read_to_string(tree.join("a.c"))
             .unwrap()
             .contains("return 2"));
         assert!(tree.join("new.c").exists());
-        // Killed here: no Drop, no restore.
-        std::mem::forget(s);
+        // Killed here: no restore (only the lock goes, as with a killed process).
+        s.backups.clear();
+        drop(s);
         let _s = Session::new(opts, Progress::new(crate::Style::Quiet)).unwrap();
         assert!(std::fs::read_to_string(tree.join("a.c"))
             .unwrap()

@@ -215,11 +215,13 @@ fn livecare_build_patches_static_and_shared_library_code_of_a_running_program() 
 fn an_output_directory_with_quotes_and_command_substitution_runs_nothing() {
     let tree = Scratch::new().unwrap();
     tree.copy_fixture("build-make").unwrap();
-    // The wrapper scripts in OUTDIR/.livecare/bin (and `CC`, which make pastes into
-    // shell commands) must keep this a path: a `'` ends an unescaped quote, and the
-    // `$(…)` would run.
+    // The wrapper scripts in WORKDIR/bin (and `CC`, which make pastes into shell
+    // commands) must keep this a path: a `'` ends an unescaped quote, and the `$(…)`
+    // would run.
     let marker = tree.join("ran");
     let outdir = tree.join(format!("out 'x' $(touch {})", marker.display()));
+    let work = Scratch::new().unwrap();
+    let workdir = work.join(format!("work 'x' $(touch {})", marker.display()));
     let text = ok(
         livecare_in(
             tree.path(),
@@ -227,6 +229,8 @@ fn an_output_directory_with_quotes_and_command_substitution_runs_nothing() {
                 "build",
                 "-o",
                 outdir.to_str().unwrap(),
+                "--workdir",
+                workdir.to_str().unwrap(),
                 "--clean",
                 "fix.diff",
             ],
@@ -238,7 +242,7 @@ fn an_output_directory_with_quotes_and_command_substitution_runs_nothing() {
         "the output directory's name was run:\n{text}"
     );
     assert_eq!(kpatch_files(&outdir).len(), 2, "{text}");
-    let script = std::fs::read_to_string(outdir.join(".livecare/bin/cc")).unwrap();
+    let script = std::fs::read_to_string(workdir.join("bin/cc")).unwrap();
     assert!(script.contains("'\\''x'\\''"), "{script}");
     check_make_fixture_live(tree.path(), &outdir);
 }

@@ -196,13 +196,17 @@ fn demo(root: &Path) -> Result<()> {
         ),
     );
     session.check_patches()?;
-    session.build_original()?;
+    let originals = session.build_original()?;
     // Run an installed copy, as an operator runs an installed binary while its build
     // tree is reused for the patch.
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin)?;
     let exe = bin.join("demo");
-    std::fs::copy(src.join("demo"), &exe)?;
+    let built = originals
+        .iter()
+        .find(|o| o.path.ends_with("demo"))
+        .context("the original build made no demo program")?;
+    std::fs::copy(&built.stash, &exe)?;
 
     say(2, "starting it: it prints a greeting five times a second");
     let mut target = Target::start(&exe)?;

@@ -91,7 +91,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let mut opts = Options::new(&srcdir, patches, &patchroot, &tool);
-    opts.workdir = srcdir.join("lpmake");
+    // The work files stay outside the tree (a private copy of the tree is built); the
+    // install trees in the tree are written through to it, as LibCare leaves them.
+    opts.passthrough = [&original_dir, &patched_dir]
+        .into_iter()
+        .filter(|d| d.starts_with(&srcdir))
+        .cloned()
+        .collect();
+    // `-u` reuses the original build.
+    opts.keep_work = true;
     opts.patch_id = args.id;
     // LibCare's libcare-cc default when KPCC_PATCH_ARGS is unset (see `cc`).
     opts.diff_args = super::cc::LIBCARE_PATCH_ARGS.into();
