@@ -104,7 +104,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // LibCare's libcare-cc default when KPCC_PATCH_ARGS is unset (see `cc`).
     opts.diff_args = super::cc::LIBCARE_PATCH_ARGS.into();
     // As LibCare: each stage is installed (`make install DESTDIR=…`, or the variable
-    // -d names) into LPMAKE_ORIGINAL_DIR or LPMAKE_PATCHED_DIR.
+    // -d names) into LPMAKE_ORIGINAL_DIR or LPMAKE_PATCHED_DIR; a project without an
+    // install rule (which LibCare refuses) is built all the same.
     // Plain `make` as LibCare runs it: a project's Makefile need not be -j safe (the
     // suite's are not: a program and its library have no dependency between them).
     let var = args.destdir.unwrap_or_else(|| "DESTDIR".into());
@@ -112,7 +113,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "sh".into(),
         "-c".into(),
         format!(
-            "make{makefile} && if [ \"$KPATCH_STAGE\" = original ]; then \
+            "make{makefile} && if ! make{makefile} -n install >/dev/null 2>&1; then :; \
+             elif [ \"$KPATCH_STAGE\" = original ]; then \
              make{makefile} install {var}=\"$LPMAKE_ORIGINAL_DIR\"; else \
              make{makefile} install {var}=\"$LPMAKE_PATCHED_DIR\"; fi"
         ),
