@@ -85,6 +85,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         act.sa_sigaction = on_sigterm as extern "C" fn(libc::c_int) as usize;
         act.sa_flags = libc::SA_RESTART;
         libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut());
+        // A client that goes away before its reply is written must not end the server.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let mut storage = args.storage;
     for conn in listener.incoming() {
@@ -188,11 +190,16 @@ fn ctl_here(args: &[&str]) {
     let mut argv: Vec<std::ffi::OsString> = vec!["libcare-ctl".into()];
     argv.extend(args.iter().map(Into::into));
     let outcome = std::panic::catch_unwind(|| crate::multicall::dispatch(argv));
-    match outcome {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("error: {e:#}"),
-        Err(_) => eprintln!("error: livecare failed internally (see above); the server goes on"),
-    }
+    // Not eprintln!: it panics when the client has gone away.
+    let mut err = std::io::stderr();
+    let _ = match outcome {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => writeln!(err, "error: {e:#}"),
+        Err(_) => writeln!(
+            err,
+            "error: livecare failed internally (see above); the server goes on"
+        ),
+    };
 }
 
 /// Runs `f` with our stdout and stderr on `conn` (the reply), as LibCare does.
