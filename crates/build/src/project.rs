@@ -1557,7 +1557,9 @@ pub fn diff_paths(diff: &str) -> Vec<PathBuf> {
         else {
             continue;
         };
-        let name = rest.split('\t').next().unwrap_or("").trim();
+        // As GNU patch reads an unquoted name: up to the first blank (a timestamp may
+        // follow after spaces, not only after a tab: LibCare's test diffs do that).
+        let name = rest.split([' ', '\t']).next().unwrap_or("").trim();
         if name == "/dev/null" || name.is_empty() {
             continue;
         }

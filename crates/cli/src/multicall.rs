@@ -16,6 +16,8 @@ pub const TOOL_NAMES: &[&str] = &[
     "kpatch_gensrc",
     "kpatch_strip",
     "kpatch_make",
+    "libcare-client",
+    "libcare-server",
 ];
 
 /// Native command line.
@@ -67,6 +69,15 @@ enum Command {
     PatchMake(cmd::patch_make::Args),
     /// Measure pause time, call overhead and gensrc throughput.
     Bench(cmd::bench::Args),
+    /// Serve LibCare's socket protocol (libcare-ctl server): commands and start-up patching.
+    Server(cmd::server::Args),
+    /// Send one command to a server (libcare-client): [/SOCKET] CMD [ARG...].
+    #[command(disable_help_flag = true)]
+    Client {
+        /// Socket (when it starts with `/`), command and arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 /// `libcare-ctl [-v] [-h] <cmd>`.
@@ -94,6 +105,22 @@ enum CtlCommand {
     /// List applied patches.
     #[command(alias = "info-user")]
     Info(cmd::info::Args),
+    /// Listen on a Unix socket for commands: SOCK [STORAGE ROOT].
+    Server(cmd::server::Args),
+}
+
+/// `libcare-server [-v] SOCK [STORAGE ROOT]` (LibcarePlus' server).
+#[derive(Parser, Debug)]
+#[command(
+    name = "libcare-server",
+    about = "Listen on a Unix socket for LibCare commands and start-up notifications"
+)]
+struct ServerCli {
+    /// Verbose output.
+    #[arg(short, long)]
+    verbose: bool,
+    #[command(flatten)]
+    args: cmd::server::Args,
 }
 
 // A standalone tool whose flags are one `Args` struct (no doc comment: clap would show it as `about`).
@@ -147,9 +174,15 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                 CtlCommand::Patch(a) => cmd::patch::run(a, face),
                 CtlCommand::Unpatch(a) => cmd::unpatch::run(a, face),
                 CtlCommand::Info(a) => cmd::info::run(a, face),
+                CtlCommand::Server(a) => cmd::server::run(a),
             },
             Err(e) => exit_on_usage(e),
         },
+        "libcare-server" => match ServerCli::try_parse_from(args) {
+            Ok(cli) => cmd::server::run(cli.args),
+            Err(e) => exit_on_usage(e),
+        },
+        "libcare-client" => cmd::client::run("libcare-client", args.into_iter().skip(1).collect()),
         "libcare-cc" => cmd::cc::run_as(args.into_iter().skip(1).collect(), face),
         "libcare-patch-make" => match parse_as::<cmd::patch_make::Args>("libcare-patch-make", args)
         {
@@ -165,7 +198,7 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Err(e) => exit_on_usage(e),
         },
         "kpatch_make" => match parse_as::<cmd::make::Args>("kpatch_make", args) {
-            Ok(a) => cmd::make::run(a),
+            Ok(a) => cmd::make::run_as_kpatch_make(a),
             Err(e) => exit_on_usage(e),
         },
         _ => match Cli::try_parse_from(args) {
@@ -185,6 +218,8 @@ pub fn dispatch(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                 Command::Cc { args } => cmd::cc::run(args),
                 Command::PatchMake(a) => cmd::patch_make::run(a),
                 Command::Bench(a) => cmd::bench::run(a),
+                Command::Server(a) => cmd::server::run(a),
+                Command::Client { args } => cmd::client::run("livecare client", args),
             },
             Err(e) => exit_on_usage(e),
         },
@@ -199,5 +234,6 @@ mod tests {
     fn native_cli_is_well_formed() {
         Cli::command().debug_assert();
         CtlCli::command().debug_assert();
+        ServerCli::command().debug_assert();
     }
 }

@@ -278,9 +278,10 @@ fn libcare_patch_make_prints_libcare_banners_and_fills_patchroot() {
     assert!(at("BUILDING PATCHED CODE") < at("MAKING PATCHES"));
     let first = kpatch_files(&tree.join("patchroot"));
     assert_eq!(first.len(), 2);
-    // -d DESTDIR: each stage installs into lpmake/install/<stage>.
-    for stage in ["original", "patched"] {
-        let installed = tree.join(format!("lpmake/install/{stage}/usr/bin/prog"));
+    // -d DESTDIR: as LibCare, the original stage installs into lpmake/, the patched
+    // one into .lpmaketmp/patched/.
+    for dir in ["lpmake", ".lpmaketmp/patched"] {
+        let installed = tree.join(format!("{dir}/usr/bin/prog"));
         assert!(installed.is_file(), "{text}");
     }
     assert_sources_restored(

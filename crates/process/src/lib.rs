@@ -24,7 +24,7 @@ mod warm;
 pub use arch::Regs;
 pub use bytes::Bytes;
 pub use error::Error;
-pub use launch::launch_at_entry;
+pub use launch::{follow_exec_to_entry, launch_at_entry};
 pub use maps::{auxv, read_maps, read_proc_file, MapEntry, AT_ENTRY, AT_PHDR};
 pub use mem::RemoteMemory;
 pub use objects::{loaded_objects, ElfKind, LoadedObject};

@@ -45,9 +45,10 @@ pub struct Args {
     /// Output file [default: <BUILDID>.kpatch in the current directory, the name a patch directory uses].
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: Option<PathBuf>,
-    /// Header layout.
-    #[arg(long = "format", value_enum, default_value = "libcareplus")]
-    pub format: Format,
+    /// Header layout [default: libcareplus; under the name kpatch_make: libcare without
+    /// -i (LibCare's kpatch_make has no patch id), libcareplus with -i].
+    #[arg(long = "format", value_enum)]
+    pub format: Option<Format>,
     /// Leave header.csum 0, as LibCare and LibcarePlus do (by default it holds the ELF's
     /// CRC-32, which `livecare` verifies before using a patch).
     #[arg(long = "no-csum")]
@@ -55,6 +56,20 @@ pub struct Args {
     /// The relocatable patch ELF (output of `kpatch_strip --undo-link`).
     #[arg(value_name = "IN")]
     pub input: PathBuf,
+}
+
+/// Runs `kpatch_make` under its LibCare name: with no `--format`, the layout the call
+/// implies: LibcarePlus' when it gives a patch id (`-i`, LibcarePlus' option), else
+/// LibCare's, which LibCare's own `libcare-ctl` requires.
+pub fn run_as_kpatch_make(mut args: Args) -> anyhow::Result<ExitCode> {
+    if args.format.is_none() {
+        args.format = Some(if args.patch_id.is_some() {
+            Format::Libcareplus
+        } else {
+            Format::Libcare
+        });
+    }
+    run(args)
 }
 
 /// Runs `kpatch_make`.
@@ -66,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(PatchId::parse)
         .transpose()
         .context("bad -i")?;
-    let layout = Layout::from(args.format);
+    let layout = Layout::from(args.format.unwrap_or(Format::Libcareplus));
     let elf =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let build_time = build_time()?;

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod cc;
+pub mod client;
 pub mod demo;
 pub mod gensrc;
 pub mod info;
@@ -13,6 +14,7 @@ pub mod patch;
 pub mod patch_make;
 pub mod repair;
 pub mod run;
+pub mod server;
 pub mod strip;
 pub mod unpatch;
 
