@@ -172,12 +172,25 @@ impl<'a> PatchElf<'a> {
                         ts.sh_size(e)
                     )));
                 }
+                let r_type = r.r_type(e, false);
+                let mut addend = r.r_addend(e);
+                let s = syms[sym].1;
+                if r_type == elf::R_X86_64_GOTTPOFF
+                    && s.st_shndx(e) != elf::SHN_UNDEF
+                    && s.st_type() == elf::STT_TLS
+                {
+                    // LibCare's and LibcarePlus' kpatch_strip store, in the addend of a
+                    // GOTTPOFF against a variable of the object, the offset of the
+                    // object's own TPOFF64 GOT slot. The field always ends its
+                    // instruction (-4); the variable's slot here holds the same offset.
+                    addend = -4;
+                }
                 relocs.push(Reloc {
                     target_sec: target,
                     offset,
-                    r_type: r.r_type(e, false),
+                    r_type,
                     sym,
-                    addend: r.r_addend(e),
+                    addend,
                 });
             }
         }

@@ -314,6 +314,103 @@ fn library_patch_reads_static_initial_exec_tls_variable_of_the_library() -> Resu
     round_trip(&exe, &[], &patch.path, "exe=1 lib=1", "exe=1 lib=42")
 }
 
+/// Issue 18 (format interop): LibCare's and LibcarePlus' kpatch_strip leave a library
+/// patch's access to a `static __thread` variable as `R_X86_64_GOTTPOFF` against the
+/// variable, with the library's own TPOFF64 GOT slot offset as the addend (their
+/// appliers add the load base and subtract 4). livecare took that addend for a pc bias
+/// and pointed the load 16 KiB past its slot: the target died of SIGSEGV on its first
+/// call (their suites' `tls_shared`). The patch of the test above, rewritten to that
+/// form, must apply, run and unpatch.
+#[test]
+fn library_patch_in_libcare_form_reads_static_tls_variable_of_the_library() -> Result<()> {
+    let s = Scratch::new()?;
+    let flags = Flags {
+        opt: "-O2".into(),
+        force_gotpcrel: true,
+        extra: vec!["-ftls-model=initial-exec".into()],
+        ..Flags::default()
+    };
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("scenario-lib"),
+        s.path(),
+        flags,
+    )?;
+    let lib = b.library("lib-static-tls.c", "scen")?;
+    let exe = b.executable("orig.c", "libprog", &[&lib])?;
+    let patch = b.patch(&lib, "lib-static-tls-patched.c", "0001")?;
+    let forged = s.join("libcare-form.kpatch");
+    std::fs::write(&forged, libcare_gottpoff(&patch.path, &lib.path, b"lib_s")?)?;
+    round_trip(&exe, &[], &forged, "exe=1 lib=1", "exe=1 lib=42")
+}
+
+/// `patch` with its load of `var`'s TLS offset (our form: `PC32` against the library's
+/// `.got` reaching the TPOFF64 slot without a symbol) rewritten the way LibCare's
+/// kpatch_strip writes it: `GOTTPOFF` against `var`, addend = the slot's offset in the
+/// library. The CRC is recomputed (LibcarePlus layout, ours: at 144).
+fn libcare_gottpoff(patch: &Path, lib: &Path, var: &[u8]) -> Result<Vec<u8>> {
+    use anyhow::{ensure, Context};
+    use object::{Object as _, ObjectSection as _};
+    let ldata = std::fs::read(lib)?;
+    let lf = object::File::parse(&*ldata)?;
+    let got = lf
+        .section_by_name(".got")
+        .context("library .got")?
+        .address();
+    let rela = lf
+        .section_by_name(".rela.dyn")
+        .context("library .rela.dyn")?;
+    let rd = rela.data()?;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    // The variable is local: its slot's TPOFF64 (18) names symbol 0.
+    let slots: Vec<u64> = (0..rd.len() / 24)
+        .map(|k| (u64_at(rd, k * 24), u64_at(rd, k * 24 + 8)))
+        .filter(|&(_, info)| info == 18)
+        .map(|(off, _)| off)
+        .collect();
+    ensure!(slots.len() == 1, "TPOFF64 slots without symbol: {slots:x?}");
+    let slot = slots[0];
+
+    let mut b = std::fs::read(patch)?;
+    let pf = kpatch_file::PatchFile::parse(&b)?;
+    let view = pf.elf_view();
+    let elf = pf.header().kpatch_offset as usize;
+    let total = pf.header().total_size as usize;
+    let syms = &view.symtab().context("symtab")?.symbols;
+    let var_sym = syms
+        .iter()
+        .find(|s| s.name == var)
+        .context("variable symbol")?
+        .index as u64;
+    let got_sec = view.section_by_name(".got").context("patch .got")?.index;
+    let got_sym = syms
+        .iter()
+        .find(|s| s.shndx as usize == got_sec && s.info & 0xf == 3)
+        .context(".got section symbol")?
+        .index as u32;
+    let text = view
+        .section_by_name(".kpatch.text")
+        .context(".kpatch.text")?
+        .index;
+    let rel = view
+        .relocation_sections()
+        .iter()
+        .find(|r| r.target == text)
+        .context(".rela.kpatch.text")?;
+    let k = rel
+        .entries
+        .iter()
+        .position(|r| r.r_type == 2 && r.sym == got_sym && got as i64 + r.addend + 4 == slot as i64)
+        .context("the PC32 load of the variable's slot")?;
+    let at = elf + view.section(rel.section).context("rela")?.offset as usize + k * 24;
+    // R_X86_64_GOTTPOFF (22) against the variable, addend = the slot's offset.
+    b[at + 8..at + 16].copy_from_slice(&((var_sym << 32) | 22).to_le_bytes());
+    b[at + 16..at + 24].copy_from_slice(&(slot as i64).to_le_bytes());
+    let crc = kpatch_file::crc32(&b[elf..total]);
+    b[144..148].copy_from_slice(&crc.to_le_bytes());
+    Ok(b)
+}
+
 #[test]
 fn library_patch_calls_an_ifunc_of_the_library_itself() -> Result<()> {
     let s = Scratch::new()?;
