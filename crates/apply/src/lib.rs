@@ -304,18 +304,19 @@ pub fn apply_to_objects(
     if res.is_err() {
         // Patches rolled back in this call are retired: unmapped now if nothing
         // points into them, so a failed patch leaves nothing behind if it can.
-        reclaim_quietly(pid, opts);
+        reclaim_quietly(pid, opts, 1);
     }
     res
 }
 
-/// [`reclaim`], whose failure only means the retired regions stay (they are listed
-/// by `info`): it never fails the command that made them.
-fn reclaim_quietly(pid: Pid, opts: &Options) -> Reclaimed {
+/// [`reclaim`] once at least `at_least` regions are retired, whose failure only means
+/// the retired regions stay (they are listed by `info`): it never fails the command
+/// that made them.
+fn reclaim_quietly(pid: Pid, opts: &Options, at_least: usize) -> Reclaimed {
     if opts.hold {
         return Reclaimed::default();
     }
-    reclaim(pid, opts).unwrap_or_else(|e| {
+    reclaim::reclaim_from(pid, opts, at_least).unwrap_or_else(|e| {
         tracing::debug!("reclaiming retired regions: {e}");
         Reclaimed::default()
     })
