@@ -227,3 +227,60 @@ fn a_signal_handler_installed_by_an_unpatched_patch_keeps_its_region() -> Result
     alive(&mut t)?;
     Ok(())
 }
+
+/// Target of tests/fixtures/reclaim-race: a pointer into the patch keeps moving
+/// between a global and a thread's stack while livecare scans (see orig.c).
+fn build_race() -> Result<(Scratch, Object, Patch)> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("reclaim-race"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "race", &[])?;
+    let patch = b.patch(&exe, "patched.c", "race")?;
+    Ok((s, exe, patch))
+}
+
+/// A pointer into a removed patch that the program keeps moving while the reclaim's
+/// scan runs (it can be missed by a scan of the running process) still keeps the
+/// region: the confirming scan in the stop sees it. And the regions no pointer
+/// reaches are still reclaimed: after many cycles only a few stay retired.
+/// LIVECARE_CYCLES sets the number of cycles (default 24).
+#[test]
+fn a_pointer_moved_during_the_scan_keeps_its_region_and_the_others_are_reclaimed() -> Result<()> {
+    let cycles: usize = std::env::var("LIVECARE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let (_s, exe, patch) = build_race()?;
+    let mut t = Running::start(&exe.path, &[])?;
+    t.wait_for("tick hook=1 ", WAIT)?;
+    let pid = t.pid().to_string();
+    let mut most_retired = 0;
+    for cycle in 0..cycles {
+        (|| -> Result<()> {
+            ok(&lc(&["patch", "-p", &pid, p(&patch.path)]))?;
+            t.drain();
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            ok(&lc(&["unpatch", "-p", &pid]))?;
+            // The hook is called several times per tick: one tick after the unpatch,
+            // the region the pointer reaches has been called into again.
+            t.drain();
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            alive(&mut t)?;
+            most_retired = most_retired.max(retired(t.pid())?.len());
+            Ok(())
+        })()
+        .with_context(|| format!("cycle {cycle}"))?;
+    }
+    let left = retired(t.pid())?.len();
+    eprintln!("{cycles} cycles: at most {most_retired} retired region(s) at a time, {left} left");
+    ensure!(
+        most_retired <= 3,
+        "{most_retired} regions retired at once after {cycles} patches: unreferenced ones are never reclaimed"
+    );
+    Ok(())
+}
