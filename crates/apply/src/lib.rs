@@ -365,6 +365,7 @@ fn wait_for_memory_sharers(
 fn seize(pid: Pid, opts: &Options, fence: bool, action: &'static str) -> Result<ThreadSet, Error> {
     ThreadSet::refuse_stopped(pid)?;
     let mut threads = ThreadSet::seize(pid).map_err(|e| lock::explain_seize(pid, e))?;
+    threads.watch.label = action;
     wait_for_memory_sharers(&threads, action, Instant::now(), opts.timeout)?;
     threads.keep_cpus_warm(opts.spin_cpus);
     if fence {

@@ -772,22 +772,32 @@ pub(crate) fn reclaim_from(pid: Pid, opts: &Options, at_least: usize) -> Result<
     let keep = kept(retired.len(), &refs);
     // Nothing points into the others, and nothing can come to (a pointer cannot be
     // made from none): unmapped with the threads running again.
-    for (r, keep) in retired.iter().zip(keep) {
-        if keep {
-            out.kept.push(r.addr);
-            continue;
+    let (gone, stay): (Vec<_>, Vec<_>) = retired.iter().zip(keep).partition(|(_, k)| !k);
+    out.kept.extend(stay.iter().map(|(r, _)| r.addr));
+    let calls: Vec<crate::rsyscall::Call> = gone
+        .iter()
+        .map(|(r, _)| ("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0]))
+        .collect();
+    // All in one borrow of one thread: one stop of it, not one per region.
+    let results = match read_maps(pid)
+        .map_err(Error::from)
+        .and_then(|maps| crate::rsyscall::Stub::find(&threads, &mem, &maps))
+    {
+        Ok(stub) if !calls.is_empty() => stub.syscalls(&mut threads, &mem, &calls, &|_, _| true).0,
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::debug!("reclaim: no stub for the munmaps: {e}");
+            Vec::new()
         }
-        match crate::rsyscall::syscall(
-            &mut threads,
-            "munmap",
-            SYS_MUNMAP,
-            [r.addr, r.total_len, 0, 0, 0, 0],
-        ) {
-            Ok(_) => out.unmapped.push(r.addr),
-            Err(e) => {
+    };
+    for (i, (r, _)) in gone.iter().enumerate() {
+        match results.get(i) {
+            Some(Ok(_)) => out.unmapped.push(r.addr),
+            Some(Err(e)) => {
                 tracing::debug!(region = r.addr, "reclaim munmap failed: {e}");
                 out.kept.push(r.addr);
             }
+            None => out.kept.push(r.addr),
         }
     }
     threads.detach_all()?;
