@@ -400,16 +400,22 @@ fn scan_memory(mem: &RemoteMemory, t: &Targets, spans: &[Span], refs: &mut Refs)
 /// False when they could not all be read.
 fn scan_kernel(pid: Pid, dir: &str, t: &Targets, refs: &mut Refs) -> bool {
     let mut words = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("{dir}/fdinfo")) else {
+    let Ok(fds) = std::fs::read_dir(format!("{dir}/fd")) else {
         return false;
     };
-    let fds: Vec<_> = dir.flatten().collect();
+    let fds: Vec<_> = fds.flatten().collect();
     if fds.len() > FD_LIMIT {
         return false;
     }
     for fd in fds {
+        // Only epoll descriptors hold registrations: one readlink each, against an
+        // open, two reads and a close for its fdinfo (the stop's syscalls are slow).
         // An fd closed meanwhile holds nothing.
-        let Ok(text) = std::fs::read_to_string(fd.path()) else {
+        if !std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]") {
+            continue;
+        }
+        let info = format!("{dir}/fdinfo/{}", fd.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(info) else {
             continue;
         };
         for l in text.lines().filter(|l| l.starts_with("tfd:")) {
@@ -845,6 +851,23 @@ mod tests {
         // A stack pointer whose thread control block lies elsewhere: not its stack.
         let elsewhere = [(0x7070_0123, Some(0x9999_0000))];
         assert!(dead_stacks(&maps, &elsewhere).is_empty());
+    }
+
+    #[test]
+    fn the_stop_rescans_written_shared_and_live_stack_pages_only() {
+        let maps = vec![
+            map(0x5000_0000, 0x5001_0000, "rw-p", "[heap]"),
+            map(0x7ff0_0000, 0x7ff2_1000, "rw-p", "[stack]"),
+        ];
+        let d = Dirty::new(&maps, &[(0x7ff1_0010, None)]);
+        // From below the red zone (a page lower) to the end of the stack.
+        assert_eq!(d.live, vec![(0x7ff0_f000, 0x7ff2_1000)]);
+        let clean = PM_PRESENT | PM_EXCLUSIVE;
+        assert!(!d.wanted(0x5000_0000, clean));
+        assert!(d.wanted(0x5000_0000, clean | PM_SOFT_DIRTY));
+        assert!(d.wanted(0x5000_0000, PM_PRESENT));
+        assert!(d.wanted(0x7ff0_f000, clean));
+        assert!(!d.wanted(0x7ff0_e000, clean));
     }
 
     #[test]

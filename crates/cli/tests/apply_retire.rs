@@ -230,7 +230,7 @@ fn a_signal_handler_installed_by_an_unpatched_patch_keeps_its_region() -> Result
 
 /// Target of tests/fixtures/reclaim-race: a pointer into the patch keeps moving
 /// between a global and a thread's stack while livecare scans (see orig.c).
-fn build_race() -> Result<(Scratch, Object, Patch)> {
+fn build_race() -> Result<(Scratch, Object, Patch, Patch)> {
     let s = Scratch::new()?;
     let b = Builder::new(
         &livecare(),
@@ -240,7 +240,8 @@ fn build_race() -> Result<(Scratch, Object, Patch)> {
     )?;
     let exe = b.executable("orig.c", "race", &[])?;
     let patch = b.patch(&exe, "patched.c", "race")?;
-    Ok((s, exe, patch))
+    let epoll = b.patch(&exe, "patched-epoll.c", "epoll")?;
+    Ok((s, exe, patch, epoll))
 }
 
 /// A pointer into a removed patch that the program keeps moving while the reclaim's
@@ -254,7 +255,7 @@ fn a_pointer_moved_during_the_scan_keeps_its_region_and_the_others_are_reclaimed
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
-    let (_s, exe, patch) = build_race()?;
+    let (_s, exe, patch, _) = build_race()?;
     let mut t = Running::start(&exe.path, &[])?;
     t.wait_for("tick hook=1 ", WAIT)?;
     let pid = t.pid().to_string();
@@ -282,5 +283,58 @@ fn a_pointer_moved_during_the_scan_keeps_its_region_and_the_others_are_reclaimed
         most_retired <= 3,
         "{most_retired} regions retired at once after {cycles} patches: unreferenced ones are never reclaimed"
     );
+    Ok(())
+}
+
+/// A patch registers its new function as an epoll registration's data, a pointer only
+/// the kernel holds: after its unpatch, and reclaims that freed other regions, its
+/// region is still mapped, and the program takes the pointer back from epoll_wait and
+/// calls it.
+#[test]
+fn a_pointer_only_an_epoll_registration_holds_keeps_its_region() -> Result<()> {
+    let (_s, exe, race, epoll) = build_race()?;
+    let mut t = Running::start(&exe.path, &[])?;
+    t.wait_for("tick hook=1 ", WAIT)?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&epoll.path)]))?;
+    let region = info(t.pid())?["objects"][0]["patches"][0]["addr"]
+        .as_u64()
+        .context("no applied patch")?;
+    // set_hook() has run once patched: the registration is made.
+    t.drain();
+    t.wait_for("tick hook=1 ", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    // Enough unpatches for a reclaim (regions pile up to three first).
+    let mut reclaimed = false;
+    for _ in 0..3 {
+        ok(&lc(&["patch", "-p", &pid, p(&race.path)]))?;
+        t.drain();
+        t.wait_for("tick hook=1002 ", WAIT)?;
+        let before = retired(t.pid())?.len();
+        ok(&lc(&["unpatch", "-p", &pid]))?;
+        // One more retired, unless the reclaim unmapped some.
+        reclaimed |= retired(t.pid())?.len() <= before;
+        alive(&mut t)?;
+    }
+    let r = retired(t.pid())?;
+    ensure!(
+        reclaimed,
+        "no region was reclaimed: the reclaim never ran ({r:x?})"
+    );
+    // By patch id too: a later region can be mapped where an unmapped one was.
+    let kept = info(t.pid())?["retired"]
+        .as_array()
+        .context("no retired list")?
+        .iter()
+        .any(|x| x["addr"].as_u64() == Some(region) && x["patch_id"] == "epoll");
+    ensure!(
+        kept,
+        "the region of the epoll registration ({region:#x}) was not kept: {r:x?}"
+    );
+    // SAFETY: kill(2) on our own child with a valid signal number.
+    ensure!(unsafe { libc::kill(t.pid() as i32, libc::SIGUSR1) } == 0);
+    t.wait_for("epoll hook=1002", WAIT)?;
+    t.wait_for("tick hook=", WAIT)?;
+    alive(&mut t)?;
     Ok(())
 }
