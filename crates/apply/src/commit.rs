@@ -328,7 +328,7 @@ fn commit_stops(
         unwinder,
         busy,
         writes,
-        &spans,
+        spans,
         tramp,
         action,
         opts,
