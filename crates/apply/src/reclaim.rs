@@ -19,8 +19,9 @@
 //! since the running scan (issue 21: no stop may be longer than the commit's): where
 //! the kernel keeps soft-dirty bits, the running scan starts by clearing them
 //! (`/proc/PID/clear_refs`) and the stop rescans only the pages written since (soft-
-//! dirty), those shared with another process (not exclusively mapped), the threads'
-//! live stacks, their registers and the kernel-held pointers. Without soft-dirty bits
+//! dirty), those another process or a `write` to a file can change (not exclusively
+//! mapped, file and shared memory pages), the threads' live stacks, their registers
+//! and the kernel-held pointers. Without soft-dirty bits
 //! the stop must rescan everything, so it is made only when that is at most
 //! [`STOP_SCAN_LIMIT`]; otherwise the regions stay retired and a later command tries
 //! again. Either stop gives up (threads resumed, regions kept) as soon as it finds
@@ -161,7 +162,7 @@ fn soft_dirty_supported() -> bool {
 }
 
 /// The pages the stop rescans when soft-dirty bits are kept: those written since they
-/// were cleared, and the threads' live stacks (from below each stack pointer's red
+/// were cleared, those others can change (see [`Dirty::wanted`]), and the threads' live stacks (from below each stack pointer's red
 /// zone to the end of its mapping: a stack pointer that moved down over old words
 /// makes them live without writing them).
 struct Dirty {
@@ -185,10 +186,14 @@ impl Dirty {
     }
 
     /// Whether the page at `at`, with pagemap entry `e`, may hold a pointer the running
-    /// scan did not see.
+    /// scan did not see: written through this process's page tables since the clear,
+    /// mapped by another process too, a file or shared memory page (a `write` to the
+    /// file, or another process's mapping, changes it with no soft-dirty bit here), or
+    /// in a live stack.
     fn wanted(&self, at: u64, e: u64) -> bool {
         e & PM_SOFT_DIRTY != 0
             || e & PM_EXCLUSIVE == 0
+            || e & PM_FILE != 0
             || self.live.iter().any(|&(a, b)| (a..b).contains(&at))
     }
 }
@@ -866,6 +871,7 @@ mod tests {
         assert!(!d.wanted(0x5000_0000, clean));
         assert!(d.wanted(0x5000_0000, clean | PM_SOFT_DIRTY));
         assert!(d.wanted(0x5000_0000, PM_PRESENT));
+        assert!(d.wanted(0x5000_0000, clean | PM_FILE));
         assert!(d.wanted(0x7ff0_f000, clean));
         assert!(!d.wanted(0x7ff0_e000, clean));
     }
