@@ -272,6 +272,30 @@ pub(crate) fn commit_journal(
         "before-stop"
     });
     let spans = write_spans(writes);
+    // Its stops (every attempt's) are the commit's in the `--json` reports; the
+    // caller's label is back once it returns.
+    let label = std::mem::replace(&mut threads.watch.label, "commit");
+    let res = commit_stops(
+        threads, mem, maps, unwinder, busy, writes, journal, action, opts, &spans,
+    );
+    threads.watch.label = label;
+    res
+}
+
+/// [`commit_journal`] once the spans to write are known.
+#[allow(clippy::too_many_arguments)]
+fn commit_stops(
+    threads: &mut ThreadSet,
+    mem: &RemoteMemory,
+    maps: &[MapEntry],
+    unwinder: &mut unwind::Unwinder,
+    busy: &[Busy],
+    writes: &[(u64, Vec<u8>, Vec<u8>)],
+    journal: &[(u64, RegionState)],
+    action: &'static str,
+    opts: &Options,
+    spans: &[WriteSpan],
+) -> Result<(Duration, u32), Error> {
     safety::prewarm(unwinder, mem, maps, threads);
     let tramp = journal
         .first()
@@ -300,7 +324,7 @@ pub(crate) fn commit_journal(
         unwinder,
         busy,
         writes,
-        &spans,
+        spans,
         tramp,
         action,
         opts,

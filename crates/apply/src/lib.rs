@@ -304,18 +304,19 @@ pub fn apply_to_objects(
     if res.is_err() {
         // Patches rolled back in this call are retired: unmapped now if nothing
         // points into them, so a failed patch leaves nothing behind if it can.
-        reclaim_quietly(pid, opts);
+        reclaim_quietly(pid, opts, 1);
     }
     res
 }
 
-/// [`reclaim`], whose failure only means the retired regions stay (they are listed
-/// by `info`): it never fails the command that made them.
-fn reclaim_quietly(pid: Pid, opts: &Options) -> Reclaimed {
+/// [`reclaim`] once at least `at_least` regions are retired, whose failure only means
+/// the retired regions stay (they are listed by `info`): it never fails the command
+/// that made them.
+fn reclaim_quietly(pid: Pid, opts: &Options, at_least: usize) -> Reclaimed {
     if opts.hold {
         return Reclaimed::default();
     }
-    reclaim(pid, opts).unwrap_or_else(|e| {
+    reclaim::reclaim_from(pid, opts, at_least).unwrap_or_else(|e| {
         tracing::debug!("reclaiming retired regions: {e}");
         Reclaimed::default()
     })
@@ -364,6 +365,7 @@ fn wait_for_memory_sharers(
 fn seize(pid: Pid, opts: &Options, fence: bool, action: &'static str) -> Result<ThreadSet, Error> {
     ThreadSet::refuse_stopped(pid)?;
     let mut threads = ThreadSet::seize(pid).map_err(|e| lock::explain_seize(pid, e))?;
+    threads.watch.label = action;
     wait_for_memory_sharers(&threads, action, Instant::now(), opts.timeout)?;
     threads.keep_cpus_warm(opts.spin_cpus);
     if fence {

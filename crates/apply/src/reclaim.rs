@@ -13,9 +13,19 @@
 //! points into the region or the page on either side of it; glibc's mangled pointers
 //! (`atexit` handlers, `jmp_buf`s) are demangled with the process's pointer guard and
 //! checked too. The scan is made first while the target runs (a region still in use,
-//! the usual case just after an unpatch, costs no stop) and then again with every
+//! the usual case just after an unpatch, costs no stop) and then confirmed with every
 //! thread stopped, where its result is final: once no thread holds a pointer into a
-//! region, none can make one. Then, the threads running again, the signal handlers
+//! region, none can make one. The confirmation is bounded by what can have changed
+//! since the running scan (issue 21: no stop may be longer than the commit's): where
+//! the kernel keeps soft-dirty bits, the running scan starts by clearing them
+//! (`/proc/PID/clear_refs`) and the stop rescans only the pages written since (soft-
+//! dirty), those another process or a `write` to a file can change (not exclusively
+//! mapped, file and shared memory pages), the threads' live stacks, their registers
+//! and the kernel-held pointers. Without soft-dirty bits
+//! the stop must rescan everything, so it is made only when that is at most
+//! [`STOP_SCAN_LIMIT`]; otherwise the regions stay retired and a later command tries
+//! again. Either stop gives up (threads resumed, regions kept) as soon as it finds
+//! more than that to read. Then, the threads running again, the signal handlers
 //! (which the kernel holds, with no `/proc` view) are read with `rt_sigaction` through
 //! the remote-syscall stub, into a scratch page marked like a region (see
 //! [`crate::region::Mark`]). Regions that other retired regions point into are kept as
@@ -34,8 +44,12 @@ use livecare_process::{read_maps, MapEntry, Pid, RemoteMemory, ThreadSet, Tid};
 use crate::region::{find_regions_in, RegionHeader, RegionState};
 use crate::{Error, Options};
 
-/// Most bytes scanned in one stop: reading them costs about 1 ms per 4 MiB here.
+/// Most bytes scanned while the target runs: reading them costs about 1 ms per 4 MiB
+/// here (livecare's time, not the target's).
 pub const SCAN_LIMIT: u64 = 32 << 20;
+/// Most bytes read with every thread stopped: about 250 µs here, on top of about
+/// 300 µs of reading the maps, pagemap and descriptors (see the module doc).
+pub const STOP_SCAN_LIMIT: u64 = 1 << 20;
 /// Most bytes of `/proc/PID/pagemap` read per scan (8 bytes a page: 8 GiB of mappings);
 /// a process with larger mappings (huge reservations) keeps its retired regions.
 const PAGEMAP_LIMIT: u64 = 16 << 20;
@@ -116,6 +130,73 @@ struct Span {
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+/// Pagemap bits: page mapped by this process only; written since soft-dirty bits were
+/// last cleared (or in a mapping made since).
+const PM_EXCLUSIVE: u64 = 1 << 56;
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+/// Whether this kernel keeps soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`), tried once on
+/// a page of livecare's own: cleared, written, then read back from its pagemap.
+fn soft_dirty_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        use std::os::unix::fs::FileExt;
+        if std::env::var_os("LIVECARE_NO_SOFT_DIRTY").is_some() {
+            return false;
+        }
+        let mut page = vec![0u8; 2 * PAGE as usize];
+        let at = (page.as_ptr() as u64 + PAGE - 1) & !(PAGE - 1);
+        let off = (at - page.as_ptr() as u64) as usize;
+        if std::fs::write("/proc/self/clear_refs", "4").is_err() {
+            return false;
+        }
+        // Volatile: the write must reach the page after the clear.
+        // SAFETY: `off` is inside `page`, which we own.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr().add(off), 1) };
+        let mut e = [0u8; 8];
+        let read = std::fs::File::open("/proc/self/pagemap")
+            .and_then(|f| f.read_exact_at(&mut e, at / PAGE * 8));
+        std::hint::black_box(&page);
+        read.is_ok() && u64::from_le_bytes(e) & PM_SOFT_DIRTY != 0
+    })
+}
+
+/// The pages the stop rescans when soft-dirty bits are kept: those written since they
+/// were cleared, those others can change (see [`Dirty::wanted`]), and the threads' live stacks (from below each stack pointer's red
+/// zone to the end of its mapping: a stack pointer that moved down over old words
+/// makes them live without writing them).
+struct Dirty {
+    live: Vec<(u64, u64)>,
+}
+
+impl Dirty {
+    /// The live stacks of `threads` (stack pointer, `fs_base`) in `maps`.
+    fn new(maps: &[MapEntry], threads: &[(u64, Option<u64>)]) -> Dirty {
+        let live = threads
+            .iter()
+            .filter_map(|(sp, _)| {
+                let m = maps.iter().find(|m| (m.start..m.end).contains(sp))?;
+                Some((
+                    sp.saturating_sub(RED_ZONE).max(m.start) & !(PAGE - 1),
+                    m.end,
+                ))
+            })
+            .collect();
+        Dirty { live }
+    }
+
+    /// Whether the page at `at`, with pagemap entry `e`, may hold a pointer the running
+    /// scan did not see: written through this process's page tables since the clear,
+    /// mapped by another process too, a file or shared memory page (a `write` to the
+    /// file, or another process's mapping, changes it with no soft-dirty bit here), or
+    /// in a live stack.
+    fn wanted(&self, at: u64, e: u64) -> bool {
+        e & PM_SOFT_DIRTY != 0
+            || e & PM_EXCLUSIVE == 0
+            || e & PM_FILE != 0
+            || self.live.iter().any(|&(a, b)| (a..b).contains(&at))
+    }
+}
 
 /// The red zone below a thread's stack pointer, which a leaf function may use.
 const RED_ZONE: u64 = 128;
@@ -207,16 +288,19 @@ fn proc_dir(pid: Pid) -> String {
 }
 
 /// The memory a pointer into a region can be in now, but for `dead` (see
-/// [`dead_stacks`]); `None` when some cannot be read (a present page the program made
-/// unreadable) or there is too much of it.
+/// [`dead_stacks`]), and only what `dirty` wants when given; `None` when some cannot
+/// be read (a present page the program made unreadable) or there is more than `limit`
+/// bytes of it.
 fn spans(
-    pid: Pid,
+    dir: &str,
     maps: &[MapEntry],
     regions: &[&RegionHeader],
     dead: &[(u64, u64)],
+    dirty: Option<&Dirty>,
+    limit: u64,
 ) -> Option<Vec<Span>> {
     use std::os::unix::fs::FileExt;
-    let pagemap = std::fs::File::open(format!("{}/pagemap", proc_dir(pid))).ok()?;
+    let pagemap = std::fs::File::open(format!("{dir}/pagemap")).ok()?;
     let mut out = Vec::new();
     let (mut total, mut pm_total) = (0u64, 0u64);
     for m in maps {
@@ -260,7 +344,8 @@ fn spans(
             // mapping the program cannot write holds what the file holds.
             let wanted = e & (PM_PRESENT | PM_SWAPPED) != 0
                 && (m.write || anon || e & PM_FILE == 0)
-                && !dead.iter().any(|&(a, b)| (a..b).contains(&at));
+                && !dead.iter().any(|&(a, b)| (a..b).contains(&at))
+                && dirty.is_none_or(|d| d.wanted(at, e));
             if !wanted {
                 flush(&mut run, &mut out);
                 continue;
@@ -278,8 +363,12 @@ fn spans(
             }
         }
         flush(&mut run, &mut out);
-        if total > SCAN_LIMIT {
-            tracing::debug!(total, "too much memory to scan for reclaiming regions");
+        if total > limit {
+            tracing::debug!(
+                total,
+                limit,
+                "too much memory to scan for reclaiming regions"
+            );
             return None;
         }
     }
@@ -314,18 +403,24 @@ fn scan_memory(mem: &RemoteMemory, t: &Targets, spans: &[Span], refs: &mut Refs)
 
 /// Epoll registrations' data and POSIX timers' values: pointers the kernel holds.
 /// False when they could not all be read.
-fn scan_kernel(pid: Pid, t: &Targets, refs: &mut Refs) -> bool {
+fn scan_kernel(pid: Pid, dir: &str, t: &Targets, refs: &mut Refs) -> bool {
     let mut words = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("{}/fdinfo", proc_dir(pid))) else {
+    let Ok(fds) = std::fs::read_dir(format!("{dir}/fd")) else {
         return false;
     };
-    let fds: Vec<_> = dir.flatten().collect();
+    let fds: Vec<_> = fds.flatten().collect();
     if fds.len() > FD_LIMIT {
         return false;
     }
     for fd in fds {
+        // Only epoll descriptors hold registrations: one readlink each, against an
+        // open, two reads and a close for its fdinfo (the stop's syscalls are slow).
         // An fd closed meanwhile holds nothing.
-        let Ok(text) = std::fs::read_to_string(fd.path()) else {
+        if !std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]") {
+            continue;
+        }
+        let info = format!("{dir}/fdinfo/{}", fd.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(info) else {
             continue;
         };
         for l in text.lines().filter(|l| l.starts_with("tfd:")) {
@@ -440,6 +535,15 @@ fn scan_handlers(
     refs: &mut Refs,
 ) -> bool {
     let pid = threads.pid();
+    // Only signals the process catches have a handler (the others' are SIG_DFL or
+    // SIG_IGN): most processes catch few or none, and each is one more syscall of the
+    // borrowed thread, which is held meanwhile.
+    let Some(caught) = caught_signals(pid) else {
+        return false;
+    };
+    if caught == 0 {
+        return true;
+    }
     let Ok(maps) = read_maps(pid) else {
         return false;
     };
@@ -457,16 +561,18 @@ fn scan_handlers(
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let mut calls: Vec<crate::rsyscall::Call> =
         vec![("mmap", SYS_MMAP, [page, PAGE, rw, flags, u64::MAX, 0])];
-    for sig in 1..=NSIG {
-        let at = page + (sig - 1) * SIGACTION_LEN;
-        calls.push(("rt_sigaction", SYS_RT_SIGACTION, [sig, 0, at, 8, 0, 0]));
+    let sigs: Vec<u64> = (1..=NSIG).filter(|s| caught & 1 << (s - 1) != 0).collect();
+    for (i, sig) in sigs.iter().enumerate() {
+        let at = page + i as u64 * SIGACTION_LEN;
+        calls.push(("rt_sigaction", SYS_RT_SIGACTION, [*sig, 0, at, 8, 0, 0]));
     }
+    let n = sigs.len();
     calls.push(("munmap", SYS_MUNMAP, [page, PAGE, 0, 0, 0, 0]));
     let read = std::cell::RefCell::new(None);
     let (results, ran) = stub.syscalls(threads, mem, &calls, &|i, v| {
-        if i == NSIG as usize {
+        if i == n {
             // Every answer is in: read them before the page goes.
-            *read.borrow_mut() = mem.read_vec(page, (NSIG * SIGACTION_LEN) as usize).ok();
+            *read.borrow_mut() = mem.read_vec(page, n * SIGACTION_LEN as usize).ok();
         }
         i != 0 || v == page
     });
@@ -488,10 +594,7 @@ fn scan_handlers(
         let _ = mark.clear(mem);
     }
     // Every rt_sigaction must have answered; any failure leaves the regions kept.
-    if ran.is_err()
-        || results.len() != calls.len()
-        || results[1..=NSIG as usize].iter().any(|r| r.is_err())
-    {
+    if ran.is_err() || results.len() != calls.len() || results[1..=n].iter().any(|r| r.is_err()) {
         return false;
     }
     let Some(bytes) = read.into_inner() else {
@@ -510,6 +613,14 @@ fn scan_handlers(
     true
 }
 
+/// The signals `pid` catches (`SigCgt` of its status: bit `n - 1` for signal `n`),
+/// from a live thread (a zombie main thread shows none).
+fn caught_signals(pid: Pid) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("{}/status", proc_dir(pid))).ok()?;
+    let mask = text.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+    u64::from_str_radix(mask.trim(), 16).ok()
+}
+
 /// glibc's pointer guard (the same in every thread), read from the thread control
 /// block at `fs_base`.
 fn pointer_guard(mem: &RemoteMemory, fs_base: u64) -> Option<u64> {
@@ -518,9 +629,20 @@ fn pointer_guard(mem: &RemoteMemory, fs_base: u64) -> Option<u64> {
         .flatten()
 }
 
+/// Retired regions an unpatch lets pile up before it tries to reclaim them: the
+/// reclaim's scans (and, without soft-dirty bits, its stop's full rescan) are paid once
+/// for several regions. A region is a few pages; `info` lists them.
+pub const RECLAIM_AT: usize = 3;
+
 /// Unmaps every retired region of `pid` proven unreferenced (see the module doc);
 /// keeps the others. Seizes the process for the final scan's stop and the munmap.
 pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
+    reclaim_from(pid, opts, 1)
+}
+
+/// [`reclaim`] once at least `at_least` regions are retired; before that they are
+/// all kept, and nothing is scanned.
+pub(crate) fn reclaim_from(pid: Pid, opts: &Options, at_least: usize) -> Result<Reclaimed, Error> {
     let mem = RemoteMemory::open(pid)?;
     let maps = read_maps(pid)?;
     let all = find_regions_in(&mem, &maps);
@@ -529,22 +651,28 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
         .filter(|r| r.state == RegionState::Retired)
         .collect();
     let mut out = Reclaimed::default();
-    if retired.is_empty() {
+    if retired.len() < at_least.max(1) {
+        out.kept = retired.iter().map(|r| r.addr).collect();
         return Ok(out);
     }
     let keep_all = |out: &mut Reclaimed| {
         out.kept = retired.iter().map(|r| r.addr).collect();
     };
+    let dir = proc_dir(pid);
+    // Before the running scan reads anything: every page written from now on is
+    // soft-dirty, and the stop rescans only those.
+    let dirty = soft_dirty_supported() && std::fs::write(format!("{dir}/clear_refs"), "4").is_ok();
     // While the target runs: a region still referenced is kept without a stop (the
     // pointer guard needs a thread's registers: mangled pointers are seen in the stop).
     let t0 = Targets::new(&retired, None);
+    let running = std::time::Instant::now();
     let mut refs = Refs::new();
     let dead = dead_stacks(&maps, &blocked_stack_pointers(pid));
-    let Some(sp) = spans(pid, &maps, &retired, &dead) else {
+    let Some(sp) = spans(&dir, &maps, &retired, &dead, None, SCAN_LIMIT) else {
         keep_all(&mut out);
         return Ok(out);
     };
-    if !scan_memory(&mem, &t0, &sp, &mut refs) || !scan_kernel(pid, &t0, &mut refs) {
+    if !scan_memory(&mem, &t0, &sp, &mut refs) || !scan_kernel(pid, &dir, &t0, &mut refs) {
         keep_all(&mut out);
         return Ok(out);
     }
@@ -553,9 +681,27 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
         tracing::debug!(n = retired.len(), "retired regions still referenced");
         return Ok(out);
     }
+    let bytes: u64 = sp.iter().map(|s| s.len as u64).sum();
+    tracing::debug!(
+        bytes,
+        us = running.elapsed().as_micros() as u64,
+        "reclaim: running scan"
+    );
+    if !dirty && bytes > STOP_SCAN_LIMIT {
+        // The stop would rescan it all: longer than the commit's. Kept for a later
+        // command (whose process may be smaller then, or whose kernel tracks writes).
+        keep_all(&mut out);
+        tracing::debug!(
+            bytes,
+            limit = STOP_SCAN_LIMIT,
+            "no soft-dirty bits: retired regions kept rather than rescanning {bytes} bytes in a stop"
+        );
+        return Ok(out);
+    }
     // The final scan, every thread stopped.
     let mut threads = crate::seize(pid, opts, false, "reclaim")?;
     threads.interrupt_all()?;
+    let started = std::time::Instant::now();
     let verdict = (|| -> Option<Refs> {
         let tids = threads.tids();
         let fs_base = tids.first().and_then(|t| threads.regs(*t).ok())?.fs_base;
@@ -569,14 +715,49 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
             let r = threads.regs(tid).ok()?;
             stacks.push((r.rsp, Some(r.fs_base)));
         }
+        let us = |t: std::time::Instant| t.elapsed().as_micros() as u64;
+        let regs_us = us(started);
+        let at = std::time::Instant::now();
         let maps = read_maps(pid).ok()?;
-        let sp = spans(pid, &maps, &retired, &dead_stacks(&maps, &stacks))?;
-        if !scan_memory(&mem, &t, &sp, &mut refs) || !scan_kernel(pid, &t, &mut refs) {
+        let maps_us = us(at);
+        let at = std::time::Instant::now();
+        let since = dirty.then(|| Dirty::new(&maps, &stacks));
+        let dead = dead_stacks(&maps, &stacks);
+        let sp = spans(
+            &dir,
+            &maps,
+            &retired,
+            &dead,
+            since.as_ref(),
+            STOP_SCAN_LIMIT,
+        )?;
+        let pagemap_us = us(at);
+        let at = std::time::Instant::now();
+        if !scan_memory(&mem, &t, &sp, &mut refs) {
             return None;
         }
+        let memory_us = us(at);
+        let at = std::time::Instant::now();
+        if !scan_kernel(pid, &dir, &t, &mut refs) {
+            return None;
+        }
+        tracing::debug!(
+            bytes = sp.iter().map(|s| s.len).sum::<usize>(),
+            soft_dirty = dirty,
+            regs_us,
+            maps_us,
+            pagemap_us,
+            memory_us,
+            kernel_us = us(at),
+            "reclaim: final scan"
+        );
         Some(refs)
     })();
     threads.resume_all()?;
+    tracing::debug!(
+        us = started.elapsed().as_micros() as u64,
+        "reclaim: stop over"
+    );
     let Some(mut refs) = verdict else {
         keep_all(&mut out);
         threads.detach_all()?;
@@ -586,7 +767,14 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
     // installed since (no pointer exists to install).
     if kept(retired.len(), &refs).iter().any(|k| !k) {
         let t = Targets::new(&retired, None);
-        if !scan_handlers(&mut threads, &mem, &t, &mut refs) {
+        let at = std::time::Instant::now();
+        let ok = scan_handlers(&mut threads, &mem, &t, &mut refs);
+        tracing::debug!(
+            us = at.elapsed().as_micros() as u64,
+            ok,
+            "reclaim: signal handlers read"
+        );
+        if !ok {
             keep_all(&mut out);
             threads.detach_all()?;
             return Ok(out);
@@ -595,22 +783,32 @@ pub fn reclaim(pid: Pid, opts: &Options) -> Result<Reclaimed, Error> {
     let keep = kept(retired.len(), &refs);
     // Nothing points into the others, and nothing can come to (a pointer cannot be
     // made from none): unmapped with the threads running again.
-    for (r, keep) in retired.iter().zip(keep) {
-        if keep {
-            out.kept.push(r.addr);
-            continue;
+    let (gone, stay): (Vec<_>, Vec<_>) = retired.iter().zip(keep).partition(|(_, k)| !k);
+    out.kept.extend(stay.iter().map(|(r, _)| r.addr));
+    let calls: Vec<crate::rsyscall::Call> = gone
+        .iter()
+        .map(|(r, _)| ("munmap", SYS_MUNMAP, [r.addr, r.total_len, 0, 0, 0, 0]))
+        .collect();
+    // All in one borrow of one thread: one stop of it, not one per region.
+    let results = match read_maps(pid)
+        .map_err(Error::from)
+        .and_then(|maps| crate::rsyscall::Stub::find(&threads, &mem, &maps))
+    {
+        Ok(stub) if !calls.is_empty() => stub.syscalls(&mut threads, &mem, &calls, &|_, _| true).0,
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::debug!("reclaim: no stub for the munmaps: {e}");
+            Vec::new()
         }
-        match crate::rsyscall::syscall(
-            &mut threads,
-            "munmap",
-            SYS_MUNMAP,
-            [r.addr, r.total_len, 0, 0, 0, 0],
-        ) {
-            Ok(_) => out.unmapped.push(r.addr),
-            Err(e) => {
+    };
+    for (i, (r, _)) in gone.iter().enumerate() {
+        match results.get(i) {
+            Some(Ok(_)) => out.unmapped.push(r.addr),
+            Some(Err(e)) => {
                 tracing::debug!(region = r.addr, "reclaim munmap failed: {e}");
                 out.kept.push(r.addr);
             }
+            None => out.kept.push(r.addr),
         }
     }
     threads.detach_all()?;
@@ -658,6 +856,24 @@ mod tests {
         // A stack pointer whose thread control block lies elsewhere: not its stack.
         let elsewhere = [(0x7070_0123, Some(0x9999_0000))];
         assert!(dead_stacks(&maps, &elsewhere).is_empty());
+    }
+
+    #[test]
+    fn the_stop_rescans_written_shared_and_live_stack_pages_only() {
+        let maps = vec![
+            map(0x5000_0000, 0x5001_0000, "rw-p", "[heap]"),
+            map(0x7ff0_0000, 0x7ff2_1000, "rw-p", "[stack]"),
+        ];
+        let d = Dirty::new(&maps, &[(0x7ff1_0010, None)]);
+        // From below the red zone (a page lower) to the end of the stack.
+        assert_eq!(d.live, vec![(0x7ff0_f000, 0x7ff2_1000)]);
+        let clean = PM_PRESENT | PM_EXCLUSIVE;
+        assert!(!d.wanted(0x5000_0000, clean));
+        assert!(d.wanted(0x5000_0000, clean | PM_SOFT_DIRTY));
+        assert!(d.wanted(0x5000_0000, PM_PRESENT));
+        assert!(d.wanted(0x5000_0000, clean | PM_FILE));
+        assert!(d.wanted(0x7ff0_f000, clean));
+        assert!(!d.wanted(0x7ff0_e000, clean));
     }
 
     #[test]

@@ -344,8 +344,20 @@ impl Stub {
             return (out, Err(e.into()));
         }
         let mut raw = Vec::new();
+        let start = livecare_process::monotonic_ns();
         let ran = run(threads, mem, self.site, self.spin, calls, go_on, &mut raw);
         let pid = threads.pid();
+        // The borrowed thread's hold, for `--json` (from before its INTERRUPT to after
+        // its resume).
+        livecare_process::stops::record(
+            pid.0,
+            format!(
+                "{} borrow {}",
+                threads.watch.label,
+                calls.first().map_or("", |c| c.0)
+            ),
+            [start, livecare_process::monotonic_ns()],
+        );
         let out = raw
             .into_iter()
             .zip(calls)

@@ -114,8 +114,9 @@ pub fn unpatch(pid: Pid, sel: &UnpatchSelect, opts: &Options) -> Result<Vec<Unpa
         Ok(out)
     })?;
     // The regions just retired, and any retired before, go once nothing points
-    // into them (after the tracer thread's exit: fenced threads are free again).
-    let gone = reclaim_quietly(pid, opts).unmapped;
+    // into them (after the tracer thread's exit: fenced threads are free again),
+    // tried once a few have piled up.
+    let gone = reclaim_quietly(pid, opts, crate::reclaim::RECLAIM_AT).unmapped;
     for r in &mut out {
         r.retired = !gone.contains(&r.region);
     }

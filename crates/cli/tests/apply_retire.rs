@@ -227,3 +227,114 @@ fn a_signal_handler_installed_by_an_unpatched_patch_keeps_its_region() -> Result
     alive(&mut t)?;
     Ok(())
 }
+
+/// Target of tests/fixtures/reclaim-race: a pointer into the patch keeps moving
+/// between a global and a thread's stack while livecare scans (see orig.c).
+fn build_race() -> Result<(Scratch, Object, Patch, Patch)> {
+    let s = Scratch::new()?;
+    let b = Builder::new(
+        &livecare(),
+        &testkit::fixture_dir("reclaim-race"),
+        s.path(),
+        Flags::default(),
+    )?;
+    let exe = b.executable("orig.c", "race", &[])?;
+    let patch = b.patch(&exe, "patched.c", "race")?;
+    let epoll = b.patch(&exe, "patched-epoll.c", "epoll")?;
+    Ok((s, exe, patch, epoll))
+}
+
+/// A pointer into a removed patch that the program keeps moving while the reclaim's
+/// scan runs (it can be missed by a scan of the running process) still keeps the
+/// region: the confirming scan in the stop sees it. And the regions no pointer
+/// reaches are still reclaimed: after many cycles only a few stay retired.
+/// LIVECARE_CYCLES sets the number of cycles (default 24).
+#[test]
+fn a_pointer_moved_during_the_scan_keeps_its_region_and_the_others_are_reclaimed() -> Result<()> {
+    let cycles: usize = std::env::var("LIVECARE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let (_s, exe, patch, _) = build_race()?;
+    let mut t = Running::start(&exe.path, &[])?;
+    t.wait_for("tick hook=1 ", WAIT)?;
+    let pid = t.pid().to_string();
+    let mut most_retired = 0;
+    for cycle in 0..cycles {
+        (|| -> Result<()> {
+            ok(&lc(&["patch", "-p", &pid, p(&patch.path)]))?;
+            t.drain();
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            ok(&lc(&["unpatch", "-p", &pid]))?;
+            // The hook is called several times per tick: one tick after the unpatch,
+            // the region the pointer reaches has been called into again.
+            t.drain();
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            t.wait_for("tick hook=1002 ", WAIT)?;
+            alive(&mut t)?;
+            most_retired = most_retired.max(retired(t.pid())?.len());
+            Ok(())
+        })()
+        .with_context(|| format!("cycle {cycle}"))?;
+    }
+    let left = retired(t.pid())?.len();
+    eprintln!("{cycles} cycles: at most {most_retired} retired region(s) at a time, {left} left");
+    ensure!(
+        most_retired <= 3,
+        "{most_retired} regions retired at once after {cycles} patches: unreferenced ones are never reclaimed"
+    );
+    Ok(())
+}
+
+/// A patch registers its new function as an epoll registration's data, a pointer only
+/// the kernel holds: after its unpatch, and reclaims that freed other regions, its
+/// region is still mapped, and the program takes the pointer back from epoll_wait and
+/// calls it.
+#[test]
+fn a_pointer_only_an_epoll_registration_holds_keeps_its_region() -> Result<()> {
+    let (_s, exe, race, epoll) = build_race()?;
+    let mut t = Running::start(&exe.path, &[])?;
+    t.wait_for("tick hook=1 ", WAIT)?;
+    let pid = t.pid().to_string();
+    ok(&lc(&["patch", "-p", &pid, p(&epoll.path)]))?;
+    let region = info(t.pid())?["objects"][0]["patches"][0]["addr"]
+        .as_u64()
+        .context("no applied patch")?;
+    // set_hook() has run once patched: the registration is made.
+    t.drain();
+    t.wait_for("tick hook=1 ", WAIT)?;
+    ok(&lc(&["unpatch", "-p", &pid]))?;
+    // Enough unpatches for a reclaim (regions pile up to three first).
+    let mut reclaimed = false;
+    for _ in 0..3 {
+        ok(&lc(&["patch", "-p", &pid, p(&race.path)]))?;
+        t.drain();
+        t.wait_for("tick hook=1002 ", WAIT)?;
+        let before = retired(t.pid())?.len();
+        ok(&lc(&["unpatch", "-p", &pid]))?;
+        // One more retired, unless the reclaim unmapped some.
+        reclaimed |= retired(t.pid())?.len() <= before;
+        alive(&mut t)?;
+    }
+    let r = retired(t.pid())?;
+    ensure!(
+        reclaimed,
+        "no region was reclaimed: the reclaim never ran ({r:x?})"
+    );
+    // By patch id too: a later region can be mapped where an unmapped one was.
+    let kept = info(t.pid())?["retired"]
+        .as_array()
+        .context("no retired list")?
+        .iter()
+        .any(|x| x["addr"].as_u64() == Some(region) && x["patch_id"] == "epoll");
+    ensure!(
+        kept,
+        "the region of the epoll registration ({region:#x}) was not kept: {r:x?}"
+    );
+    // SAFETY: kill(2) on our own child with a valid signal number.
+    ensure!(unsafe { libc::kill(t.pid() as i32, libc::SIGUSR1) } == 0);
+    t.wait_for("epoll hook=1002", WAIT)?;
+    t.wait_for("tick hook=", WAIT)?;
+    alive(&mut t)?;
+    Ok(())
+}

@@ -62,7 +62,18 @@ fn check_pause_figures(doc: &Value) {
             num(doc, &format!("pause_us_{q}")) <= num(doc, &format!("window_gap_us_{q}")),
             "pause_us_{q} > window_gap_us_{q} in {doc}"
         );
+        // The commit is one of the command's stops: its gap is one of those the
+        // whole command's worst stall is the largest of, in every cycle.
+        assert!(
+            num(doc, &format!("pause_us_{q}")) <= num(doc, &format!("stall_us_{q}")),
+            "pause_us_{q} > stall_us_{q} in {doc}"
+        );
     }
+    assert!(
+        num(&doc["phases"]["commit"], "tool_us_median") > 0.0,
+        "{doc}"
+    );
+    assert!(num(doc, "stall_over_baseline") > 0.0, "{doc}");
 }
 
 #[test]
@@ -85,6 +96,10 @@ fn pause_bench_reports_target_and_tool_pauses_for_patch_and_unpatch() {
         check_pause_figures(&doc);
         check_pause_figures(&doc["patch"]);
         check_pause_figures(&doc["unpatch"]);
+        // The breakdown by phase holds the commit of every command.
+        for op in ["patch", "unpatch"] {
+            assert_eq!(num(&doc[op]["phases"]["commit"], "commands"), 5.0, "{doc}");
+        }
         assert_eq!(num(&doc, "threads"), threads.parse::<f64>().unwrap());
         assert_eq!(num(&doc, "functions"), functions.parse::<f64>().unwrap());
         assert_eq!(num(&doc, "cycles"), 5.0);

@@ -17,6 +17,7 @@ mod maps;
 mod mem;
 mod objects;
 mod priority;
+pub mod stops;
 mod threads;
 mod wake;
 mod warm;
@@ -28,7 +29,7 @@ pub use launch::{follow_exec_to_entry, launch_at_entry};
 pub use maps::{auxv, read_maps, read_proc_file, MapEntry, AT_ENTRY, AT_PHDR};
 pub use mem::RemoteMemory;
 pub use objects::{loaded_objects, ElfKind, LoadedObject};
-pub use threads::{StopWatch, ThreadSet};
+pub use threads::{monotonic_ns, StopWatch, ThreadSet};
 
 use std::fmt;
 

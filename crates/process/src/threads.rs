@@ -99,6 +99,8 @@ pub struct StopWatch {
     pub last_window_ns: Option<[u64; 2]>,
     /// Threads held fenced, not stopped, in the last pause (see `fence.rs`).
     pub last_fenced: usize,
+    /// What the pauses are for, as [`crate::stops`] notes them (`commit`, `reclaim`).
+    pub label: &'static str,
 }
 
 /// `CLOCK_MONOTONIC` now, in ns.
@@ -1198,12 +1200,24 @@ impl ThreadSet {
     }
 
     fn end_pause(&mut self) {
+        self.end_pause_as("");
+    }
+
+    /// [`Self::end_pause`], noting the pause under its label followed by `suffix`.
+    fn end_pause_as(&mut self, suffix: &str) {
         if let Some(w) = &mut self.warm {
             w.disarm();
         }
         if let Some((s, ns)) = self.watch.started.take() {
             self.watch.last = Some(s.elapsed());
-            self.watch.last_window_ns = Some([ns, monotonic_ns()]);
+            let window = [ns, monotonic_ns()];
+            self.watch.last_window_ns = Some(window);
+            let label = if self.watch.label.is_empty() {
+                "stop"
+            } else {
+                self.watch.label
+            };
+            crate::stops::record(self.pid.0, format!("{label}{suffix}"), window);
         }
         // Back to normal scheduling once nothing is held.
         if self.threads.values().all(|t| !t.stopped) {
@@ -1451,6 +1465,12 @@ impl ThreadSet {
     /// the kernel detaches them (clearing the exit stop) when it exits; if one stops
     /// before that, the next wait on this set takes it back.
     pub fn detach_all(&mut self) -> Result<(), Error> {
+        // Nothing held: the stops are the detach's own (a stop of a borrowed thread
+        // before is over), counted from the first of them.
+        let own = self.threads.values().all(|t| !t.stopped);
+        if own {
+            self.watch.started = None;
+        }
         // A fenced thread that woke is at its exit stop now: detached below. One
         // WNOHANG wait per report, not one per fenced thread.
         if self.threads.values().any(|t| t.fenced.is_some()) {
@@ -1552,7 +1572,7 @@ impl ThreadSet {
         drop(timer);
         self.regs_cache.get_mut().clear();
         self.born.clear();
-        self.end_pause();
+        self.end_pause_as(if own { " detach" } else { "" });
         first_err.map_or(Ok(()), Err)
     }
 }

@@ -26,6 +26,12 @@
 //! `runqueue_wait_us_*` is, per command, the largest total time one target thread spent
 //! runnable but without a CPU during the window (schedstat `run_delay`; a ptrace stop
 //! does not count): when it exceeds the observed gap, preemption explains the gap.
+//! `stall_us_*` is, per command, the longest gap of any thread that overlaps any stop
+//! the tool made (every phase: the commit, the borrowed thread's remote syscalls, the
+//! reclaim's stop, the detach), from the `stops` of its `--json` report: the worst
+//! stall of the whole command. `phases` breaks it down: per phase, that gap and the
+//! stop's length as the tool timed it. `*_over_baseline` divides a median by the idle
+//! baseline's median from the same run.
 //! Top-level pause keys are those of `patch`; `unpatch` has its own object.
 
 use std::path::{Path, PathBuf};
@@ -209,6 +215,12 @@ struct Samples {
     /// Cycles whose held gap was longer than their window's largest gap. The held gap
     /// lies inside the window, so any such cycle means the measuring itself is wrong.
     window_misses: u64,
+    /// Per command, the longest gap of any target thread that overlaps any stop the
+    /// tool made (commit, borrowed thread, reclaim, detach), µs: its worst stall.
+    stall: Vec<f64>,
+    /// Per phase, per command it occurred in: (longest gap overlapping its stops,
+    /// longest of its stops as the tool timed them), µs.
+    phases: std::collections::BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 impl Samples {
@@ -225,7 +237,42 @@ impl Samples {
         let amean = self.attempts.iter().sum::<f64>() / self.attempts.len().max(1) as f64;
         let (fm, _, _) = summary(&self.fenced);
         let fmean = self.fenced.iter().sum::<f64>() / self.fenced.len().max(1) as f64;
+        let (sm, s99, smax) = summary(&self.stall);
+        let ratio = |x: f64| {
+            if bm > 0.0 {
+                (x / bm * 100.0).round() / 100.0
+            } else {
+                0.0
+            }
+        };
+        let phases: serde_json::Map<String, serde_json::Value> = self
+            .phases
+            .iter()
+            .map(|(name, v)| {
+                let held: Vec<f64> = v.iter().map(|x| x.0).collect();
+                let tool: Vec<f64> = v.iter().map(|x| x.1).collect();
+                let (hm, _, hmax) = summary(&held);
+                let (tm, _, tmax) = summary(&tool);
+                (
+                    name.clone(),
+                    json!({
+                        "commands": v.len(),
+                        "stall_us_median": r1(hm),
+                        "stall_us_max": r1(hmax),
+                        "tool_us_median": r1(tm),
+                        "tool_us_max": r1(tmax),
+                    }),
+                )
+            })
+            .collect();
         json!({
+            "stall_us_median": r1(sm),
+            "stall_us_p99": r1(s99),
+            "stall_us_max": r1(smax),
+            "stall_over_baseline": ratio(sm),
+            "pause_over_baseline": ratio(pm),
+            "window_gap_over_baseline": ratio(gm),
+            "phases": phases,
             "pause_us_median": r1(pm),
             "pause_us_p99": r1(p99),
             "pause_us_max": r1(pmax),
@@ -296,6 +343,22 @@ fn measured(t: &mut target::Target, patch: Option<&Path>, s: &mut Samples) -> Re
     if held.is_some() {
         s.entry.push(window[0].saturating_sub(from) as f64 / 1e3);
         s.exit.push(to.saturating_sub(window[1]) as f64 / 1e3);
+    }
+    // Each stop: the longest gap of a target thread overlapping it.
+    let mut stall = 0.0f64;
+    let mut per_phase: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+    for (phase, w) in &op.stops {
+        let held = t
+            .gap_overlapping(*w)
+            .map_or(0.0, |[f, to]| to.saturating_sub(f) as f64 / 1e3);
+        let tool = w[1].saturating_sub(w[0]) as f64 / 1e3;
+        stall = stall.max(held);
+        let e = per_phase.entry(phase).or_default();
+        *e = (e.0.max(held), e.1.max(tool));
+    }
+    s.stall.push(stall);
+    for (phase, v) in per_phase {
+        s.phases.entry(phase.to_string()).or_default().push(v);
     }
     s.tool.push(op.tool_pause_us as f64);
     s.wall.push(op.wall_us);

@@ -71,3 +71,12 @@ impl Face {
         }
     }
 }
+
+/// Every stop of a target's threads this run made (`stops` of the `--json` reports):
+/// phase, process and window in `CLOCK_MONOTONIC` ns.
+pub(crate) fn stops_json() -> serde_json::Value {
+    livecare_process::stops::all()
+        .into_iter()
+        .map(|s| serde_json::json!({"pid": s.pid, "phase": s.phase, "window_ns": s.window_ns}))
+        .collect()
+}

@@ -407,6 +407,7 @@ pub fn run(args: Args, face: super::Face) -> anyhow::Result<ExitCode> {
             "patched": ok,
             "failed": failed.iter().map(|(p, e)| serde_json::json!({"pid": p.0, "error": e})).collect::<Vec<_>>(),
             "unreadable": unreadable.iter().map(|p| serde_json::json!({"pid": p.0, "comm": p.comm()})).collect::<Vec<_>>(),
+            "stops": super::stops_json(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {

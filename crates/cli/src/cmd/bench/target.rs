@@ -410,6 +410,8 @@ pub struct Op {
     /// Threads the commit left blocked in their syscalls instead of stopping them
     /// (0 when the tool does not report it).
     pub threads_fenced: u64,
+    /// Every stop of the target the command made: phase and window (monotonic ns).
+    pub stops: Vec<(String, [u64; 2])>,
 }
 
 /// Runs `livecare patch -p PID --json PATCH` (or `unpatch` when `patch` is None).
@@ -459,6 +461,18 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         Some(a) if a.len() == 2 => a[0].as_u64().zip(a[1].as_u64()).map(|(s, e)| [s, e]),
         _ => None,
     };
+    let stops = doc
+        .get("stops")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|s| s.get("pid").and_then(|p| p.as_u64()) == Some(pid as u64))
+        .filter_map(|s| {
+            let w = s.get("window_ns")?.as_array()?;
+            let phase = s.get("phase")?.as_str()?.to_string();
+            Some((phase, [w.first()?.as_u64()?, w.get(1)?.as_u64()?]))
+        })
+        .collect();
     Ok(Op {
         wall_us,
         tool_pause_us,
@@ -466,5 +480,6 @@ pub fn run_op(pid: u32, patch: Option<&Path>) -> Result<Op> {
         attempts,
         window_ns,
         threads_fenced,
+        stops,
     })
 }
