@@ -205,7 +205,11 @@ fn patch_a_thread_create_join_loop_on_fresh_processes() -> Result<()> {
     let n = trials(20);
     let mut tally = Tally::default();
     let started = Instant::now();
-    for trial in 0..n {
+    // A busy machine may let every thread start before the patch lands: a few more
+    // trials then, so that the test does check a patch taken mid-creation.
+    let mut trial = 0;
+    while trial < n || (tally.mid_creation == 0 && trial < n + 7) {
+        trial += 1;
         let mut prog = Running::start(&exe.path, &[])?;
         std::thread::sleep(Duration::from_millis(300));
         patch_once(&mut prog, &exe, &patch, &mut tally, "value=1")
@@ -231,12 +235,16 @@ fn patch_a_process_creating_a_thousand_threads() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    for trial in 0..n {
+    // A busy machine may let every thread start before the patch lands: a few more
+    // trials then, so that the test does check a patch taken mid-creation.
+    let mut trial = 0;
+    while trial < n || (tally.mid_creation == 0 && trial < n + 7) {
+        trial += 1;
         let mut prog = Running::start(&exe.path, &[])?;
         patch_once(&mut prog, &exe, &patch, &mut tally, "created=100 ")
             .with_context(|| format!("trial {trial} ({tally:?})"))?;
         all_threads_started(prog.pid(), 1001)?;
-        if trial == 0 {
+        if trial == 1 {
             patch_once(&mut prog, &exe, &patch, &mut tally, "value=1")
                 .with_context(|| format!("all created ({tally:?})"))?;
         }
@@ -329,8 +337,19 @@ fn a_stopped_process_is_refused_and_stays_stopped() -> Result<()> {
     // SAFETY: kill with a pid we started and a plain signal number.
     ensure!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0);
     let state = || prog.proc_state().map(|s| s.0);
+    // The group stop reaches the threads one by one: wait until every thread is in it,
+    // or a busy machine shows a thread still running when the test looks.
+    let all_stopped = || -> Result<bool> {
+        for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let status = std::fs::read_to_string(e?.path().join("status"))?;
+            if !status.contains("State:\tT") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
     let deadline = Instant::now() + WAIT;
-    while !state()?.starts_with('T') {
+    while !state()?.starts_with('T') || !all_stopped()? {
         ensure!(Instant::now() < deadline, "not stopped: {}", state()?);
         std::thread::sleep(Duration::from_millis(5));
     }
