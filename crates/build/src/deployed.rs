@@ -87,6 +87,28 @@ pub fn differences(deployed: &[u8], built: &[u8]) -> Vec<String> {
             out.push(format!("{name} size: deployed {sd:?}, built {sb:?}"));
         }
     }
+    // Same sizes: a build stamp (a date, a host name) shows as the first constant
+    // that differs.
+    if out.is_empty() {
+        for name in [".rodata", ".data"] {
+            let bytes = |f: &object::File| {
+                f.section_by_name(name)
+                    .and_then(|s| s.data().ok())
+                    .map(<[u8]>::to_vec)
+            };
+            let (Some(sd), Some(sb)) = (bytes(&d), bytes(&b)) else {
+                continue;
+            };
+            if let Some(at) = sd.iter().zip(&sb).position(|(x, y)| x != y) {
+                out.push(format!(
+                    "{name} differs at +{at:#x}: deployed {:?}, built {:?} (a build stamp?)",
+                    text_around(&sd, at),
+                    text_around(&sb, at)
+                ));
+                break;
+            }
+        }
+    }
     let has_debug = |f: &object::File| f.section_by_name(".debug_info").is_some();
     if has_debug(&d) != has_debug(&b) && out.is_empty() {
         out.push(format!(
@@ -96,6 +118,19 @@ pub fn differences(deployed: &[u8], built: &[u8]) -> Vec<String> {
         ));
     }
     out
+}
+
+/// The printable text around offset `at` of `data` (at most 64 bytes each side).
+fn text_around(data: &[u8], at: usize) -> String {
+    let printable = |c: &u8| c.is_ascii_graphic() || *c == b' ';
+    let start = (at.saturating_sub(64)..at)
+        .rev()
+        .find(|&i| !printable(&data[i]))
+        .map_or(at.saturating_sub(64), |i| i + 1);
+    let end = (at..data.len().min(at + 64))
+        .find(|&i| !printable(&data[i]))
+        .unwrap_or(data.len().min(at + 64));
+    String::from_utf8_lossy(&data[start..end.max(start)]).into_owned()
 }
 
 /// Where a deployed binary was built, when that is not the tree given.
@@ -326,5 +361,34 @@ mod tests {
             .unwrap();
         assert!(st.success());
         assert_eq!(built_elsewhere(&exe, &b_real), None);
+    }
+
+    /// Two builds that differ only in a stamp of the same length name the stamp.
+    #[test]
+    fn a_build_stamp_of_the_same_size_is_named() {
+        let dir = testkit::Scratch::new().unwrap();
+        let build = |stamp: &str, out: &str| {
+            dir.write(
+                "s.c",
+                format!(
+                    "#include <stdio.h>\nconst char *stamp = \"{stamp}\";\n\
+                     int main(void) {{ puts(stamp); return 0; }}\n"
+                ),
+            )
+            .unwrap();
+            let st = Command::new("gcc")
+                .args(["-O2", "s.c", "-o", out])
+                .current_dir(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read(dir.join(out)).unwrap()
+        };
+        let (d, b) = (build("host-1765150001", "d"), build("host-1765159999", "b"));
+        let why = differences(&d, &b).join("; ");
+        assert!(
+            why.contains("deployed \"host-1765150001\", built \"host-1765159999\""),
+            "{why}"
+        );
     }
 }
