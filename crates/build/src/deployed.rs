@@ -72,6 +72,7 @@ pub fn differences(deployed: &[u8], built: &[u8]) -> Vec<String> {
     if cd != cb {
         out.push(format!("compiler: deployed {cd:?}, built {cb:?}"));
     }
+    out.extend(producer_difference(deployed, built));
     for name in [
         ".text",
         ".rodata",
@@ -86,6 +87,28 @@ pub fn differences(deployed: &[u8], built: &[u8]) -> Vec<String> {
             out.push(format!("{name} size: deployed {sd:?}, built {sb:?}"));
         }
     }
+    // Same sizes: a build stamp (a date, a host name) shows as the first constant
+    // that differs.
+    if out.is_empty() {
+        for name in [".rodata", ".data"] {
+            let bytes = |f: &object::File| {
+                f.section_by_name(name)
+                    .and_then(|s| s.data().ok())
+                    .map(<[u8]>::to_vec)
+            };
+            let (Some(sd), Some(sb)) = (bytes(&d), bytes(&b)) else {
+                continue;
+            };
+            if let Some(at) = sd.iter().zip(&sb).position(|(x, y)| x != y) {
+                out.push(format!(
+                    "{name} differs at +{at:#x}: deployed {:?}, built {:?} (a build stamp?)",
+                    text_around(&sd, at),
+                    text_around(&sb, at)
+                ));
+                break;
+            }
+        }
+    }
     let has_debug = |f: &object::File| f.section_by_name(".debug_info").is_some();
     if has_debug(&d) != has_debug(&b) && out.is_empty() {
         out.push(format!(
@@ -97,18 +120,40 @@ pub fn differences(deployed: &[u8], built: &[u8]) -> Vec<String> {
     out
 }
 
+/// The printable text around offset `at` of `data` (at most 64 bytes each side).
+fn text_around(data: &[u8], at: usize) -> String {
+    let printable = |c: &u8| c.is_ascii_graphic() || *c == b' ';
+    let start = (at.saturating_sub(64)..at)
+        .rev()
+        .find(|&i| !printable(&data[i]))
+        .map_or(at.saturating_sub(64), |i| i + 1);
+    let end = (at..data.len().min(at + 64))
+        .find(|&i| !printable(&data[i]))
+        .unwrap_or(data.len().min(at + 64));
+    String::from_utf8_lossy(&data[start..end.max(start)]).into_owned()
+}
+
+/// Where a deployed binary was built, when that is not the tree given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltElsewhere {
+    /// The tree path its compile units name (`DW_AT_comp_dir`, common root).
+    pub root: PathBuf,
+    /// How many compile units name `root`.
+    pub units: usize,
+    /// How many compile units name an absolute source path.
+    pub total: usize,
+}
+
 /// Before any build: the deployed binary's debug info records where it was built
 /// (`DW_AT_comp_dir` + `DW_AT_name` of each compile unit). Those paths are part of the
-/// binary, so a build of a tree at another path cannot reproduce its build-id; say so
-/// now, naming both paths, instead of after the whole original build. Binaries without
-/// debug info, or built with relative paths (`-ffile-prefix-map=...=.`), pass.
-pub fn check_build_dir(deployed: &Path, srcdir: &Path) -> Result<(), String> {
-    let Ok(data) = std::fs::read(deployed) else {
-        return Ok(()); // match_deployed reports an unreadable file
-    };
+/// binary, so a build of a tree at another path must see the tree at that path (or
+/// map it there) to reproduce its build-id. None when it was built in `srcdir`, or
+/// records no absolute paths (no debug info, `-ffile-prefix-map=...=.`).
+pub fn built_elsewhere(deployed: &Path, srcdir: &Path) -> Option<BuiltElsewhere> {
+    let data = std::fs::read(deployed).ok()?; // match_deployed reports an unreadable file
     let sources = compile_unit_paths(&data);
     if sources.is_empty() || sources.iter().any(|p| p.starts_with(srcdir)) {
-        return Ok(());
+        return None;
     }
     // The tree each source was compiled in: its path without the longest tail that
     // exists in this tree (/A/src/http/f.c and ./src/http/f.c: /A).
@@ -122,24 +167,33 @@ pub fn check_build_dir(deployed: &Path, srcdir: &Path) -> Result<(), String> {
             None => roots.push((root, 1)),
         }
     }
-    let Some((root, n)) = roots.into_iter().max_by_key(|(_, n)| *n) else {
-        return Ok(());
-    };
+    let (root, units) = roots.into_iter().max_by_key(|(_, n)| *n)?;
     if root.canonicalize().is_ok_and(|r| r == srcdir) {
-        return Ok(());
+        return None;
     }
-    Err(format!(
-        "the deployed {} was built in {} (its debug info says so for {n} of its {} compile \
-         units), but this tree is {}: the source path is part of the binary (DW_AT_comp_dir), \
-         so a build here cannot reproduce its build-id and no patch for it can be made. Run \
-         `livecare build` on the tree at {} (the tree is never changed), or on a copy of this \
-         source placed at that path",
+    Some(BuiltElsewhere {
+        root,
+        units,
+        total: sources.len(),
+    })
+}
+
+/// The message for a deployed binary built elsewhere whose paths cannot be reproduced
+/// here (`why`).
+pub fn cannot_reproduce(deployed: &Path, srcdir: &Path, e: &BuiltElsewhere, why: &str) -> String {
+    format!(
+        "the deployed {} was built in {} (its debug info says so for {} of its {} compile \
+         units), but this tree is {}: the source path is part of the binary \
+         (DW_AT_comp_dir), and a build here cannot reproduce it: {why}. Run `livecare \
+         build` on the tree at {} (the tree is never changed), or on a copy of this source \
+         placed at that path",
         deployed.display(),
-        root.display(),
-        sources.len(),
+        e.root.display(),
+        e.units,
+        e.total,
         srcdir.display(),
-        root.display()
-    ))
+        e.root.display()
+    )
 }
 
 /// `tail` of `path` (a source file's absolute path) that names an existing file in
@@ -158,6 +212,28 @@ fn tree_root(path: &Path, srcdir: &Path) -> Option<PathBuf> {
 /// The absolute source paths of the compile units in `data`'s `.debug_info`
 /// (comp_dir joined with name); empty without debug info or with relative paths.
 fn compile_unit_paths(data: &[u8]) -> Vec<PathBuf> {
+    compile_units(data)
+        .into_iter()
+        .filter_map(|u| {
+            let name = PathBuf::from(u.name?);
+            match u.comp_dir.map(PathBuf::from) {
+                _ if name.is_absolute() => Some(name),
+                Some(dir) if dir.is_absolute() => Some(dir.join(name)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// What one compile unit records about its compile.
+struct UnitInfo {
+    name: Option<String>,
+    comp_dir: Option<String>,
+    producer: Option<String>,
+}
+
+/// The compile units of `data`'s `.debug_info` (none without debug info).
+fn compile_units(data: &[u8]) -> Vec<UnitInfo> {
     use gimli::{EndianSlice, RunTimeEndian};
     use std::borrow::Cow;
     let Ok(file) = object::File::parse(data) else {
@@ -184,20 +260,59 @@ fn compile_unit_paths(data: &[u8]) -> Vec<PathBuf> {
         let Ok(unit) = dwarf.unit(header) else {
             continue;
         };
-        let text = |r: Option<EndianSlice<RunTimeEndian>>| {
-            r.map(|s| PathBuf::from(String::from_utf8_lossy(s.slice()).into_owned()))
-        };
-        let Some(name) = text(unit.name) else {
-            continue;
-        };
-        let full = match text(unit.comp_dir) {
-            _ if name.is_absolute() => name,
-            Some(dir) if dir.is_absolute() => dir.join(name),
-            _ => continue,
-        };
-        out.push(full);
+        let text =
+            |r: Option<EndianSlice<RunTimeEndian>>| r.map(|s| s.to_string_lossy().into_owned());
+        let producer = unit
+            .entries()
+            .next_dfs()
+            .ok()
+            .flatten()
+            .and_then(|(_, die)| die.attr_value(gimli::DW_AT_producer).ok().flatten())
+            .and_then(|v| dwarf.attr_string(&unit, v).ok())
+            .map(|s| s.to_string_lossy().into_owned());
+        out.push(UnitInfo {
+            name: text(unit.name),
+            comp_dir: text(unit.comp_dir),
+            producer,
+        });
     }
     out
+}
+
+/// The compilers and flags the compile units of `data` record (`DW_AT_producer`).
+fn producers(data: &[u8]) -> std::collections::BTreeSet<String> {
+    compile_units(data)
+        .into_iter()
+        .filter_map(|u| u.producer)
+        .collect()
+}
+
+/// How the compile flags (`DW_AT_producer`) of two builds differ: the words each
+/// build's units record that the other's never do.
+fn producer_difference(deployed: &[u8], built: &[u8]) -> Option<String> {
+    let (d, b) = (producers(deployed), producers(built));
+    if d == b || d.is_empty() || b.is_empty() {
+        return None;
+    }
+    let words = |set: &std::collections::BTreeSet<String>| -> std::collections::BTreeSet<String> {
+        set.iter()
+            .flat_map(|p| p.split_whitespace().map(str::to_string))
+            .collect()
+    };
+    let (wd, wb) = (words(&d), words(&b));
+    let only = |a: &std::collections::BTreeSet<String>, b: &std::collections::BTreeSet<String>| {
+        a.difference(b).cloned().collect::<Vec<_>>().join(" ")
+    };
+    let (od, ob) = (only(&wd, &wb), only(&wb, &wd));
+    Some(if od.is_empty() && ob.is_empty() {
+        "compile flags (DW_AT_producer): the same flags, combined differently across units"
+            .to_string()
+    } else {
+        format!(
+            "compile flags (DW_AT_producer): deployed only [{od}], built only [{ob}] \
+             (the deployed build used other CFLAGS or another compiler)"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -228,13 +343,15 @@ mod tests {
             a.path().canonicalize().unwrap(),
             b.path().canonicalize().unwrap(),
         );
-        let err = check_build_dir(&exe, &b_real).unwrap_err();
+        let e = built_elsewhere(&exe, &b_real).unwrap();
+        assert_eq!(e.root, a_real);
+        assert_eq!(built_elsewhere(&exe, &a_real), None);
+        let data = std::fs::read(&exe).unwrap();
         assert!(
-            err.contains(&format!("built in {} ", a_real.display()))
-                && err.contains(&b_real.display().to_string()),
-            "{err}"
+            producers(&data).iter().any(|p| p.contains(" -O2")),
+            "{:?}",
+            producers(&data)
         );
-        check_build_dir(&exe, &a_real).unwrap();
         // Relative paths in the debug info (Debian's -ffile-prefix-map) say nothing.
         let st = Command::new("gcc")
             .args(["-g", "-O2", "src/main.c", "-o", "prog"])
@@ -243,6 +360,35 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        check_build_dir(&exe, &b_real).unwrap();
+        assert_eq!(built_elsewhere(&exe, &b_real), None);
+    }
+
+    /// Two builds that differ only in a stamp of the same length name the stamp.
+    #[test]
+    fn a_build_stamp_of_the_same_size_is_named() {
+        let dir = testkit::Scratch::new().unwrap();
+        let build = |stamp: &str, out: &str| {
+            dir.write(
+                "s.c",
+                format!(
+                    "#include <stdio.h>\nconst char *stamp = \"{stamp}\";\n\
+                     int main(void) {{ puts(stamp); return 0; }}\n"
+                ),
+            )
+            .unwrap();
+            let st = Command::new("gcc")
+                .args(["-O2", "s.c", "-o", out])
+                .current_dir(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read(dir.join(out)).unwrap()
+        };
+        let (d, b) = (build("host-1765150001", "d"), build("host-1765159999", "b"));
+        let why = differences(&d, &b).join("; ");
+        assert!(
+            why.contains("deployed \"host-1765150001\", built \"host-1765159999\""),
+            "{why}"
+        );
     }
 }

@@ -25,8 +25,11 @@ use std::process::{Command, Stdio};
 pub struct PrivateTree {
     /// Whether the mounts need a user namespace of their own (not root).
     userns: bool,
-    /// The tree (lower layer, and the mount point).
+    /// Where the overlay is mounted: the tree's own path, or the path a deployed
+    /// binary was built at (`mount_at`).
     tree: PathBuf,
+    /// The tree (lower layer).
+    lower: PathBuf,
     /// The directory holding `upper`, `work` and the bind holders.
     root: PathBuf,
     /// Directories inside the tree whose writes must reach the real tree
@@ -171,6 +174,7 @@ impl PrivateTree {
         PrivateTree {
             userns: false,
             tree: tree.to_path_buf(),
+            lower: tree.to_path_buf(),
             root: root.to_path_buf(),
             binds: binds
                 .iter()
@@ -178,6 +182,19 @@ impl PrivateTree {
                 .map(|(i, b)| (b.clone(), root.join("hold").join(i.to_string())))
                 .collect(),
         }
+    }
+
+    /// Mounts the view of the tree at `at` instead of the tree's own path (inside the
+    /// private namespace only: the host's `at` is never changed), so the compiler sees
+    /// the paths a build at `at` saw. Checks that this works here.
+    pub fn mount_at(&mut self, at: &Path) -> Result<(), String> {
+        let old = std::mem::replace(&mut self.tree, at.to_path_buf());
+        self.probe().inspect_err(|_| self.tree = old)
+    }
+
+    /// Where the build sees the tree (the mount point).
+    pub fn view(&self) -> &Path {
+        &self.tree
     }
 
     /// The upper layer: every file the build wrote or changed.
@@ -234,7 +251,7 @@ impl PrivateTree {
     fn mounts(&self, overlay: bool) -> Result<Mounts, String> {
         let mut data = Vec::new();
         for (key, p) in [
-            ("lowerdir=", self.tree.clone()),
+            ("lowerdir=", self.lower.clone()),
             (",upperdir=", self.upper()),
             (",workdir=", self.work()),
         ] {
@@ -285,7 +302,7 @@ impl PrivateTree {
         let run = |tree: &PrivateTree, overlay: bool| -> Result<(), String> {
             let mounts = tree.mounts(overlay)?;
             let mut c = Command::new("true");
-            c.current_dir(&tree.tree)
+            c.current_dir(&tree.lower)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
@@ -341,7 +358,8 @@ impl PrivateTree {
                         && std::fs::symlink_metadata(self.upper().join(a))
                             .is_ok_and(|m| is_whiteout(&m) || !m.is_dir())
                 });
-                (!hidden && path.is_file()).then(|| path.to_path_buf())
+                let own = self.lower.join(rel);
+                (!hidden && own.is_file()).then_some(own)
             }
         }
     }
@@ -350,7 +368,7 @@ impl PrivateTree {
     pub fn visible(&self, rel: &Path) -> bool {
         match std::fs::symlink_metadata(self.upper().join(rel)) {
             Ok(m) => !is_whiteout(&m),
-            Err(_) => self.tree.join(rel).exists(),
+            Err(_) => self.lower.join(rel).exists(),
         }
     }
 

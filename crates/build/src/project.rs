@@ -285,6 +285,9 @@ pub struct Session {
     log: PathBuf,
     /// The private view of the tree the stages build in (None: in place).
     private: Option<PrivateTree>,
+    /// `-ffile-prefix-map=TREE=DEPLOYED_DIR` added to every compile, when the deployed
+    /// binary was built at a path where the tree cannot be mounted.
+    prefix_map: Option<String>,
     /// Whether the work files of earlier runs were dropped for this build.
     fresh: bool,
     /// Outputs whose rebuilt build-id differs from the tree's copy: no patch for them.
@@ -338,8 +341,27 @@ impl Session {
         if opts.build_cmd.is_empty() {
             return Err(BuildError::Usage("empty build command".into()));
         }
+        // Where the deployed binaries were built, when not in this tree (checked now,
+        // not after the whole original build).
+        let mut elsewhere: Option<(PathBuf, crate::deployed::BuiltElsewhere)> = None;
         for d in &deployed {
-            crate::deployed::check_build_dir(d, &opts.srcdir).map_err(BuildError::Usage)?;
+            let Some(e) = crate::deployed::built_elsewhere(d, &opts.srcdir) else {
+                continue;
+            };
+            match &elsewhere {
+                Some((first, f)) if f.root != e.root => {
+                    return Err(BuildError::Usage(format!(
+                        "the deployed {} was built in {} but the deployed {} in {}: one \
+                         build cannot reproduce both; build a patch for each separately",
+                        first.display(),
+                        f.root.display(),
+                        d.display(),
+                        e.root.display()
+                    )))
+                }
+                Some(_) => {}
+                None => elsewhere = Some((d.clone(), e)),
+            }
         }
         check_configured(&opts)?;
         check_workdir_base(&opts.workdir)?;
@@ -363,6 +385,7 @@ impl Session {
             backups: Vec::new(),
             log,
             private: None,
+            prefix_map: None,
             fresh: false,
             mismatched: Vec::new(),
             _lock: lock,
@@ -372,6 +395,9 @@ impl Session {
         session.install_wrapper()?;
         session.recover_interrupted()?;
         session.choose_isolation()?;
+        if let Some((d, e)) = elsewhere {
+            session.reproduce_build_dir(&d, &e)?;
+        }
         Ok(session)
     }
 
@@ -405,6 +431,74 @@ impl Session {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Makes the stages see the paths the deployed binary `d`, built in `e.root`, was
+    /// built with: the private view of the tree is mounted at that path (inside the
+    /// build's own mount namespace; the real directory is not touched), or, where
+    /// that is impossible (the directory is gone, no private view), gcc maps the
+    /// tree's path to it in what it records (`-ffile-prefix-map`, which gcc leaves out
+    /// of `DW_AT_producer`, so the output stays bit-identical). Whether it really is,
+    /// the build-id comparison after the original stage says.
+    fn reproduce_build_dir(
+        &mut self,
+        d: &Path,
+        e: &crate::deployed::BuiltElsewhere,
+    ) -> Result<(), BuildError> {
+        let root = &e.root;
+        let overlaps = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        let mount = if !root.is_dir() {
+            Err(format!("{} does not exist", root.display()))
+        } else if !self.opts.passthrough.is_empty() {
+            Err("the build writes through to the tree".to_string())
+        } else if overlaps(root, &self.opts.srcdir) || overlaps(root, &self.opts.workdir) {
+            Err(format!(
+                "{} overlaps the tree or the work directory {}",
+                root.display(),
+                self.opts.workdir.display()
+            ))
+        } else {
+            match &mut self.private {
+                Some(p) => p.mount_at(root),
+                None => Err("the build has no private view of the tree".to_string()),
+            }
+        };
+        let why = match mount {
+            Ok(()) => {
+                // In-tree targets are named as the build sees them.
+                for t in &mut self.opts.targets {
+                    if let Ok(rel) = t.strip_prefix(&self.opts.srcdir) {
+                        *t = root.join(rel);
+                    }
+                }
+                self.progress.note(&format!(
+                    "the deployed {} was built in {}: building this tree as if it were \
+                     there (a private mount seen only by the build; {} is not touched)",
+                    d.display(),
+                    root.display(),
+                    root.display()
+                ));
+                return Ok(());
+            }
+            Err(why) => why,
+        };
+        let (from, to) = (self.opts.srcdir.to_string_lossy(), root.to_string_lossy());
+        if from.contains(char::is_whitespace) || to.contains(char::is_whitespace) {
+            return Err(BuildError::Usage(crate::deployed::cannot_reproduce(
+                d,
+                &self.opts.srcdir,
+                e,
+                &format!("{why}, and a path with blanks cannot be mapped with -ffile-prefix-map"),
+            )));
+        }
+        self.progress.note(&format!(
+            "the deployed {} was built in {} ({why}): compiling with \
+             -ffile-prefix-map={from}={to} so the debug info names the same paths",
+            d.display(),
+            root.display()
+        ));
+        self.prefix_map = Some(format!("-ffile-prefix-map={from}={to}"));
         Ok(())
     }
 
@@ -599,6 +693,16 @@ impl Session {
         // LibCare's default (`--force-gotpcrel`), which `diff_args` decides here.
         if std::env::var_os("KPCC_PATCH_ARGS").is_none() {
             c.env("KPCC_PATCH_ARGS", &self.opts.diff_args);
+        }
+        // The wrapper appends these to every compile (LibCare's variable): the path
+        // map to the deployed binary's build directory.
+        if let Some(map) = &self.prefix_map {
+            let mut args = std::env::var("KPCC_APPEND_ARGS").unwrap_or_default();
+            if !args.is_empty() {
+                args.push(' ');
+            }
+            args.push_str(map);
+            c.env("KPCC_APPEND_ARGS", args);
         }
         // Units compiled, counted for the progress display against the stage before.
         let compiled = self.compile_log(stage);

@@ -486,6 +486,11 @@ fn target_names_a_deployed_binary_that_the_original_stage_must_reproduce_exactly
         err.contains("would not apply") && err.contains(".text size"),
         "{err}"
     );
+    // The compile flags each build recorded (DW_AT_producer) are named.
+    assert!(
+        err.contains("compile flags (DW_AT_producer): deployed only [-O0]"),
+        "{err}"
+    );
     assert!(err.contains(&build_id_of(&stale).unwrap()), "{err}");
     assert_sources_restored(
         tree.path(),

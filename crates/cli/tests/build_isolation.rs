@@ -577,3 +577,73 @@ fn a_tree_built_otherwise_is_named_with_what_differs() {
     assert!(!out.exists() || kpatch_files(&out).is_empty(), "{t}");
     assert_same_tree(&before, &snapshot(tree.path(), &[]));
 }
+
+/// Issue 17 item 5: the program deployed from tree A (its own `./configure && make`,
+/// running), and a pristine copy of the same source at another path B. `livecare
+/// build -C B --target A/objs/server fix.diff` reproduces A's build (its debug info
+/// names A's paths) and gives a patch for the running program's build-id, which
+/// applies and unpatches; A is not touched. Once with A where it was built (the
+/// build sees B mounted at A's path, privately), once with A moved away after its
+/// build (gcc maps B's path to A's with -ffile-prefix-map). Before, both were refused
+/// at once because the paths differ.
+#[test]
+fn a_copy_of_the_tree_at_another_path_gives_a_patch_for_the_deployed_program() {
+    for moved in [false, true] {
+        let holder = Scratch::new().unwrap();
+        let a = holder.join("src");
+        sh(
+            holder.path(),
+            &format!(
+                "mkdir src && cp -r {}/. src/",
+                testkit::fixture_dir(CASE).display(),
+            ),
+        );
+        sh(&a, "./configure >/dev/null && make >/dev/null");
+        let deployed_dir = if moved {
+            let to = holder.join("moved");
+            std::fs::rename(&a, &to).unwrap();
+            to
+        } else {
+            a.clone()
+        };
+        let exe = deployed_dir.join("objs/server");
+        let id = build_id_of(&exe).unwrap();
+        let mut p = Running::start(&exe, &[]).unwrap();
+        expect_factor(&mut p, 2);
+        let before = snapshot(&deployed_dir, &[]);
+
+        let b = Scratch::new().unwrap();
+        b.copy_fixture(CASE).unwrap();
+        sh(b.path(), "./configure >/dev/null");
+        let t = ok(
+            livecare_in(
+                b.path(),
+                &[
+                    "build",
+                    "-C",
+                    ".",
+                    "--target",
+                    exe.to_str().unwrap(),
+                    "fix.diff",
+                ],
+                &[],
+            ),
+            &format!("livecare build --target (deployed tree moved: {moved})"),
+        );
+        assert!(t.contains("bit-identical"), "{t}");
+        let route = if !moved && !t.contains("building in the tree itself") {
+            "a private mount"
+        } else {
+            "-ffile-prefix-map"
+        };
+        assert!(t.contains(route), "expected the {route} route:\n{t}");
+        assert_eq!(
+            kpatch_files(&b.join("patches")),
+            [b.join(format!("patches/{id}.kpatch"))],
+            "{t}"
+        );
+        assert_same_tree(&before, &snapshot(&deployed_dir, &[]));
+        assert_exe_intact(&p, &exe);
+        patch_and_unpatch(&mut p, &b.join("patches"));
+    }
+}

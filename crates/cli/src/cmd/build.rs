@@ -44,7 +44,8 @@ pub struct Args {
     pub jobs: Option<usize>,
     /// Only make patches for this linked output (repeatable; path relative to SRCDIR).
     /// A file outside SRCDIR is a deployed binary: the original build must reproduce it
-    /// exactly (same build-id), or the build stops and says what differs.
+    /// exactly (same build-id), or the build stops and says what differs. If its debug
+    /// info says it was built at another path, SRCDIR is built as if it were there.
     #[arg(long = "target")]
     pub targets: Vec<PathBuf>,
     /// Diff options for the assembly differ (as for kpatch_gensrc, e.g. "--force-global").
