@@ -353,7 +353,7 @@ pub fn build(a: &BuildArgs) -> Result<serde_json::Value> {
         "patch_built_tree": built,
         "loadavg_start": load_start,
         "loadavg_end": load_average(),
-        "note": "builds have no idle baseline (a build is the load): read the figures against the load averages; cpu_s is user+system of the waited children",
+        "note": "builds have no idle baseline (a build is the load): read the figures against the load averages; cpu_s is user+system of the waited children; the patches are removed with the scratch trees unless --outdir (or LIVECARE_BENCH_KEEP=1) keeps them",
     });
     if let Some(f) = fresh {
         doc["patch_fresh_tree"] = f;
