@@ -295,3 +295,63 @@ fn a_killed_pause_bench_takes_its_target_with_it() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `bench build` on a small make project (two libraries and a program; the fix changes
+/// one function in each of two of them): the plain build, the patch build in the built
+/// tree and in a fresh one are timed, each ratio is that route's time over the plain
+/// build's, and each patch size is the size of the file it names.
+#[test]
+fn build_bench_times_plain_and_patch_builds_and_sizes_the_patches() {
+    let fixture = testkit::fixture_dir("project-make");
+    let diff = fixture.join("fix.diff");
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "build",
+        "-C",
+        fixture.to_str().unwrap(),
+        "--diff",
+        diff.to_str().unwrap(),
+        "--fresh",
+        "--outdir",
+        out.path().to_str().unwrap(),
+    ];
+    let doc = bench(&args);
+    let plain = &doc["plain"];
+    let (plain_wall, plain_cpu) = (num(plain, "wall_s"), num(plain, "cpu_s"));
+    assert!(plain_wall > 0.0 && plain_cpu > 0.0, "{doc}");
+    assert!(doc["loadavg_start"].is_string() && doc["loadavg_end"].is_string());
+    // Times are printed to 1 ms, ratios to 0.001: allow both roundings.
+    let close = |ratio: f64, t: f64, base: f64| {
+        let exact = t / base;
+        (ratio - exact).abs() <= 0.0006 + exact * 0.0006 / base + 0.001 * exact
+    };
+    let mut counts = vec![];
+    for (route, dir) in [("patch_built_tree", "built"), ("patch_fresh_tree", "fresh")] {
+        let r = &doc[route];
+        let (wall, cpu) = (num(r, "wall_s"), num(r, "cpu_s"));
+        assert!(wall > 0.0 && cpu > 0.0, "{route}: {doc}");
+        assert!(
+            close(num(r, "ratio_wall"), wall, plain_wall),
+            "{route}: {doc}"
+        );
+        assert!(close(num(r, "ratio_cpu"), cpu, plain_cpu), "{route}: {doc}");
+        let patches = r["patches"].as_array().expect("patches");
+        let mut sum = 0;
+        for p in patches {
+            let path = std::path::Path::new(p["path"].as_str().unwrap());
+            assert!(path.starts_with(out.path().join(dir)), "{route}: {doc}");
+            let bytes = std::fs::metadata(path).unwrap().len();
+            assert_eq!(p["bytes"].as_u64(), Some(bytes), "{route}: {doc}");
+            sum += bytes;
+        }
+        assert_eq!(r["patch_bytes"].as_u64(), Some(sum), "{route}: {doc}");
+        counts.push(patches.len());
+    }
+    // ticker and libbar.so: one patch each, by both routes.
+    assert_eq!(counts, [2, 2], "{doc}");
+    // The fixture itself is left alone (the bench builds in copies).
+    assert!(
+        !fixture.join("ticker").exists(),
+        "the bench built in the fixture"
+    );
+}

@@ -1,6 +1,7 @@
-//! Issue 17.8e: a one-function patch of a program with thousands of functions carries
-//! the unwind entries (FDEs) of its own code only, not the program's whole
-//! `.eh_frame`, and still applies and unpatches while a thread sleeps in a callee of
+//! Issue 17.8e: a one-function patch of a program with thousands of functions and
+//! hundreds of sections carries the unwind entries (FDEs) of its own code only, not the
+//! program's whole `.eh_frame`, and only the section headers its symbols need, not one
+//! placeholder per section of the program, and still applies and unpatches while a thread sleeps in a callee of
 //! the patched function (its frames are unwound through the patch's own CFI).
 
 mod common;
@@ -21,6 +22,10 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Functions in the generated program: its `.eh_frame` holds one FDE for each.
 const FUNCTIONS: usize = 2000;
 
+/// Data sections of their own in the generated program (`__attribute__((section))`):
+/// each is a placeholder section header (64 bytes + name) in a patch that keeps them all.
+const SECTIONS: usize = 600;
+
 /// Goal of issue 17 for a one-function patch.
 const MAX_PATCH: u64 = 32 * 1024;
 
@@ -38,6 +43,12 @@ fn program(value_result: u32) -> String {
             "static __attribute__((noinline)) long f{i}(long x) {{ return (x * {m} + {i}) ^ (x >> {s}); }}",
             m = 2 * i + 3,
             s = i % 13 + 1
+        );
+    }
+    for i in 0..SECTIONS {
+        let _ = writeln!(
+            c,
+            "__attribute__((used, section(\"lc_sec_{i}\"))) long lc_var_{i} = {i};"
         );
     }
     c.push_str("fn_t table[] = {");
@@ -114,6 +125,11 @@ fn fde_count(eh: &[u8]) -> usize {
     n
 }
 
+fn sections_of(path: &Path) -> Result<usize> {
+    let data = std::fs::read(path)?;
+    Ok(object::File::parse(&*data)?.sections().count())
+}
+
 fn fdes_of(path: &Path) -> Result<usize> {
     let data = std::fs::read(path)?;
     let file = object::File::parse(&*data)?;
@@ -137,15 +153,28 @@ fn one_function_patch_of_a_big_program_is_small_and_unwinds_through_its_own_cfi(
         program_fdes >= FUNCTIONS,
         "the program has {program_fdes} FDEs"
     );
+    let program_sections = sections_of(&exe.path)?;
+    ensure!(
+        program_sections >= SECTIONS,
+        "the program has {program_sections} sections"
+    );
     let patch = b.patch(&exe, "patched.c", "big")?;
     let size = std::fs::metadata(&patch.path)?.len();
     let patch_fdes = fdes_of(&patch.elf)?;
+    let patch_sections = sections_of(&patch.elf)?;
     eprintln!(
-        "program: {program_fdes} FDEs; one-function patch: {size} bytes, {patch_fdes} FDE(s)"
+        "program: {program_fdes} FDEs, {program_sections} sections; one-function patch: \
+         {size} bytes, {patch_fdes} FDE(s), {patch_sections} sections"
     );
     ensure!(
         (1..=2).contains(&patch_fdes),
         "the patch must carry its own code's FDE(s) only, not {patch_fdes}"
+    );
+    // Its own sections, their relocations, the tables and the placeholders its symbols
+    // live in (.text, .data, .bss, …): a few tens at most, whatever the program has.
+    ensure!(
+        patch_sections <= 40,
+        "the patch keeps {patch_sections} sections of the program's {program_sections}"
     );
     ensure!(
         size <= MAX_PATCH,

@@ -19,8 +19,10 @@
 //! - **Patch sections** carry file bytes and have `sh_addr = 0`: every `.kpatch*` section
 //!   (`.kpatch.text`, `.kpatch.data`, `.kpatch.info`, `.kpatch.strtab`, …), `.eh_frame`,
 //!   their `.rela*` sections, `.symtab`, `.strtab`, `.shstrtab`.
-//! - **Placeholders**: every other section of the linked binary stays in the section table,
-//!   same name and size, as `SHT_NOBITS` with no file bytes. An allocated placeholder's
+//! - **Placeholders**: every other section of the linked binary that a symbol lives in
+//!   (or that a kept section links to) stays in the section table, same name and size,
+//!   as `SHT_NOBITS` with no file bytes; the others are dropped (a real program has tens
+//!   of them, 64 header bytes each, that no applier reads). An allocated placeholder's
 //!   `sh_addr` is the link-time address of the same-named section of ORIG (0 if ORIG has
 //!   none), as in LibCare's output; its address at run time is that plus the load bias.
 //!   Dropped relocation sections (`.rela.text`, `.rela.dyn`, …) are NOBITS with

@@ -110,6 +110,8 @@ pub(crate) fn undo_link(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
         }
     }
 
+    drop_unused_placeholders(&mut b);
+
     b.header.e_type = elf::ET_REL;
     b.header.e_entry = 0;
     b.header.e_phoff = 0;
@@ -117,4 +119,44 @@ pub(crate) fn undo_link(orig: &[u8], patch: &[u8]) -> Result<Vec<u8>, Error> {
         seg.delete = true;
     }
     write_builder(b).map_err(build_err)
+}
+
+/// Deletes the placeholders nothing in the patch refers to: no symbol lives in them and
+/// no kept section links to them. An applier only ever reaches a placeholder through a symbol
+/// (its address, by name or `sh_addr`), so the others (`.rela.debug_*`, `.dynsym`,
+/// `.comment`, …, tens of them in a real program) are only header bytes, 64 each plus
+/// their names. Patch sections, `.eh_frame` and the tables all carry bytes and stay.
+fn drop_unused_placeholders(b: &mut Builder<'_>) {
+    let is_placeholder = |s: &object::build::elf::Section<'_>| {
+        !is_patch_section(&s.name) && matches!(s.data, SectionData::UninitializedData(_))
+    };
+    let mut used = Vec::new();
+    used.extend(b.symbols.iter().filter_map(|s| s.section));
+    used.extend(b.dynamic_symbols.iter().filter_map(|s| s.section));
+    used.extend(
+        b.sections
+            .iter()
+            .filter(|s| !is_placeholder(s))
+            .map(|s| s.id()),
+    );
+    // What a kept section links to is kept too (to a fixpoint: `.dynsym` → `.dynstr`).
+    loop {
+        let linked: Vec<_> = b
+            .sections
+            .iter()
+            .filter(|s| used.contains(&s.id()))
+            .flat_map(|s| [s.sh_link_section, s.sh_info_section])
+            .flatten()
+            .filter(|l| !used.contains(l))
+            .collect();
+        if linked.is_empty() {
+            break;
+        }
+        used.extend(linked);
+    }
+    for s in b.sections.iter_mut() {
+        if is_placeholder(s) && !used.contains(&s.id()) {
+            s.delete = true;
+        }
+    }
 }

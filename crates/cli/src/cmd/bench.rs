@@ -42,6 +42,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 mod all;
+mod build;
 mod target;
 
 /// Flags of `livecare bench`.
@@ -63,6 +64,8 @@ pub enum What {
     Gensrc(GensrcArgs),
     /// Cost per process of `patch -p all`, `--jobs 1` against parallel.
     All(all::AllArgs),
+    /// Time of a patch build against the plain build, and the patch's size.
+    Build(build::BuildArgs),
 }
 
 /// Flags of `livecare bench pause`.
@@ -135,6 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (gensrc(&a)?, json)
         }
         What::All(a) => (all::all(&a)?, a.json),
+        What::Build(a) => (build::build(&a)?, a.json),
     };
     match doc {
         (d, true) => println!("{}", serde_json::to_string_pretty(&d)?),
