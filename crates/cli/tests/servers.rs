@@ -1,6 +1,6 @@
 //! Issue 17 acceptance: real servers from Debian's source packages (redis, nginx,
-//! lighttpd), each built exactly as its README says, patched live under client load
-//! with a one-function fix of our own (tests/fixtures/project-<prog>/fix.diff).
+//! lighttpd, memcached), each built exactly as its README says, patched live under
+//! client load with a small fix of our own (tests/fixtures/project-<prog>/fix.diff).
 //!
 //! Each test builds its program once (the "deployed" tree A) and drives both routes:
 //! - `livecare build FIX.diff` in the built tree A, with no flags;
@@ -554,6 +554,41 @@ fn redis_ask(c: &mut Conn) -> Result<Reply, String> {
     )
 }
 
+fn memcached_ask(c: &mut Conn) -> Result<Reply, String> {
+    c.w.write_all(b"version\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    c.r.read_line(&mut line)
+        .map_err(|e| format!("reply: {e}"))?;
+    match line.trim_end() {
+        l if l.starts_with("VERSION 1.") && l.ends_with("-livecare-fixed") => Ok(Reply::Patched),
+        l if l.starts_with("VERSION 1.") && !l.contains("livecare") => Ok(Reply::Original),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+fn start_memcached(tree: &Path, _dir: &Path, port: u16) -> Running {
+    let port = port.to_string();
+    Running::start(
+        &tree.join("memcached"),
+        &[
+            "-p",
+            &port,
+            "-U",
+            "0",
+            "-l",
+            "127.0.0.1",
+            "-t",
+            "4",
+            "-m",
+            "16",
+            "-u",
+            "root",
+        ],
+    )
+    .unwrap()
+}
+
 fn start_redis(tree: &Path, _dir: &Path, port: u16) -> Running {
     let port = port.to_string();
     Running::start(
@@ -661,5 +696,19 @@ fn lighttpd_stock_build_is_patched_live_from_its_tree_and_as_deployed_binary() {
         binary: "src/lighttpd",
         start: start_lighttpd,
         ask: http_ask,
+    });
+}
+
+/// memcached as Debian ships it: `./configure && make`, whose default target also
+/// builds the gcov-instrumented memcached-debug; the fix in the daemon.
+#[test]
+fn memcached_stock_build_is_patched_live_from_its_tree_and_as_deployed_binary() {
+    server_case(&Prog {
+        pkg: "memcached",
+        orig: false,
+        configure: Some(&["./configure"]),
+        binary: "memcached",
+        start: start_memcached,
+        ask: memcached_ask,
     });
 }
