@@ -73,9 +73,14 @@ fn run_to_entry(pid: i32) -> Result<ThreadSet, Error> {
     // CONT with signal 0 swallows the exec SIGTRAP; the int3 stops it at the entry.
     // SAFETY: integer-only ptrace request on our traced child.
     if unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, 0) } < 0 {
-        return Err(Error::ptrace("CONT", tid));
+        let e = Error::ptrace("CONT", tid);
+        // Never leave the breakpoint planted: a detached process would die on it.
+        let _ = mem.write(entry, &orig);
+        return Err(e);
     }
-    let sig = wait_stop(pid)?;
+    let sig = wait_stop(pid).inspect_err(|_| {
+        let _ = mem.write(entry, &orig);
+    })?;
     mem.write(entry, &orig)?;
     let set = ThreadSet::adopt_stopped(Pid(pid))?;
     let mut regs = set.regs(tid)?;
@@ -148,6 +153,9 @@ pub fn follow_exec_to_entry(
     let mut sig = match wait_stop_until(pid.0, deadline) {
         Ok(s) => s,
         Err(e) => {
+            // The attach's SIGSTOP is still pending: take its stop first, or the
+            // detach is refused and the process later stops under this tracer.
+            let _ = wait_stop_until(pid.0, std::time::Instant::now() + timeout);
             detach(0);
             return Err(e);
         }
